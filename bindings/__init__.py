@@ -1,0 +1,1 @@
+"""m3db.bindings: adapters to other ecosystems (none yet)."""

@@ -1,0 +1,1 @@
+"""m3db: an embedded database for the explicit memory of language models."""

@@ -1,0 +1,1 @@
+"""m3db.model: the bundled memory-augmented decoder (PyTorch)."""
