@@ -1,1 +1,33 @@
-"""m3db: an embedded database for the explicit memory of language models."""
+"""m3db: an embedded database for the explicit memory of language models.
+
+    import m3db
+    db = m3db.connect("kb.m3db", spec=m3db.MemorySpec(...))
+
+This module only re-exports; each noun lives in its own module.
+"""
+
+from .codec import CODECS, Codec
+from .database import CheckReport, Database, Rows, connect
+from .errors import (
+    ClosedError,
+    DuplicateIdError,
+    FormatError,
+    InvalidInputError,
+    LockedError,
+    M3DBError,
+    NotFoundError,
+    QueryError,
+    ReadOnlyError,
+    SpecMismatchError,
+)
+from .recall import Match, Matches
+from .record import Memory
+from .spec import MemorySpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CODECS", "CheckReport", "ClosedError", "Codec", "Database", "DuplicateIdError", "FormatError",
+    "InvalidInputError", "LockedError", "M3DBError", "Match", "Matches", "Memory", "MemorySpec",
+    "NotFoundError", "QueryError", "ReadOnlyError", "Rows", "SpecMismatchError", "connect",
+]

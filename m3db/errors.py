@@ -1,0 +1,72 @@
+"""The error tree. Every error m3db raises is an `M3DBError` with a stable `code`.
+
+Each leaf also subclasses the builtin a caller would naturally catch (`ValueError`,
+`KeyError`, `OSError`...), so code that does not know m3db still handles it sensibly.
+The codes are documented in docs/errors.md and must never change meaning.
+"""
+
+
+class M3DBError(Exception):
+    """An m3db operation failed."""
+
+    code = "m3db_error"
+
+    def __str__(self):
+        return f"[{self.code}] {super().__str__()}"
+
+
+class InvalidInputError(M3DBError, ValueError):
+    """An argument is malformed: wrong shape, dtype, value or type."""
+
+    code = "invalid_input"
+
+
+class SpecMismatchError(M3DBError, ValueError):
+    """A memory spec differs from the one the database was created with."""
+
+    code = "spec_mismatch"
+
+
+class DuplicateIdError(M3DBError, ValueError):
+    """A memory id is already taken."""
+
+    code = "duplicate_id"
+
+
+class NotFoundError(M3DBError, KeyError):
+    """No memory (or document) has the requested id."""
+
+    code = "not_found"
+
+    def __str__(self):  # KeyError would otherwise print the repr of the message
+        return f"[{self.code}] {self.args[0] if self.args else ''}"
+
+
+class FormatError(M3DBError, ValueError):
+    """Bytes on disk are not what m3db wrote: corrupt, truncated or from another format."""
+
+    code = "format"
+
+
+class LockedError(M3DBError, OSError):
+    """Another process holds the database in a way that excludes this open."""
+
+    code = "locked"
+
+
+class ReadOnlyError(M3DBError, PermissionError):
+    """A write was attempted on a database opened with read_only=True."""
+
+    code = "read_only"
+
+
+class ClosedError(M3DBError, RuntimeError):
+    """The database was closed."""
+
+    code = "closed"
+
+
+class QueryError(M3DBError, ValueError):
+    """A SQL statement or filter could not be run."""
+
+    code = "query"

@@ -1,0 +1,68 @@
+"""The location table: memory id -> (segment, offset, length, checksum), held in RAM.
+
+It mirrors the catalog's location columns so that `get` and `recall` find a memory's bytes
+without a DuckDB round trip (~0.3 ms each, most of a recall's budget). It is loaded from the
+catalog on open and changed only after the catalog transaction that it mirrors commits.
+Numpy arrays sorted by id: about 28 bytes a memory, 28 MB at a million.
+"""
+
+import numpy as np
+
+_FIELDS = (("segment", np.int32), ("offset", np.int64), ("length", np.int32), ("checksum", np.uint32))
+
+
+class LocationTable:
+    def __init__(self, columns=None):
+        columns = columns or {}
+        ids = np.asarray(columns.get("id", []), dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        self.ids = ids[order]
+        self.cols = {name: np.asarray(columns.get(name, []), dtype=dt)[order] for name, dt in _FIELDS}
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __contains__(self, memory_id):
+        i = np.searchsorted(self.ids, memory_id)
+        return i < len(self.ids) and self.ids[i] == memory_id
+
+    def contains(self, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        i = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        return (self.ids[i] == ids) if len(self.ids) else np.zeros(len(ids), bool)
+
+    def find(self, memory_id):
+        """(segment, offset, length, checksum) or None."""
+        i = np.searchsorted(self.ids, memory_id)
+        if i < len(self.ids) and self.ids[i] == memory_id:
+            return tuple(int(self.cols[name][i]) for name, _ in _FIELDS)
+        return None
+
+    def insert(self, ids, segment, offset, length, checksum):
+        ids = np.asarray(ids, dtype=np.int64)
+        new = {"segment": segment, "offset": offset, "length": length, "checksum": checksum}
+        if len(self.ids) == 0 or (ids.min() > self.ids[-1] and np.all(np.diff(ids) > 0)):
+            # the common case, ids ascending past every id so far: append without a sort
+            self.ids = np.concatenate([self.ids, ids])
+            for name, dt in _FIELDS:
+                self.cols[name] = np.concatenate([self.cols[name], np.asarray(new[name], dtype=dt)])
+            return
+        all_ids = np.concatenate([self.ids, ids])
+        order = np.argsort(all_ids, kind="stable")
+        self.ids = all_ids[order]
+        for name, dt in _FIELDS:
+            self.cols[name] = np.concatenate([self.cols[name], np.asarray(new[name], dtype=dt)])[order]
+
+    def delete(self, ids):
+        keep = ~np.isin(self.ids, np.asarray(ids, dtype=np.int64))
+        self.ids = self.ids[keep]
+        for name, _ in _FIELDS:
+            self.cols[name] = self.cols[name][keep]
+
+    def move(self, ids, segment, offset):
+        i = np.searchsorted(self.ids, np.asarray(ids, dtype=np.int64))
+        self.cols["segment"][i] = segment
+        self.cols["offset"][i] = offset
+
+    def max_id(self):
+        return int(self.ids[-1]) if len(self.ids) else -1
