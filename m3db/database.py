@@ -108,8 +108,13 @@ class Database:
             directory = os.path.abspath(self.path)
             if os.path.exists(directory) and not os.path.isdir(directory):
                 raise InvalidInputError(f"{self.path!r} is a file; an m3db database is a directory")
-            if read_only and not os.path.exists(os.path.join(directory, CATALOG_FILE)):
-                raise NotFoundError(f"no m3db database at {self.path!r} (no {CATALOG_FILE}); create it with a writable connect()")
+            if not os.path.exists(os.path.join(directory, CATALOG_FILE)):
+                if read_only:
+                    raise NotFoundError(f"no m3db database at {self.path!r}; create it with a writable connect(path, spec=...)")
+                if spec is None:
+                    raise InvalidInputError(
+                        f"no m3db database at {self.path!r}: to create one, pass spec=MemorySpec(...) to say what memories it holds"
+                    )
             os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self._lock = DatabaseLock(directory, read_only=self.read_only)
@@ -174,6 +179,7 @@ class Database:
                 os.remove(os.path.join(self.directory, name))
 
     def _catch_up_index(self):
+        self._unsaved = 0
         seq = self.index.load()
         if seq == self._commit_seq and len(self.index) == len(self.locations):
             return

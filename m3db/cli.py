@@ -1,0 +1,134 @@
+"""The command line: `m3db COMMAND PATH ...`.
+
+Every command prints JSON (`--json`) or a readable table, says `error: ...` and exits 1 on
+failure, and shows a traceback only with `--debug`. Every help text ends with an example
+(tests/test_cli.py fails when one does not).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from .database import connect
+from .errors import M3DBError
+
+COMMANDS = {}
+
+
+def command(name, help, example):
+    def register(fn):
+        COMMANDS[name] = (fn, help, example)
+        return fn
+
+    return register
+
+
+@command("info", "show a database's memory spec, counts and files", "m3db info kb.m3db")
+def cmd_info(args):
+    with connect(args.path, read_only=True) as db:
+        segments = db.segments.numbers()
+        info = {
+            "path": args.path,
+            "memories": len(db),
+            "documents": db.sql("SELECT count(*) FROM documents")[0][0],
+            "segments": len(segments),
+            "segment_bytes": sum(db.segments.size(n) for n in segments),
+            "commit": db._commit_seq,
+            "metadata_columns": db.catalog.metadata_columns(),
+            "spec": db.spec.to_dict(),
+        }
+    return info
+
+
+@command("check", "verify every checksum, and the index against the catalog", "m3db check kb.m3db")
+def cmd_check(args):
+    with connect(args.path, read_only=True) as db:
+        report = db.check()
+    out = {"ok": report.ok, "checked": report.checked, "problems": report.problems}
+    if not report.ok:
+        _emit(out, args)
+        raise SystemExit(1)
+    return out
+
+
+@command("sql", "run one read-only SQL query over the catalog", "m3db sql kb.m3db \"SELECT lang, count(*) FROM memories GROUP BY lang\"")
+def cmd_sql(args):
+    with connect(args.path, read_only=True) as db:
+        rows = db.sql(args.query)
+    return {"columns": rows.columns, "rows": [list(r) for r in rows]}
+
+
+@command("compact", "rewrite segments to reclaim the space of forgotten memories", "m3db compact kb.m3db")
+def cmd_compact(args):
+    with connect(args.path) as db:
+        return db.compact()
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="m3db",
+        description="m3db: an embedded database for the explicit memory of language models.",
+        epilog="example: m3db info kb.m3db",
+    )
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (fn, help, example) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}")
+        p.add_argument("path", metavar="PATH", help="the database directory")
+        if name == "sql":
+            p.add_argument("query", help="one SELECT statement")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def _emit(out, args):
+    if getattr(args, "json", False):
+        print(json.dumps(out, indent=2, default=str))
+    elif "columns" in out:
+        print(format_table(out["columns"], out["rows"]))
+    else:
+        for key, value in out.items():
+            if isinstance(value, (dict, list)):
+                value = json.dumps(value, default=str)
+            print(f"{key:>18}: {value}")
+
+
+def format_table(columns, rows, max_width=60):
+    cells = [[_cell(v, max_width) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [line, "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |", line]
+    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in cells]
+    out += [line, f"({len(rows)} row{'s' if len(rows) != 1 else ''})"]
+    return "\n".join(out)
+
+
+def _cell(value, max_width):
+    text = "NULL" if value is None else str(value).replace("\n", " ")
+    return text if len(text) <= max_width else text[: max_width - 3] + "..."
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 1
+    try:
+        if not os.path.exists(args.path):
+            raise FileNotFoundError(f"no database at {args.path!r}")
+        out = args.fn(args)
+    except (M3DBError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _emit(out, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Shared fixtures: a small memory spec, memory factories, and databases on disk and in RAM."""
+
+import numpy as np
+import pytest
+
+import m3db
+
+SMALL = dict(model_fingerprint="test-model", memory_layers=[0, 1], kv_heads=2, head_dim=8,
+             tokens_per_head=4, embedding_dim=16, embedder_fingerprint="test-embedder")
+
+
+def small_spec(**overrides):
+    return m3db.MemorySpec(**{**SMALL, **overrides})
+
+
+def make_memory(seed, spec=None, n=None, **extra):
+    """A deterministic memory for `seed`: the same seed always gives the same arrays."""
+    spec = spec or small_spec()
+    rng = np.random.default_rng(seed)
+    n = n or spec.tokens_per_head
+    shape = (spec.layers, spec.kv_heads, n, spec.head_dim)
+    positions = np.stack([np.stack([rng.choice(spec.reference_length, n, replace=False) for _ in range(spec.kv_heads)])
+                          for _ in range(spec.layers)]).astype(np.uint8)
+    item = dict(
+        keys=rng.standard_normal(shape).astype(np.float32),
+        values=rng.standard_normal(shape).astype(np.float32),
+        positions=positions,
+        embedding=rng.standard_normal(spec.embedding_dim).astype(np.float32),
+        text=f"reference text number {seed}",
+    )
+    item.update(extra)
+    return item
+
+
+@pytest.fixture
+def spec():
+    return small_spec()
+
+
+@pytest.fixture
+def tmp_db(tmp_path):
+    db = m3db.connect(tmp_path / "kb.m3db", spec=small_spec())
+    yield db
+    if not db._closed:
+        db.close()
+
+
+@pytest.fixture
+def mem_db():
+    db = m3db.connect(":memory:", spec=small_spec())
+    yield db
+    if not db._closed:
+        db.close()

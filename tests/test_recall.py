@@ -1,0 +1,124 @@
+"""Recall against a brute-force oracle, filtered recall plans, and k results whenever k exist."""
+
+import numpy as np
+import pytest
+
+import m3db
+from conftest import make_memory, small_spec
+
+
+def build(db, n, seed=0, dim=16):
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
+    items = []
+    for i in range(n):
+        item = make_memory(i, metadata={"bucket": i % 100, "lang": "en" if i % 3 else "fr"})
+        item["embedding"] = emb[i]
+        items.append(item)
+    db.add_memories(items)
+    return emb
+
+
+def brute(emb, q, allowed, k):
+    sims = emb @ q / (np.linalg.norm(emb, axis=1) * np.linalg.norm(q))
+    order = [i for i in np.argsort(-sims) if i in allowed]
+    return order[:k], sims
+
+
+def test_ann_recall_at_5_against_brute_force(mem_db):
+    emb = build(mem_db, 3000)
+    rng = np.random.default_rng(1)
+    hits = 0
+    queries = rng.standard_normal((100, 16)).astype(np.float32)
+    for q in queries:
+        got = mem_db.recall(q, k=5)
+        assert got.plan["strategy"] == "ann"
+        truth, sims = brute(emb, q, set(range(3000)), 5)
+        # tolerate ties: a returned id whose score equals the 5th-best counts as a hit
+        fifth = sims[truth[-1]]
+        hits += sum(1 for i in got.ids if i in truth or abs(sims[i] - fifth) < 1e-3)
+        assert got.scores == sorted(got.scores, reverse=True)
+    assert hits / (5 * len(queries)) >= 0.95
+
+
+@pytest.mark.parametrize("where,expect_strategy", [
+    ("bucket = 7", "exact"),                # 30 allowed: exact over the allowed set
+    ("bucket < 60", "ann+filter"),          # 60% selectivity: over-fetch and filter
+    ("lang = 'fr' AND bucket < 3", "exact"),
+])
+def test_filtered_recall_matches_oracle(where, expect_strategy):
+    # a low exact_limit so that 3,000 memories exercise both plans
+    with m3db.connect(":memory:", spec=small_spec(), config={"exact_limit": 200}) as db:
+        emb = build(db, 3000)
+        allowed = {r[0] for r in db.sql(f"SELECT id FROM memories WHERE {where}")}
+        rng = np.random.default_rng(2)
+        for q in rng.standard_normal((20, 16)).astype(np.float32):
+            got = db.recall(q, k=5, where=where)
+            assert len(got) == min(5, len(allowed))
+            assert set(got.ids) <= allowed
+            assert got.plan["strategy"] == expect_strategy
+            truth, sims = brute(emb, q, allowed, 5)
+            if expect_strategy == "exact":
+                assert got.ids == [int(i) for i in truth]
+            else:  # approximate: most of the true top 5
+                assert len(set(got.ids) & {int(i) for i in truth}) >= 3
+
+
+def test_exact_limit_config_switches_plans(tmp_path):
+    with m3db.connect(tmp_path / "kb", spec=small_spec(), config={"exact_limit": 10}) as db:
+        build(db, 500)
+        got = db.recall(np.ones(16, np.float32), k=3, where="bucket < 50")
+        assert got.plan["strategy"] == "ann+filter" and len(got) == 3
+
+
+def test_always_k_when_k_exist(mem_db):
+    build(mem_db, 1000)
+    q = np.ones(16, np.float32)
+    for where, n in (("bucket = 3", 10), ("id < 3", 3), ("id = 999", 1), ("bucket > 1000", 0), (None, 1000)):
+        for k in (1, 5, 20):
+            assert len(mem_db.recall(q, k=k, where=where)) == min(k, n)
+
+
+def test_dict_filter_and_params(mem_db):
+    build(mem_db, 300)
+    q = np.ones(16, np.float32)
+    a = mem_db.recall(q, k=5, where={"lang": "fr", "bucket": 3})
+    b = mem_db.recall(q, k=5, where="lang = ? AND bucket = ?", params=["fr", 3])
+    assert a.ids == b.ids and all(m.metadata["lang"] == "fr" for m in a)
+    with pytest.raises(m3db.QueryError, match="unknown column 'colour'"):
+        mem_db.recall(q, where={"colour": "red"})
+
+
+def test_filter_injection_cannot_write(mem_db):
+    build(mem_db, 50)
+    q = np.ones(16, np.float32)
+    with pytest.raises(m3db.QueryError):
+        mem_db.recall(q, where="1=1; DELETE FROM memories")
+    with pytest.raises(m3db.QueryError):
+        mem_db.recall(q, where="1=1) UNION SELECT 1; DROP TABLE memories; --")
+    # a bound parameter is a value, never SQL
+    assert len(mem_db.recall(q, where="lang = ?", params=["x' OR '1'='1"])) == 0
+    assert len(mem_db) == 50
+
+
+def test_bad_recall_arguments(mem_db):
+    build(mem_db, 10)
+    for bad in (np.ones(15, np.float32), np.ones(16, np.int64), np.full(16, np.nan, np.float32), np.zeros(16, np.float32)):
+        with pytest.raises(m3db.InvalidInputError, match="query vector"):
+            mem_db.recall(bad)
+    for k in (0, -1, 10**6, 2.5, True):
+        with pytest.raises(m3db.InvalidInputError, match="k must be"):
+            mem_db.recall(np.ones(16, np.float32), k=k)
+    with pytest.raises(m3db.QueryError, match="columns of `memories`"):
+        mem_db.recall(np.ones(16, np.float32), where="no_such_column = 1")
+
+
+def test_decode_returns_memories(mem_db):
+    build(mem_db, 20)
+    got = mem_db.recall(np.ones(16, np.float32), k=3, decode=True)
+    assert all(isinstance(m.memory, m3db.Memory) and m.memory.id == m.id for m in got)
+    assert got.to_list()[0].keys() == {"id", "score", "text", "metadata", "document_id"}
+
+
+def test_empty_database_recalls_nothing(mem_db):
+    assert len(mem_db.recall(np.ones(16, np.float32), k=5)) == 0
