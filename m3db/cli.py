@@ -79,7 +79,8 @@ def build_parser():
         if name == "sql":
             p.add_argument("query", help="one SELECT statement")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+        # SUPPRESS: `m3db --debug sql ...` must not be reset by the subcommand's default
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
         p.set_defaults(fn=fn)
     return parser
 

@@ -12,6 +12,7 @@ A crash before 2 leaves only garbage bytes past the last committed record: recov
 cuts them. A crash after 2 leaves the index behind: it is caught up from the catalog on open.
 """
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -255,7 +256,7 @@ class Database:
         with self.transaction():
             checked = [self._check_item(i, item) for i, item in enumerate(items)]
             self._check_ids(checked)
-            return [self._stage(c) for c in checked]
+            return self._stage_all(checked)
 
     def _check_item(self, position, item):
         where = f"memory #{position}"
@@ -271,7 +272,7 @@ class Database:
         try:
             keys, values, positions = self.spec.check_arrays(item["keys"], item["values"], item["positions"])
             embedding = self.spec.check_embedding(item["embedding"])
-            self.codec.encode(keys), self.codec.encode(values)  # range checks (f16) before writing
+            self.codec.check(keys), self.codec.check(values)  # range checks (f16) before writing
         except InvalidInputError as e:
             raise InvalidInputError(f"{where}: {str(e).split('] ', 1)[-1]}") from None
         text = item["text"]
@@ -344,20 +345,30 @@ class Database:
         self._pending["documents"].append((doc_id, document))
         return doc_id
 
-    def _stage(self, c):
-        mid = c["id"] if c["id"] is not None else self._allocate_id()
-        self._next_id = max(self._next_id, mid + 1)
-        document_id = self._document_id(c["document"])
-        blob = encode_record(mid, self.codec, c["keys"], c["values"], c["positions"], c["text"],
-                             c["metadata"], document_id, c["ordinal"])
-        segment, offset = self.segments.append(blob)
-        self._pending["ids"].add(mid)
-        self._pending["rows"].append(dict(
-            id=mid, document_id=document_id, ordinal=c["ordinal"], text=c["text"],
-            token_count=c["token_count"], embedding=c["embedding"], segment=segment, offset=offset,
-            length=len(blob), checksum=_payload_crc(blob), metadata=c["metadata"], types=c["types"],
-        ))
-        return mid
+    def _stage_all(self, checked):
+        """Assign ids, encode every record (in parallel: numpy releases the GIL), append."""
+        for c in checked:
+            c["id"] = c["id"] if c["id"] is not None else self._allocate_id()
+            self._next_id = max(self._next_id, c["id"] + 1)
+            self._pending["ids"].add(c["id"])
+            c["document_id"] = self._document_id(c["document"])
+
+        def encode(c):
+            return encode_record(c["id"], self.codec, c["keys"], c["values"], c["positions"], c["text"],
+                                 c["metadata"], c["document_id"], c["ordinal"])
+
+        if len(checked) >= 8:
+            blobs = list(_encoder_pool().map(encode, checked, chunksize=16))
+        else:
+            blobs = [encode(c) for c in checked]
+        for c, blob in zip(checked, blobs):
+            segment, offset = self.segments.append(blob)
+            self._pending["rows"].append(dict(
+                id=c["id"], document_id=c["document_id"], ordinal=c["ordinal"], text=c["text"],
+                token_count=c["token_count"], embedding=c["embedding"], segment=segment, offset=offset,
+                length=len(blob), checksum=_payload_crc(blob), metadata=c["metadata"], types=c["types"],
+            ))
+        return [c["id"] for c in checked]
 
     def _allocate_id(self):
         while self._next_id in self.locations or self._next_id in self._pending["ids"]:
@@ -645,6 +656,17 @@ class Database:
 
     def _require_writable(self):
         self.catalog._writable()
+
+
+_POOL = None
+
+
+def _encoder_pool():
+    """One process-wide thread pool for record encoding, sized to the CPU count."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="m3db-encode")
+    return _POOL
 
 
 def _check_config(config):

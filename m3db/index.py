@@ -21,7 +21,7 @@ INDEX_FILE = "index.usearch"
 STATE_FILE = "index.state"
 # HNSW knobs. connectivity is what the HNSW paper calls M; expansion_* its ef parameters.
 CONNECTIVITY = 16
-EXPANSION_ADD = 128
+EXPANSION_ADD = 64
 EXPANSION_SEARCH = 64
 
 

@@ -13,6 +13,7 @@ id and ordinal: a blob alone is enough to rebuild its catalog row. Never pickle.
 
 import dataclasses
 import struct
+import threading
 import zlib
 
 import msgpack
@@ -28,11 +29,20 @@ HEADER = struct.Struct("<4sHHIII")
 HEADER_SIZE = HEADER.size  # 20
 FLAG_ZSTD = 1
 MAX_PAYLOAD = 64 << 20  # no memory is near this; a larger declared length is corruption
-# zstd barely shrinks dense quantized tensors; keep the compressed form only when it pays
+# zstd barely shrinks dense quantized tensors; keep the compressed form only when it pays,
+# and decide from a small probe so that incompressible payloads cost little
 ZSTD_MIN_SAVING = 0.9
+ZSTD_PROBE = 4096
 
-_compressor = zstandard.ZstdCompressor(level=3)
-_decompressor = zstandard.ZstdDecompressor()
+# zstd (de)compressor objects must not be shared between threads: one per thread
+_local = threading.local()
+
+
+def _zstd():
+    if not hasattr(_local, "compressor"):
+        _local.compressor = zstandard.ZstdCompressor(level=3)
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local
 
 
 @dataclasses.dataclass
@@ -76,9 +86,12 @@ def encode_record(memory_id, codec, keys, values, positions, text, metadata, doc
         use_bin_type=True,
     )
     flags = 0
-    squeezed = _compressor.compress(payload)
-    if len(squeezed) < ZSTD_MIN_SAVING * len(payload):
-        payload, flags = squeezed, FLAG_ZSTD
+    middle = len(payload) // 2
+    probe = payload[middle : middle + ZSTD_PROBE]  # the middle: tensor bytes, the bulk of a payload
+    if len(payload) <= ZSTD_PROBE or len(_zstd().compressor.compress(probe)) < ZSTD_MIN_SAVING * len(probe):
+        squeezed = _zstd().compressor.compress(payload)
+        if len(squeezed) < ZSTD_MIN_SAVING * len(payload):
+            payload, flags = squeezed, FLAG_ZSTD
     return frame(payload, flags)
 
 
@@ -113,7 +126,7 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
         raise FormatError(f"{where}: record checksum mismatch (corrupt bytes); run `m3db check` to list damage")
     if flags & FLAG_ZSTD:
         try:
-            payload = _decompressor.decompress(payload, max_output_size=MAX_PAYLOAD)
+            payload = _zstd().decompressor.decompress(payload, max_output_size=MAX_PAYLOAD)
         except zstandard.ZstdError as e:
             raise FormatError(f"{where}: record payload does not decompress: {e}") from e
     try:
