@@ -38,6 +38,7 @@ from .spec import MemorySpec
 CATALOG_FILE = "catalog.duckdb"
 SEGMENTS_DIR = "segments"
 MAX_K = 10_000
+FILTER_CACHE_SIZE = 64
 # save the index once this many changes (or a quarter of its size) are unsaved: a crash then
 # costs at most that much catch-up on the next open
 INDEX_SAVE_EVERY = 50_000
@@ -165,6 +166,8 @@ class Database:
         self._catch_up_index()
         self._in_transaction = 0
         self._pending = None
+        self._filter_cache = {}  # (where, params) -> sorted allowed ids, valid for one commit
+        self._filter_cache_seq = self._commit_seq
 
     def _recover_segments(self):
         """Cut bytes past the last committed record; drop segments nothing points at."""
@@ -550,7 +553,24 @@ class Database:
             raise InvalidInputError(f"where must be a SQL expression string or a dict, got {where!r}")
         if params is not None and not isinstance(params, (list, tuple, dict)):
             raise InvalidInputError("params must be a list (for ?) or a dict (for $name)")
-        return self.catalog.ids_where(where, params)
+        # the allowed set of a filter only changes with a commit: cache it per commit, so a
+        # filter repeated across queries (a tenant, a language) costs one catalog scan
+        try:
+            key = (where, _freeze(params))
+            hash(key)
+        except TypeError:
+            return np.sort(self.catalog.ids_where(where, params))
+        if self._filter_cache_seq != self._commit_seq:
+            self._filter_cache.clear()
+            self._filter_cache_seq = self._commit_seq
+        allowed = self._filter_cache.pop(key, None)
+        if allowed is None:
+            allowed = np.sort(self.catalog.ids_where(where, params))
+            allowed.flags.writeable = False
+        self._filter_cache[key] = allowed  # re-inserted: most recently used last
+        while len(self._filter_cache) > FILTER_CACHE_SIZE:
+            self._filter_cache.pop(next(iter(self._filter_cache)))
+        return allowed
 
     @_guarded
     def sql(self, query, params=None):
@@ -679,6 +699,14 @@ def _check_config(config):
     if config.get("segment_size", DEFAULT_SEGMENT_SIZE) < 4096:
         raise InvalidInputError("config 'segment_size' must be at least 4096 bytes")
     return config
+
+
+def _freeze(params):
+    if params is None:
+        return None
+    if isinstance(params, dict):
+        return tuple(sorted(params.items()))
+    return tuple(params)
 
 
 def _payload_crc(blob):

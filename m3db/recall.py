@@ -62,7 +62,7 @@ class Matches(list):
 
 
 def plan_search(index, vector, k, allowed, total, *, exact_limit=EXACT_LIMIT):
-    """Return (ids, scores, plan). `allowed` is None (no filter) or an int64 array of ids."""
+    """Return (ids, scores, plan). `allowed` is None (no filter) or a sorted int64 array of ids."""
     if allowed is None:
         ids, scores = index.search(vector, k)
         plan = {"strategy": "ann", "total": total, "candidates": len(ids)}
@@ -78,7 +78,7 @@ def plan_search(index, vector, k, allowed, total, *, exact_limit=EXACT_LIMIT):
         ids, scores = index.exact(vector, allowed, k)
         return ids, scores, dict(plan, strategy="exact", candidates=n)
     count = min(total, int(math.ceil(k * total / n * OVERFETCH)) + 10)
-    allowed_sorted = np.sort(allowed)
+    allowed_sorted = allowed
     while True:
         ids, scores = index.search(vector, count)
         pos = np.minimum(np.searchsorted(allowed_sorted, ids), n - 1)

@@ -51,3 +51,14 @@ def mem_db():
     yield db
     if not db._closed:
         db.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run only with M3DB_SLOW=1 (or when selected with -m slow)."""
+    import os
+    if os.environ.get("M3DB_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: set M3DB_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -122,3 +122,14 @@ def test_decode_returns_memories(mem_db):
 
 def test_empty_database_recalls_nothing(mem_db):
     assert len(mem_db.recall(np.ones(16, np.float32), k=5)) == 0
+
+
+def test_cached_filter_sees_every_commit(mem_db):
+    build(mem_db, 100)
+    q = make_memory(1000)["embedding"]
+    before = mem_db.recall(q, k=3, where="lang = ?", params=["de"])
+    assert len(before) == 0  # cached now: empty
+    mid = mem_db.add_memory(**make_memory(1000, metadata={"lang": "de", "bucket": 1}))
+    assert mem_db.recall(q, k=3, where="lang = ?", params=["de"]).ids == [mid]
+    mem_db.forget(mid)
+    assert len(mem_db.recall(q, k=3, where="lang = ?", params=["de"])) == 0
