@@ -19,6 +19,7 @@ import json
 import re
 
 import duckdb
+import msgpack
 import numpy as np
 
 from .errors import FormatError, InvalidInputError, LockedError, QueryError, ReadOnlyError
@@ -217,6 +218,16 @@ class Catalog:
             [new_id, source, title, uri, None if metadata is None else json.dumps(metadata)],
         )
         return new_id
+
+    def codec_params(self, name, version):
+        """The stored parameters of a trained codec (msgpack-decoded), or {}."""
+        row = self.con.execute("SELECT params FROM codecs WHERE name = ? AND version = ?", [name, version]).fetchone()
+        if row is None or row[0] is None:
+            return {}
+        try:
+            return msgpack.unpackb(row[0], raw=False, strict_map_key=True)
+        except (ValueError, msgpack.UnpackException) as e:
+            raise FormatError(f"the parameters of codec {name} v{version} in the catalog are damaged: {e}") from e
 
     def has_document(self, document_id):
         return self.con.execute("SELECT count(*) FROM documents WHERE id = ?", [document_id]).fetchone()[0] > 0

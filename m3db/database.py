@@ -150,7 +150,9 @@ class Database:
         if spec is not None:
             stored.require_same(spec)
         self.spec = stored
-        self.codec = codec_class(stored.codec)()
+        # trained codecs (a later issue) keep their parameters in the catalog's `codecs` table
+        codec_cls = codec_class(stored.codec)
+        self.codec = codec_cls.from_params(self.catalog.codec_params(codec_cls.name, codec_cls.version))
         self._commit_seq = int(meta["commit_seq"])
         self.segments = SegmentStore(
             os.path.join(self.directory, SEGMENTS_DIR),

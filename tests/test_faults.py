@@ -177,3 +177,20 @@ def test_catalog_that_is_not_duckdb(tmp_path):
     open(os.path.join(path, "catalog.duckdb"), "wb").write(b"not a database" * 100)
     with pytest.raises(m3db.FormatError, match="catalog"):
         m3db.connect(path)
+
+
+def test_codec_params_in_the_catalog_are_checked(tmp_path):
+    import duckdb
+    import msgpack
+    path = tmp_path / "kb"
+    fill(path)
+    con = duckdb.connect(str(path / "catalog.duckdb"))
+    con.execute("INSERT INTO codecs VALUES ('int8', 1, ?)", [msgpack.packb({"codebook": [1, 2]})])
+    con.close()
+    with pytest.raises(m3db.FormatError, match="takes no parameters"):
+        m3db.connect(path)
+    con = duckdb.connect(str(path / "catalog.duckdb"))
+    con.execute("UPDATE codecs SET params = ?", [b"\xc1\xc1"])
+    con.close()
+    with pytest.raises(m3db.FormatError, match="damaged"):
+        m3db.connect(path)
