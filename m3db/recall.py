@@ -2,10 +2,12 @@
 
 USearch cannot evaluate a predicate, so a filtered recall is planned by the filter's
 selectivity (allowed / total):
-- small allowed set (<= `exact_limit` ids, or under 1% of the memories): exact cosine search
-  over exactly those ids (cost grows with the allowed set, not the database);
-- otherwise: ask HNSW for about k / selectivity * 1.5 candidates and keep the allowed ones,
-  widening 4x at a time, and fall back to exact search if widening reaches the whole index.
+- ask HNSW for about k / selectivity * 1.5 candidates and keep the allowed ones, widening 4x
+  at a time, falling back to exact search if widening reaches the whole index;
+- unless the allowed set is small (<= `exact_limit` ids) or smaller than GRAPH_COST times
+  that candidate count: then exact cosine search over exactly those ids is cheaper (its cost
+  grows with the allowed set, not the database; a graph candidate costs several distance
+  computations, an allowed id one).
 Either way k results come back whenever k memories pass the filter.
 This module owns the plan and the result nouns (`Match`, `Matches`); database.py runs it.
 """
@@ -15,8 +17,9 @@ import math
 
 import numpy as np
 
-EXACT_LIMIT = 20_000
+EXACT_LIMIT = 2048
 OVERFETCH = 1.5
+GRAPH_COST = 10  # distance computations per HNSW candidate, roughly: connectivity-bound
 
 
 @dataclasses.dataclass
@@ -74,10 +77,10 @@ def plan_search(index, vector, k, allowed, total, *, exact_limit=EXACT_LIMIT):
     plan = {"total": total, "allowed": n, "selectivity": (n / total) if total else 0.0}
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32), dict(plan, strategy="empty", candidates=0)
-    if n <= exact_limit or n < 0.01 * total:
+    count = min(total, int(math.ceil(k * total / n * OVERFETCH)) + 10)
+    if n <= exact_limit or n <= GRAPH_COST * count:
         ids, scores = index.exact(vector, allowed, k)
         return ids, scores, dict(plan, strategy="exact", candidates=n)
-    count = min(total, int(math.ceil(k * total / n * OVERFETCH)) + 10)
     allowed_sorted = allowed
     while True:
         ids, scores = index.search(vector, count)
