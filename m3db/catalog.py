@@ -206,18 +206,10 @@ class Catalog:
         finally:
             self.con.unregister("_m3db_move")
 
-    def document_id(self, source, *, title=None, uri=None, metadata=None, create=True):
+    def document_id(self, source):
+        """The id of the document with this source, or None."""
         row = self.con.execute("SELECT id FROM documents WHERE source = ?", [source]).fetchone()
-        if row is not None:
-            return row[0]
-        if not create:
-            return None
-        new_id = self.con.execute("SELECT coalesce(max(id), 0) + 1 FROM documents").fetchone()[0]
-        self.con.execute(
-            "INSERT INTO documents(id, source, title, uri, metadata) VALUES (?, ?, ?, ?, ?)",
-            [new_id, source, title, uri, None if metadata is None else json.dumps(metadata)],
-        )
-        return new_id
+        return None if row is None else row[0]
 
     def codec_params(self, name, version):
         """The stored parameters of a trained codec (msgpack-decoded), or {}."""
@@ -228,6 +220,13 @@ class Catalog:
             return msgpack.unpackb(row[0], raw=False, strict_map_key=True)
         except (ValueError, msgpack.UnpackException) as e:
             raise FormatError(f"the parameters of codec {name} v{version} in the catalog are damaged: {e}") from e
+
+    def insert_document(self, doc):
+        metadata = doc.get("metadata")
+        self.con.execute(
+            "INSERT INTO documents(id, source, title, uri, metadata) VALUES (?, ?, ?, ?, ?)",
+            [doc["id"], doc["source"], doc.get("title"), doc.get("uri"), None if metadata is None else json.dumps(metadata)],
+        )
 
     def has_document(self, document_id):
         return self.con.execute("SELECT count(*) FROM documents WHERE id = ?", [document_id]).fetchone()[0] > 0

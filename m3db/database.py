@@ -298,8 +298,10 @@ class Database:
             if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
                 raise InvalidInputError(f"{where}: {name} must be a non-negative integer, got {v!r}")
         document = item.get("document")
-        if document is not None and (not isinstance(document, (str, int, np.integer)) or isinstance(document, bool)):
-            raise InvalidInputError(f"{where}: document must be a source string or a document id, got {document!r}")
+        if isinstance(document, dict):
+            _check_document(where, document)
+        elif document is not None and (not isinstance(document, (str, int, np.integer)) or isinstance(document, bool)):
+            raise InvalidInputError(f"{where}: document must be a source string, a dict or a document id, got {document!r}")
         if isinstance(document, (int, np.integer)) and not self._document_exists(int(document)):
             raise NotFoundError(f"{where}: no document with id {document}; pass its source string to create it")
         return dict(keys=keys, values=values, positions=positions, embedding=embedding, text=text,
@@ -332,22 +334,26 @@ class Database:
 
     def _document_exists(self, document_id):
         pending = self._pending["documents"] if self._pending else []
-        return any(d[0] == document_id for d in pending) or self.catalog.has_document(document_id)
+        return any(d["id"] == document_id for d in pending) or self.catalog.has_document(document_id)
 
     def _document_id(self, document):
+        """The id of `document` (an id, a source string, or a dict with `source` and optional
+        title, uri, metadata), creating the document in this transaction on first use."""
         if document is None or isinstance(document, (int, np.integer)):
             return None if document is None else int(document)
-        for doc_id, source in self._pending["documents"]:
-            if source == document:
-                return doc_id
-        existing = self.catalog.document_id(document, create=False)
+        info = document if isinstance(document, dict) else {"source": document}
+        source = info["source"]
+        for doc in self._pending["documents"]:
+            if doc["source"] == source:
+                return doc["id"]
+        existing = self.catalog.document_id(source)
         if existing is not None:
             return existing
         if self._next_doc_id is None:
             self._next_doc_id = self.catalog.con.execute("SELECT coalesce(max(id), 0) + 1 FROM documents").fetchone()[0]
         doc_id = self._next_doc_id
         self._next_doc_id += 1
-        self._pending["documents"].append((doc_id, document))
+        self._pending["documents"].append(dict(info, id=doc_id))
         return doc_id
 
     def _stage_all(self, checked):
@@ -360,7 +366,7 @@ class Database:
 
         def encode(c):
             return encode_record(c["id"], self.codec, c["keys"], c["values"], c["positions"], c["text"],
-                                 c["metadata"], c["document_id"], c["ordinal"])
+                                 c["metadata"], c["document_id"], c["ordinal"], c["token_count"])
 
         if len(checked) >= 8:
             blobs = list(_encoder_pool().map(encode, checked, chunksize=16))
@@ -413,8 +419,8 @@ class Database:
             self.segments.sync()
             self.catalog.begin()
             if p["documents"]:
-                for doc_id, source in p["documents"]:
-                    self.catalog.con.execute("INSERT INTO documents(id, source) VALUES (?, ?)", [doc_id, source])
+                for doc in p["documents"]:
+                    self.catalog.insert_document(doc)
             if p["rows"]:
                 self._insert_rows(p["rows"], seq)
             if p["forget"]:
@@ -701,6 +707,21 @@ def _check_config(config):
     if config.get("segment_size", DEFAULT_SEGMENT_SIZE) < 4096:
         raise InvalidInputError("config 'segment_size' must be at least 4096 bytes")
     return config
+
+
+def _check_document(where, doc):
+    unknown = sorted(set(doc) - {"source", "title", "uri", "metadata"})
+    if unknown:
+        raise InvalidInputError(f"{where}: unknown document fields {unknown}; known: source, title, uri, metadata")
+    if not isinstance(doc.get("source"), str) or not doc["source"]:
+        raise InvalidInputError(f"{where}: a document needs a non-empty string 'source' (a unique name)")
+    for key in ("title", "uri"):
+        if doc.get(key) is not None and not isinstance(doc[key], str):
+            raise InvalidInputError(f"{where}: document {key} must be a string")
+    try:
+        json.dumps(doc.get("metadata"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"{where}: document metadata must be JSON values ({e})") from e
 
 
 def _freeze(params):

@@ -8,7 +8,7 @@ length is caught before anything is allocated.
 
 Payload: a msgpack map with the memory's id, codec name and version, shape (L, H, n, D),
 the positions (uint8 bytes), the encoded keys and values, and the text, metadata, document
-id and ordinal: a blob alone is enough to rebuild its catalog row. Never pickle.
+id, ordinal and token count (absent in the earliest v1 records: read as None): a blob alone is enough to rebuild its catalog row. Never pickle.
 """
 
 import dataclasses
@@ -61,13 +61,14 @@ class Memory:
     metadata: dict
     document_id: int | None = None
     ordinal: int | None = None
+    token_count: int | None = None
 
     def __repr__(self):
         text = self.text if len(self.text) <= 40 else self.text[:37] + "..."
         return f"<Memory id={self.id} shape={tuple(self.keys.shape)} text={text!r}>"
 
 
-def encode_record(memory_id, codec, keys, values, positions, text, metadata, document_id, ordinal):
+def encode_record(memory_id, codec, keys, values, positions, text, metadata, document_id, ordinal, token_count=None):
     """Build the framed bytes of one memory (arrays already checked against the spec)."""
     payload = msgpack.packb(
         {
@@ -82,6 +83,7 @@ def encode_record(memory_id, codec, keys, values, positions, text, metadata, doc
             "metadata": metadata,
             "document_id": document_id,
             "ordinal": ordinal,
+            "token_count": token_count,
         },
         use_bin_type=True,
     )
@@ -137,7 +139,7 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
         if len(shape) != 4:
             raise FormatError(f"{where}: record shape {shape} is not (layers, heads, n, head_dim)")
         if not arrays:
-            return Memory(mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"])
+            return Memory(mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"], d.get("token_count"))
         codec = codec_class(d["codec"], d["codec_version"])()
         positions = np.frombuffer(d["positions"], dtype=np.uint8)
         if positions.size != shape[0] * shape[1] * shape[2]:
@@ -148,4 +150,5 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
         if isinstance(e, FormatError):
             raise
         raise FormatError(f"{where}: record payload is malformed ({type(e).__name__}: {e})") from e
-    return Memory(mid, d["text"], keys, values, positions.reshape(shape[:3]).copy(), d["metadata"], d["document_id"], d["ordinal"])
+    return Memory(mid, d["text"], keys, values, positions.reshape(shape[:3]).copy(), d["metadata"], d["document_id"],
+                  d["ordinal"], d.get("token_count"))

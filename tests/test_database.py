@@ -267,3 +267,17 @@ def test_import_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", "import sys, m3db; print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_document_dict_creates_document_with_fields(mem_db):
+    doc = {"source": "wiki/Paris", "title": "Paris", "uri": "https://example.org/Paris", "metadata": {"lang": "en"}}
+    a = mem_db.add_memory(**make_memory(0, document=doc, ordinal=0, token_count=12))
+    b = mem_db.add_memory(**make_memory(1, document=doc, ordinal=1))
+    rows = mem_db.sql("SELECT d.source, d.title, d.uri, d.metadata->>'lang', count(*) FROM documents d "
+                      "JOIN memories m ON m.document_id = d.id GROUP BY ALL")
+    assert list(rows) == [("wiki/Paris", "Paris", "https://example.org/Paris", "en", 2)]
+    assert mem_db.get(a).token_count == 12 and mem_db.get(b).ordinal == 1
+    with pytest.raises(m3db.InvalidInputError, match="source"):
+        mem_db.add_memory(**make_memory(2, document={"title": "no source"}))
+    with pytest.raises(m3db.InvalidInputError, match="unknown document fields"):
+        mem_db.add_memory(**make_memory(2, document={"source": "x", "author": "me"}))
