@@ -29,8 +29,10 @@ from .catalog import Catalog, check_metadata_key, metadata_sql_type
 from .codec import codec_class
 from .errors import ClosedError, DuplicateIdError, FormatError, InvalidInputError, M3DBError, NotFoundError, QueryError
 from .index import INDEX_FILE, STATE_FILE, VectorIndex
+from .knowledge import KnowledgeVerbs, bundled, spec_fields
 from .locations import LocationTable
 from .lock import DatabaseLock
+from .manifest import is_package
 from .record import HEADER_SIZE, decode_record, encode_record
 from .segment import DEFAULT_SEGMENT_SIZE, SegmentStore, segment_name
 from .spec import MemorySpec
@@ -45,15 +47,24 @@ INDEX_SAVE_EVERY = 50_000
 CONFIG_KEYS = {"segment_size": int, "exact_limit": int, "index_save_every": int}
 
 
-def connect(path, *, spec=None, read_only=False, config=None):
+def connect(path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec="int8"):
     """Open (or create) the m3db database at `path` (a directory), or ":memory:".
 
-    spec: a MemorySpec (or its dict), required to create a database; when opening an existing
-    one it must match the stored spec, or be omitted.
+    spec: a MemorySpec (or its dict) for a database of precomputed memories. Without it, a new
+    database is bound to `model` and `embedder` (default: the bundled SmolLM2-135M-Instruct
+    and all-MiniLM-L6-v2), which the text verbs (add, recall by text, generate) use; opening
+    an existing database checks they match what built it.
     read_only: many processes may open a database read-only; only one may open it to write.
     config: {"segment_size": bytes, "exact_limit": ids, "index_save_every": changes}.
+    codec: how a new database stores keys and values ('f32', 'f16', 'int8', 'int4').
+    A package file (`.m3kb`, from db.pack()) opens read-only in place; a list of package
+    files (or a dict {name: path}) attaches them together, returning a PackageSet.
     """
-    return Database(path, spec=spec, read_only=read_only, config=config)
+    if isinstance(path, (list, tuple, dict)):
+        from .attach import attach  # several packages recalled together
+
+        return attach(path, spec=spec, config=config, model=model, embedder=embedder)
+    return Database(path, spec=spec, read_only=read_only, config=config, model=model, embedder=embedder, codec=codec)
 
 
 def _guarded(method):
@@ -92,12 +103,20 @@ class CheckReport:
         return f"<CheckReport ok={self.ok} checked={self.checked} problems={len(self.problems)}>"
 
 
-class Database:
-    def __init__(self, path, *, spec=None, read_only=False, config=None):
+class Database(KnowledgeVerbs):
+    def __init__(self, path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec="int8"):
         self.path = str(path)
+        self._model = self._embedder = None  # bound on first use of a text verb
+        self._model_arg, self._embedder_arg = model, embedder
         self.read_only = bool(read_only)
         self._mutex = threading.RLock()
         self._closed = True
+        if self.path != ":memory:" and os.path.isfile(self.path) and is_package(self.path):
+            # a packed knowledge base (.m3kb): read-only, segments read in place (attach.py)
+            from .attach import open_package
+            open_package(self, spec=spec, config=config)
+            self._closed = False
+            return
         self._config = _check_config(config)
         self._tempdir = None
         if self.path == ":memory:":
@@ -105,45 +124,49 @@ class Database:
                 raise InvalidInputError("a ':memory:' database cannot be read_only: it starts empty")
             # segments need files to mmap: a private temporary directory, removed on close
             self._tempdir = tempfile.mkdtemp(prefix="m3db-memory-")
-            directory = self._tempdir
+            directory, created = self._tempdir, True
         else:
             directory = os.path.abspath(self.path)
             if os.path.exists(directory) and not os.path.isdir(directory):
                 raise InvalidInputError(f"{self.path!r} is a file; an m3db database is a directory")
             if not os.path.exists(os.path.join(directory, CATALOG_FILE)):
                 if read_only:
-                    raise NotFoundError(f"no m3db database at {self.path!r}; create it with a writable connect(path, spec=...)")
-                if spec is None:
-                    raise InvalidInputError(
-                        f"no m3db database at {self.path!r}: to create one, pass spec=MemorySpec(...) to say what memories it holds"
-                    )
+                    raise NotFoundError(f"no m3db database at {self.path!r}; create it with a writable connect(path)")
+            created = not os.path.exists(directory)
             os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self._lock = DatabaseLock(directory, read_only=self.read_only)
         try:
-            self._open(spec)
+            self._open(spec, codec)
         except BaseException:
             self._lock.release()
             if getattr(self, "catalog", None) is not None:
                 self.catalog.close()
-            if self._tempdir:
-                shutil.rmtree(self._tempdir, ignore_errors=True)
+            if created:  # a failed creation leaves nothing behind
+                shutil.rmtree(directory, ignore_errors=True)
             raise
         self._closed = False
 
     # -- opening and recovery ----------------------------------------------------------------
 
-    def _open(self, spec):
+    def _open(self, spec, codec):
         if isinstance(spec, dict):
             spec = MemorySpec.from_dict(spec)
         if spec is not None and not isinstance(spec, MemorySpec):
             raise InvalidInputError(f"spec must be a MemorySpec or a dict, got {type(spec).__name__}")
+        new = self.path == ":memory:" or not os.path.exists(os.path.join(self.directory, CATALOG_FILE))
+        if new and spec is None:
+            # bound to a model: the spec comes from it (loading the bundled one if none is given)
+            model, embedder = self._model_arg, self._embedder_arg
+            if model is None or embedder is None:
+                default_model, default_embedder = bundled()
+                model, embedder = model or default_model, embedder or default_embedder
+            spec = MemorySpec(**spec_fields(model, embedder, codec))
+            self._model, self._embedder = model, embedder
         self.catalog = Catalog(os.path.join(self.directory, CATALOG_FILE), read_only=self.read_only)
         if self.catalog.is_new():
             if spec is None:
-                raise InvalidInputError(
-                    f"{self.path!r} is a new database: pass spec=MemorySpec(...) to say what memories it holds"
-                )
+                raise InvalidInputError(f"{self.path!r} holds no m3db catalog; pass spec= or a model to create one")
             self.catalog.create(spec.to_json(), spec.embedding_dim)
         meta = self.catalog.meta()
         stored = MemorySpec.from_json(meta["spec"])
@@ -170,6 +193,8 @@ class Database:
         self._pending = None
         self._filter_cache = {}  # (where, params) -> sorted allowed ids, valid for one commit
         self._filter_cache_seq = self._commit_seq
+        if self._model is None and (self._model_arg is not None or self._embedder_arg is not None):
+            self._bind_models(self._model_arg, self._embedder_arg)  # a mismatch fails at open, not later
 
     def _recover_segments(self):
         """Cut bytes past the last committed record; drop segments nothing points at."""
@@ -512,13 +537,16 @@ class Database:
 
     @_guarded
     def recall(self, vector, k=5, where=None, params=None, *, decode=False):
-        """The k memories nearest `vector` (cosine), best first, as Matches.
+        """The k memories nearest `vector` (cosine), best first, as Matches. `vector` may be a
+        query text, embedded by the database's embedder.
 
         where: a SQL boolean expression over the columns of `memories` (metadata keys are
         columns), e.g. "lang = 'en' AND year > ?", with `params` bound to its `?`s; or a dict
         {column: value} meaning column = value for each. decode=True also decodes each
         memory's arrays into `match.memory`.
         """
+        if isinstance(vector, str):
+            vector = self.embed_query(vector)
         v = np.asarray(vector)
         if v.dtype.kind != "f" or v.shape != (self.spec.embedding_dim,) or not np.isfinite(v).all() or not v.any():
             raise InvalidInputError(
@@ -651,6 +679,18 @@ class Database:
             self.segments.remove(n)
         after = sum(self.segments.size(n) for n in self.segments.numbers())
         return {"bytes_before": before, "bytes_after": after}
+
+    @_guarded
+    def pack(self, path, *, name=None, description=None, version=None, license=None, attribution=None, overwrite=False):
+        """Write this knowledge base as one read-only package file (`.m3kb`); return its manifest.
+
+        The strings name, description, version, license and attribution go into the manifest.
+        Packing the same database twice gives byte-identical files. See docs/packaging.md.
+        """
+        from .package import pack
+
+        return pack(self, path, name=name, description=description, version=version, license=license,
+                    attribution=attribution, overwrite=overwrite)
 
     @_guarded
     def close(self):

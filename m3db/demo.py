@@ -51,7 +51,7 @@ def hashed_embedding(text, dim=DIM):
         h = int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little")
         v[h % dim] += 1.0 if (h >> 32) & 1 else -1.0
     n = np.linalg.norm(v)
-    return v / n if n else np.ones(dim, np.float32) / np.sqrt(dim)
+    return v / n if n else np.full(dim, 1 / np.sqrt(dim), np.float32)
 
 
 def demo_spec():

@@ -1,0 +1,108 @@
+"""Writing memories: self-encoding a reference and sparsifying its keys/values.
+
+Owns the memory encoder (Memory³ section "writing"): each reference (<= reference_length
+tokens) is encoded on its own after the reference prefix, through the memory layers only;
+then per (memory layer, KV head) the tokens that receive the most attention are kept. Output
+is the engine's memory layout (see `model.memory`). Must not import the engine (`m3db`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .decoder import Decoder
+from .settings import MemorySettings
+
+
+class ReferenceTooLong(ValueError):
+    """A reference has more tokens than the memory spec's reference_length: chunk it first."""
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Log of the attention each token receives: log sum_{g, i} exp(q_{g,i} . k_j / sqrt(hs)).
+
+    q (B, nh, T, hs) and k (B, kv, T, hs) are pre-RoPE (no position encoding in the score) and
+    cover reference tokens only (prefix already cut off); valid (B, T) marks real tokens. No
+    causal mask: every real token i scores every real token j (paper's w_j). With GQA the
+    query heads that share a KV head are summed (the paper leaves this open). Computed as a
+    logsumexp, whose order equals the sum's, so large scores cannot overflow.
+    Returns (B, kv, T), -inf at padding.
+    """
+    B, nh, T, hs = q.shape
+    kv = k.shape[1]
+    qg = q.view(B, kv, nh // kv, T, hs)  # (B, kv, g, T, hs): head h reads KV head h // g
+    s = torch.einsum("bkgid,bkjd->bkgij", qg, k) / math.sqrt(hs)  # (B, kv, g, Tq, Tk)
+    s = s.masked_fill(~valid[:, None, None, :, None], float("-inf"))  # padding queries give nothing
+    w = torch.logsumexp(s.reshape(B, kv, -1, T), dim=2)  # (B, kv, Tk)
+    return w.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def prefix_states(decoder: Decoder, prefix_ids: Sequence[int], layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-RoPE keys and values (L, H, p, D) of the reference prefix alone: the attention sink.
+
+    Attention is causal, so the prefix's states inside any reference equal these.
+    """
+    idx = torch.tensor([list(prefix_ids)])
+    with torch.no_grad():
+        st = decoder.layer_states(idx, list(layers))
+    keys = torch.stack([st[i][1][0] for i in layers])  # (L, H, p, D)
+    values = torch.stack([st[i][2][0] for i in layers])
+    return keys, values
+
+
+def encode(decoder: Decoder, token_ids: Sequence[Sequence[int]], prefix_ids: Sequence[int], settings: MemorySettings, *, batch_size: int = 16) -> list[dict]:
+    """Encode tokenized references into sparse memories (numpy, engine layout).
+
+    settings must be resolved (explicit memory_layers). Returns per reference a dict with
+    positions uint8 (L, H, n), keys float32 (L, H, n, D) pre-RoPE, values float32 (L, H, n, D),
+    token_count; n = min(tokens_per_head, token_count).
+    """
+    layers = list(settings.memory_layers)
+    for j, ids in enumerate(token_ids):
+        if not 1 <= len(ids) <= settings.reference_length:
+            raise ReferenceTooLong(
+                f"reference {j} has {len(ids)} tokens; expected 1..{settings.reference_length}: chunk references to at most "
+                f"{settings.reference_length} tokens"
+            )
+    p = len(prefix_ids)
+    # longest first, so each batch pads little; results are put back in input order
+    order = sorted(range(len(token_ids)), key=lambda j: -len(token_ids[j]))
+    out: list[dict | None] = [None] * len(token_ids)
+    for s in range(0, len(order), batch_size):
+        batch = order[s : s + batch_size]
+        lens = [len(token_ids[j]) for j in batch]
+        T = max(lens)
+        idx = torch.zeros(len(batch), p + T, dtype=torch.long)  # (B, p+T), right padding
+        valid = torch.zeros(len(batch), p + T, dtype=torch.bool)
+        for b, j in enumerate(batch):
+            idx[b, :p] = torch.tensor(list(prefix_ids), dtype=torch.long)
+            idx[b, p : p + lens[b]] = torch.tensor(list(token_ids[j]), dtype=torch.long)
+            valid[b, : p + lens[b]] = True
+        with torch.no_grad():
+            states = decoder.layer_states(idx, layers, valid)
+        ref_valid = valid[:, p:]  # (B, T): prefix and padding excluded from scoring
+        n_max = min(settings.tokens_per_head, T)
+        kept_pos, kept_k, kept_v = [], [], []
+        for i in layers:
+            q, k, v = states[i]
+            w = attention_received(q[:, :, p:], k[:, :, p:], ref_valid)  # (B, kv, T)
+            top = w.topk(n_max, dim=-1).indices  # (B, kv, n_max), best first
+            kept_pos.append(top)
+            kept_k.append(k[:, :, p:])
+            kept_v.append(v[:, :, p:])
+        for b, j in enumerate(batch):
+            n = min(settings.tokens_per_head, lens[b])
+            pos = torch.stack([t[b, :, :n] for t in kept_pos]).sort(dim=-1).values  # (L, H, n), ascending
+            keys = torch.stack([torch.gather(kk[b], 1, pos[li][..., None].expand(-1, -1, kk.shape[-1])) for li, kk in enumerate(kept_k)])  # (L, H, n, D)
+            vals = torch.stack([torch.gather(vv[b], 1, pos[li][..., None].expand(-1, -1, vv.shape[-1])) for li, vv in enumerate(kept_v)])
+            out[j] = {
+                "positions": pos.numpy().astype(np.uint8),
+                "keys": keys.numpy().astype(np.float32, copy=False),
+                "values": vals.numpy().astype(np.float32, copy=False),
+                "token_count": lens[b],
+            }
+    return out  # type: ignore[return-value]

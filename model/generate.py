@@ -1,0 +1,282 @@
+"""Generation: the chunked decoding loop with memories, and its two baselines.
+
+Owns the loop of Memory³'s reading side. The prompt is cut into chunks of `chunk_length`
+tokens; each chunk retrieves `memories_per_chunk` memories through the `Retriever` callback
+and attends to them; the first generated chunk keeps the last prompt chunk's memories, and
+after every chunk_length generated tokens the memories are retrieved again with those tokens
+as the query. Baselines on the same weights and API: "none" (no memory) and "rag" (the same
+retrieved references' text prepended, re-prefilled whenever the memories change).
+
+Works on any object with the parts of `model.memory_model.MemoryModel` (decoder, tokenizer,
+settings, sink, prefix ids). Must not import the engine (`m3db`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .memory import Retriever, context_start, place
+
+MODES = ("memory", "none", "rag")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen and when generation ends.
+
+    temperature 0 is greedy; top_p < 1 samples from the smallest set of tokens whose
+    probability reaches top_p (nucleus sampling); stop_tokens end a sequence and are not
+    part of its text (None = the model's end-of-turn and end-of-text tokens).
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ChunkMemories:
+    """The memories one chunk attended to: kind "prompt" or "generated", token range
+    [start, end) inside the prompt or the generated tokens, and the memory ids, best first."""
+
+    kind: str
+    start: int
+    end: int
+    memory_ids: tuple[int, ...]
+
+
+@dataclass
+class Generation:
+    """One finished sequence: text (stop token excluded), token ids, why it ended
+    ("stop" or "length"), and the memories each chunk used."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    chunks: list[ChunkMemories] = field(default_factory=list)
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, vocab)."""
+    if s.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        drop = sp.cumsum(dim=-1) - sp > s.top_p  # keep the tokens needed to reach top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen)[:, 0]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx (B, T) and valid (B, T), rows aligned on the right so every row ends together."""
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        if r:
+            idx[b, T - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            valid[b, T - len(r) :] = True
+    return idx, valid
+
+
+def _positions(valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """RoPE positions (B, T): start[b] + index among row b's real tokens (padding: clamped)."""
+    return (start[:, None] + valid.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class _Loop:
+    """State of one batched generation (memory, none or rag)."""
+
+    def __init__(self, model, prompts: list[list[int]], mode: str, retriever: Retriever | None, s: Sampling):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if mode != "none" and retriever is None:
+            raise ValueError(f"mode={mode!r} needs a retriever; pass retriever=... or use mode='none'")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt is empty: give at least one token of text")
+        self.m, self.mode, self.retriever, self.s = model, mode, retriever, s
+        self.cfg, self.set = model.decoder.cfg, model.settings
+        self.prompts = prompts
+        self.B = len(prompts)
+        self.pad = model.tokenizer.pad_id
+        self.C, self.k = self.set.chunk_length, self.set.memories_per_chunk
+        self.gen: list[list[int]] = [[] for _ in prompts]
+        self.chunks: list[list[ChunkMemories]] = [[] for _ in prompts]
+        self.current: list[tuple] = [() for _ in prompts]  # memory ids in use, per row
+        self.items: list[list] = [[] for _ in prompts]  # the items in use (rag needs their text)
+
+    # -- retrieval ---------------------------------------------------------------------------
+
+    def _retrieve(self, b: int, ids: Sequence[int]) -> list:
+        text = self.m.tokenizer.decode(ids, skip_special=True)
+        if not text or self.k == 0:
+            return []
+        return list(self.retriever(text, self.k))[: self.k]
+
+    def _new_cache(self, length: int, memory: bool) -> KVCache:
+        layers = self.set.memory_layers if memory else ()
+        return KVCache(self.B, self.cfg.n_layer, self.cfg.n_kv_head, self.cfg.head_dim, length + self.s.max_tokens + 1, layers)
+
+    def _set_memory(self, rows: list[list]) -> None:
+        keys, values, valid = place(rows, self.m.sink_keys, self.m.sink_values, self.set, self.cfg.head_dim, self.cfg.rope_base)
+        self.cache.set_memory(keys, values, valid)
+
+    # -- prefill -----------------------------------------------------------------------------
+
+    def _prefill_memory(self) -> torch.Tensor:
+        """Prompt in chunks, each reading its own memories. Chunks are aligned on the right
+        end of the (left-padded) batch, so the last prompt chunk, whose memories the first
+        generated chunk keeps, is a full chunk."""
+        idx, valid = left_pad(self.prompts, self.pad)
+        T = idx.shape[1]
+        self.cache = self._new_cache(T, memory=True)
+        self.npos = torch.full((self.B,), context_start(self.set, self.m.sink_keys.shape[2]), dtype=torch.long)
+        pads = [T - len(p) for p in self.prompts]
+        bounds = [(max(0, e - self.C), e) for e in range(T, 0, -self.C)][::-1]
+        for c0, c1 in bounds:
+            rows = []
+            for b in range(self.B):
+                own = self.prompts[b][max(0, c0 - pads[b]) : max(0, c1 - pads[b])]
+                items = self._retrieve(b, own) if own else []
+                rows.append(items)
+                if own:
+                    self._record(b, "prompt", max(0, c0 - pads[b]), c1 - pads[b], items)
+            self._set_memory(rows)
+            v = valid[:, c0:c1]
+            logits = self.m.decoder(idx[:, c0:c1], positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True)
+            self.npos = self.npos + v.sum(dim=1)
+        return logits[:, -1]
+
+    def _prefill_text(self) -> torch.Tensor:
+        """One forward over each row's context: references (rag) + prompt + generated so far."""
+        rows = []
+        for b in range(self.B):
+            refs = []
+            for it in self.items[b]:
+                refs += self.m.prefix_ids + self.m.tokenizer.encode(it.text + "\n")
+            rows.append(refs + self.prompts[b] + self.gen[b])
+        idx, valid = left_pad(rows, self.pad)
+        self.cache = self._new_cache(idx.shape[1], memory=False)
+        start = torch.zeros(self.B, dtype=torch.long)
+        logits = self.m.decoder(idx, positions=_positions(valid, start), valid=valid, cache=self.cache, last_only=True)
+        self.npos = valid.sum(dim=1)
+        return logits[:, -1]
+
+    def _record(self, b: int, kind: str, start: int, end: int, items: list) -> None:
+        self.items[b] = items
+        self.current[b] = tuple(int(it.id) for it in items)
+        self.chunks[b].append(ChunkMemories(kind, start, end, self.current[b]))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> Iterator[list[int | None]]:
+        """Yields, per step, each row's new token (None where the row has finished)."""
+        m, s = self.m, self.s
+        stop = set(s.stop_tokens) if s.stop_tokens is not None else set(m.default_stop_tokens)
+        g = torch.Generator().manual_seed(s.seed)
+        with torch.no_grad():
+            if self.mode == "memory":
+                last = self._prefill_memory()
+            else:
+                if self.mode == "rag":
+                    for b in range(self.B):
+                        tail = self.prompts[b][-self.C :]
+                        self._record(b, "prompt", len(self.prompts[b]) - len(tail), len(self.prompts[b]), self._retrieve(b, tail))
+                last = self._prefill_text()
+            for b in range(self.B):
+                if self.mode != "none":
+                    self.chunks[b].append(ChunkMemories("generated", 0, 0, self.current[b]))
+            self.done = [False] * self.B
+            self.finish = ["length"] * self.B
+            for step in range(s.max_tokens):
+                tok = sample(last, s, g)
+                out: list[int | None] = []
+                for b in range(self.B):
+                    t = int(tok[b])
+                    if self.done[b]:
+                        out.append(None)
+                    elif t in stop:
+                        self.done[b], self.finish[b] = True, "stop"
+                        out.append(None)
+                    else:
+                        self.gen[b].append(t)
+                        out.append(t)
+                yield out
+                n = step + 1
+                if all(self.done) or n == s.max_tokens:
+                    break
+                if self.mode != "none" and n % self.C == 0:
+                    last = self._refresh(n)
+                    if last is not None:
+                        continue
+                feed = torch.tensor([[t if t is not None else self.pad] for t in out])  # (B, 1)
+                v = torch.tensor([[t is not None] for t in out])  # (B, 1)
+                last = m.decoder(feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True)[:, -1]
+                self.npos = self.npos + v[:, 0].long()
+
+    def _refresh(self, n: int) -> torch.Tensor | None:
+        """Retrieve again with each active row's last chunk_length generated tokens.
+
+        memory: swap the cache's memory slots, then the caller feeds the last token as usual
+        (returns None). rag: rebuild every row's text context and prefill it again, which
+        already includes the last token (returns its logits)."""
+        rows = []
+        for b in range(self.B):
+            items = self.items[b]
+            if not self.done[b]:
+                items = self._retrieve(b, self.gen[b][-self.C :])
+                self._record(b, "generated", n, n, items)
+            rows.append(items)
+        if self.mode == "memory":
+            self._set_memory(rows)
+            return None
+        return self._prefill_text()
+
+    def results(self) -> list:
+        out = []
+        for b in range(self.B):
+            chunks, n_gen = self.chunks[b], len(self.gen[b])
+            fixed = []
+            for i, c in enumerate(chunks):
+                if c.kind == "generated":  # end: where the next generated chunk starts, or the end
+                    nxt = [d.start for d in chunks[i + 1 :] if d.kind == "generated"]
+                    c = ChunkMemories(c.kind, c.start, nxt[0] if nxt else n_gen, c.memory_ids)
+                fixed.append(c)
+            text = self.m.tokenizer.decode(self.gen[b])
+            out.append(Generation(text, list(self.gen[b]), len(self.prompts[b]), self.finish[b], fixed))
+        return out
+
+
+def run(model, prompts: list[list[int]], *, mode: str, retriever: Retriever | None, sampling: Sampling) -> tuple[_Loop, Iterator]:
+    """Start a batched generation: returns the loop (for `results()`) and its step iterator."""
+    loop = _Loop(model, prompts, mode, retriever, sampling)
+    return loop, loop.run()
+
+
+def stream_text(tokenizer, steps: Iterator[list[int | None]]) -> Iterator[str]:
+    """Text pieces of row 0 as its tokens arrive. A piece is held back while it ends in an
+    incomplete UTF-8 sequence, so the pieces joined equal the decoded whole."""
+    ids: list[int] = []
+    sent = 0
+    for out in steps:
+        if out[0] is None:
+            continue
+        ids.append(out[0])
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > sent:
+            yield text[sent:]
+            sent = len(text)
+    text = tokenizer.decode(ids)
+    if len(text) > sent:
+        yield text[sent:]

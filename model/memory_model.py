@@ -1,0 +1,121 @@
+"""The memory model: decoder + tokenizer + memory settings, with the verbs the engine calls.
+
+Owns the `MemoryModel` entry object: `memory_spec_fields()` (what the engine's memory spec
+records), `encode(texts)` (write memories), `generate(prompt, retriever=...)` and `stream(...)`
+(read them). The engine reaches the model only through these verbs and the `Retriever`
+callback, so it never imports torch. Must not import the engine (`m3db`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+
+
+from . import encoder as _encoder
+from .decoder import Decoder, DecoderConfig, load_state
+from .generate import Generation, Sampling, run, stream_text
+from .memory import Retriever
+from .settings import MemorySettings
+from .tokenizer import Tokenizer, tiny_tokenizer_data
+
+Prompt = str | Sequence[dict]
+
+
+class MemoryModel:
+    """A decoder that writes and reads explicit memories.
+
+    Build with `MemoryModel.load()` (bundled SmolLM2-135M-Instruct) or `MemoryModel.tiny()`
+    (random weights, same architecture, for tests).
+    """
+
+    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, fingerprint: str, settings: MemorySettings | None = None):
+        self.decoder = decoder.eval()
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.settings = (settings or MemorySettings()).resolve(decoder.cfg.n_layer)
+        self.prefix_ids = tokenizer.encode(self.settings.reference_prefix)
+        # The prefix's keys/values are the same in every reference (causal attention), so the
+        # sink is computed once here and placed in front of every chunk's memories.
+        self.sink_keys, self.sink_values = _encoder.prefix_states(decoder, self.prefix_ids, self.settings.memory_layers)  # (L, H, p, D)
+        self.default_stop_tokens = tuple(sorted({i for i in (tokenizer.eos_id, tokenizer.find("<|endoftext|>")) if i is not None}))
+
+    @classmethod
+    def load(cls, path=None, *, settings: MemorySettings | None = None) -> "MemoryModel":
+        """The bundled SmolLM2-135M-Instruct (or another Llama GGUF file at `path`)."""
+        from .gguf_loader import load_gguf
+
+        g = load_gguf(path)
+        decoder = load_state(Decoder(g.config), g.state_dict)
+        return cls(decoder, Tokenizer(g.tokenizer), fingerprint=g.fingerprint, settings=settings)
+
+    @classmethod
+    def tiny(cls, *, settings: MemorySettings | None = None, seed: int = 0, std: float = 0.02, config: DecoderConfig | None = None) -> "MemoryModel":
+        """Random weights of the same architecture and a byte-level tokenizer: fast tests."""
+        tok = Tokenizer(tiny_tokenizer_data())
+        cfg = config or DecoderConfig.tiny(vocab_size=tok.vocab_size)
+        decoder = Decoder.random(cfg, seed=seed, std=std)
+        h = hashlib.sha256(repr(cfg.to_dict()).encode())
+        for name, t in decoder.state_dict().items():
+            h.update(name.encode())
+            h.update(t.numpy().tobytes())
+        return cls(decoder, tok, fingerprint="sha256:" + h.hexdigest(), settings=settings)
+
+    # -- the memory spec ---------------------------------------------------------------------
+
+    def memory_spec_fields(self) -> dict:
+        """The model's part of the engine's memory spec (plain JSON values)."""
+        cfg, s = self.decoder.cfg, self.settings
+        return {
+            "model_fingerprint": self.fingerprint,
+            "memory_layers": [int(i) for i in s.memory_layers],
+            "kv_heads": cfg.n_kv_head,
+            "head_dim": cfg.head_dim,
+            "tokens_per_head": s.tokens_per_head,
+            "rope_base": float(cfg.rope_base),
+            "rope_scaling": cfg.rope_scaling,
+            "reference_length": s.reference_length,
+            "reference_prefix": s.reference_prefix,
+            "position_policy": s.position_policy,
+        }
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 16) -> list[dict]:
+        """Encode references (each <= reference_length tokens) into sparse memories:
+        dicts of positions uint8 (L, H, n), keys float32 (L, H, n, D) before RoPE, values,
+        token_count."""
+        ids = self.tokenizer.encode_batch(texts)
+        return _encoder.encode(self.decoder, ids, self.prefix_ids, self.settings, batch_size=batch_size)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+
+    def generate_many(self, prompts: Sequence[Prompt], *, retriever: Retriever | None = None, mode: str = "memory", **sampling) -> list[Generation]:
+        """Generate for a batch of prompts (text, or chat messages [{"role", "content"}]).
+
+        mode: "memory" (read retrieved memories), "none" (no memory) or "rag" (the retrieved
+        references' text prepended). Sampling options: max_tokens, temperature, top_p,
+        stop_tokens, seed (see `Sampling`).
+        """
+        loop, steps = run(self, [self._ids(p) for p in prompts], mode=mode, retriever=retriever, sampling=Sampling(**sampling))
+        for _ in steps:
+            pass
+        return loop.results()
+
+    def generate(self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling) -> Generation:
+        """Generate for one prompt; see `generate_many`."""
+        return self.generate_many([prompt], retriever=retriever, mode=mode, **sampling)[0]
+
+    def stream(self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling) -> Iterator[str]:
+        """Like `generate`, yielding text pieces as they are produced."""
+        _, steps = run(self, [self._ids(prompt)], mode=mode, retriever=retriever, sampling=Sampling(**sampling))
+        yield from stream_text(self.tokenizer, steps)
+

@@ -1,0 +1,64 @@
+"""Memory settings: which layers read memory, how much of a reference is kept, where it sits.
+
+Owns the knobs that the engine's memory spec records (all but the chunking ones, which only
+steer generation). Must not import torch or the engine (`m3db`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+POSITION_POLICIES = ("parallel", "sequential")
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """How memories are written and read.
+
+    memory_layers: decoder layers that read memory (None = every layer). The paper uses the
+        first half; untrained SmolLM2 gains nothing from layers 0-14 alone (DESIGN.md's
+        measurement), so the default is every layer ("dense", training-free).
+    tokens_per_head: tokens kept per (memory layer, KV head); the paper keeps 8 of 128.
+        Default 32: DESIGN.md measured top-32 keeping as much of the gain as all tokens.
+    reference_length: most tokens in one reference (paper: 128; positions are uint8).
+    reference_prefix: text put before every reference when it is encoded, and read as a
+        constant attention sink at every memory head (paper: `<s>Reference:`; SmolLM2's
+        document separator is `<|endoftext|>`).
+    position_policy: "parallel" (paper: every memory on the same span of positions right
+        after the prefix; the context starts after that span) or "sequential" (memories laid
+        end to end in retrieval order, ending where the context starts; used by the
+        equivalence test, where one memory read this way equals prefilling its text).
+    chunk_length: tokens per chunk of prompt or generation that shares one set of memories.
+    memories_per_chunk: memories retrieved per chunk (paper: 5).
+    """
+
+    memory_layers: tuple[int, ...] | None = None
+    tokens_per_head: int = 32
+    reference_length: int = 128
+    reference_prefix: str = "<|endoftext|>Reference:"
+    position_policy: str = "parallel"
+    chunk_length: int = 64
+    memories_per_chunk: int = 5
+
+    @classmethod
+    def paper(cls, n_layer: int) -> "MemorySettings":
+        """The paper's sparse settings: first half of the layers, 8 tokens per head."""
+        return cls(memory_layers=tuple(range(n_layer // 2)), tokens_per_head=8)
+
+    def resolve(self, n_layer: int) -> "MemorySettings":
+        """A copy with memory_layers made explicit and every value checked against the model."""
+        layers = tuple(range(n_layer)) if self.memory_layers is None else tuple(sorted(set(self.memory_layers)))
+        if not layers or layers[0] < 0 or layers[-1] >= n_layer:
+            raise ValueError(f"memory_layers {self.memory_layers!r} must be non-empty and within 0..{n_layer - 1}")
+        if not 1 <= self.reference_length <= 256:
+            raise ValueError(f"reference_length {self.reference_length} must be 1..256 (positions are stored as uint8)")
+        if not 1 <= self.tokens_per_head:
+            raise ValueError(f"tokens_per_head {self.tokens_per_head} must be >= 1")
+        if self.position_policy not in POSITION_POLICIES:
+            raise ValueError(f"position_policy {self.position_policy!r} is not one of {POSITION_POLICIES}")
+        if self.chunk_length < 1 or self.memories_per_chunk < 0:
+            raise ValueError(f"chunk_length {self.chunk_length} must be >= 1 and memories_per_chunk {self.memories_per_chunk} >= 0")
+        return replace(self, memory_layers=layers)
+
+    def with_(self, **changes) -> "MemorySettings":
+        return replace(self, **changes)

@@ -1,0 +1,131 @@
+"""Knowledge-base verbs (add, add_documents, recall by text, generate) on the tiny random
+decoder of the real architecture and a feature-hashing embedder: fast, real code paths."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+import m3db  # noqa: E402
+from m3db.demo import hashed_embedding  # noqa: E402
+from m3db.model.memory_model import MemoryModel  # noqa: E402
+
+
+class HashEmbedder:
+    dim, fingerprint = 256, "feature-hashing-256"
+
+    def embed(self, texts):
+        return np.stack([hashed_embedding(t) for t in texts])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return MemoryModel.tiny()
+
+
+@pytest.fixture
+def kb(tiny, tmp_path):
+    db = m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder())
+    yield db
+    if not db._closed:
+        db.close()
+
+
+DOCS = [
+    {"text": "Tokyo is the capital of Japan. It is very large.", "source": "wiki/Tokyo", "title": "Tokyo", "metadata": {"lang": "en"}},
+    {"text": "Paris is the capital of France.", "source": "wiki/Paris", "title": "Paris", "metadata": {"lang": "en"}},
+    {"text": "Berlin ist die Hauptstadt Deutschlands.", "source": "wiki/Berlin", "metadata": {"lang": "de"}},
+]
+
+
+def test_add_chunks_and_records_everything(kb, tiny):
+    text = "Paris is the capital of France. " * 20
+    ids = kb.add(text, source="paris.txt", title="Paris", lang="en")
+    assert len(ids) > 1 and len(kb) == len(ids)
+    rows = kb.sql("SELECT m.ordinal, m.token_count, m.text, m.lang, d.source, d.title FROM memories m "
+                  "JOIN documents d ON d.id = m.document_id ORDER BY m.ordinal")
+    assert [r[0] for r in rows] == list(range(len(ids)))
+    assert all(r[1] <= kb.spec.reference_length and r[1] == tiny.count_tokens(r[2]) for r in rows)
+    assert all(r[2] in text and r[3] == "en" and r[4] == "paris.txt" and r[5] == "Paris" for r in rows)
+    m = kb.get(ids[0])
+    assert m.keys.shape[:2] == (len(kb.spec.memory_layers), kb.spec.kv_heads)
+    assert kb.add(text, source="paris.txt") == []  # the same source again adds nothing
+
+
+def test_add_documents_resumes_after_an_interruption(kb):
+    def interrupted():
+        yield from DOCS[:2]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        kb.add_documents(interrupted(), batch_size=1, progress=False)
+    assert len(kb) == 2
+    report = kb.add_documents(DOCS, batch_size=2, progress=False)
+    assert (report.documents_added, report.documents_skipped) == (1, 2)
+    assert sorted(r[0] for r in kb.sql("SELECT source FROM documents")) == ["wiki/Berlin", "wiki/Paris", "wiki/Tokyo"]
+    assert len(kb) == 3 and kb.check().ok
+
+
+def test_empty_unicode_and_bad_documents(kb):
+    report = kb.add_documents(["", "   ", "東京は日本の首都です。" * 30, "Ελληνικά κείμενα."], progress=False)
+    assert report.documents_empty == 2 and report.documents_added == 2
+    with pytest.raises(m3db.InvalidInputError, match="decode bytes first"):
+        kb.add_documents([{"text": b"\xff\xfe bytes"}], progress=False)
+    with pytest.raises(m3db.InvalidInputError, match="dict with 'text'"):
+        kb.add_documents([42], progress=False)
+    with pytest.raises(m3db.InvalidInputError, match="limit"):
+        kb.add("x" * (m3db.knowledge.MAX_DOCUMENT_CHARS + 1))
+    assert kb.add("") == []
+
+
+def test_recall_by_text_with_filter(kb):
+    kb.add_documents(DOCS, progress=False)
+    got = kb.recall("Tokyo is the capital of Japan", k=1)
+    assert got[0].text.startswith("Tokyo")
+    got = kb.recall("capital", k=3, where={"lang": "de"})
+    assert [m.text for m in got] == [DOCS[2]["text"]]
+    with pytest.raises(m3db.InvalidInputError, match="non-empty"):
+        kb.recall("   ")
+
+
+def test_generate_modes_and_sources(kb):
+    kb.add_documents(DOCS, progress=False)
+    for memory, mode in ((True, "memory"), ("rag", "rag"), (False, "none")):
+        a = kb.generate("Tokyo is the capital of Japan, it is large", max_tokens=8, memory=memory)
+        assert a.mode == mode and isinstance(a.text, str) and a.finish_reason in ("stop", "length")
+        if mode == "none":
+            assert a.sources == [] and a.chunks == []
+        else:
+            assert a.sources[0].text.startswith("Tokyo") and a.sources[0].document == "wiki/Tokyo"
+            assert a.chunks[0][0] == "prompt" and a.chunks[0][3][0] == a.sources[0].id
+    a = kb.generate("capital?", max_tokens=4, k=1, where="lang = 'de'")
+    assert [s.document for s in a.sources] == ["wiki/Berlin"]
+    with pytest.raises(m3db.InvalidInputError, match="memory must be"):
+        kb.generate("hi", memory="dense")
+    with pytest.raises(m3db.InvalidInputError, match="empty"):
+        kb.generate("  ")
+
+
+def test_generation_is_deterministic_and_matches_the_model(kb, tiny):
+    kb.add_documents(DOCS, progress=False)
+    a = kb.generate("Tell me about Paris.", max_tokens=12)
+    b = kb.generate("Tell me about Paris.", max_tokens=12)
+    assert a.text == b.text
+    plain = kb.generate("Tell me about Paris.", max_tokens=12, memory=False)
+    assert plain.text == tiny.generate("Tell me about Paris.", mode="none", max_tokens=12).text
+
+
+def test_database_bound_to_another_model_is_refused(tiny, tmp_path):
+    path = tmp_path / "kb"
+    with m3db.connect(path, model=tiny, embedder=HashEmbedder()) as db:
+        db.add("Some text.")
+    other = MemoryModel.tiny(seed=1)
+    with pytest.raises(m3db.SpecMismatchError, match="model_fingerprint: the database has"):
+        m3db.connect(path, model=other, embedder=HashEmbedder())
+
+    class OtherEmbedder(HashEmbedder):
+        fingerprint = "something-else"
+
+    with pytest.raises(m3db.SpecMismatchError, match="embedder_fingerprint"):
+        m3db.connect(path, model=tiny, embedder=OtherEmbedder())
+    with m3db.connect(path, read_only=True, model=tiny, embedder=HashEmbedder()) as db:
+        assert db.recall("text", k=1)[0].text == "Some text."
