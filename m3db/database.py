@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 
 from . import recall as recall_mod
+from .cache import MemoryCache
 from .catalog import Catalog, check_metadata_key, metadata_sql_type
 from .codec import codec_class
 from .errors import ClosedError, DuplicateIdError, FormatError, InvalidInputError, M3DBError, NotFoundError, QueryError
@@ -44,7 +45,8 @@ FILTER_CACHE_SIZE = 64
 # save the index once this many changes (or a quarter of its size) are unsaved: a crash then
 # costs at most that much catch-up on the next open
 INDEX_SAVE_EVERY = 50_000
-CONFIG_KEYS = {"segment_size": int, "exact_limit": int, "index_save_every": int}
+CONFIG_KEYS = {"segment_size": int, "exact_limit": int, "index_save_every": int, "cache_bytes": int}
+DEFAULT_CACHE_BYTES = 256 << 20
 
 
 def connect(path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec="int8"):
@@ -55,7 +57,8 @@ def connect(path, *, spec=None, read_only=False, config=None, model=None, embedd
     and all-MiniLM-L6-v2), which the text verbs (add, recall by text, generate) use; opening
     an existing database checks they match what built it.
     read_only: many processes may open a database read-only; only one may open it to write.
-    config: {"segment_size": bytes, "exact_limit": ids, "index_save_every": changes}.
+    config: {"segment_size": bytes, "exact_limit": ids, "index_save_every": changes,
+    "cache_bytes": RAM for decoded memories (256 MiB by default)}.
     codec: how a new database stores keys and values ('f32', 'f16', 'int8', 'int4').
     A package file (`.m3kb`, from db.pack()) opens read-only in place; a list of package
     files (or a dict {name: path}) attaches them together, returning a PackageSet.
@@ -111,7 +114,7 @@ class Database(KnowledgeVerbs):
         self.read_only = bool(read_only)
         self._mutex = threading.RLock()
         self._closed = True
-        if self.path != ":memory:" and os.path.isfile(self.path) and is_package(self.path):
+        if self.path != ":memory:" and os.path.isfile(self.path) and (is_package(self.path) or self.path.endswith(".m3kb")):
             # a packed knowledge base (.m3kb): read-only, segments read in place (attach.py)
             from .attach import open_package
             open_package(self, spec=spec, config=config)
@@ -191,6 +194,7 @@ class Database(KnowledgeVerbs):
         self._catch_up_index()
         self._in_transaction = 0
         self._pending = None
+        self.cache = MemoryCache(self._config.get("cache_bytes", DEFAULT_CACHE_BYTES))
         self._filter_cache = {}  # (where, params) -> sorted allowed ids, valid for one commit
         self._filter_cache_seq = self._commit_seq
         if self._model is None and (self._model_arg is not None or self._embedder_arg is not None):
@@ -467,6 +471,7 @@ class Database(KnowledgeVerbs):
             self.index.add(ids, np.stack([r["embedding"] for r in rows]))
         if p["forget"]:
             self.locations.delete(p["forget"])
+            self.cache.discard(p["forget"])
             self.index.remove(p["forget"])
         self._unsaved += len(rows) + len(p["forget"])
         every = self._config.get("index_save_every", INDEX_SAVE_EVERY)
@@ -516,7 +521,8 @@ class Database(KnowledgeVerbs):
 
     @_guarded
     def get(self, memory_id):
-        """The memory with this id, decoded (a Memory), or NotFoundError."""
+        """The memory with this id, decoded (a Memory; its arrays are read-only, shared with
+        the RAM cache), or NotFoundError."""
         return self._read(memory_id)
 
     @_guarded
@@ -530,10 +536,16 @@ class Database(KnowledgeVerbs):
         loc = self.locations.find(int(memory_id))
         if loc is None:
             raise NotFoundError(f"no memory with id {memory_id}")
+        cached = self.cache.get(int(memory_id))
+        if cached is not None:
+            return cached
         segment, offset, length, checksum = loc
         where = f"memory {memory_id} ({segment_name(segment)} @ {offset})"
         buf = self.segments.read(segment, offset, length)
-        return decode_record(buf, where, expect_id=int(memory_id), expect_crc=checksum, arrays=arrays)
+        memory = decode_record(buf, where, expect_id=int(memory_id), expect_crc=checksum, arrays=arrays)
+        if arrays:
+            self.cache.put(memory)
+        return memory
 
     @_guarded
     def recall(self, vector, k=5, where=None, params=None, *, decode=False):
@@ -681,7 +693,8 @@ class Database(KnowledgeVerbs):
         return {"bytes_before": before, "bytes_after": after}
 
     @_guarded
-    def pack(self, path, *, name=None, description=None, version=None, license=None, attribution=None, overwrite=False):
+    def pack(self, path, *, name=None, description=None, version=None, license=None, attribution=None, overwrite=False,
+             progress=False):
         """Write this knowledge base as one read-only package file (`.m3kb`); return its manifest.
 
         The strings name, description, version, license and attribution go into the manifest.
@@ -690,7 +703,7 @@ class Database(KnowledgeVerbs):
         from .package import pack
 
         return pack(self, path, name=name, description=description, version=version, license=license,
-                    attribution=attribution, overwrite=overwrite)
+                    attribution=attribution, overwrite=overwrite, progress=progress)
 
     @_guarded
     def close(self):
