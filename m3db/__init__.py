@@ -20,6 +20,8 @@ from .errors import (
     ReadOnlyError,
     SpecMismatchError,
 )
+from .attach import PackageSet, attach
+from .package import VerifyReport, verify
 from .recall import Match, Matches
 from .record import Memory
 from .spec import MemorySpec
@@ -29,5 +31,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CODECS", "CheckReport", "ClosedError", "Codec", "Database", "DuplicateIdError", "FormatError",
     "InvalidInputError", "LockedError", "M3DBError", "Match", "Matches", "Memory", "MemorySpec",
-    "NotFoundError", "QueryError", "ReadOnlyError", "Rows", "SpecMismatchError", "connect",
+    "NotFoundError", "PackageSet", "QueryError", "ReadOnlyError", "Rows", "SpecMismatchError", "VerifyReport",
+    "attach", "connect", "verify",
 ]

@@ -16,16 +16,26 @@ from .errors import M3DBError
 COMMANDS = {}
 
 
-def command(name, help, example):
+def command(name, help, example, arguments=()):
+    """Register a command; `arguments`: extra (flags, argparse keywords) pairs after PATH."""
+
     def register(fn):
         COMMANDS[name] = (fn, help, example)
+        EXTRA_ARGUMENTS[name] = arguments
         return fn
 
     return register
 
 
-@command("info", "show a database's memory spec, counts and files", "m3db info kb.m3db")
+EXTRA_ARGUMENTS = {}
+
+
+@command("info", "show a database's (or a package's) memory spec, counts and files", "m3db info kb.m3db")
 def cmd_info(args):
+    if os.path.isfile(args.path):  # a package: its manifest, read without attaching
+        from .manifest import describe
+
+        return describe(args.path)
     with connect(args.path, read_only=True) as db:
         segments = db.segments.numbers()
         info = {
@@ -52,7 +62,8 @@ def cmd_check(args):
     return out
 
 
-@command("sql", "run one read-only SQL query over the catalog", "m3db sql kb.m3db \"SELECT lang, count(*) FROM memories GROUP BY lang\"")
+@command("sql", "run one read-only SQL query over the catalog", "m3db sql kb.m3db \"SELECT lang, count(*) FROM memories GROUP BY lang\"",
+         [(("query",), {"help": "one SELECT statement"})])
 def cmd_sql(args):
     with connect(args.path, read_only=True) as db:
         rows = db.sql(args.query)
@@ -65,6 +76,37 @@ def cmd_compact(args):
         return db.compact()
 
 
+@command("pack", "write a database as one read-only package file (.m3kb) to ship", "m3db pack kb.m3db kb.m3kb --license CC-BY-4.0",
+         arguments=[
+             (("out",), dict(metavar="OUT", help="the package file to write")),
+             (("--name",), dict(help="the knowledge base's name (default: the directory's)")),
+             (("--description",), dict(help="what it holds")),
+             (("--kb-version",), dict(dest="kb_version", help="its version, e.g. 2024-06")),
+             (("--license",), dict(help="its license, e.g. CC-BY-SA-4.0")),
+             (("--attribution",), dict(help="who to credit")),
+             (("--force",), dict(action="store_true", help="replace OUT if it exists")),
+         ])
+def cmd_pack(args):
+    with connect(args.path, read_only=True) as db:
+        manifest = db.pack(args.out, name=args.name, description=args.description, version=args.kb_version,
+                           license=args.license, attribution=args.attribution, overwrite=args.force,
+                           progress=sys.stderr.isatty())
+    return {"path": args.out, "bytes": os.path.getsize(args.out), **manifest["counts"], "about": manifest["about"]}
+
+
+@command("verify", "check every hash and structure of a package; exit 0 only if it is intact", "m3db verify kb.m3kb")
+def cmd_verify(args):
+    from .package import verify
+
+    report = verify(args.path, progress=sys.stderr.isatty())
+    out = {"ok": report.ok, "memories_checked": report.memories_checked, "bytes_read": report.bytes_read,
+           "problems": report.problems}
+    if not report.ok:
+        _emit(out, args)
+        raise SystemExit(1)
+    return out
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="m3db",
@@ -75,9 +117,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (fn, help, example) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}")
-        p.add_argument("path", metavar="PATH", help="the database directory")
-        if name == "sql":
-            p.add_argument("query", help="one SELECT statement")
+        p.add_argument("path", metavar="PATH", help="the package file" if name == "verify" else "the database directory (or package file)")
+        for flags, keywords in EXTRA_ARGUMENTS.get(name, ()):
+            p.add_argument(*flags, **keywords)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         # SUPPRESS: `m3db --debug sql ...` must not be reset by the subcommand's default
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")

@@ -117,7 +117,7 @@ class Database(KnowledgeVerbs):
         if self.path != ":memory:" and os.path.isfile(self.path) and (is_package(self.path) or self.path.endswith(".m3kb")):
             # a packed knowledge base (.m3kb): read-only, segments read in place (attach.py)
             from .attach import open_package
-            open_package(self, spec=spec, config=config)
+            open_package(self, spec=spec, config=config, codec=codec)
             self._closed = False
             return
         self._config = _check_config(config)

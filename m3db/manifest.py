@@ -81,6 +81,8 @@ class Frame:
         self.size = size
         f.seek(0)
         head = f.read(HEADER_PAGE)
+        if head[: len(MAGIC)] != MAGIC[: len(head)] or not head:
+            raise FormatError(f"{where}: not an m3db package (it starts {head[:8]!r}); make one with `m3db pack DB OUT.m3kb`")
         if len(head) < HEADER.size + HEADER_CRC.size:
             raise FormatError(f"{where}: {size} bytes is too short for an m3db package (the header alone is {HEADER_PAGE}); the file is truncated")
         magic, version, flags, reserved, m_off, m_len, m_hash = HEADER.unpack_from(head)
@@ -222,6 +224,27 @@ def check_counts(manifest, sections, where):
             f"{where}: the manifest counts {counts['memories']} memories in {counts['record_bytes']} record bytes, "
             f"but the segments hold only {seg_bytes} bytes"
         )
+
+
+# -- describe ------------------------------------------------------------------------------------
+
+
+def describe(path):
+    """A package's manifest as a flat, readable dict (for `m3db info FILE`). Reads only the
+    header and the manifest; checks them, not the sections (that is verify's job)."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        frame = Frame(f, path)
+    m = frame.manifest
+    out = {"path": path, "package": f"m3db package format {m['format_version']}", "bytes": frame.size,
+           "manifest_sha256": frame.manifest_sha256}
+    out.update({k: m["about"][k] for k in ABOUT_FIELDS if k in m["about"]})
+    out.update(m["counts"])
+    out["codec"] = f"{m['codec']['name']} v{m['codec']['version']}"
+    out["spec"] = m["spec"]
+    out["build"] = m["build"]
+    out["sections"] = [f"{s['name']} @ {s['offset']} ({s['length']} bytes) sha256 {s['sha256'][:16]}..." for s in m["sections"]]
+    return out
 
 
 def segment_number(name):

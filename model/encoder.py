@@ -34,10 +34,12 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) ->
     """
     B, nh, T, hs = q.shape
     kv = k.shape[1]
-    qg = q.view(B, kv, nh // kv, T, hs)  # (B, kv, g, T, hs): head h reads KV head h // g
-    s = torch.einsum("bkgid,bkjd->bkgij", qg, k) / math.sqrt(hs)  # (B, kv, g, Tq, Tk)
-    s = s.masked_fill(~valid[:, None, None, :, None], float("-inf"))  # padding queries give nothing
-    w = torch.logsumexp(s.reshape(B, kv, -1, T), dim=2)  # (B, kv, Tk)
+    g = nh // kv
+    qg = q.reshape(B, kv, g * T, hs)  # (B, kv, g*T, hs): query head h reads KV head h // g
+    s = (qg @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hs))  # (B, kv, g*Tq, Tk)
+    q_valid = valid[:, None, :].expand(B, g, T).reshape(B, 1, g * T, 1)  # (B, 1, g*Tq, 1)
+    s = s.masked_fill(~q_valid, float("-inf"))  # padding queries give nothing
+    w = torch.logsumexp(s, dim=2)  # (B, kv, Tk)
     return w.masked_fill(~valid[:, None, :], float("-inf"))
 
 
@@ -86,23 +88,21 @@ def encode(decoder: Decoder, token_ids: Sequence[Sequence[int]], prefix_ids: Seq
             states = decoder.layer_states(idx, layers, valid)
         ref_valid = valid[:, p:]  # (B, T): prefix and padding excluded from scoring
         n_max = min(settings.tokens_per_head, T)
-        kept_pos, kept_k, kept_v = [], [], []
-        for i in layers:
-            q, k, v = states[i]
-            w = attention_received(q[:, :, p:], k[:, :, p:], ref_valid)  # (B, kv, T)
-            top = w.topk(n_max, dim=-1).indices  # (B, kv, n_max), best first
-            kept_pos.append(top)
-            kept_k.append(k[:, :, p:])
-            kept_v.append(v[:, :, p:])
+        # all memory layers scored in one batched call: few large ops beat many small ones
+        queries = torch.stack([states[i][0][:, :, p:] for i in layers])  # (L, B, nh, T, D), pre-RoPE
+        keys = torch.stack([states[i][1][:, :, p:] for i in layers])  # (L, B, kv, T, D), pre-RoPE
+        values = torch.stack([states[i][2][:, :, p:] for i in layers])
+        L, B, kv, _, D = keys.shape
+        scores = attention_received(queries.flatten(0, 1), keys.flatten(0, 1), ref_valid.repeat(L, 1))  # (L*B, kv, T)
+        top = scores.view(L, B, kv, T).topk(n_max, dim=-1).indices  # (L, B, kv, n_max), best first
         for b, j in enumerate(batch):
             n = min(settings.tokens_per_head, lens[b])
-            pos = torch.stack([t[b, :, :n] for t in kept_pos]).sort(dim=-1).values  # (L, H, n), ascending
-            keys = torch.stack([torch.gather(kk[b], 1, pos[li][..., None].expand(-1, -1, kk.shape[-1])) for li, kk in enumerate(kept_k)])  # (L, H, n, D)
-            vals = torch.stack([torch.gather(vv[b], 1, pos[li][..., None].expand(-1, -1, vv.shape[-1])) for li, vv in enumerate(kept_v)])
+            pos = top[:, b, :, :n].sort(dim=-1).values  # (L, kv, n), ascending
+            at = pos[..., None].expand(-1, -1, -1, D)  # (L, kv, n, D)
             out[j] = {
                 "positions": pos.numpy().astype(np.uint8),
-                "keys": keys.numpy().astype(np.float32, copy=False),
-                "values": vals.numpy().astype(np.float32, copy=False),
+                "keys": torch.gather(keys[:, b], 2, at).numpy(),
+                "values": torch.gather(values[:, b], 2, at).numpy(),
                 "token_count": lens[b],
             }
     return out  # type: ignore[return-value]

@@ -70,7 +70,8 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Ten
     probs = torch.softmax(logits / s.temperature, dim=-1)
     if s.top_p < 1.0:
         sp, si = probs.sort(dim=-1, descending=True)
-        drop = sp.cumsum(dim=-1) - sp > s.top_p  # keep the tokens needed to reach top_p
+        drop = sp.cumsum(dim=-1) - sp >= s.top_p  # mass before a token already reaches top_p
+        drop[..., 0] = False  # the most likely token always stays
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen)[:, 0]
@@ -132,6 +133,7 @@ class _Loop:
 
     # -- prefill -----------------------------------------------------------------------------
 
+    @torch.no_grad()
     def _prefill_memory(self) -> torch.Tensor:
         """Prompt in chunks, each reading its own memories. Chunks are aligned on the right
         end of the (left-padded) batch, so the last prompt chunk, whose memories the first
@@ -156,6 +158,7 @@ class _Loop:
             self.npos = self.npos + v.sum(dim=1)
         return logits[:, -1]
 
+    @torch.no_grad()
     def _prefill_text(self) -> torch.Tensor:
         """One forward over each row's context: references (rag) + prompt + generated so far."""
         rows = []
@@ -183,46 +186,55 @@ class _Loop:
         m, s = self.m, self.s
         stop = set(s.stop_tokens) if s.stop_tokens is not None else set(m.default_stop_tokens)
         g = torch.Generator().manual_seed(s.seed)
-        with torch.no_grad():
-            if self.mode == "memory":
-                last = self._prefill_memory()
-            else:
-                if self.mode == "rag":
-                    for b in range(self.B):
-                        tail = self.prompts[b][-self.C :]
-                        self._record(b, "prompt", len(self.prompts[b]) - len(tail), len(self.prompts[b]), self._retrieve(b, tail))
-                last = self._prefill_text()
-            for b in range(self.B):
-                if self.mode != "none":
-                    self.chunks[b].append(ChunkMemories("generated", 0, 0, self.current[b]))
-            self.done = [False] * self.B
-            self.finish = ["length"] * self.B
-            for step in range(s.max_tokens):
-                tok = sample(last, s, g)
-                out: list[int | None] = []
+        # no `with torch.no_grad()` around this body: a grad-mode context held across a
+        # `yield` leaks into the caller and into other interleaved generators (and is undone
+        # under them when this one ends); each model call below disables grad itself.
+        if self.mode == "memory":
+            last = self._prefill_memory()
+        else:
+            if self.mode == "rag":
                 for b in range(self.B):
-                    t = int(tok[b])
-                    if self.done[b]:
-                        out.append(None)
-                    elif t in stop:
-                        self.done[b], self.finish[b] = True, "stop"
-                        out.append(None)
-                    else:
-                        self.gen[b].append(t)
-                        out.append(t)
-                yield out
-                n = step + 1
-                if all(self.done) or n == s.max_tokens:
-                    break
-                if self.mode != "none" and n % self.C == 0:
-                    last = self._refresh(n)
-                    if last is not None:
-                        continue
-                feed = torch.tensor([[t if t is not None else self.pad] for t in out])  # (B, 1)
-                v = torch.tensor([[t is not None] for t in out])  # (B, 1)
-                last = m.decoder(feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True)[:, -1]
-                self.npos = self.npos + v[:, 0].long()
+                    # the references precede the whole prompt; the query is its last chunk
+                    self._record(b, "prompt", 0, len(self.prompts[b]), self._retrieve(b, self.prompts[b][-self.C :]))
+            last = self._prefill_text()
+        for b in range(self.B):
+            if self.mode != "none":
+                self.chunks[b].append(ChunkMemories("generated", 0, 0, self.current[b]))
+        self.done = [False] * self.B
+        self.finish = ["length"] * self.B
+        for step in range(s.max_tokens):
+            tok = sample(last, s, g)
+            out: list[int | None] = []
+            for b in range(self.B):
+                t = int(tok[b])
+                if self.done[b]:
+                    out.append(None)
+                elif t in stop:
+                    self.done[b], self.finish[b] = True, "stop"
+                    out.append(None)
+                else:
+                    self.gen[b].append(t)
+                    out.append(t)
+            yield out
+            n = step + 1
+            if all(self.done) or n == s.max_tokens:
+                break
+            if self.mode != "none" and n % self.C == 0:
+                last = self._refresh(n)
+                if last is not None:
+                    continue
+            last = self._feed(out)
 
+    @torch.no_grad()
+    def _feed(self, out: list[int | None]) -> torch.Tensor:
+        """One decoding step: each active row's last token in, next-token logits (B, vocab) out."""
+        feed = torch.tensor([[t if t is not None else self.pad] for t in out])  # (B, 1)
+        v = torch.tensor([[t is not None] for t in out])  # (B, 1)
+        last = self.m.decoder(feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True)[:, -1]
+        self.npos = self.npos + v[:, 0].long()
+        return last
+
+    @torch.no_grad()
     def _refresh(self, n: int) -> torch.Tensor | None:
         """Retrieve again with each active row's last chunk_length generated tokens.
 

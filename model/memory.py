@@ -108,8 +108,10 @@ def place(rows: Sequence[Sequence[MemoryItem]], sink_keys: torch.Tensor, sink_va
             base = start - sum(lengths)
             offsets = list(np.cumsum([0] + lengths[:-1]) + base) if items else []
         sink_pos = torch.arange(base - p, base).expand(L, H, p)  # (L, H, p)
-        ks = [sink_keys] + [torch.from_numpy(np.asarray(it.keys, dtype=np.float32)) for it in items]
-        vs = [sink_values] + [torch.from_numpy(np.asarray(it.values, dtype=np.float32)) for it in items]
+        # np.array copies: the engine may hand read-only (memory-mapped) arrays, which torch
+        # must not wrap; the copy is small (one chunk's memories) and made once per chunk
+        ks = [sink_keys] + [torch.from_numpy(np.array(it.keys, dtype=np.float32)) for it in items]
+        vs = [sink_values] + [torch.from_numpy(np.array(it.values, dtype=np.float32)) for it in items]
         ps = [sink_pos] + [torch.from_numpy(it.positions.astype(np.int64)) + int(off) for it, off in zip(items, offsets)]
         per_row_k.append(torch.cat(ks, dim=2))  # (L, H, M_b, D)
         per_row_v.append(torch.cat(vs, dim=2))

@@ -30,7 +30,9 @@ class MemoryModel:
     """
 
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, fingerprint: str, settings: MemorySettings | None = None):
-        self.decoder = decoder.eval()
+        # inference only: with no parameter requiring grad, no autograd graph is ever built,
+        # whatever the caller's grad mode
+        self.decoder = decoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.settings = (settings or MemorySettings()).resolve(decoder.cfg.n_layer)

@@ -201,12 +201,13 @@ def test_spec_mismatch_names_both_sides(tmp_path):
         assert db.spec == small_spec()
 
 
-def test_new_database_needs_a_spec_and_writes_nothing(tmp_path):
-    with pytest.raises(m3db.InvalidInputError, match="spec="):
-        m3db.connect(tmp_path / "new")
-    assert not os.path.exists(tmp_path / "new")
+def test_failed_creation_writes_nothing(tmp_path):
     with pytest.raises(m3db.NotFoundError):
         m3db.connect(tmp_path / "new", read_only=True)
+    assert not os.path.exists(tmp_path / "new")
+    with pytest.raises(m3db.InvalidInputError, match="unknown memory spec fields"):
+        m3db.connect(tmp_path / "new2", spec={**small_spec().to_dict(), "colour": 1})
+    assert not os.path.exists(tmp_path / "new2")
 
 
 def test_invalid_specs():

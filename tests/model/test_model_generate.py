@@ -175,3 +175,36 @@ def test_chat_messages_use_the_template(model):
 def test_no_memories_returned_is_fine(model):
     g = model.generate("the town", retriever=lambda q, k: [], max_tokens=5, stop_tokens=())
     assert len(g.tokens) == 5 and all(c.memory_ids == () for c in g.chunks)
+
+
+def test_interleaved_generations_do_not_disturb_each_other_or_grad_mode(model, memories):
+    from m3db.model.generate import Sampling, run
+
+    assert torch.is_grad_enabled()
+    s = Sampling(max_tokens=70, stop_tokens=())
+    ids = model.tokenizer.encode("the town")
+    loops = {mode: run(model, [ids], mode=mode, retriever=Recorder(memories), sampling=s) for mode in ("memory", "rag", "none")}
+    live = list(loops)
+    while live:
+        for mode in list(live):
+            try:
+                next(loops[mode][1])
+            except StopIteration:
+                live.remove(mode)
+            assert torch.is_grad_enabled()  # nothing leaked into the caller
+    for mode, (loop, _) in loops.items():
+        alone = model.generate("the town", mode=mode, retriever=Recorder(memories), max_tokens=70, stop_tokens=())
+        assert loop.results()[0].tokens == alone.tokens
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from m3db.model.generate import Sampling, sample
+
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.05, 0.25]])).expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    seen = sample(logits, Sampling(temperature=1.0, top_p=0.7), g)
+    assert set(seen.tolist()) == {1, 3}  # 0.5 + 0.25 >= 0.7; 0.2 and 0.05 are cut
+    frac = (seen == 1).float().mean().item()
+    assert abs(frac - 0.5 / 0.75) < 0.05  # renormalized over the kept set
+    assert set(sample(logits, Sampling(temperature=1.0, top_p=0.0), g).tolist()) == {1}
+    assert set(sample(logits, Sampling(temperature=1.0, top_p=1.0), g).tolist()) == {0, 1, 2, 3}

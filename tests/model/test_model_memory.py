@@ -152,3 +152,20 @@ def test_memory_from_another_spec_is_refused():
     cfg = m.decoder.cfg
     with pytest.raises(ValueError, match="memory 9: .* do not fit the spec"):
         place([[item]], m.sink_keys, m.sink_values, m.settings, cfg.head_dim, cfg.rope_base)
+
+
+def test_read_only_arrays_are_accepted_without_warning():
+    """The engine hands memory-mapped, read-only arrays; torch must not wrap them."""
+    import warnings
+
+    s = MemorySettings(memory_layers=(0, 1), tokens_per_head=4)
+    m = MemoryModel.tiny(settings=s, seed=8)
+    e = m.encode([REF])[0]
+    for a in (e["keys"], e["values"], e["positions"]):
+        a.setflags(write=False)
+    item = Memory.from_encoded(0, REF, e)
+    cfg = m.decoder.cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keys, _, _ = place([[item]], m.sink_keys, m.sink_values, s, cfg.head_dim, cfg.rope_base)
+    assert torch.isfinite(keys[0]).all()
