@@ -107,6 +107,80 @@ def cmd_verify(args):
     return out
 
 
+@command("build", "build (or extend) a knowledge base from text files or the bundled Wikipedia summaries",
+         "m3db build kb.m3db --from wikipedia --limit 300",
+         arguments=[
+             (("--from",), dict(dest="source", nargs="+", required=True, metavar="FILES|wikipedia",
+                                help="'wikipedia', or .txt/.md/.jsonl files and directories")),
+             (("--limit",), dict(type=int, help="at most this many documents")),
+             (("--codec",), dict(default="int8", help="how a new database stores memories (f32, f16, int8, int4)")),
+             (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
+         ])
+def cmd_build(args):
+    import itertools
+
+    from . import sources
+
+    if args.source == ["wikipedia"]:
+        docs = sources.wikipedia(limit=args.limit)
+    else:
+        docs = sources.files(args.source)
+        if args.limit is not None:
+            docs = itertools.islice(docs, args.limit)
+    _say(f"loading the model and opening {args.path} ...")
+    with connect(args.path, codec=args.codec) as db:
+        _say(f"chunking, embedding and encoding documents into memories (commits every {args.batch_size}) ...")
+        report = db.add_documents(docs, batch_size=args.batch_size)
+        total = len(db)
+    return {"documents_added": report.documents_added, "documents_skipped": report.documents_skipped,
+            "documents_empty": report.documents_empty, "memories_added": report.memories_added, "memories_total": total}
+
+
+_RECALL_ARGS = [
+    (("text",), dict(help="what to look for")),
+    (("-k",), dict(type=int, default=5, help="how many memories (default 5)")),
+    (("--where",), dict(help="a SQL filter over the columns of `memories`, e.g. \"topic = 'Science'\"")),
+]
+
+
+@command("recall", "find the memories nearest a text", "m3db recall kb.m3db \"capital of France\" -k 3",
+         arguments=_RECALL_ARGS)
+def cmd_recall(args):
+    with connect(args.path, read_only=True) as db:
+        matches = db.recall(args.text, k=args.k, where=args.where)
+        names = db._document_names([m.document_id for m in matches])
+    rows = [[m.id, round(m.score, 4), names.get(m.document_id, (None,))[0], m.text] for m in matches]
+    return {"columns": ["id", "score", "document", "text"], "rows": rows}
+
+
+@command("ask", "answer a question from the knowledge base, and show the memories used",
+         "m3db ask kb.m3db \"Who directed 2001: A Space Odyssey?\"",
+         arguments=[
+             (("question",), dict(help="the question")),
+             (("--memory",), dict(default="memory", choices=["memory", "rag", "none"],
+                                  help="read memories (default), put the references' text in the prompt (rag), or neither")),
+             (("--max-tokens",), dict(type=int, default=96, dest="max_tokens", help="longest answer in tokens")),
+             (("-k",), dict(type=int, default=None, help="memories per 64-token chunk (default 5)")),
+             (("--where",), dict(help="a SQL filter over the columns of `memories`")),
+         ])
+def cmd_ask(args):
+    with connect(args.path, read_only=True) as db:
+        answer = db.generate([{"role": "user", "content": args.question}], max_tokens=args.max_tokens,
+                             memory={"memory": True, "rag": "rag", "none": False}[args.memory], k=args.k, where=args.where)
+    out = {"question": args.question, "answer": answer.text.strip(), "mode": answer.mode,
+           "sources": [{"id": s.id, "document": s.document, "text": s.text} for s in answer.sources]}
+    if not args.json:
+        print(f"Q: {out['question']}\nA: {out['answer']}\n\nmemories used ({answer.mode}):")
+        for s in out["sources"]:
+            print(f"  #{s['id']}  [{s['document']}]  {_cell(s['text'], 110)}")
+        return None
+    return out
+
+
+def _say(text):
+    print(text, file=sys.stderr, flush=True)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="m3db",
@@ -161,7 +235,7 @@ def main(argv=None):
         parser.print_help()
         return 1
     try:
-        if not os.path.exists(args.path):
+        if args.command != "build" and not os.path.exists(args.path):
             raise FileNotFoundError(f"no database at {args.path!r}")
         out = args.fn(args)
     except (M3DBError, OSError) as e:
@@ -169,7 +243,8 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-    _emit(out, args)
+    if out is not None:
+        _emit(out, args)
     return 0
 
 

@@ -12,7 +12,6 @@ A crash before 2 leaves only garbage bytes past the last committed record: recov
 cuts them. A crash after 2 leaves the index behind: it is caught up from the catalog on open.
 """
 
-import concurrent.futures
 import contextlib
 import functools
 import json
@@ -108,7 +107,9 @@ class CheckReport:
 
 class Database(KnowledgeVerbs):
     def __init__(self, path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec="int8"):
-        self.path = str(path)
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"path must be a string or path-like (a directory, a .m3kb file or ':memory:'), got {type(path).__name__}")
+        self.path = os.fspath(path)
         self._model = self._embedder = None  # bound on first use of a text verb
         self._model_arg, self._embedder_arg = model, embedder
         self.read_only = bool(read_only)
@@ -386,7 +387,8 @@ class Database(KnowledgeVerbs):
         return doc_id
 
     def _stage_all(self, checked):
-        """Assign ids, encode every record (in parallel: numpy releases the GIL), append."""
+        """Assign ids, encode every record, append. (Encoding in a thread pool was measured
+        slower: a record is many small numpy calls that hold the GIL.)"""
         for c in checked:
             c["id"] = c["id"] if c["id"] is not None else self._allocate_id()
             self._next_id = max(self._next_id, c["id"] + 1)
@@ -397,10 +399,7 @@ class Database(KnowledgeVerbs):
             return encode_record(c["id"], self.codec, c["keys"], c["values"], c["positions"], c["text"],
                                  c["metadata"], c["document_id"], c["ordinal"], c["token_count"])
 
-        if len(checked) >= 8:
-            blobs = list(_encoder_pool().map(encode, checked, chunksize=16))
-        else:
-            blobs = [encode(c) for c in checked]
+        blobs = [encode(c) for c in checked]
         for c, blob in zip(checked, blobs):
             segment, offset = self.segments.append(blob)
             self._pending["rows"].append(dict(
@@ -737,17 +736,6 @@ class Database(KnowledgeVerbs):
 
     def _require_writable(self):
         self.catalog._writable()
-
-
-_POOL = None
-
-
-def _encoder_pool():
-    """One process-wide thread pool for record encoding, sized to the CPU count."""
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="m3db-encode")
-    return _POOL
 
 
 def _check_config(config):

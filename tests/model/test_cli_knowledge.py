@@ -1,0 +1,35 @@
+"""`m3db build`, `recall` and `ask` end to end on the bundled model (real weights)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+
+def m3db(*args):
+    return subprocess.run([sys.executable, "-m", "m3db.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_build_recall_ask(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "zorblax.txt").write_text("Zorblax is a small moon of the planet Quendor. Its capital city is Vell.")
+    (docs / "bread.md").write_text("Bread is made from flour, water and yeast.")
+    kb = tmp_path / "kb.m3db"
+    r = m3db("build", kb, "--from", docs, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["documents_added"] == 2 and out["memories_total"] == 2
+    assert m3db("build", kb, "--from", docs, "--json").returncode == 0  # resumable: nothing added twice
+    r = m3db("recall", kb, "moon of Quendor", "-k", "1", "--json")
+    assert json.loads(r.stdout)["rows"][0][3].startswith("Zorblax")
+    r = m3db("ask", kb, "What is the capital city of Zorblax?", "--max-tokens", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert answer["sources"][0]["document"].endswith("zorblax.txt") and answer["answer"]
+    r = m3db("ask", kb, "hello", "--memory", "dense")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
