@@ -1,7 +1,9 @@
 """m3db: an embedded database for the explicit memory of language models.
 
     import m3db
-    db = m3db.connect("kb.m3db", spec=m3db.MemorySpec(...))
+    db = m3db.connect("kb.m3db")                  # bound to the bundled model (loaded on first use)
+    db.add("Paris is the capital of France.")
+    print(db.generate("What is the capital of France?").text)
 
 This module only re-exports; each noun lives in its own module.
 """
@@ -21,6 +23,7 @@ from .errors import (
     SpecMismatchError,
 )
 from .attach import PackageSet, attach
+from .knowledge import Answer, IngestReport, Source
 from .package import VerifyReport, verify
 from .recall import Match, Matches
 from .record import Memory
@@ -29,8 +32,8 @@ from .spec import MemorySpec
 __version__ = "0.1.0"
 
 __all__ = [
-    "CODECS", "CheckReport", "ClosedError", "Codec", "Database", "DuplicateIdError", "FormatError",
-    "InvalidInputError", "LockedError", "M3DBError", "Match", "Matches", "Memory", "MemorySpec",
-    "NotFoundError", "PackageSet", "QueryError", "ReadOnlyError", "Rows", "SpecMismatchError", "VerifyReport",
+    "Answer", "CODECS", "CheckReport", "ClosedError", "Codec", "Database", "DuplicateIdError", "FormatError",
+    "IngestReport", "InvalidInputError", "LockedError", "M3DBError", "Match", "Matches", "Memory", "MemorySpec",
+    "NotFoundError", "PackageSet", "QueryError", "ReadOnlyError", "Rows", "Source", "SpecMismatchError", "VerifyReport",
     "attach", "connect", "verify",
 ]
