@@ -216,7 +216,7 @@ def lie_section(section, **fields):
     ("negative", lie_section("catalog", offset=-4096), "non-negative"),
     ("overlap", lambda m: m["sections"][2].update(offset=m["sections"][1]["offset"]), "overlap"),
     ("duplicate", lambda m: m["sections"].append(dict(m["sections"][1])), "appears twice"),
-    ("escape ../", lie_section("catalog", name="../../../tmp/evil"), "never paths"),
+    ("escape ../", lie_section("catalog", name="../../../outside/evil"), "never paths"),
     ("escape segment", lie_section("segment/000001", name="segment/../../x"), "never paths"),
     ("absolute", lie_section("index", name="/etc/passwd"), "never paths"),
     ("missing index", lambda m: m["sections"].remove(next(s for s in m["sections"] if s["name"] == "index")), "no 'index' section"),
