@@ -108,7 +108,7 @@ def read_header(buf, where):
         raise FormatError(f"{where}: truncated record header ({len(buf)} of {HEADER_SIZE} bytes)")
     magic, version, flags, length, crc, head_crc = HEADER.unpack_from(buf)
     if zlib.crc32(bytes(buf[:16])) != head_crc:
-        raise FormatError(f"{where}: record header checksum mismatch (corrupt bytes); run `m3db check` to list damage")
+        raise FormatError(f"{where}: record header checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)")
     if magic != MAGIC:
         raise FormatError(f"{where}: bad record magic {magic!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -125,7 +125,7 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
         raise FormatError(f"{where}: record is {len(buf)} bytes, its header says {HEADER_SIZE + length}")
     payload = bytes(buf[HEADER_SIZE:])
     if zlib.crc32(payload) != crc or (expect_crc is not None and crc != expect_crc):
-        raise FormatError(f"{where}: record checksum mismatch (corrupt bytes); run `m3db check` to list damage")
+        raise FormatError(f"{where}: record checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)")
     if flags & FLAG_ZSTD:
         try:
             payload = _zstd().decompressor.decompress(payload, max_output_size=MAX_PAYLOAD)
