@@ -17,6 +17,8 @@ import os
 import numpy as np
 from usearch.index import Index
 
+from .durable import fsync_path
+
 INDEX_FILE = "index.usearch"
 STATE_FILE = "index.state"
 # HNSW knobs. connectivity is what the HNSW paper calls M; expansion_* its ef parameters.
@@ -84,7 +86,7 @@ class VectorIndex:
         self._materialize()
         tmp = self._path(INDEX_FILE + ".tmp")
         self.index.save(tmp)
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, self._path(INDEX_FILE))
         state = {"seq": int(seq), "count": len(self.index), "bytes": os.path.getsize(self._path(INDEX_FILE))}
         tmp = self._path(STATE_FILE + ".tmp")
@@ -160,12 +162,4 @@ class VectorIndex:
 
     def close(self):
         self.index = None
-
-
-def _fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 

@@ -26,11 +26,6 @@ class LocationTable:
         i = np.searchsorted(self.ids, memory_id)
         return i < len(self.ids) and self.ids[i] == memory_id
 
-    def contains(self, ids):
-        ids = np.asarray(ids, dtype=np.int64)
-        i = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
-        return (self.ids[i] == ids) if len(self.ids) else np.zeros(len(ids), bool)
-
     def find(self, memory_id):
         """(segment, offset, length, checksum) or None."""
         i = np.searchsorted(self.ids, memory_id)

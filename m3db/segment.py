@@ -16,6 +16,7 @@ import os
 import struct
 import zlib
 
+from .durable import fsync_path
 from .errors import FormatError
 
 MAGIC = b"M3SG"
@@ -90,7 +91,7 @@ class SegmentStore:
         f.write(head + struct.pack("<I", zlib.crc32(head)))
         self._dirty.add(number)
         self._active = (number, f)
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         return self._active
 
     def new_segment(self):
@@ -160,7 +161,7 @@ class SegmentStore:
             self._active[1].close()
             self._active = None
         os.remove(self.path(number))
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -220,10 +221,3 @@ class SegmentStore:
         for number in list(self._maps):
             self._unmap(number)
 
-
-def _fsync_dir(directory):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

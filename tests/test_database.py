@@ -282,3 +282,10 @@ def test_document_dict_creates_document_with_fields(mem_db):
         mem_db.add_memory(**make_memory(2, document={"title": "no source"}))
     with pytest.raises(m3db.InvalidInputError, match="unknown document fields"):
         mem_db.add_memory(**make_memory(2, document={"source": "x", "author": "me"}))
+
+
+def test_get_many_keeps_order_and_refuses_unknown_ids(mem_db):
+    ids = mem_db.add_memories([make_memory(i) for i in range(5)])
+    assert [m.id for m in mem_db.get_many(ids[::-1])] == ids[::-1]
+    with pytest.raises(m3db.NotFoundError):
+        mem_db.get_many([ids[0], 999])
