@@ -4,10 +4,13 @@ Only this module talks to DuckDB. Tables (users may read them with plain SQL):
 - `meta(key, value)`: format version, the memory spec (JSON), the commit sequence number,
   the next free memory id;
 - `documents(id, source, title, uri, metadata, created_at)`;
-- `memories(id, document_id, ordinal, text, token_count, embedding, segment, offset, length,
-  checksum, codec, commit_seq, created_at, <user metadata columns>)`: the text and embedding
-  are kept so the index can be rebuilt and memories re-encoded; user metadata keys become
-  typed columns, so filters like `lang = 'en' AND year > 2000` run at columnar speed;
+- `memories(id, document_id, ordinal, char_start, char_end, text, token_count, embedding,
+  segment, offset, length, checksum, codec, commit_seq, created_at, <user metadata columns>)`:
+  the text and embedding are kept so the index can be rebuilt and memories re-encoded;
+  char_start/char_end are the reference's span in its document's text; codec 'cold' marks a
+  memory stored as text only, encoded the first time it is read (database.py); user metadata
+  keys become typed columns, so filters like `lang = 'en' AND year > 2000` run at columnar
+  speed;
 - `forgotten(id, commit_seq)`: tombstones, so the index can catch up with deletions;
 - `codecs(name, version, params)`: parameters of trained codecs (msgpack).
 
@@ -24,10 +27,10 @@ import numpy as np
 
 from .errors import FormatError, InvalidInputError, LockedError, QueryError, ReadOnlyError
 
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2  # 2: char_start, char_end
 
 BUILTIN_COLUMNS = (
-    "id", "document_id", "ordinal", "text", "token_count", "embedding", "segment", "offset",
+    "id", "document_id", "ordinal", "char_start", "char_end", "text", "token_count", "embedding", "segment", "offset",
     "length", "checksum", "codec", "commit_seq", "created_at",
 )
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -109,7 +112,8 @@ class Catalog:
         )
         c.execute(
             f"""CREATE TABLE memories(
-                id BIGINT NOT NULL, document_id BIGINT, ordinal INTEGER, text VARCHAR NOT NULL,
+                id BIGINT NOT NULL, document_id BIGINT, ordinal INTEGER, char_start INTEGER, char_end INTEGER,
+                text VARCHAR NOT NULL,
                 token_count INTEGER, embedding FLOAT[{int(embedding_dim)}] NOT NULL,
                 segment INTEGER NOT NULL, "offset" BIGINT NOT NULL, length INTEGER NOT NULL,
                 checksum UBIGINT NOT NULL, codec VARCHAR NOT NULL, commit_seq BIGINT NOT NULL,
@@ -128,7 +132,10 @@ class Catalog:
             raise FormatError(f"the catalog has no readable `meta` table; it is not an m3db database ({e})") from e
         version = int(rows.get("format_version", -1))
         if version != CATALOG_VERSION:
-            raise FormatError(f"catalog format version {version}; this m3db reads version {CATALOG_VERSION}")
+            raise FormatError(
+                f"catalog format version {version}; this m3db reads version {CATALOG_VERSION}"
+                + (": rebuild the knowledge base with this version (m3db build)" if version < CATALOG_VERSION else "")
+            )
         return rows
 
     def set_meta(self, key, value):
@@ -205,6 +212,25 @@ class Catalog:
             )
         finally:
             self.con.unregister("_m3db_move")
+
+    def relocate_memories(self, ids, segments, offsets, lengths, checksums, codec):
+        """Point memories at new records (a cold memory's first encoding)."""
+        batch = {"id": np.asarray(ids, np.int64), "segment": np.asarray(segments, np.int32),
+                 "offset": np.asarray(offsets, np.int64), "length": np.asarray(lengths, np.int32),
+                 "checksum": np.asarray(checksums, np.uint64)}
+        self.con.register("_m3db_relocate", batch)
+        try:
+            self.con.execute(
+                'UPDATE memories SET segment = b.segment, "offset" = b."offset", length = b.length, '
+                "checksum = b.checksum, codec = ? FROM _m3db_relocate b WHERE memories.id = b.id", [codec]
+            )
+        finally:
+            self.con.unregister("_m3db_relocate")
+
+    def cold_ids(self):
+        """Ids of the memories not encoded yet (codec 'cold'), ascending."""
+        r = self.con.execute("SELECT id FROM memories WHERE codec = 'cold' ORDER BY id").fetchnumpy()
+        return np.asarray(r["id"], dtype=np.int64)
 
     def document_id(self, source):
         """The id of the document with this source, or None."""

@@ -37,7 +37,8 @@ META_KEYS = ("commit_seq", "format_version", "next_id", "spec")
 METADATA_TYPES = ("BIGINT", "BOOLEAN", "DOUBLE", "JSON", "VARCHAR")
 # (DuckDB type, nullable) of each built-in column of `memories`, in table order
 BUILTIN_TYPES = {
-    "id": ("BIGINT", False), "document_id": ("BIGINT", True), "ordinal": ("INTEGER", True), "text": ("VARCHAR", False),
+    "id": ("BIGINT", False), "document_id": ("BIGINT", True), "ordinal": ("INTEGER", True),
+    "char_start": ("INTEGER", True), "char_end": ("INTEGER", True), "text": ("VARCHAR", False),
     "token_count": ("INTEGER", True), "embedding": ("FLOAT[]", False), "segment": ("INTEGER", False),
     "offset": ("BIGINT", False), "length": ("INTEGER", False), "checksum": ("UBIGINT", False),
     "codec": ("VARCHAR", False), "commit_seq": ("BIGINT", False), "created_at": ("TIMESTAMP", False),

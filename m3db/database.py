@@ -27,9 +27,11 @@ from . import recall as recall_mod
 from .cache import MemoryCache
 from .catalog import Catalog, check_metadata_key, metadata_sql_type
 from .codec import codec_class
-from .errors import ClosedError, DuplicateIdError, FormatError, InvalidInputError, M3DBError, NotFoundError, QueryError
+from .errors import (
+    ClosedError, DuplicateIdError, FormatError, InvalidInputError, M3DBError, NotFoundError, QueryError, SpecMismatchError,
+)
 from .index import INDEX_FILE, STATE_FILE, VectorIndex
-from .knowledge import KnowledgeVerbs, bundled, spec_fields
+from .knowledge import KnowledgeVerbs, bundled, progress_bar, spec_fields
 from .locations import LocationTable
 from .lock import DatabaseLock
 from .manifest import is_package
@@ -46,6 +48,7 @@ FILTER_CACHE_SIZE = 64
 INDEX_SAVE_EVERY = 50_000
 CONFIG_KEYS = {"segment_size": int, "exact_limit": int, "index_save_every": int, "cache_bytes": int}
 DEFAULT_CACHE_BYTES = 256 << 20
+COLD = "cold"  # the codec column of a memory stored as text only, encoded on first read
 
 
 def connect(path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec="int8"):
@@ -297,17 +300,26 @@ class Database(KnowledgeVerbs):
         where = f"memory #{position}"
         if not isinstance(item, dict):
             raise InvalidInputError(f"{where}: expected a dict of add_memory() arguments, got {type(item).__name__}")
-        known = {"keys", "values", "positions", "embedding", "text", "metadata", "document", "ordinal", "token_count", "id"}
+        known = {"keys", "values", "positions", "embedding", "text", "metadata", "document", "ordinal", "token_count", "id",
+                 "char_start", "char_end", "cold"}
         unknown = sorted(set(item) - known)
         if unknown:
             raise InvalidInputError(f"{where}: unknown fields {unknown}; known fields: {sorted(known)}")
-        missing = [k for k in ("keys", "values", "positions", "embedding", "text") if item.get(k) is None]
+        cold = item.get("cold", False)
+        if not isinstance(cold, bool):
+            raise InvalidInputError(f"{where}: cold must be True or False, got {cold!r}")
+        arrays = ("keys", "values", "positions")
+        if cold and any(item.get(k) is not None for k in arrays):
+            raise InvalidInputError(f"{where}: a cold memory is stored as text only; drop keys, values and positions or cold=True")
+        missing = [k for k in ("embedding", "text") + (() if cold else arrays) if item.get(k) is None]
         if missing:
             raise InvalidInputError(f"{where}: missing {missing}")
         try:
-            keys, values, positions = self.spec.check_arrays(item["keys"], item["values"], item["positions"])
+            keys = values = positions = None
+            if not cold:
+                keys, values, positions = self.spec.check_arrays(item["keys"], item["values"], item["positions"])
+                self.codec.check(keys), self.codec.check(values)  # range checks (f16) before writing
             embedding = self.spec.check_embedding(item["embedding"])
-            self.codec.check(keys), self.codec.check(values)  # range checks (f16) before writing
         except InvalidInputError as e:
             raise InvalidInputError(f"{where}: {str(e).split('] ', 1)[-1]}") from None
         text = item["text"]
@@ -323,10 +335,13 @@ class Database(KnowledgeVerbs):
         mid = item.get("id")
         if mid is not None and (not isinstance(mid, (int, np.integer)) or isinstance(mid, bool) or mid < 0 or mid >= 2**63):
             raise InvalidInputError(f"{where}: id must be a non-negative integer, got {mid!r}")
-        for name in ("ordinal", "token_count"):
+        for name in ("ordinal", "token_count", "char_start", "char_end"):
             v = item.get(name)
-            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
-                raise InvalidInputError(f"{where}: {name} must be a non-negative integer, got {v!r}")
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= v < 2**31):
+                raise InvalidInputError(f"{where}: {name} must be a non-negative 32-bit integer, got {v!r}")
+        span = (item.get("char_start"), item.get("char_end"))
+        if (span[0] is None) != (span[1] is None) or (span[0] is not None and span[0] > span[1]):
+            raise InvalidInputError(f"{where}: char_start and char_end go together, with char_start <= char_end; got {span}")
         document = item.get("document")
         if isinstance(document, dict):
             _check_document(where, document)
@@ -336,7 +351,8 @@ class Database(KnowledgeVerbs):
             raise NotFoundError(f"{where}: no document with id {document}; pass its source string to create it")
         return dict(keys=keys, values=values, positions=positions, embedding=embedding, text=text,
                     metadata=metadata, types=types, document=document, id=None if mid is None else int(mid),
-                    ordinal=item.get("ordinal"), token_count=item.get("token_count"))
+                    ordinal=item.get("ordinal"), token_count=item.get("token_count"),
+                    char_start=span[0], char_end=span[1], cold=cold)
 
     def _check_ids(self, checked):
         explicit = [c["id"] for c in checked if c["id"] is not None]
@@ -404,6 +420,7 @@ class Database(KnowledgeVerbs):
             segment, offset = self.segments.append(blob)
             self._pending["rows"].append(dict(
                 id=c["id"], document_id=c["document_id"], ordinal=c["ordinal"], text=c["text"],
+                char_start=c["char_start"], char_end=c["char_end"], codec=COLD if c["cold"] else self.codec.name,
                 token_count=c["token_count"], embedding=c["embedding"], segment=segment, offset=offset,
                 length=len(blob), checksum=_payload_crc(blob), metadata=c["metadata"], types=c["types"],
             ))
@@ -493,6 +510,8 @@ class Database(KnowledgeVerbs):
             "id": np.array([r["id"] for r in rows], dtype=np.int64),
             "document_id": _nullable([r["document_id"] for r in rows]),
             "ordinal": _nullable([r["ordinal"] for r in rows]),
+            "char_start": _nullable([r["char_start"] for r in rows]),
+            "char_end": _nullable([r["char_end"] for r in rows]),
             "text": np.array([r["text"] for r in rows], dtype=object),
             "token_count": _nullable([r["token_count"] for r in rows]),
             "embedding": emb,
@@ -500,7 +519,7 @@ class Database(KnowledgeVerbs):
             "offset": np.array([r["offset"] for r in rows], dtype=np.int64),
             "length": np.array([r["length"] for r in rows], dtype=np.int32),
             "checksum": np.array([r["checksum"] for r in rows], dtype=np.uint64),
-            "codec": np.array([self.codec.name] * n, dtype=object),
+            "codec": np.array([r["codec"] for r in rows], dtype=object),
             "commit_seq": np.full(n, seq, dtype=np.int64),
         }
         for key in sorted({k for r in rows for k in r["metadata"]}):
@@ -527,9 +546,21 @@ class Database(KnowledgeVerbs):
     @_guarded
     def get_many(self, ids):
         """Memories for a list of ids, decoded, in the given order."""
-        return [self._read(i) for i in ids]
+        return self._read_many(list(ids))
 
     def _read(self, memory_id, arrays=True):
+        return self._read_many([memory_id], arrays)[0]
+
+    def _read_many(self, ids, arrays=True):
+        """Memories for ids; with arrays, cold ones are encoded now, together (_warm)."""
+        out = [self._read_one(i, arrays) for i in ids]
+        cold = [m for m in out if m.cold] if arrays else []
+        if cold:
+            warm = self._warm(list({m.id: m for m in cold}.values()))
+            out = [warm.get(m.id, m) if m.cold else m for m in out]
+        return out
+
+    def _read_one(self, memory_id, arrays=True):
         if not isinstance(memory_id, (int, np.integer)) or isinstance(memory_id, bool):
             raise InvalidInputError(f"memory ids are integers, got {memory_id!r}")
         loc = self.locations.find(int(memory_id))
@@ -542,9 +573,77 @@ class Database(KnowledgeVerbs):
         where = f"memory {memory_id} ({segment_name(segment)} @ {offset})"
         buf = self.segments.read(segment, offset, length)
         memory = decode_record(buf, where, expect_id=int(memory_id), expect_crc=checksum, arrays=arrays)
-        if arrays:
+        if arrays and not memory.cold:
             self.cache.put(memory)
         return memory
+
+    def _warm(self, memories, *, cache=True):
+        """Encode cold memories (their first read) with the bound model; return {id: Memory}.
+
+        A writable database keeps them: the full records are appended and fsynced, then one
+        catalog transaction points the memories at them (a crash in between leaves bytes that
+        recovery cuts). A read-only one (or one inside a transaction) keeps them in the RAM
+        cache only."""
+        try:
+            model, _ = self._models()
+        except SpecMismatchError as e:
+            raise SpecMismatchError(
+                f"memory {memories[0].id} is cold (stored as text, encoded on first read) and encoding it needs the "
+                f"model that built this database: {e}"
+            ) from e
+        encoded = model.encode([m.text for m in memories])
+        blobs, warm = [], {}
+        for m, e in zip(memories, encoded):
+            keys, values, positions = self.spec.check_arrays(e["keys"], e["values"], e["positions"])
+            self.codec.check(keys), self.codec.check(values)
+            token_count = m.token_count if m.token_count is not None else int(e["token_count"])
+            blob = encode_record(m.id, self.codec, keys, values, positions, m.text, m.metadata, m.document_id,
+                                 m.ordinal, token_count)
+            blobs.append(blob)
+            # read back what was stored, so a warmed memory equals every later read of it
+            warm[m.id] = decode_record(blob, f"memory {m.id}")
+        if not self.read_only and not self._in_transaction:
+            self._keep_warm(list(warm), blobs)
+        if cache:
+            for memory in warm.values():
+                self.cache.put(memory)
+        return warm
+
+    def _keep_warm(self, ids, blobs):
+        mark = self.segments.mark()
+        places = [self.segments.append(blob) for blob in blobs]
+        try:
+            self.segments.sync()
+            self.catalog.begin()
+            self.catalog.relocate_memories(ids, [p[0] for p in places], [p[1] for p in places],
+                                           [len(b) for b in blobs], [_payload_crc(b) for b in blobs], self.codec.name)
+            self.catalog.commit()
+        except BaseException:
+            self.catalog.rollback()
+            self.segments.rollback_to(mark)
+            raise
+        self.locations.move(ids, [p[0] for p in places], [p[1] for p in places],
+                            [len(b) for b in blobs], [_payload_crc(b) for b in blobs])
+
+    @_guarded
+    def warm_up(self, *, batch_size=16, progress=True):
+        """Encode every cold memory now (say, before packing, so readers need not); return
+        how many were encoded."""
+        self._require_writable()
+        if self._in_transaction:
+            raise InvalidInputError("warm_up() cannot run inside a transaction; call it after the transaction")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        ids = self.catalog.cold_ids().tolist()
+        bar = progress_bar(progress, "memories", total=len(ids))
+        try:
+            for start in range(0, len(ids), batch_size):
+                batch = [self._read_one(i) for i in ids[start : start + batch_size]]
+                self._warm(batch, cache=False)
+                bar.update(len(batch))
+        finally:
+            bar.close()
+        return len(ids)
 
     @_guarded
     def recall(self, vector, k=5, where=None, params=None, *, decode=False):
@@ -576,8 +675,7 @@ class Database(KnowledgeVerbs):
             exact_limit=self._config.get("exact_limit", recall_mod.EXACT_LIMIT),
         )
         out = []
-        for mid, score in zip(ids.tolist(), scores.tolist()):
-            m = self._read(mid, arrays=decode)
+        for mid, score, m in zip(ids.tolist(), scores.tolist(), self._read_many(ids.tolist(), arrays=decode)):
             out.append(recall_mod.Match(mid, float(score), m.text, m.metadata, m.document_id, m if decode else None))
         return recall_mod.Matches(out, plan)
 

@@ -147,38 +147,47 @@ class KnowledgeVerbs:
 
     # -- ingest --------------------------------------------------------------------------------
 
-    def add(self, text, *, source=None, title=None, uri=None, **metadata):
+    def add(self, text, *, source=None, title=None, uri=None, cold=False, **metadata):
         """Chunk, embed, encode and commit one document; return its memory ids.
 
         source: a unique name for the document (default: a hash of the text, so adding the
         same text twice adds nothing the second time). Keyword arguments become metadata
         columns of its memories (`lang="en"` -> filter with where="lang = 'en'").
+        cold: see add_documents.
         """
         doc = {"text": text, "source": source, "title": title, "uri": uri, "metadata": metadata}
         ids = []
-        self.add_documents([doc], progress=False, _ids=ids)
+        self.add_documents([doc], progress=False, cold=cold, _ids=ids)
         return ids
 
-    def add_documents(self, documents, *, batch_size=16, progress=True, _ids=None):
+    def add_documents(self, documents, *, batch_size=16, progress=True, cold=False, _ids=None):
         """Add many documents (dicts with `text` and optional `source`, `title`, `uri`,
         `metadata`, or plain strings), committing every `batch_size` documents. Documents
         whose source is already committed are skipped, so re-running after an interruption
-        resumes where it stopped. Returns an IngestReport."""
+        resumes where it stopped. Returns an IngestReport.
+
+        cold=False (warm start) encodes each memory now. cold=True (cold start, as in the
+        paper) stores only the text and its embedding, about 40x faster to ingest; a memory
+        is encoded the first time it is read (generate, recall(decode=True), get) and then
+        kept, so later reads cost the same as warm ones. `db.warm_up()` encodes the rest.
+        """
         self._require_writable()
+        if not isinstance(cold, bool):
+            raise InvalidInputError(f"cold must be True or False, got {cold!r}")
         model, embedder = self._models()
         report = IngestReport()
-        bar = _progress(progress, "documents")
+        bar = progress_bar(progress, "documents")
         batch = []
         try:
             for doc in documents:
                 batch.append(self._check_document(doc, len(batch)))
                 if len(batch) >= batch_size:
-                    self._ingest(batch, model, embedder, report, _ids)
+                    self._ingest(batch, model, embedder, report, _ids, cold)
                     bar.update(len(batch))
                     bar.set_postfix(memories=report.memories_added, refresh=False)
                     batch = []
             if batch:
-                self._ingest(batch, model, embedder, report, _ids)
+                self._ingest(batch, model, embedder, report, _ids, cold)
                 bar.update(len(batch))
         finally:
             bar.close()
@@ -203,7 +212,7 @@ class KnowledgeVerbs:
         metadata = {k: v for k, v in (doc.get("metadata") or {}).items() if v is not None}
         return {"text": text, "source": source, "title": doc.get("title"), "uri": doc.get("uri"), "metadata": metadata}
 
-    def _ingest(self, batch, model, embedder, report, ids_out):
+    def _ingest(self, batch, model, embedder, report, ids_out, cold):
         todo, chunks = [], []
         seen = set()
         for doc in batch:
@@ -221,15 +230,19 @@ class KnowledgeVerbs:
             return
         texts = [c.text for c in chunks]
         vectors = embedder.embed(texts)
-        encoded = model.encode(texts)
+        encoded = None if cold else model.encode(texts)
         items, i = [], 0
         for doc, pieces in todo:
             document = {"source": doc["source"], "title": doc["title"], "uri": doc["uri"], "metadata": doc["metadata"] or None}
             for piece in pieces:
-                e = encoded[i]
-                items.append(dict(keys=e["keys"], values=e["values"], positions=e["positions"], embedding=vectors[i],
-                                  text=piece.text, document=document, ordinal=piece.ordinal,
-                                  token_count=int(e["token_count"]), metadata=dict(doc["metadata"])))
+                item = dict(embedding=vectors[i], text=piece.text, document=document, ordinal=piece.ordinal,
+                            char_start=piece.start, char_end=piece.end, metadata=dict(doc["metadata"]))
+                if cold:
+                    item.update(cold=True, token_count=piece.tokens)
+                else:
+                    e = encoded[i]
+                    item.update(keys=e["keys"], values=e["values"], positions=e["positions"], token_count=int(e["token_count"]))
+                items.append(item)
                 i += 1
         ids = self.add_memories(items)
         if ids_out is not None:
@@ -296,9 +309,9 @@ class _NoBar:
         pass
 
 
-def _progress(enabled, unit):
+def progress_bar(enabled, unit, total=None):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(unit=f" {unit}", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    return tqdm(total=total, unit=f" {unit}", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)

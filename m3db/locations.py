@@ -54,10 +54,14 @@ class LocationTable:
         for name, _ in _FIELDS:
             self.cols[name] = self.cols[name][keep]
 
-    def move(self, ids, segment, offset):
+    def move(self, ids, segment, offset, length=None, checksum=None):
+        """Point ids at new places (compaction), or at new records (length and checksum too)."""
         i = np.searchsorted(self.ids, np.asarray(ids, dtype=np.int64))
         self.cols["segment"][i] = segment
         self.cols["offset"][i] = offset
+        if length is not None:
+            self.cols["length"][i] = length
+            self.cols["checksum"][i] = checksum
 
     def max_id(self):
         return int(self.ids[-1]) if len(self.ids) else -1

@@ -9,6 +9,10 @@ length is caught before anything is allocated.
 Payload: a msgpack map with the memory's id, codec name and version, shape (L, H, n, D),
 the positions (uint8 bytes), the encoded keys and values, and the text, metadata, document
 id, ordinal and token count (absent in the earliest v1 records: read as None): a blob alone is enough to rebuild its catalog row. Never pickle.
+
+A cold record (`"cold": true`, written by cold-start ingest) holds the text and the rest but
+no shape, positions, keys or values: the memory is encoded the first time it is read, and a
+full record replaces it.
 """
 
 import dataclasses
@@ -62,31 +66,26 @@ class Memory:
     document_id: int | None = None
     ordinal: int | None = None
     token_count: int | None = None
+    cold: bool = False  # stored as text only: keys, values and positions are None
 
     def __repr__(self):
         text = self.text if len(self.text) <= 40 else self.text[:37] + "..."
-        return f"<Memory id={self.id} shape={tuple(self.keys.shape)} text={text!r}>"
+        shape = "cold" if self.cold else (None if self.keys is None else tuple(self.keys.shape))
+        return f"<Memory id={self.id} shape={shape} text={text!r}>"
 
 
 def encode_record(memory_id, codec, keys, values, positions, text, metadata, document_id, ordinal, token_count=None):
-    """Build the framed bytes of one memory (arrays already checked against the spec)."""
-    payload = msgpack.packb(
-        {
-            "id": int(memory_id),
-            "codec": codec.name,
-            "codec_version": codec.version,
-            "shape": list(keys.shape),
-            "positions": positions.astype(np.uint8).tobytes(),
-            "keys": codec.encode(keys),
-            "values": codec.encode(values),
-            "text": text,
-            "metadata": metadata,
-            "document_id": document_id,
-            "ordinal": ordinal,
-            "token_count": token_count,
-        },
-        use_bin_type=True,
-    )
+    """Build the framed bytes of one memory (arrays already checked against the spec; all
+    three None for a cold record)."""
+    fields = {"id": int(memory_id)}
+    if keys is None:
+        fields["cold"] = True
+    else:
+        fields.update(codec=codec.name, codec_version=codec.version, shape=list(keys.shape),
+                      positions=positions.astype(np.uint8).tobytes(), keys=codec.encode(keys),
+                      values=codec.encode(values))
+    fields.update(text=text, metadata=metadata, document_id=document_id, ordinal=ordinal, token_count=token_count)
+    payload = msgpack.packb(fields, use_bin_type=True)
     flags = 0
     middle = len(payload) // 2
     probe = payload[middle : middle + ZSTD_PROBE]  # the middle: tensor bytes, the bulk of a payload
@@ -133,9 +132,13 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
             raise FormatError(f"{where}: record payload does not decompress: {e}") from e
     try:
         d = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=MAX_PAYLOAD, max_str_len=MAX_PAYLOAD)
-        mid, shape = int(d["id"]), tuple(int(x) for x in d["shape"])
+        mid = int(d["id"])
         if expect_id is not None and mid != expect_id:
             raise FormatError(f"{where}: record holds memory {mid}, the catalog expected {expect_id}")
+        if d.get("cold") is True:
+            return Memory(mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"],
+                          d.get("token_count"), cold=True)
+        shape = tuple(int(x) for x in d["shape"])
         if len(shape) != 4:
             raise FormatError(f"{where}: record shape {shape} is not (layers, heads, n, head_dim)")
         if not arrays:

@@ -94,7 +94,12 @@ def encode(decoder: Decoder, token_ids: Sequence[Sequence[int]], prefix_ids: Seq
         values = torch.stack([states[i][2][:, :, p:] for i in layers])
         L, B, kv, _, D = keys.shape
         scores = attention_received(queries.flatten(0, 1), keys.flatten(0, 1), ref_valid.repeat(L, 1))  # (L*B, kv, T)
-        top = scores.view(L, B, kv, T).topk(n_max, dim=-1).indices  # (L, B, kv, n_max), best first
+        # Ties are real (layer 0's pre-RoPE keys of a repeated token are identical) and float
+        # noise of ~1e-6 differs with the batch's padding, so topk alone keeps different tokens
+        # for the same reference in different batches. Rank by the score rounded to 2^-10, then
+        # by position: a reference gets the same memory however it is batched.
+        rounded = torch.round(scores.view(L, B, kv, T) * 1024)
+        top = torch.argsort(-rounded, dim=-1, stable=True)[..., :n_max]  # (L, B, kv, n_max), best first
         for b, j in enumerate(batch):
             n = min(settings.tokens_per_head, lens[b])
             pos = top[:, b, :, :n].sort(dim=-1).values  # (L, kv, n), ascending

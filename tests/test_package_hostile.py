@@ -281,9 +281,9 @@ def mutate_chunk(sections, fn, table="memories"):
 
 @pytest.mark.parametrize("case,fn,match", [
     ("count", lambda h, c: h.update(memories=25), "catalog declares 25 memories"),
-    ("injection name", lambda h, c: h["memory_columns"].__setitem__(14, ['lang" VARCHAR); DROP TABLE meta; --', "VARCHAR"]),
+    ("injection name", lambda h, c: h["memory_columns"].__setitem__(16, ['lang" VARCHAR); DROP TABLE meta; --', "VARCHAR"]),
      "column names are plain identifiers"),
-    ("injection type", lambda h, c: h["memory_columns"].__setitem__(14, ["lang", "VARCHAR); DROP TABLE meta; --"]), "allowed: BIGINT"),
+    ("injection type", lambda h, c: h["memory_columns"].__setitem__(16, ["lang", "VARCHAR); DROP TABLE meta; --"]), "allowed: BIGINT"),
     ("builtin type", lambda h, c: h["memory_columns"].__setitem__(0, ["id", "VARCHAR"]), "built-in column id"),
     ("columns", lambda h, c: h["memory_columns"].pop(0), "do not start with m3db's built-in columns"),
     ("embedding size", lambda h, c: c.update(embedding=c["embedding"][:-4]), "embeddings are"),
@@ -291,18 +291,18 @@ def mutate_chunk(sections, fn, table="memories"):
     ("ids order", lambda h, c: c["columns"][0].reverse(), "ids must be unique and ascending"),
     ("id type", lambda h, c: c["columns"][0].__setitem__(0, "0"), "memories.id: values must be integers"),
     ("id range", lambda h, c: c["columns"][0].__setitem__(0, 2**64 - 1), "memories.id: values must be integers"),
-    ("null text", lambda h, c: c["columns"][3].__setitem__(0, None), "NULL in a column"),
-    ("ext type", lambda h, c: c["columns"][3].__setitem__(0, msgpack.ExtType(42, b"os.system")), "max_ext_len|ext|malformed"),
+    ("null text", lambda h, c: c["columns"][5].__setitem__(0, None), "NULL in a column"),
+    ("ext type", lambda h, c: c["columns"][5].__setitem__(0, msgpack.ExtType(42, b"os.system")), "max_ext_len|ext|malformed"),
     ("meta", lambda h, c: h["meta"].update(next_id="-1"), "next_id"),
     ("spec", lambda h, c: h["meta"].update(spec="{}"), "memory spec is invalid"),
     ("extra column", lambda h, c: c["columns"].append([1] * len(c["columns"][0])), "columns, its head declares"),
-    ("header offset", lambda h, c: c["columns"][6].__setitem__(0, 3), "inside a segment header"),
-    ("bad json", lambda h, c: c["columns"][12].__setitem__(0, "{not json"), "is not JSON"),
+    ("header offset", lambda h, c: c["columns"][8].__setitem__(0, 3), "inside a segment header"),
+    ("bad json", lambda h, c: c["columns"][14].__setitem__(0, "{not json"), "is not JSON"),
 ])
 def test_catalog_lies(base, tmp_path, case, fn, match):
     _, manifest, sections = base
     objects = catalog_objects(sections)
-    assert objects[0]["memory_columns"][13][0] == "info" and objects[0]["memory_columns"][14][0] == "lang"
+    assert objects[0]["memory_columns"][15][0] == "info" and objects[0]["memory_columns"][16][0] == "lang"
     refuse(tmp_path, assemble(manifest, mutate_chunk(sections, fn)), match)
 
 
@@ -317,13 +317,13 @@ def test_locations_that_lie_are_caught_on_read_and_by_verify(base, tmp_path):
     _, manifest, sections = base
 
     def swap(h, c):  # memory 0 points at memory 1's bytes and the other way round
-        offsets = c["columns"][6]
+        offsets = c["columns"][8]
         offsets[0], offsets[1] = offsets[1], offsets[0]
-        lengths = c["columns"][7]
+        lengths = c["columns"][9]
         lengths[0], lengths[1] = lengths[1], lengths[0]
 
     def far(h, c):
-        c["columns"][6][2] = 1 << 40
+        c["columns"][8][2] = 1 << 40
 
     path = tmp_path / "lie.m3kb"
     path.write_bytes(assemble(manifest, mutate_chunk(sections, lambda h, c: (swap(h, c), far(h, c)))))

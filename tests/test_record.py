@@ -36,6 +36,19 @@ def test_round_trip_every_field():
     assert np.array_equal(m.positions, positions)
 
 
+def test_cold_record_holds_everything_but_the_arrays():
+    blob = encode_record(9, codec_class("int8")(), None, None, None, "Ölüdeniz, Türkiye.", {"lang": "tr"}, 4, 2, 17)
+    m = decode_record(blob, "test", expect_id=9)
+    assert m.cold and m.keys is None and m.values is None and m.positions is None
+    assert (m.text, m.metadata, m.document_id, m.ordinal, m.token_count) == ("Ölüdeniz, Türkiye.", {"lang": "tr"}, 4, 2, 17)
+    assert "cold" in repr(m) and not decode_record(make()[0], "test").cold
+    for i in range(len(blob)):  # a cold record is checked like any other
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        with pytest.raises(FormatError):
+            decode_record(bytes(bad), "test", expect_id=9)
+
+
 def test_any_flipped_byte_is_caught():
     blob, *_ = make(codec="int8")
     rng = np.random.default_rng(0)

@@ -72,8 +72,9 @@ def test_topk_matches_brute_force(model):
                 scores = np.array(w[li][h])
                 kept = set(e["positions"][li, h].tolist())
                 dropped = [j for j in range(len(scores)) if j not in kept]
-                if dropped:  # every kept token scores at least as high as every dropped one
-                    assert min(scores[list(kept)]) >= max(scores[dropped]) * (1 - 1e-6)
+                if dropped:  # every kept token scores at least as high as every dropped one, up to
+                    # the encoder's rounding of log-scores to 2^-10 (ties broken by position)
+                    assert min(scores[list(kept)]) >= max(scores[dropped]) * math.exp(-2.0**-10) * (1 - 1e-6)
 
 
 def test_different_heads_keep_different_tokens(model):
@@ -98,21 +99,19 @@ def test_kept_keys_are_pre_rope_states(model):
 
 
 def test_batched_equals_one_by_one(model):
-    """Padding in a batch changes nothing: same kept tokens (up to float ties in the score:
-    random weights make many scores nearly equal), same keys and values at each kept token."""
+    """Padding in a batch changes nothing: the same kept tokens (ties are broken by position,
+    not by float noise), the same keys and values at each kept token."""
     together = model.encode(TEXTS, batch_size=3)
     p = len(model.prefix_ids)
     for text, e in zip(TEXTS, together):
         alone = model.encode([text])[0]
-        w = brute_force_scores(model, text)
         ids = model.prefix_ids + model.tokenizer.encode(text)
         with torch.no_grad():
             st = model.decoder.layer_states(torch.tensor([ids]), [0, 2])
         for li, layer in enumerate((0, 2)):
             for h in range(model.decoder.cfg.n_kv_head):
                 a, b = e["positions"][li, h].astype(int), alone["positions"][li, h].astype(int)
-                sa, sb = sum(w[li][h][j] for j in a), sum(w[li][h][j] for j in b)
-                assert math.isclose(sa, sb, rel_tol=1e-6)
+                assert np.array_equal(a, b)
                 np.testing.assert_allclose(e["keys"][li, h], st[layer][1][0, h, a + p].numpy(), atol=1e-5)
                 np.testing.assert_allclose(e["values"][li, h], st[layer][2][0, h, a + p].numpy(), atol=1e-5)
 
