@@ -278,9 +278,14 @@ class KnowledgeVerbs:
                 used.setdefault(m.id, m)
             return [_Retrieved(m) for m in matches]
 
-        g = model.generate(prompt, retriever=None if mode == "none" else retrieve, mode=mode,
-                           max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                           stop_tokens=stop_tokens, seed=seed)
+        try:
+            g = model.generate(prompt, retriever=None if mode == "none" else retrieve, mode=mode,
+                               max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               stop_tokens=stop_tokens, seed=seed)
+        except ValueError as e:  # the model's word for bad input (a prompt over its context, ...)
+            if isinstance(e, InvalidInputError):
+                raise
+            raise InvalidInputError(str(e)) from e
         chunks = [(c.kind, c.start, c.end, list(c.memory_ids)) for c in g.chunks]
         order = [i for c in chunks for i in c[3]]
         first_use = list(dict.fromkeys(order))

@@ -24,6 +24,10 @@ from .memory import Retriever, context_start, place
 MODES = ("memory", "none", "rag")
 
 
+class ContextTooLong(ValueError):
+    """A prompt (with its references, in rag mode) and max_tokens do not fit the model's context."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen and when generation ends.
@@ -106,6 +110,16 @@ class _Loop:
             raise ValueError("a prompt is empty: give at least one token of text")
         self.m, self.mode, self.retriever, self.s = model, mode, retriever, s
         self.cfg, self.set = model.decoder.cfg, model.settings
+        # memories sit on positions before the context (docs/decoder.md): those are taken too
+        reserved = context_start(self.set, model.sink_keys.shape[2]) if mode == "memory" else 0
+        longest = max(len(p) for p in prompts)
+        if reserved + longest + s.max_tokens > self.cfg.max_seq_len:
+            raise ContextTooLong(
+                f"the prompt has {longest} tokens; with max_tokens={s.max_tokens}"
+                + (f" and {reserved} positions for memories" if reserved else "")
+                + f" it needs {reserved + longest + s.max_tokens}, over the model's context of {self.cfg.max_seq_len} "
+                "tokens: shorten the prompt or lower max_tokens"
+            )
         self.prompts = prompts
         self.B = len(prompts)
         self.pad = model.tokenizer.pad_id
@@ -167,6 +181,13 @@ class _Loop:
             for it in self.items[b]:
                 refs += self.m.prefix_ids + self.m.tokenizer.encode(it.text + "\n")
             rows.append(refs + self.prompts[b] + self.gen[b])
+        need = max(len(r) + self.s.max_tokens - len(g) for r, g in zip(rows, self.gen))
+        if need > self.cfg.max_seq_len:
+            raise ContextTooLong(
+                f"the {len(self.items[0])} references, the prompt and the tokens still to generate need {need} positions, "
+                f"over the model's context of {self.cfg.max_seq_len} tokens: use fewer references (k), a shorter "
+                "prompt or a lower max_tokens"
+            )
         idx, valid = left_pad(rows, self.pad)
         self.cache = self._new_cache(idx.shape[1], memory=False)
         start = torch.zeros(self.B, dtype=torch.long)

@@ -129,3 +129,19 @@ def test_database_bound_to_another_model_is_refused(tiny, tmp_path):
         m3db.connect(path, model=tiny, embedder=OtherEmbedder())
     with m3db.connect(path, read_only=True, model=tiny, embedder=HashEmbedder()) as db:
         assert db.recall("text", k=1)[0].text == "Some text."
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_error(kb, tiny):
+    kb.add_documents(DOCS, progress=False)
+    context = tiny.decoder.cfg.max_seq_len
+    long_prompt = "word " * context
+    for memory in (True, False, "rag"):
+        with pytest.raises(m3db.InvalidInputError, match=f"over the model's context of {context} tokens"):
+            kb.generate(long_prompt, max_tokens=4, memory=memory)
+    # fits without memories, but not with the positions that memories take
+    just = "x" * (context - 8)
+    assert kb.generate(just, max_tokens=4, memory=False).text is not None
+    with pytest.raises(m3db.InvalidInputError, match="positions for memories"):
+        kb.generate(just, max_tokens=4, memory=True)
+    with pytest.raises(m3db.InvalidInputError, match="fewer references"):
+        kb.generate(just, max_tokens=4, memory="rag")
