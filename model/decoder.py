@@ -6,7 +6,8 @@ attention, SwiGLU MLP, tied input/output embeddings. fp32 on CPU.
 
 Memory attention (Memory³): at a memory layer, the current memories' keys/values (already
 rotated to their positions, see `model.memory`) sit in front of the context's keys/values for
-every head; the context stays causal. Non-memory layers never see memory.
+every head; the context stays causal. Non-memory layers never see memory. A reader adapter
+(`model.adapter`), when given, adds low-rank updates to the attention projections.
 
 Must not import the engine (`m3db`).
 """
@@ -91,15 +92,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, kv, T, hs)
         return q, k, v
 
-    def forward(self, x, cos, sin, mask, cache=None, memory=None, capture=None):
+    def forward(self, x, cos, sin, mask, cache=None, memory=None, capture=None, lora=None):
         """x (B, T, C); cos/sin (B, 1, T, hs); mask (B, 1, T, S) bool, True = may attend.
 
         cache: this layer's `LayerCache` (its memory slots already filled), or None.
         memory: (k, v) rotated memory (B, kv, M, hs) for the cacheless path, or None.
         capture: a list that receives the pre-RoPE (q, k, v), for memory encoding.
+        lora: this layer's reader adapter (`model.adapter.LayerAdapter`), or None.
         """
         B, T, C = x.shape
         q, k, v = self.qkv(x)
+        if lora is not None:
+            q, k, v = (_plus(t, lora.delta(name, x), self.hs) for name, t in (("q", q), ("k", k), ("v", v)))
         if capture is not None:
             capture.append((q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -110,7 +114,17 @@ class Attention(nn.Module):
             v = torch.cat((memory[1], v), dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
-        return self.o_proj(y)
+        out = self.o_proj(y)
+        d = lora.delta("o", y) if lora is not None else None
+        return out if d is None else out + d
+
+
+def _plus(states, delta, hs):
+    """states (B, heads, T, hs) plus a projection update delta (B, T, heads*hs), or states."""
+    if delta is None:
+        return states
+    B, heads, T, _ = states.shape
+    return states + delta.view(B, T, heads, hs).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -132,8 +146,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, memory=None, capture=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, memory, capture)
+    def forward(self, x, cos, sin, mask, cache=None, memory=None, capture=None, lora=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, memory, capture, lora)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -184,13 +198,16 @@ class Decoder(nn.Module):
         w = self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
         return x @ w.T  # (B, T, vocab)
 
-    def forward(self, idx, *, positions=None, valid=None, cache: KVCache | None = None, memory=None, last_only=False):
+    def forward(self, idx, *, positions=None, valid=None, cache: KVCache | None = None, memory=None, last_only=False,
+                adapter=None):
         """Logits (B, T, vocab), or (B, 1, vocab) with last_only.
 
         idx (B, T) token ids; positions (B, T) RoPE positions (default 0..T-1 after the cache);
         valid (B, T) bool, False at padding. With a cache, memories come from the cache's
         memory slots (`KVCache.set_memory`); without one, `memory` is a dict
         {layer: (k, v)} of rotated (B, kv, M, hs) tensors plus key "valid" (B, M).
+        adapter: a `model.adapter.ReaderAdapter` applied to every layer's attention, or None
+        (memory encoding, `layer_states`, never takes one: the encoder stays frozen).
         """
         B, T = idx.shape
         past = cache.get_seq_length() if cache is not None else 0
@@ -216,7 +233,7 @@ class Decoder(nn.Module):
             mask = mem_mask if is_mem else plain_mask
             layer_cache = cache[i] if cache is not None else None
             layer_mem = memory[i] if (cache is None and is_mem) else None
-            x = blk(x, cos, sin, mask, layer_cache, layer_mem)
+            x = blk(x, cos, sin, mask, layer_cache, layer_mem, lora=adapter.layer(i) if adapter is not None else None)
         if last_only:
             x = x[:, -1:]
         return self.logits(x)

@@ -168,7 +168,7 @@ class _Loop:
                     self._record(b, "prompt", max(0, c0 - pads[b]), c1 - pads[b], items)
             self._set_memory(rows)
             v = valid[:, c0:c1]
-            logits = self.m.decoder(idx[:, c0:c1], positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True)
+            logits = self.m.decoder(idx[:, c0:c1], positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True, adapter=self.m.adapter)
             self.npos = self.npos + v.sum(dim=1)
         return logits[:, -1]
 
@@ -191,7 +191,7 @@ class _Loop:
         idx, valid = left_pad(rows, self.pad)
         self.cache = self._new_cache(idx.shape[1], memory=False)
         start = torch.zeros(self.B, dtype=torch.long)
-        logits = self.m.decoder(idx, positions=_positions(valid, start), valid=valid, cache=self.cache, last_only=True)
+        logits = self.m.decoder(idx, positions=_positions(valid, start), valid=valid, cache=self.cache, last_only=True, adapter=self.m.adapter)
         self.npos = valid.sum(dim=1)
         return logits[:, -1]
 
@@ -251,7 +251,7 @@ class _Loop:
         """One decoding step: each active row's last token in, next-token logits (B, vocab) out."""
         feed = torch.tensor([[t if t is not None else self.pad] for t in out])  # (B, 1)
         v = torch.tensor([[t is not None] for t in out])  # (B, 1)
-        last = self.m.decoder(feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True)[:, -1]
+        last = self.m.decoder(feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True, adapter=self.m.adapter)[:, -1]
         self.npos = self.npos + v[:, 0].long()
         return last
 

@@ -9,12 +9,14 @@ callback, so it never imports torch. Must not import the engine (`m3db`).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 
 
 from . import encoder as _encoder
 from .decoder import Decoder, DecoderConfig, load_state
 from .generate import Generation, Sampling, run, stream_text
+from .adapter import BUNDLED_FILE, AdapterError, ReaderAdapter, read_header
 from .memory import Retriever
 from .settings import MemorySettings
 from .tokenizer import Tokenizer, tiny_tokenizer_data
@@ -29,7 +31,8 @@ class MemoryModel:
     (random weights, same architecture, for tests).
     """
 
-    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, fingerprint: str, settings: MemorySettings | None = None):
+    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, fingerprint: str, settings: MemorySettings | None = None,
+                 adapter: ReaderAdapter | None = None):
         # inference only: with no parameter requiring grad, no autograd graph is ever built,
         # whatever the caller's grad mode
         self.decoder = decoder.eval().requires_grad_(False)
@@ -41,15 +44,28 @@ class MemoryModel:
         # sink is computed once here and placed in front of every chunk's memories.
         self.sink_keys, self.sink_values = _encoder.prefix_states(decoder, self.prefix_ids, self.settings.memory_layers)  # (L, H, p, D)
         self.default_stop_tokens = tuple(sorted({i for i in (tokenizer.eos_id, tokenizer.find("<|endoftext|>")) if i is not None}))
+        if adapter is not None and adapter.base_fingerprint != fingerprint:
+            raise AdapterError("the reader adapter was trained on another model; train one for this model (m3db-train)")
+        # the reader adapter changes reading only, so it is not part of the memory spec
+        self.adapter = adapter.eval().requires_grad_(False) if adapter is not None else None
 
     @classmethod
-    def load(cls, path=None, *, settings: MemorySettings | None = None) -> "MemoryModel":
-        """The bundled SmolLM2-135M-Instruct (or another Llama GGUF file at `path`)."""
+    def load(cls, path=None, *, settings: MemorySettings | None = None, adapter="default") -> "MemoryModel":
+        """The bundled SmolLM2-135M-Instruct (or another Llama GGUF file at `path`).
+
+        adapter: "default" reads the bundled reader adapter when one ships for exactly these
+        memory settings (see docs/adapter.md); None reads with the base weights only; or the
+        path of an adapter file (`m3db-train` writes one)."""
         from .gguf_loader import load_gguf
 
         g = load_gguf(path)
         decoder = load_state(Decoder(g.config), g.state_dict)
-        return cls(decoder, Tokenizer(g.tokenizer), fingerprint=g.fingerprint, settings=settings)
+        resolved = (settings or MemorySettings()).resolve(g.config.n_layer)
+        if adapter == "default":
+            adapter = bundled_adapter(g.config, g.fingerprint, resolved)
+        elif adapter is not None:
+            adapter = ReaderAdapter.load(adapter, g.config, base_fingerprint=g.fingerprint)
+        return cls(decoder, Tokenizer(g.tokenizer), fingerprint=g.fingerprint, settings=settings, adapter=adapter)
 
     @classmethod
     def tiny(cls, *, settings: MemorySettings | None = None, seed: int = 0, std: float = 0.02, config: DecoderConfig | None = None) -> "MemoryModel":
@@ -121,3 +137,19 @@ class MemoryModel:
         _, steps = run(self, [self._ids(prompt)], mode=mode, retriever=retriever, sampling=Sampling(**sampling))
         yield from stream_text(self.tokenizer, steps)
 
+
+def trained_for(settings: MemorySettings) -> dict:
+    """The memory settings an adapter is trained for (and must be read with)."""
+    return {"memory_layers": [int(i) for i in settings.memory_layers], "tokens_per_head": settings.tokens_per_head,
+            "reference_prefix": settings.reference_prefix, "position_policy": settings.position_policy}
+
+
+def bundled_adapter(cfg, fingerprint: str, settings: MemorySettings) -> ReaderAdapter | None:
+    """The shipped reader adapter if it exists and was trained on this model for these memory
+    settings, else None (dense settings read with the base weights)."""
+    if not os.path.exists(BUNDLED_FILE):
+        return None
+    header = read_header(BUNDLED_FILE)
+    if header.get("base_fingerprint") != fingerprint or header.get("settings") != trained_for(settings):
+        return None
+    return ReaderAdapter.load(BUNDLED_FILE, cfg, base_fingerprint=fingerprint)

@@ -1,0 +1,328 @@
+"""Continual training with memory (Memory³'s second stage), of a reader adapter only.
+
+Owns the training loop. The base weights and the memory encoder stay frozen; each step encodes
+its examples' references into sparse memories with the same code path as ingest
+(`MemoryModel.encode`, the model's memory settings), places them as generation does
+(`model.memory.place`), and trains the `ReaderAdapter` on:
+- memory examples (`model.train_data`): one chunk of at most 128 tokens reading its reference
+  among distractors, loss on the answer;
+- text examples: plain summary chunks with no memory, so ordinary language modelling stays.
+Deterministic from the seed: step s always trains on the same batch, so a run resumed from a
+checkpoint ends with the same adapter as an uninterrupted one. Checkpoints are safetensors
+(adapter and optimizer state) plus JSON, never pickle. The log (`log.jsonl`) holds the losses
+and, every `eval_every` steps, held-out accuracy and perplexity; `plot_log` draws it.
+
+CLI: `m3db-train OUT_DIR [--steps N] ...` (see `main`). Must not import the engine (`m3db`)
+beyond the text utilities `model.train_data` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import ReaderAdapter
+from .memory import Memory, context_start, place
+from .train_data import TrainingData, eval_facts, held_out, shuffled, wiki_articles
+
+CHECKPOINT = "checkpoint.safetensors"
+STATE = "checkpoint.json"
+LOG = "log.jsonl"
+ADAPTER = "adapter.safetensors"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8  # memory examples per step
+    text_batch: int = 2  # no-memory examples per step
+    lr: float = 1e-3
+    warmup: int = 20
+    rank: int = 8
+    alpha: float = 16.0
+    seed: int = 0
+    distractors: int = 4  # other references read with the answer's (5 memories, as at inference)
+    mix: dict = dataclasses.field(default_factory=lambda: {"fact": 0.5, "wiki": 0.3, "blank": 0.2})
+    eval_every: int = 25
+    eval_questions: int = 32
+    eval_texts: int = 16
+    checkpoint_every: int = 10
+
+
+class MemoryEncoder:
+    """References -> memories with the frozen encoder, remembering the ones seen (Wikipedia
+    references recur across steps; invented ones are new each time and are not kept)."""
+
+    def __init__(self, model, keep=20_000):
+        self.model, self.keep, self.cache = model, keep, {}
+
+    def __call__(self, texts):
+        todo = sorted({t for t in texts if t not in self.cache})
+        fresh = dict(zip(todo, self.model.encode(todo))) if todo else {}
+        out = [self.cache.get(t) or fresh[t] for t in texts]
+        for t, e in fresh.items():
+            if len(self.cache) < self.keep:
+                self.cache[t] = e
+        return out
+
+
+def _pad(rows, pad_id):
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        idx[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        valid[b, : len(r)] = True
+    return idx, valid
+
+
+def make_batch(model, examples, encoder, rng, *, with_memory=True):
+    """Tensors for one forward: idx, valid, positions, labels (-100 off target), memory dict."""
+    tok = model.tokenizer
+    rows, labels = [], []
+    for ex in examples:
+        prompt = tok.encode(ex.prompt) if ex.prompt else []
+        full = tok.encode(ex.prompt + ex.target)
+        rows.append(full)
+        labels.append([-100] * len(prompt) + full[len(prompt) :])
+    idx, valid = _pad(rows, tok.pad_id)
+    lab = torch.full(idx.shape, -100, dtype=torch.long)
+    for b, row in enumerate(labels):
+        lab[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    memory, start = None, 0
+    if with_memory:
+        refs = [shuffled(ex, rng) for ex in examples]
+        encoded = encoder([t for r in refs for t in r])
+        items, i = [], 0
+        for r in refs:
+            row = []
+            for text in r:
+                row.append(Memory.from_encoded(i, text, encoded[i]))
+                i += 1
+            items.append(row)
+        s, cfg = model.settings, model.decoder.cfg
+        keys, values, mem_valid = place(items, model.sink_keys, model.sink_values, s, cfg.head_dim, cfg.rope_base)
+        memory = {layer: (keys[j], values[j]) for j, layer in enumerate(s.memory_layers)}
+        memory["valid"] = mem_valid
+        start = context_start(s, model.sink_keys.shape[2])
+    positions = (start + torch.arange(idx.shape[1])).expand(idx.shape)
+    return idx, valid, positions, lab, memory
+
+
+def batch_loss(model, adapter, batch):
+    idx, valid, positions, labels, memory = batch
+    logits = model.decoder(idx, positions=positions, valid=valid, memory=memory, adapter=adapter)
+    # next-token prediction: position t predicts token t+1
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(model, adapter, questions, texts, encoder):
+    """Held-out invented facts: accuracy (every answer token the argmax, teacher-forced) and
+    mean answer log-prob; held-out text: perplexity without memory."""
+    tok = model.tokenizer
+    correct, logprob = 0, 0.0
+    rng = random.Random(0)
+    for ex in questions:
+        batch = make_batch(model, [ex], encoder, rng)
+        idx, valid, positions, _, memory = batch
+        logits = model.decoder(idx, positions=positions, valid=valid, memory=memory, adapter=adapter)[0]
+        lead = len(tok.encode(ex.prompt + ex.target[: ex.target.rindex(ex.answer)].rstrip()))
+        end = len(tok.encode(ex.prompt + ex.target[: ex.target.rindex(ex.answer) + len(ex.answer)]))
+        targets = idx[0, lead:end]
+        lp = torch.log_softmax(logits[lead - 1 : end - 1], dim=-1)
+        logprob += float(lp.gather(1, targets[:, None]).sum())
+        correct += bool((lp.argmax(-1) == targets).all())
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tok.encode(text)[:128]])
+        logits = model.decoder(ids, adapter=adapter)[0]
+        nll += float(F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return {"fact_accuracy": correct / max(1, len(questions)), "fact_logprob": logprob / max(1, len(questions)),
+            "text_perplexity": math.exp(nll / max(1, count))}
+
+
+def _lr(cfg, step):
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _save_checkpoint(out, adapter, opt, step, cfg):
+    from safetensors.torch import save_file
+
+    tensors = {f"adapter.{k}": v.detach().contiguous() for k, v in adapter.state_dict().items()}
+    names = [n for n, _ in adapter.named_parameters()]
+    for i, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            tensors[f"opt.{names[i]}.{key}"] = torch.as_tensor(value).detach().contiguous()
+    save_file(tensors, os.path.join(out, CHECKPOINT + ".tmp"))
+    os.replace(os.path.join(out, CHECKPOINT + ".tmp"), os.path.join(out, CHECKPOINT))
+    with open(os.path.join(out, STATE + ".tmp"), "w") as f:
+        json.dump({"step": step, "config": dataclasses.asdict(cfg)}, f)
+    os.replace(os.path.join(out, STATE + ".tmp"), os.path.join(out, STATE))
+
+
+def _load_checkpoint(out, adapter, opt):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(out, STATE)) as f:
+        state = json.load(f)
+    tensors = load_file(os.path.join(out, CHECKPOINT))
+    adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+    names = [n for n, _ in adapter.named_parameters()]
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for i, name in enumerate(names):
+        st = {key: tensors[f"opt.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq") if f"opt.{name}.{key}" in tensors}
+        if st:
+            sd["state"][i] = st
+    opt.load_state_dict(sd)
+    return state
+
+
+def _cut_log(path, step):
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def train(model, out, cfg: TrainConfig | None = None, *, progress=True, wiki=None, say=print):
+    """Train (or resume training) a reader adapter for `model`'s memory settings in directory
+    `out`; write `out/adapter.safetensors` and return it."""
+    from .memory_model import trained_for
+
+    cfg = cfg or TrainConfig()
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    wiki = wiki if wiki is not None else wiki_articles()
+    data = TrainingData(model.tokenizer, seed=cfg.seed, distractors=cfg.distractors, wiki=wiki)
+    questions = eval_facts(model.tokenizer, cfg.eval_questions, seed=cfg.seed, distractors=cfg.distractors)
+    texts = [wiki[t]["text"] for t in sorted(wiki) if held_out(t)][: cfg.eval_texts]
+    adapter = ReaderAdapter(model.decoder.cfg, base_fingerprint=model.fingerprint, rank=cfg.rank, alpha=cfg.alpha,
+                            settings=trained_for(model.settings), seed=cfg.seed)
+    adapter.train().requires_grad_(True)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    start = 0
+    if os.path.exists(os.path.join(out, STATE)):
+        with open(os.path.join(out, STATE)) as f:
+            saved = json.load(f)["config"]
+        if saved != json.loads(json.dumps(dataclasses.asdict(cfg))):
+            raise ValueError(f"{out} holds a run with another configuration ({saved}); use a new directory")
+        start = _load_checkpoint(out, adapter, opt)["step"]
+        say(f"resuming at step {start}")
+        _cut_log(os.path.join(out, LOG), start)  # steps past the checkpoint are trained again
+    encoder = MemoryEncoder(model)
+    log = open(os.path.join(out, LOG), "a")
+    if start == 0:
+        log.truncate(0)
+        before = evaluate(model, None, questions, texts, encoder)
+        log.write(json.dumps({"step": 0, "eval": before, "adapter": False}) + "\n")
+        say(f"before training: {before}")
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, unit="step")
+    t0 = time.time()
+    for step in bar:
+        rng = random.Random(cfg.seed * 104_729 + step)
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        mem = make_batch(model, data.batch(step, cfg.batch_size, cfg.mix), encoder, rng)
+        loss_m = batch_loss(model, adapter, mem)
+        loss = loss_m
+        loss_t = None
+        if cfg.text_batch:
+            plain = make_batch(model, data.batch(step, cfg.text_batch, {"text": 1.0}), encoder, rng, with_memory=False)
+            loss_t = batch_loss(model, adapter, plain)
+            loss = loss + loss_t * cfg.text_batch / cfg.batch_size
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        opt.step()
+        loss_m, loss_t = loss_m.detach(), None if loss_t is None else loss_t.detach()
+        row = {"step": step + 1, "loss_memory": float(loss_m), "loss_text": None if loss_t is None else float(loss_t),
+               "lr": _lr(cfg, step), "seconds": round(time.time() - t0, 1)}
+        bar.set_postfix(loss=f"{float(loss_m):.3f}", refresh=False)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            adapter.eval()
+            row["eval"] = evaluate(model, adapter, questions, texts, encoder)
+            adapter.train()
+            say(f"step {step + 1}: {row['eval']}")
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_checkpoint(out, adapter, opt, step + 1, cfg)
+    log.close()
+    adapter.eval().requires_grad_(False)
+    adapter.save(os.path.join(out, ADAPTER), extra={"config": dataclasses.asdict(cfg), "steps": cfg.steps})
+    return adapter
+
+
+def plot_log(log_path, png_path):
+    """Loss and held-out accuracy against training step (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(log_path)]
+    steps = [r["step"] for r in rows if "loss_memory" in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(steps, [r["loss_memory"] for r in rows if "loss_memory" in r], label="memory examples", lw=0.8)
+    a.plot(steps, [r["loss_text"] for r in rows if "loss_memory" in r], label="text, no memory", lw=0.8)
+    a.set_xlabel("step")
+    a.set_ylabel("loss")
+    a.legend()
+    ev = [r for r in rows if "eval" in r]
+    b.plot([r["step"] for r in ev], [r["eval"]["fact_accuracy"] for r in ev], marker="o")
+    b.set_xlabel("step")
+    b.set_ylabel("held-out invented-fact accuracy")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="m3db-train", description="Train the reader adapter (Memory³'s second stage).")
+    p.add_argument("out", help="directory for checkpoints, the log and adapter.safetensors (resumes if it holds a run)")
+    p.add_argument("--layers", help="memory layers, e.g. 0-14 or 0,5,10 (default: the paper's first half)")
+    p.add_argument("--tokens-per-head", type=int, default=8)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "mix":
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from .memory_model import MemoryModel
+    from .settings import MemorySettings
+
+    layers = None
+    if args.layers:
+        layers = tuple(i for part in args.layers.split(",") for i in (
+            range(int(part.split("-")[0]), int(part.split("-")[1]) + 1) if "-" in part else [int(part)]))
+    model = MemoryModel.load(adapter=None)
+    n = model.decoder.cfg.n_layer
+    settings = MemorySettings(memory_layers=layers or tuple(range(n // 2)), tokens_per_head=args.tokens_per_head)
+    model = type(model)(model.decoder, model.tokenizer, fingerprint=model.fingerprint, settings=settings)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "mix"})
+    train(model, args.out, cfg, progress=not args.no_progress)
+    plot_log(os.path.join(args.out, LOG), os.path.join(args.out, "curve.png"))
+    print(f"wrote {os.path.join(args.out, ADAPTER)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
