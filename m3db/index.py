@@ -109,7 +109,10 @@ class VectorIndex:
 
     # -- changes ---------------------------------------------------------------------------
 
-    def add(self, ids, vectors):
+    def add(self, ids, vectors, *, threads=0):
+        """Add (or replace) vectors. threads=1 inserts in the given order on one thread, so
+        the same ids and vectors always build the same graph (packages are byte-identical);
+        0 uses every core."""
         if len(ids) == 0:
             return
         self._materialize()
@@ -117,13 +120,31 @@ class VectorIndex:
         present = self.index.contains(keys) if len(self.index) else np.zeros(len(keys), bool)
         if np.any(present):  # re-adding after a crash, or an id forgotten and reused
             self.index.remove(keys[present])
-        self.index.add(keys, np.asarray(vectors, dtype=np.float32))
+        self.index.add(keys, np.asarray(vectors, dtype=np.float32), threads=threads)
 
     def remove(self, ids):
         if len(ids) == 0:
             return
         self._materialize()
         self.index.remove(np.asarray(ids, dtype=np.uint64))
+
+    def to_bytes(self):
+        """The index serialized as USearch saves it (a package's index section)."""
+        return bytes(self.index.save())
+
+    @classmethod
+    def from_bytes(cls, buffer):
+        """The index held in `buffer` (any dimension: compare `.dim`), or None when USearch
+        cannot read it. Hand it only bytes whose checksum was verified."""
+        try:
+            index = Index.restore(buffer)
+        except (ValueError, RuntimeError, TypeError):
+            return None
+        if index is None:
+            return None
+        out = cls(index.ndim)
+        out.index = index
+        return out
 
     def keys(self):
         return np.asarray(self.index.keys, dtype=np.uint64).astype(np.int64)

@@ -125,7 +125,7 @@ def _write_sections(db, f, about, bar):
     counts, codec_hash = _write_catalog(db, catalog, ids, new_seg, new_off, index, bar)
     sections.append(catalog.entry())
     idx = _Section(f, "index")
-    idx.write(bytes(index.index.save()))
+    idx.write(index.to_bytes())
     sections.append(idx.entry())
     index.close()
     meta = db.catalog.meta()
@@ -223,7 +223,7 @@ def _write_catalog(db, out, ids, new_seg, new_off, index, bar):
         vectors = np.ascontiguousarray(np.stack(list(emb)), dtype="<f4") if len(emb) else np.zeros((0, db.spec.embedding_dim), "<f4")
         _write_chunk(out, "memories", cols, vectors, db.path)
         # single-threaded, in id order: HNSW's graph (and so the file) is then the same every time
-        index.index.add(ids[i:j].astype(np.uint64), vectors, threads=1)
+        index.add(ids[i:j], vectors, threads=1)
         bar.update(j - i)
         i = j
     out.write(msgpack.packb({"t": "end"}, use_bin_type=True))
@@ -437,19 +437,14 @@ def _verify_records(mm, sections, loc, problem, arrays, bar):
 
 
 def _verify_index(mm, section, ids, dim, problem):
-    from usearch.index import Index  # the index section is only handed to USearch once its sha256 matched
-
     off, length, _ = section
-    try:
-        index = Index.restore(mm[off : off + length])
-    except (ValueError, RuntimeError, TypeError) as e:
-        problem(f"section 'index': USearch cannot load it ({e})")
+    index = VectorIndex.from_bytes(mm[off : off + length])  # only once the section's sha256 matched
+    if index is None:
+        problem("section 'index': USearch cannot load it")
         return
-    if index is None or index.ndim != dim or len(index) != len(ids):
-        problem(f"section 'index': holds {0 if index is None else len(index)} vectors of dimension "
-                f"{0 if index is None else index.ndim}; the catalog has {len(ids)} of dimension {dim}")
+    if index.dim != dim or len(index) != len(ids):
+        problem(f"section 'index': holds {len(index)} vectors of dimension {index.dim}; the catalog has {len(ids)} of dimension {dim}")
         return
-    keys = np.sort(np.asarray(index.keys, dtype=np.uint64).astype(np.int64))
-    if not np.array_equal(keys, np.sort(ids)):
+    if not np.array_equal(np.sort(index.keys()), np.sort(ids)):
         problem("section 'index': its keys differ from the catalog's memory ids")
 
