@@ -59,8 +59,8 @@ class TrainConfig:
 
 
 class MemoryEncoder:
-    """References -> memories with the frozen encoder, remembering the ones seen (Wikipedia
-    references recur across steps; invented ones are new each time and are not kept)."""
+    """References -> memories with the frozen encoder, remembering the first `keep` seen
+    (references recur across steps: encoding one costs about as much as training on it)."""
 
     def __init__(self, model, keep=8_000):
         self.model, self.keep, self.cache = model, keep, {}
