@@ -9,9 +9,10 @@ This module only re-exports; each noun lives in its own module.
 """
 
 from .codec import CODECS, Codec
-from .database import CheckReport, Database, Rows, connect
+from .database import CheckReport, Database, connect
 from .errors import (
     ClosedError,
+    DependencyError,
     DuplicateIdError,
     FormatError,
     InvalidInputError,
@@ -25,6 +26,7 @@ from .errors import (
 from .attach import PackageSet, attach
 from .knowledge import Answer, IngestReport, Source
 from .package import VerifyReport, verify
+from .query import Rows
 from .recall import Match, Matches
 from .record import Memory
 from .spec import MemorySpec
@@ -32,7 +34,7 @@ from .spec import MemorySpec
 __version__ = "0.1.0"
 
 __all__ = [
-    "Answer", "CODECS", "CheckReport", "ClosedError", "Codec", "Database", "DuplicateIdError", "FormatError",
+    "Answer", "CODECS", "CheckReport", "ClosedError", "Codec", "Database", "DependencyError", "DuplicateIdError", "FormatError",
     "IngestReport", "InvalidInputError", "LockedError", "M3DBError", "Match", "Matches", "Memory", "MemorySpec",
     "NotFoundError", "PackageSet", "QueryError", "ReadOnlyError", "Rows", "Source", "SpecMismatchError", "VerifyReport",
     "attach", "connect", "verify",

@@ -320,16 +320,6 @@ class Catalog:
                 "API (add_memory, forget, compact)"
             )
 
-    def query(self, sql, params=None):
-        """Run one read-only statement; return (column names, rows)."""
-        self.require_read_only_statement(sql)
-        try:
-            cur = self.con.execute(sql, params or [])
-        except duckdb.Error as e:
-            raise QueryError(f"query failed: {_first_line(e)}") from e
-        names = [d[0] for d in cur.description] if cur.description else []
-        return names, cur.fetchall()
-
     def close(self):
         self.con.close()
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 from .database import connect
-from .errors import M3DBError
+from .errors import InvalidInputError, M3DBError
 
 COMMANDS = {}
 
@@ -62,12 +62,41 @@ def cmd_check(args):
     return out
 
 
-@command("sql", "run one read-only SQL query over the catalog", "m3db sql kb.m3db \"SELECT lang, count(*) FROM memories GROUP BY lang\"",
-         [(("query",), {"help": "one SELECT statement"})])
+@command("sql", "run one SQL statement: queries, recall(), generate(), INSERT INTO documents, DELETE FROM memories (docs/sql.md)",
+         "m3db sql kb.m3db \"SELECT r.score, r.text FROM recall(?, k => 3) r WHERE r.lang = 'en'\" -p \"capital of France\"",
+         [(("query",), {"help": "one SQL statement"}),
+          (("-p", "--param"), dict(action="append", default=[], metavar="VALUE",
+                                    help="a value for the next ? (repeatable); read as JSON when it is JSON "
+                                         "(42, true, [0.1, 0.2], \"text\"), else as text")),
+          (("--write",), dict(action="store_true", help="open the database for writing (INSERT, DELETE)"))])
 def cmd_sql(args):
-    with connect(args.path, read_only=True) as db:
-        rows = db.sql(args.query)
+    params = [_param(v) for v in args.param] or None
+    with connect(args.path, read_only=not args.write) as db:
+        rows = db.sql(args.query, params)
+    if rows.explain and not args.json:
+        for step, text in rows:
+            print(f"-- {step}\n{text.rstrip()}")
+        return None
     return {"columns": rows.columns, "rows": [list(r) for r in rows]}
+
+
+def _param(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@command("shell", "an interactive SQL shell: multi-line statements, history, tables (docs/sql.md)", "m3db shell kb.m3db",
+         [(("--write",), dict(action="store_true", help="open the database for writing (INSERT, DELETE)"))])
+def cmd_shell(args):
+    from .shell import Shell
+
+    with connect(args.path, read_only=not args.write) as db:
+        status = Shell(db).run()
+    if status:
+        raise SystemExit(status)
+    return None
 
 
 @command("compact", "rewrite segments to reclaim the space of forgotten memories", "m3db compact kb.m3db")
@@ -115,6 +144,8 @@ def cmd_verify(args):
              (("--limit",), dict(type=int, help="at most this many documents")),
              (("--codec",), dict(default="int8", help="how a new database stores memories (f32, f16, int8, int4)")),
              (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
+             (("--cold",), dict(action="store_true", help="cold start: store text and embeddings now, encode each memory "
+                                                          "the first time it is read (docs/knowledge.md)")),
          ])
 def cmd_build(args):
     import itertools
@@ -129,11 +160,70 @@ def cmd_build(args):
             docs = itertools.islice(docs, args.limit)
     _say(f"loading the model and opening {args.path} ...")
     with connect(args.path, codec=args.codec) as db:
-        _say(f"chunking, embedding and encoding documents into memories (commits every {args.batch_size}) ...")
-        report = db.add_documents(docs, batch_size=args.batch_size)
+        _say(f"chunking, embedding{'' if args.cold else ' and encoding'} documents into memories "
+             f"(commits every {args.batch_size}{'; cold: encoded on first read' if args.cold else ''}) ...")
+        report = db.add_documents(docs, batch_size=args.batch_size, cold=args.cold)
         total = len(db)
     return {"documents_added": report.documents_added, "documents_skipped": report.documents_skipped,
             "documents_empty": report.documents_empty, "memories_added": report.memories_added, "memories_total": total}
+
+
+@command("train", "train the reader adapter that lets the decoder read sparse memories (docs/adapter.md)",
+         "m3db train runs/adapter --steps 300",
+         arguments=[
+             (("--steps",), dict(type=int, default=300, help="training steps (default 300)")),
+             (("--batch-size",), dict(type=int, default=8, dest="batch_size", help="memory examples per step (default 8)")),
+             (("--lr",), dict(type=float, default=1e-3, help="peak learning rate (default 1e-3)")),
+             (("--rank",), dict(type=int, default=8, help="rank of the low-rank updates (default 8)")),
+             (("--seed",), dict(type=int, default=0)),
+             (("--eval-every",), dict(type=int, default=25, dest="eval_every", help="steps between held-out evaluations")),
+             (("--layers",), dict(help="memory layers, e.g. 0-14 or 0,5,10 (default: the paper's first half)")),
+             (("--tokens-per-head",), dict(type=int, default=8, dest="tokens_per_head", help="tokens kept per head (default 8, the paper's)")),
+         ])
+def cmd_train(args):
+    from . import sources
+    from .chunk import chunk_text
+    from .knowledge import bundled
+    from .model.memory_model import MemoryModel
+    from .model.settings import MemorySettings
+    from .model.train import TrainConfig, train
+
+    layers = _layers(args.layers) if args.layers else None  # checked before the model loads
+    base, _ = bundled()
+    n = base.decoder.cfg.n_layer
+    try:
+        layers = layers or tuple(range(n // 2))
+        settings = MemorySettings(memory_layers=layers, tokens_per_head=args.tokens_per_head)
+        model = MemoryModel(base.decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank, seed=args.seed,
+                          eval_every=args.eval_every)
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from e
+    wiki = {d["title"]: d for d in sources.wikipedia()}
+
+    def chunk(text):  # the references ingest would make
+        return [c.text for c in chunk_text(text, model.count_tokens, settings.reference_length)]
+
+    _say(f"training a reader adapter for memory layers {list(model.settings.memory_layers)}, "
+         f"{settings.tokens_per_head} tokens per head, in {args.path} (resumes a run there) ...")
+    try:
+        adapter = train(model, args.path, cfg, wiki=wiki, chunk=chunk, say=_say)
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from e
+    return {"adapter": os.path.join(args.path, "adapter.safetensors"), "fingerprint": adapter.fingerprint,
+            "steps": cfg.steps, "log": os.path.join(args.path, "log.jsonl")}
+
+
+def _layers(text):
+    """'0-14' or '0,5,10' -> a tuple of layer numbers."""
+    out = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise InvalidInputError(f"--layers {text!r}: expected ranges and numbers such as 0-14 or 0,5,10") from None
+    return tuple(out)
 
 
 _RECALL_ARGS = [
@@ -191,7 +281,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (fn, help, example) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}")
-        p.add_argument("path", metavar="PATH", help="the package file" if name == "verify" else "the database directory (or package file)")
+        p.add_argument("path", metavar="PATH", help={"verify": "the package file", "train": "the training directory (checkpoints, "
+                       "log, adapter)"}.get(name, "the database directory (or package file)"))
         for flags, keywords in EXTRA_ARGUMENTS.get(name, ()):
             p.add_argument(*flags, **keywords)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -235,7 +326,7 @@ def main(argv=None):
         parser.print_help()
         return 1
     try:
-        if args.command != "build" and not os.path.exists(args.path):
+        if args.command not in ("build", "train") and not os.path.exists(args.path):
             raise FileNotFoundError(f"no database at {args.path!r}")
         out = args.fn(args)
     except (M3DBError, OSError) as e:

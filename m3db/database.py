@@ -85,17 +85,6 @@ def _guarded(method):
     return wrapper
 
 
-class Rows(list):
-    """Rows of a SQL query (tuples), with the column names in `columns`."""
-
-    def __init__(self, columns, rows):
-        super().__init__(rows)
-        self.columns = columns
-
-    def dicts(self):
-        return [dict(zip(self.columns, r)) for r in self]
-
-
 class CheckReport:
     """What check() found: `ok`, the number of memories read, and a list of problems."""
 
@@ -694,24 +683,31 @@ class Database(KnowledgeVerbs):
                     parts.append(f'"{key}" = ?')
                     params.append(value)
             where = " AND ".join(parts) or "TRUE"
+            check = None  # built here from known columns
         elif not isinstance(where, str) or not where.strip():
             raise InvalidInputError(f"where must be a SQL expression string or a dict, got {where!r}")
+        else:
+            from .query import checked_filter as check  # no files, network or side effects (query imports this module)
         if params is not None and not isinstance(params, (list, tuple, dict)):
             raise InvalidInputError("params must be a list (for ?) or a dict (for $name)")
         # the allowed set of a filter only changes with a commit: cache it per commit, so a
-        # filter repeated across queries (a tenant, a language) costs one catalog scan
+        # filter repeated across queries (a tenant, a language) costs one catalog scan (and
+        # one parse); a filter calling now() or random() is never cached
         try:
             key = (where, _freeze(params))
             hash(key)
         except TypeError:
-            return np.sort(self.catalog.ids_where(where, params))
+            key = None
         if self._filter_cache_seq != self._commit_seq:
             self._filter_cache.clear()
             self._filter_cache_seq = self._commit_seq
-        allowed = self._filter_cache.pop(key, None)
+        allowed = self._filter_cache.pop(key, None) if key is not None else None
         if allowed is None:
-            allowed = np.sort(self.catalog.ids_where(where, params))
+            sql, volatile = (where, False) if check is None else check(where)
+            allowed = np.sort(self.catalog.ids_where(sql, params))
             allowed.flags.writeable = False
+            if volatile or key is None:
+                return allowed
         self._filter_cache[key] = allowed  # re-inserted: most recently used last
         while len(self._filter_cache) > FILTER_CACHE_SIZE:
             self._filter_cache.pop(next(iter(self._filter_cache)))
@@ -719,11 +715,17 @@ class Database(KnowledgeVerbs):
 
     @_guarded
     def sql(self, query, params=None):
-        """Run one read-only SQL statement over the catalog; return Rows (tuples with .columns)."""
-        if not isinstance(query, str):
-            raise InvalidInputError(f"query must be a string, got {type(query).__name__}")
-        columns, rows = self.catalog.query(query, params)
-        return Rows(columns, rows)
+        """Run one SQL statement; return Rows (tuples with .columns; .arrow(), .df(), .numpy()).
+
+        DuckDB SQL over the catalog tables plus memory operations (docs/sql.md):
+        `SELECT ... FROM recall('text' or ?, k => 5) r WHERE r.lang = 'en'`,
+        `SELECT * FROM generate('prompt', max_tokens => 64)`, `INSERT INTO documents (text, ...)
+        VALUES (...)`, `DELETE FROM memories WHERE ...`, and `EXPLAIN` of each. params: a list
+        for `?`/`$1`, or a dict for `$name`; always bound, never spliced into the text.
+        """
+        from .query import run  # the SQL language module (it imports this one)
+
+        return run(self, query, params)
 
     @_guarded
     def __len__(self):

@@ -70,3 +70,9 @@ class QueryError(M3DBError, ValueError):
     """A SQL statement or filter could not be run."""
 
     code = "query"
+
+
+class DependencyError(M3DBError, ImportError):
+    """An optional package that this call needs is not installed."""
+
+    code = "missing_dependency"

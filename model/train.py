@@ -12,13 +12,12 @@ checkpoint ends with the same adapter as an uninterrupted one. Checkpoints are s
 (adapter and optimizer state) plus JSON, never pickle. The log (`log.jsonl`) holds the losses
 and, every `eval_every` steps, held-out accuracy and perplexity; `plot_log` draws it.
 
-CLI: `m3db-train OUT_DIR [--steps N] ...` (see `main`). Must not import the engine (`m3db`)
-beyond the text utilities `model.train_data` uses.
+CLI: `m3db train OUT_DIR [--steps N] ...` (m3db/cli.py hands in the Wikipedia summaries and
+the ingest chunker); `bench/plot_training.py` draws the log. Must not import the engine (`m3db`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from .adapter import ReaderAdapter
 from .memory import Memory, context_start, place
-from .train_data import TrainingData, eval_facts, held_out, shuffled, wiki_articles
+from .train_data import TrainingData, eval_facts, held_out, shuffled
 
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "checkpoint.json"
@@ -201,16 +200,16 @@ def _cut_log(path, step):
         os.replace(path + ".tmp", path)
 
 
-def train(model, out, cfg: TrainConfig | None = None, *, progress=True, wiki=None, say=print):
+def train(model, out, cfg: TrainConfig | None = None, *, wiki: dict, chunk, progress=True, say=print):
     """Train (or resume training) a reader adapter for `model`'s memory settings in directory
-    `out`; write `out/adapter.safetensors` and return it."""
+    `out`; write `out/adapter.safetensors` and return it. wiki: {title: document} of the
+    Wikipedia summaries; chunk: text -> [reference text] (ingest's chunker)."""
     from .memory_model import trained_for
 
     cfg = cfg or TrainConfig()
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    wiki = wiki if wiki is not None else wiki_articles()
-    data = TrainingData(model.tokenizer, seed=cfg.seed, distractors=cfg.distractors, wiki=wiki)
+    data = TrainingData(model.tokenizer, wiki=wiki, chunk=chunk, seed=cfg.seed, distractors=cfg.distractors)
     questions = eval_facts(model.tokenizer, cfg.eval_questions, seed=cfg.seed, distractors=cfg.distractors)
     texts = [wiki[t]["text"] for t in sorted(wiki) if held_out(t)][: cfg.eval_texts]
     adapter = ReaderAdapter(model.decoder.cfg, base_fingerprint=model.fingerprint, rank=cfg.rank, alpha=cfg.alpha,
@@ -271,58 +270,3 @@ def train(model, out, cfg: TrainConfig | None = None, *, progress=True, wiki=Non
     adapter.eval().requires_grad_(False)
     adapter.save(os.path.join(out, ADAPTER), extra={"config": dataclasses.asdict(cfg), "steps": cfg.steps})
     return adapter
-
-
-def plot_log(log_path, png_path):
-    """Loss and held-out accuracy against training step (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(log_path)]
-    steps = [r["step"] for r in rows if "loss_memory" in r]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot(steps, [r["loss_memory"] for r in rows if "loss_memory" in r], label="memory examples", lw=0.8)
-    a.plot(steps, [r["loss_text"] for r in rows if "loss_memory" in r], label="text, no memory", lw=0.8)
-    a.set_xlabel("step")
-    a.set_ylabel("loss")
-    a.legend()
-    ev = [r for r in rows if "eval" in r]
-    b.plot([r["step"] for r in ev], [r["eval"]["fact_accuracy"] for r in ev], marker="o")
-    b.set_xlabel("step")
-    b.set_ylabel("held-out invented-fact accuracy")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="m3db-train", description="Train the reader adapter (Memory³'s second stage).")
-    p.add_argument("out", help="directory for checkpoints, the log and adapter.safetensors (resumes if it holds a run)")
-    p.add_argument("--layers", help="memory layers, e.g. 0-14 or 0,5,10 (default: the paper's first half)")
-    p.add_argument("--tokens-per-head", type=int, default=8)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name != "mix":
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    from .memory_model import MemoryModel
-    from .settings import MemorySettings
-
-    layers = None
-    if args.layers:
-        layers = tuple(i for part in args.layers.split(",") for i in (
-            range(int(part.split("-")[0]), int(part.split("-")[1]) + 1) if "-" in part else [int(part)]))
-    model = MemoryModel.load(adapter=None)
-    n = model.decoder.cfg.n_layer
-    settings = MemorySettings(memory_layers=layers or tuple(range(n // 2)), tokens_per_head=args.tokens_per_head)
-    model = type(model)(model.decoder, model.tokenizer, fingerprint=model.fingerprint, settings=settings)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "mix"})
-    train(model, args.out, cfg, progress=not args.no_progress)
-    plot_log(os.path.join(args.out, LOG), os.path.join(args.out, "curve.png"))
-    print(f"wrote {os.path.join(args.out, ADAPTER)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,9 @@ Held out: articles and countries whose title hashes into the first HELD_OUT_PERC
 are never trained on (`held_out(title)`); bench/quality.py asks its questions about those.
 Invented people for evaluation come from another seed stream than training's.
 
-Reads the packaged text through `m3db.sources` and `m3db.chunk` (text utilities: no database).
+The caller hands in the Wikipedia summaries ({title: document}, as `m3db.sources.wikipedia`
+yields them) and the chunker that ingest uses (`text -> [reference text]`), so this module,
+like all of `model/`, never imports the engine.
 """
 
 from __future__ import annotations
@@ -96,13 +98,6 @@ def person_questions(p: dict) -> list[tuple[str, str, str]]:
 
 # -- Wikipedia and countryinfo --------------------------------------------------------------------
 
-def wiki_articles() -> dict:
-    """{title: document} of the packaged Wikipedia summaries."""
-    from m3db.sources import wikipedia
-
-    return {d["title"]: d for d in wikipedia()}
-
-
 def capitals() -> list[tuple[str, str]]:
     """(country, capital) from the countryinfo package's data files (read, never imported)."""
     spec = importlib.util.find_spec("countryinfo")
@@ -115,12 +110,6 @@ def capitals() -> list[tuple[str, str]]:
         if isinstance(c.get("name"), str) and isinstance(c.get("capital"), str) and c["capital"].strip():
             out.append((c["name"], c["capital"].strip()))
     return out
-
-
-def _chunk_with(text: str, needle: str, count_tokens) -> str | None:
-    from m3db.chunk import chunk_text
-
-    return next((c.text for c in chunk_text(text, count_tokens, 128) if needle in c.text), None)
 
 
 def overlap_ratio(a: str, b: str) -> float:
@@ -141,14 +130,12 @@ class TrainingData:
     """Deterministic streams of examples: the same (seed, step) always gives the same batch,
     so a resumed run sees exactly what an uninterrupted one would."""
 
-    def __init__(self, tokenizer, *, seed: int = 0, distractors: int = 4, wiki: dict | None = None, people: int = 2000):
-        self.tok, self.seed, self.distractors = tokenizer, seed, distractors
+    def __init__(self, tokenizer, *, wiki: dict, chunk, seed: int = 0, distractors: int = 4, people: int = 2000):
+        self.tok, self.seed, self.distractors, self.chunk = tokenizer, seed, distractors, chunk
         # a fixed pool of invented people, so that their memories are encoded once and reused
         # (encoding costs as much as a training step); held-out people come from another stream
         rng = random.Random(seed)
         self.people = [invented_person(rng) for _ in range(people)]
-        wiki = wiki if wiki is not None else wiki_articles()
-        count = lambda t: len(tokenizer.encode(t))  # noqa: E731
         self.wiki_questions, self.texts = [], []
         for title in sorted(wiki):
             if held_out(title):
@@ -158,7 +145,7 @@ class TrainingData:
             desc = (doc["metadata"].get("description") or "").strip()
             at = text.lower().find(desc.lower()) if len(desc.split()) >= 2 else -1
             if at >= 0:
-                ref = _chunk_with(text, text[at : at + len(desc)], count)
+                ref = self._chunk_with(text, text[at : at + len(desc)])
                 if ref:
                     self.wiki_questions.append(("whatis", ref, f"What is {title}?", f"{title} is", f" {text[at : at + len(desc)]}"))
             self.texts.append(text)
@@ -166,11 +153,15 @@ class TrainingData:
             doc = wiki.get(country)
             if doc is None or held_out(country) or capital not in doc["text"]:
                 continue
-            ref = _chunk_with(doc["text"], capital, count)
+            ref = self._chunk_with(doc["text"], capital)
             if ref:
                 self.wiki_questions.append(("capital", ref, f"What is the capital of {country}?", f"The capital of {country} is", f" {capital}"))
         self.references = [q[1] for q in self.wiki_questions]
         self._blank_pool = [t for t in self.texts if len(t.split()) >= 20]
+
+    def _chunk_with(self, text: str, needle: str) -> str | None:
+        """The reference (chunk of `text`, as ingest cuts it) that holds `needle`."""
+        return next((c for c in self.chunk(text) if needle in c), None)
 
     def chat(self, question: str) -> str:
         return self.tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
@@ -201,7 +192,7 @@ class TrainingData:
             return None
         m = rng.choice(words)
         masked = sentence[: m.start()] + "____" + sentence[m.end() :]
-        ref = _chunk_with(text, sentence, lambda t: len(self.tok.encode(t)))
+        ref = self._chunk_with(text, sentence)
         question = f'Fill in the blank: "{masked}" What is the missing word?'
         if ref is None or overlap_ratio(question, ref) > 0.9:
             return None

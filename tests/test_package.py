@@ -210,7 +210,7 @@ def test_attach_is_read_only(pkg, cache):
         for call in (lambda: p.add_memory(**make_memory(100)), lambda: p.forget(1), lambda: p.compact()):
             with pytest.raises(m3db.ReadOnlyError, match="package .* is read-only"):
                 call()
-        with pytest.raises(m3db.QueryError):
+        with pytest.raises(m3db.ReadOnlyError):
             p.sql("DELETE FROM memories")
 
 

@@ -133,3 +133,18 @@ def test_cached_filter_sees_every_commit(mem_db):
     assert mem_db.recall(q, k=3, where="lang = ?", params=["de"]).ids == [mid]
     mem_db.forget(mid)
     assert len(mem_db.recall(q, k=3, where="lang = ?", params=["de"])) == 0
+
+
+def test_python_filters_read_only_the_catalog_and_volatile_ones_are_not_cached(tmp_db, tmp_path):
+    tmp_db.add_memories([make_memory(i, metadata={"n": i}) for i in range(6)])
+    secret = tmp_path / "secret.csv"
+    secret.write_text("id\n1\n")
+    for where in (f"id IN (SELECT id FROM read_csv('{secret}'))", "id IN (SELECT 1 FROM glob('/*'))",
+                  "n > (SELECT count(*) FROM 'x.parquet')"):
+        with pytest.raises(m3db.QueryError, match="not available|not a catalog table"):
+            tmp_db.recall(np.ones(16, np.float32), k=2, where=where)
+    v = np.ones(16, np.float32)
+    assert len(tmp_db.recall(v, k=6, where="n >= ?", params=[3])) == 3
+    tmp_db.recall(v, k=6, where="n < 3 AND random() < 2")
+    assert not any("random" in key[0] for key in tmp_db._filter_cache)  # now() / random(): never cached
+    assert any(key[0] == "n >= ?" for key in tmp_db._filter_cache)

@@ -3,6 +3,8 @@ checked; training is deterministic and resumes exactly (tiny random model, real 
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +15,11 @@ from m3db.model.memory_model import MemoryModel, trained_for  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
 from m3db.model.train_data import TrainingData, eval_facts, held_out, overlap_ratio  # noqa: E402
 
+def chunk(text):
+    return [text]  # the tiny summaries are one reference each
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETTINGS = MemorySettings(memory_layers=(0, 1), tokens_per_head=8, reference_length=256)
 WIKI = {
     f"Article {i}": {"title": f"Article {i}", "text": f"Article {i} is a small town in the north. It has {i} bridges and a market. "
@@ -85,7 +92,7 @@ def test_adapter_files_round_trip_and_bad_ones_are_refused(tiny, tmp_path):
 
 
 def test_training_data_holds_out_articles_and_people(tiny):
-    data = TrainingData(tiny.tokenizer, wiki=WIKI, distractors=2)
+    data = TrainingData(tiny.tokenizer, wiki=WIKI, chunk=chunk, distractors=2)
     trained = {q[2] for q in data.wiki_questions}
     assert trained and all(not held_out(t) for t in WIKI if f"What is {t}?" in trained)
     assert any(held_out(t) for t in WIKI)  # the split leaves some out of 40
@@ -104,7 +111,7 @@ def test_training_data_holds_out_articles_and_people(tiny):
 def test_gradients_reach_the_adapter_only_and_lower_the_loss(tiny):
     import random
 
-    data = TrainingData(tiny.tokenizer, wiki=WIKI, distractors=1)
+    data = TrainingData(tiny.tokenizer, wiki=WIKI, chunk=chunk, distractors=1)
     batch = train_mod.make_batch(tiny, data.batch(0, 2, {"fact": 1}), train_mod.MemoryEncoder(tiny), random.Random(0))
     a = ReaderAdapter(tiny.decoder.cfg, base_fingerprint=tiny.fingerprint, rank=4).train().requires_grad_(True)
     opt = torch.optim.AdamW(a.parameters(), lr=1e-2)
@@ -120,7 +127,7 @@ def test_gradients_reach_the_adapter_only_and_lower_the_loss(tiny):
 def test_training_is_deterministic_and_resumes_exactly(tiny, tmp_path, monkeypatch):
     cfg = train_mod.TrainConfig(steps=4, batch_size=2, text_batch=1, lr=5e-3, warmup=1, rank=4, distractors=1,
                                 eval_every=2, eval_questions=2, eval_texts=1, checkpoint_every=2)
-    whole = train_mod.train(tiny, tmp_path / "whole", cfg, progress=False, wiki=WIKI, say=lambda m: None)
+    whole = train_mod.train(tiny, tmp_path / "whole", cfg, progress=False, wiki=WIKI, chunk=chunk, say=lambda m: None)
     log = [json.loads(line) for line in open(tmp_path / "whole" / "log.jsonl")]
     assert [r["step"] for r in log] == [0, 1, 2, 3, 4] and "eval" in log[0] and "eval" in log[-1]
     assert tiny.adapter is None and all(p.requires_grad is False for p in tiny.decoder.parameters())
@@ -136,14 +143,15 @@ def test_training_is_deterministic_and_resumes_exactly(tiny, tmp_path, monkeypat
 
     monkeypatch.setattr(train_mod, "batch_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.train(tiny, tmp_path / "resumed", cfg, progress=False, wiki=WIKI, say=lambda m: None)
+        train_mod.train(tiny, tmp_path / "resumed", cfg, progress=False, wiki=WIKI, chunk=chunk, say=lambda m: None)
     monkeypatch.setattr(train_mod, "batch_loss", real)
-    resumed = train_mod.train(tiny, tmp_path / "resumed", cfg, progress=False, wiki=WIKI, say=lambda m: None)
+    resumed = train_mod.train(tiny, tmp_path / "resumed", cfg, progress=False, wiki=WIKI, chunk=chunk, say=lambda m: None)
     assert resumed.fingerprint == whole.fingerprint
     assert open(tmp_path / "resumed" / "log.jsonl").read().count('"step": 3') == 1
     loaded = ReaderAdapter.load(tmp_path / "resumed" / "adapter.safetensors", tiny.decoder.cfg, base_fingerprint=tiny.fingerprint)
     assert loaded.fingerprint == whole.fingerprint and loaded.settings == trained_for(tiny.settings)
     with pytest.raises(ValueError, match="another configuration"):
-        train_mod.train(tiny, tmp_path / "resumed", train_mod.TrainConfig(steps=5), progress=False, wiki=WIKI)
-    train_mod.plot_log(tmp_path / "whole" / "log.jsonl", tmp_path / "curve.png")
-    assert os.path.getsize(tmp_path / "curve.png") > 1000
+        train_mod.train(tiny, tmp_path / "resumed", train_mod.TrainConfig(steps=5), progress=False, wiki=WIKI, chunk=chunk)
+    plot = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "plot_training.py"), str(tmp_path / "whole")],
+                          capture_output=True, text=True)
+    assert plot.returncode == 0 and os.path.getsize(tmp_path / "whole" / "curve.png") > 1000, plot.stderr

@@ -33,3 +33,32 @@ def test_build_recall_ask(tmp_path):
     assert answer["sources"][0]["document"].endswith("zorblax.txt") and answer["answer"]
     r = m3db("ask", kb, "hello", "--memory", "dense")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_cold_build_then_ask(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "zorblax.txt").write_text("Zorblax is a small moon of the planet Quendor. Its capital city is Vell.")
+    kb = tmp_path / "kb.m3db"
+    r = m3db("build", kb, "--from", docs, "--cold", "--json")
+    assert r.returncode == 0 and "encoded on first read" in r.stderr, r.stderr
+    assert json.loads(m3db("sql", kb, "SELECT codec FROM memories", "--json").stdout)["rows"] == [["cold"]]
+    r = m3db("ask", kb, "What is the capital city of Zorblax?", "--max-tokens", "8", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["sources"], r.stderr
+    # ask opens read-only: the memory was encoded in RAM; a writable open keeps it
+    assert json.loads(m3db("sql", kb, "SELECT codec FROM memories", "--json").stdout)["rows"] == [["cold"]]
+
+
+def test_train_two_steps_and_resume(tmp_path):
+    run = tmp_path / "run"
+    args = ("train", run, "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--json")
+    r = m3db(*args)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["steps"] == 2 and out["fingerprint"].startswith("sha256:")
+    rows = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval" in rows[-1]
+    r = m3db(*args)  # finished: resuming trains nothing more and gives the same adapter
+    assert r.returncode == 0 and json.loads(r.stdout)["fingerprint"] == out["fingerprint"], r.stderr
+    r = m3db("train", run, "--steps", "3", "--layers", "0-x")
+    assert r.returncode == 1 and "--layers" in r.stderr

