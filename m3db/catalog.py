@@ -37,6 +37,11 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # metadata value type -> DuckDB column type
 _SQL_TYPES = {bool: "BOOLEAN", int: "BIGINT", float: "DOUBLE", str: "VARCHAR", "json": "JSON"}
 _READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+# The catalog connection runs users' SQL (db.sql, recall filters): DuckDB itself refuses files,
+# URLs, other databases and extension downloads, and no statement may change that. The SQL
+# checks in query.py come on top of this, not instead of it.
+LOCKED_DOWN = {"enable_external_access": False, "autoinstall_known_extensions": False,
+               "autoload_known_extensions": False, "lock_configuration": True}
 
 
 def metadata_sql_type(key, value):
@@ -82,7 +87,7 @@ class Catalog:
     def __init__(self, path, *, read_only=False):
         self.read_only = read_only
         try:
-            self.con = duckdb.connect(path, read_only=read_only)
+            self.con = duckdb.connect(path, read_only=read_only, config=LOCKED_DOWN)
         except duckdb.IOException as e:
             msg = str(e)
             if "lock" in msg.lower():

@@ -404,3 +404,20 @@ def test_new_metadata_columns_reach_recall(db):
     new = db.add_memory(**make_memory(500, metadata={"topic": "new"}))
     rows = db.sql("SELECT r.id, r.topic FROM recall(?, k => 1) r WHERE r.topic = 'new'", [q])
     assert rows == [(new, "new")]
+
+
+def test_duckdb_itself_refuses_files_urls_and_extension_downloads(tmp_path):
+    """Defence below the SQL checks: the catalog connection cannot reach outside the catalog
+    even with SQL that slipped past them (run here on the raw connection)."""
+    import duckdb
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\nsecret\n")
+    with m3db.connect(tmp_path / "kb", spec=small_spec()) as db:
+        db.add_memory(**make_memory(0))
+        con = db.catalog.con
+        for stmt in (f"SELECT * FROM '{secret}'", f"SELECT * FROM read_csv('{secret}')", "INSTALL httpfs",
+                     "SELECT excel_text(1, '0')", "SET enable_external_access = true", f"ATTACH '{tmp_path / 'x.db'}'"):
+            with pytest.raises(duckdb.Error):
+                con.execute(stmt)
+        assert con.execute("SELECT count(*) FROM memories").fetchone() == (1,)
