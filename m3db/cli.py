@@ -152,6 +152,8 @@ def cmd_build(args):
 
     from . import sources
 
+    if args.limit is not None and args.limit < 1:
+        raise InvalidInputError(f"--limit must be a positive number of documents, got {args.limit}")
     if args.source == ["wikipedia"]:
         docs = sources.wikipedia(limit=args.limit)
     else:

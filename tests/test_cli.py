@@ -70,6 +70,8 @@ def test_errors_exit_1_without_traceback(kb, tmp_path):
     assert r.returncode == 1 and "no database" in r.stderr
     r = run("--debug", "sql", kb, "DELETE FROM memories")
     assert r.returncode == 1 and "Traceback" in r.stderr
+    r = run("build", tmp_path / "new", "--from", "wikipedia", "--limit", "-1")
+    assert r.returncode == 1 and "--limit must be a positive" in r.stderr and not (tmp_path / "new").exists()
 
 
 def test_check_exits_1_on_damage(kb):
