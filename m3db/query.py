@@ -8,11 +8,13 @@
 - `EXPLAIN [ANALYZE]` of any of these: the vector plan next to DuckDB's own plan.
 
 How a statement runs: sqlglot parses it (DuckDB dialect) and the tree is checked: only catalog
-tables, CTEs and a few table functions that read no files; parameters are renamed to named
-DuckDB parameters and always bound. Each recall() is planned here: the WHERE conditions of
-its SELECT that only read its own memory columns become its filter (so k results come back
-after filtering, as db.recall(where=...) does); the search itself is db.recall, one code path;
-its matches go to DuckDB as bound lists, unnested in place of the call; DuckDB runs the rest.
+tables, information_schema views, CTEs where they are visible and a few table functions that
+read no files (on top of the catalog's locked-down connection, not instead of it); parameters
+are renamed to named DuckDB parameters and always bound. Each recall() is planned here: the
+WHERE conditions of its SELECT whose columns are all its own (id, text, document_id, metadata;
+never score) become its filter (so k results come back after filtering, as
+db.recall(where=...) does); the search itself is db.recall, one code path; its matches go to
+DuckDB as bound lists, unnested in place of the call; DuckDB runs the rest.
 Plans are cached per statement text and catalog schema, like prepared statements.
 
 This module owns the SQL language. It talks to DuckDB only through the catalog's connection
@@ -50,14 +52,33 @@ CATALOG_TABLES = ("documents", "memories", "meta", "forgotten", "codecs")
 # sqlglot reads range() as generate_series
 SAFE_TABLE_FUNCTIONS = ("generate_series", "range", "unnest", "json_each", "json_tree")
 MEMORY_FUNCTIONS = ("recall", "generate")
-# scalar functions with side effects outside the query (a log, another statement)
-DENIED_FUNCTIONS = ("write_log", "json_execute_serialized_sql")
+# scalar functions that act outside the query (a log, another statement, the connection's
+# random seed) or show its settings (paths among them). Defence in depth: the catalog's
+# connection is locked down (catalog.LOCKED_DOWN: no files, network, extensions or setting
+# changes), so these are refused here with a clear error on top of that, not instead of it
+DENIED_FUNCTIONS = ("write_log", "json_execute_serialized_sql", "setseed", "current_setting")
+# the views of DuckDB's information_schema (duckdb_views() WHERE schema_name =
+# 'information_schema'); any other name there would be read as a file name
+INFORMATION_SCHEMA_VIEWS = (
+    "character_sets", "check_constraints", "columns", "constraint_column_usage", "constraint_table_usage",
+    "key_column_usage", "referential_constraints", "schemata", "table_constraints", "tables", "views",
+)
+# the columns of the catalog tables other than memories, fixed by the catalog format
+# (catalog.Catalog.create); memories' columns come from the catalog, metadata included
+FIXED_TABLE_COLUMNS = {
+    "documents": ("id", "source", "title", "uri", "metadata", "created_at"),
+    "meta": ("key", "value"),
+    "forgotten": ("id", "commit_seq"),
+    "codecs": ("name", "version", "params"),
+}
 # a condition using one of these cannot be a recall filter: filters are cached per commit
 VOLATILE_FUNCTIONS = frozenset((
     "random", "rand", "uuid", "gen_random_uuid", "uuidv4", "uuidv7", "now", "current_timestamp",
     "current_date", "current_time", "get_current_time", "get_current_timestamp", "today",
-    "localtimestamp", "localtime", "transaction_timestamp", "nextval", "currval", "setseed",
+    "localtimestamp", "localtime", "transaction_timestamp", "nextval", "currval",
 ))
+GENERATE_COLUMNS = ("text", "finish_reason", "mode", "sources")
+MODE_NAMES = {True: "memory", "rag": "rag", False: "none"}  # generate()'s memory option -> its mode
 RECALL_ARGS = ("query", "k")
 GENERATE_ARGS = ("prompt", "max_tokens", "memory", "k", "filter", "temperature", "top_p", "seed")
 SOURCE_TYPE = "STRUCT(id BIGINT, text VARCHAR, document VARCHAR, title VARCHAR)[]"
@@ -348,10 +369,13 @@ def _function_name(fn):
 
 def _check(tree):
     """Refuse what must not run: files, the network, other databases, side effects."""
-    ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
     for node in tree.walk():
+        if isinstance(node, (exp.Describe, exp.Summarize)) and not isinstance(node.this, (exp.Table, exp.Query, exp.Subquery)):
+            what = "SUMMARIZE" if isinstance(node, exp.Summarize) else "DESCRIBE"
+            raise QueryError(f"{what} {node.this.sql(dialect='duckdb')}: {what} takes a catalog table or a query "
+                             f"({what} memories, {what} SELECT ...), never a file or a URL")
         if isinstance(node, exp.Table) and not isinstance(node.this, exp.Func):
-            _check_table(node, ctes)
+            _check_table(node)
         elif isinstance(node, exp.Func):
             name = _function_name(node)
             if isinstance(node.parent, (exp.Table, exp.Lateral)) and node.arg_key == "this":
@@ -368,17 +392,21 @@ def _check(tree):
                 raise QueryError(f"{name}() is a table function: use it in FROM, e.g. SELECT * FROM {name}('...')"
                                  + (" r WHERE r.lang = 'en' ORDER BY r.score DESC" if name == "recall" else ""))
             elif name in DENIED_FUNCTIONS:
-                raise QueryError(f"{name}() acts outside the query and is not available in m3db SQL")
+                raise QueryError(f"{name}() acts outside the query or reads the connection's settings, "
+                                 "and is not available in m3db SQL")
 
 
-def _check_table(node, ctes):
+def _check_table(node):
     name = node.name
     schema = node.text("db").lower()
     if node.args.get("catalog"):
         raise QueryError(f"{node.sql(dialect='duckdb')}: name catalog tables alone (memories, documents, ...)")
     if schema == "information_schema":
-        return
-    if not schema and name.lower() in ctes:
+        if name.lower() in INFORMATION_SCHEMA_VIEWS:
+            return
+        raise QueryError(f"information_schema.{name} is not a view of information_schema{_suggest(name, INFORMATION_SCHEMA_VIEWS)}; "
+                         f"its views: {_names(INFORMATION_SCHEMA_VIEWS)}")
+    if not schema and _cte_visible(node):
         return
     if schema in ("", "main") and name.lower() in CATALOG_TABLES:
         return
@@ -389,6 +417,37 @@ def _check_table(node, ctes):
         f"unknown table {name!r}{_suggest(name, CATALOG_TABLES + MEMORY_FUNCTIONS)}. Tables: {_names(CATALOG_TABLES)}"
         f" (and information_schema); memory functions: recall(query, k => 5), generate(prompt, ...)"
     )
+
+
+def _visible_cte(table):
+    """The CTE that `table` (an unqualified name) names where it sits, or None. A WITH's CTEs
+    are visible in its query (subqueries included) and each to the CTEs after it in the same
+    WITH, and to itself under WITH RECURSIVE: DuckDB's rules. Any other name is not a CTE,
+    whatever CTEs elsewhere in the statement are called, and DuckDB would look it up as a
+    table or a file."""
+    name = table.name.lower()
+    child, node = table, table.parent
+    while node is not None:
+        if isinstance(node, exp.With):  # `child` is one of its CTEs
+            for cte in node.expressions:
+                if cte is child:
+                    if node.args.get("recursive") and cte.alias_or_name.lower() == name:
+                        return cte
+                    break
+                if cte.alias_or_name.lower() == name:
+                    return cte
+        else:
+            with_ = node.args.get("with_")
+            if with_ is not None and with_ is not child:
+                for cte in with_.expressions:
+                    if cte.alias_or_name.lower() == name:
+                        return cte
+        child, node = node, node.parent
+    return None
+
+
+def _cte_visible(table):
+    return _visible_cte(table) is not None
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -519,11 +578,7 @@ class _Planner:
         k = self._value(fn, "k", args["k"]) if "k" in args else None
         prefix = f"r{self.calls}_"
         self.calls += 1
-        # the relation's columns: id, score, text, document_id and the metadata columns
-        # (a metadata column named score is hidden: score is the similarity here)
-        columns = [("id", "BIGINT"), ("score", "DOUBLE"), ("text", "VARCHAR"), ("document_id", "BIGINT")]
-        columns += [(name, sql_type) for low, (name, sql_type) in self.columns.items()
-                    if low not in BUILTIN_COLUMNS and low != "score"]
+        columns = self._recall_columns()
         select, limit = _enclosing_select(table)
         pushed, kept, filter_sql, filter_params = [], [], None, ()
         if select is not None and select.args.get("where") is not None:
@@ -542,15 +597,15 @@ class _Planner:
         return _Recall(alias, prefix, query, k, limit, filter_sql, filter_params, kept, columns, bound)
 
     def _pushdown(self, select, table, alias):
-        """Move the WHERE conditions that read only this recall's memory columns into its
-        filter. Returns (pushed conditions, [(kept condition, why)])."""
+        """Move the WHERE conditions that read only this recall's own columns into its filter.
+        Returns (pushed conditions, [(kept condition, why)])."""
         joins = select.args.get("joins") or []
-        sole = not joins and select.args.get("from_") is not None and select.args["from_"].this is table
         outer = [j for j in joins if j.side or (j.kind or "").upper() not in ("", "INNER", "CROSS")]
+        sources = self._source_columns(select)
         conditions = _conjuncts(select.args["where"].this)
         pushed, kept = [], []
         for c in conditions:
-            why = self._why_not_pushable(c, alias, sole, outer)
+            why = self._why_not_pushable(c, alias, sources, outer)
             if why is None:
                 pushed.append(c)
             elif why and self.explain:  # (written out only for EXPLAIN: sqlglot's writer is not free)
@@ -564,33 +619,126 @@ class _Planner:
             pushed = [self._as_filter(c, alias) for c in pushed]
         return pushed, kept
 
-    def _why_not_pushable(self, condition, alias, sole, outer):
+    def _why_not_pushable(self, condition, alias, sources, outer):
         """None if `condition` can be the recall's filter, "" if it is not about the recall,
-        else why it stays a WHERE condition applied after the recall."""
+        else why it stays a WHERE condition applied after the recall. A column is the recall's
+        when qualified by its alias, or unqualified, one of its columns, and a column of no
+        other source of the SELECT (SQL binds a name to the nearest source that has it)."""
+        own = sources[alias.lower()]
+        others = [columns for name, columns in sources.items() if name != alias.lower()]
+
+        def mine(column):
+            if column.table:
+                return column.table.lower() == alias.lower()
+            name = column.name.lower()
+            return name in own and all(columns is not None and name not in columns for columns in others)
+
         columns = [c for c in condition.find_all(exp.Column) if not _inside_query(c, condition)]
-        mine = [c for c in columns if c.table.lower() == alias.lower() or (not c.table and sole)]
-        if not mine:
+        recall_columns = [c for c in columns if mine(c)]
+        if not recall_columns:
             return ""
-        if len(mine) != len(columns) or any(c.args.get("db") for c in mine):
-            return "it also reads other tables"
+        if len(recall_columns) != len(columns) or any(c.args.get("db") for c in recall_columns):
+            return "it also reads names that are not the recall's columns (another table's, a SELECT alias, an outer query's)"
         if outer:
             return "the recall is joined by an outer join, so WHERE applies after it"
-        for c in mine:
+        for c in recall_columns:
             if c.name.lower() == "score":
                 return "score exists only after the search"
-            if c.name.lower() not in self.columns:
-                return f"{c.name} is not a column of memories"
+            if c.name.lower() not in own:
+                return f"{c.name} is not a column of the recall"
+        if any(isinstance(t.this, exp.Func) and _function_name(t.this) in MEMORY_FUNCTIONS for t in condition.find_all(exp.Table)):
+            return "it holds a memory function"
         for q in condition.find_all(exp.Query):
             if any(c.table.lower() == alias.lower() for c in q.find_all(exp.Column)):
                 return "a subquery in it refers to the recall"
-        if any(isinstance(t.this, exp.Func) and _function_name(t.this) in MEMORY_FUNCTIONS for t in condition.find_all(exp.Table)):
-            return "it holds a memory function"
+        for q in condition.find_all(exp.Query):
+            why = self._outside_reads(q) if q is condition or not _inside_query(q, condition) else None
+            if why:
+                return why
         if condition.find(exp.AggFunc, exp.Window):
             return "it aggregates"
         for fn in condition.find_all(exp.Func):
             if _function_name(fn) in VOLATILE_FUNCTIONS:
                 return f"{_function_name(fn)}() changes between calls, and recall filters are cached per commit"
         return None
+
+    def _outside_reads(self, query):
+        """Why `query` (a subquery of a condition) may read something of the statement around
+        it, which a recall filter (run alone over memories) does not have; None if it surely
+        does not. Unqualified names are checked against the sources' columns; where a source's
+        columns are not known here (a table function, SELECT *), the answer is 'it may'."""
+        for table in query.find_all(exp.Table):
+            cte = None if table.text("db") or isinstance(table.this, exp.Func) else _visible_cte(table)
+            if cte is not None and not _within(cte, query):
+                return f"a subquery in it reads the statement's CTE {cte.alias_or_name}"
+        for column in query.find_all(exp.Column):
+            if column.args.get("db") or not self._resolves_within(column, query):
+                return f"a subquery in it may read {column.sql(dialect='duckdb')} from the query around it"
+        return None
+
+    def _resolves_within(self, column, top):
+        node = column
+        while node is not top and node.parent is not None:
+            node = node.parent
+            if not isinstance(node, exp.Select):
+                continue
+            sources = self._source_columns(node)
+            if column.table:
+                if column.table.lower() in sources:
+                    return True
+                continue
+            name = column.name.lower()
+            if any(columns is not None and name in columns for columns in sources.values()):
+                return True
+            if any(columns is None for columns in sources.values()):
+                return False  # it may be a column of that source, or of one outside
+        return False
+
+    def _source_columns(self, select):
+        """{qualifier: lower-case column names, or None where they are not known here} of the
+        sources in the FROM and JOINs of `select`."""
+        out = {}
+        for holder in [select.args.get("from_"), *(select.args.get("joins") or [])]:
+            if holder is None:
+                continue
+            source = holder.this
+            alias = source.args.get("alias")
+            columns = None
+            if isinstance(alias, exp.TableAlias) and alias.columns:
+                columns = {c.name.lower() for c in alias.columns}
+            elif isinstance(source, exp.Table) and isinstance(source.this, exp.Func):
+                name = _function_name(source.this)
+                if name == "recall":
+                    columns = {n.lower() for n, _ in self._recall_columns()}
+                elif name == "generate":
+                    columns = set(GENERATE_COLUMNS)
+            elif isinstance(source, exp.Table):
+                columns = self._table_columns(source)
+            elif isinstance(source, exp.Subquery):
+                columns = _output_names(source.this)
+            out[source.alias_or_name.lower()] = columns
+        return out
+
+    def _table_columns(self, table):
+        if table.args.get("catalog") or table.text("db").lower() not in ("", "main"):
+            return None
+        cte = None if table.text("db") else _visible_cte(table)
+        if cte is not None:
+            alias = cte.args.get("alias")
+            if isinstance(alias, exp.TableAlias) and alias.columns:
+                return {c.name.lower() for c in alias.columns}
+            return _output_names(cte.this)
+        name = table.name.lower()
+        if name == "memories":
+            return set(self.columns)
+        return set(FIXED_TABLE_COLUMNS[name]) if name in FIXED_TABLE_COLUMNS else None
+
+    def _recall_columns(self):
+        """(name, DuckDB type) of a recall's relation: id, score, text, document_id and the
+        metadata columns (a metadata column named score is hidden: score is the similarity)."""
+        columns = [("id", "BIGINT"), ("score", "DOUBLE"), ("text", "VARCHAR"), ("document_id", "BIGINT")]
+        return columns + [(name, sql_type) for low, (name, sql_type) in self.columns.items()
+                          if low not in BUILTIN_COLUMNS and low != "score"]
 
     def _as_filter(self, condition, alias):
         """The condition as SQL over `memories`: the recall's qualifier dropped."""
@@ -611,7 +759,7 @@ class _Planner:
             if not (isinstance(node, exp.Literal) and node.is_string):
                 raise QueryError("generate()'s filter => must be SQL text written in the statement, e.g. "
                                  "filter => 'lang = ''en''' (a parameter is a value, never SQL)")
-            where = _filter_text(self.db, node.this)
+            where, _ = checked_filter(node.this, what="generate()'s filter =>", parameters=False)
         options = {name: self._value(fn, name, node) for name, node in args.items()}
         prefix = f"g{self.calls}_"
         self.calls += 1
@@ -717,6 +865,23 @@ def _inside_query(node, top):
     return False
 
 
+def _within(node, top):
+    while node is not None:
+        if node is top:
+            return True
+        node = node.parent
+    return False
+
+
+def _output_names(query):
+    """Lower-case column names of a SELECT's rows, or None where they are not all named here
+    (a star, an unnamed expression, a UNION)."""
+    if not isinstance(query, exp.Select):
+        return None
+    names = [e.output_name for e in query.expressions]
+    return {n.lower() for n in names} if all(n and n != "*" for n in names) else None
+
+
 def _conjuncts(condition):
     if isinstance(condition, exp.And):
         return _conjuncts(condition.this) + _conjuncts(condition.expression)
@@ -743,11 +908,21 @@ def _enclosing_select(table):
     grouped = parent.args.get("group") or parent.args.get("distinct") or any(
         e.find(exp.AggFunc) for e in parent.expressions)
     limit, offset = parent.args.get("limit"), parent.args.get("offset")
-    simple = (exp.Literal, exp.Placeholder)
-    if not sole or grouped or not isinstance(limit, exp.Limit) or not isinstance(limit.expression, simple) \
-            or (offset is not None and not isinstance(offset.expression, simple)):
+    if not sole or grouped or not _simple_limit(limit, offset) or limit is None:
         return parent, None
     return parent, (limit.expression, offset.expression if offset is not None else None)
+
+
+def _simple_limit(limit, offset):
+    """Are LIMIT and OFFSET (either may be None) plain row counts: a constant or a parameter,
+    no PERCENT, WITH TIES or FETCH? Only those say how many rows a recall must give."""
+    simple = (exp.Literal, exp.Placeholder)
+    if limit is not None and (not isinstance(limit, exp.Limit) or limit.args.get("limit_options") is not None
+                              or limit.args.get("offset") is not None or limit.args.get("expressions")
+                              or not isinstance(limit.expression, simple)):
+        return False
+    return offset is None or (isinstance(offset, exp.Offset) and isinstance(offset.expression, simple)
+                              and not offset.args.get("expressions"))
 
 
 def _used_columns(select, table, alias):
@@ -814,9 +989,8 @@ def _direct(tree, read, value):
         if not key.table and any(n.lower() == "score" and k != f"{rc.prefix}1" for n, k in out):
             return  # ORDER BY score names the output column of that name, another one
     limit, offset = tree.args.get("limit"), tree.args.get("offset")
-    for node in (limit, offset):
-        if node is not None and not isinstance(node.expression, (exp.Literal, exp.Placeholder)):
-            return
+    if not _simple_limit(limit, offset):
+        return
     read.direct = out
     read.direct_limit = (None if limit is None else value(None, "LIMIT", limit.expression),
                          None if offset is None else value(None, "OFFSET", offset.expression))
@@ -835,32 +1009,28 @@ def _unnest_lists(prefix, columns):
     return sqlglot.parse_one(f"SELECT {items}", dialect="duckdb")
 
 
-def checked_filter(text):
-    """A recall filter from the Python API (`db.recall(where=...)`), parsed and checked like a
-    statement (catalog tables only: no files, network or side effects) and written back by
-    sqlglot, parameters (?, $name) kept for binding. Returns (SQL text, volatile: whether it
-    calls now(), random() and the like, whose result must not be cached). Raises QueryError."""
+def checked_filter(text, *, what="the filter", parameters=True):
+    """A recall filter (`db.recall(where=...)`, generate()'s `filter =>`), parsed and checked
+    like a statement (catalog tables only: no files, network or side effects; no memory
+    functions, since a filter runs inside a search) and written back by sqlglot: what runs is
+    what was checked. Parameters (?, $name) are kept for binding, or refused when `parameters`
+    is false. Returns (SQL text, volatile: whether it calls now(), random() and the like, whose
+    result must not be cached). Raises QueryError."""
     try:
         condition = sqlglot.parse_one(text, dialect="duckdb", into=exp.Condition)
     except SqlglotError as e:
-        raise QueryError(f"the filter {text!r} is not a SQL condition: {_readable(str(e).splitlines()[0])}") from e
+        raise QueryError(f"{what} {text!r} is not a SQL condition: {_readable(str(e).splitlines()[0])}") from e
     _check(exp.select("id").from_("memories").where(condition))
+    for table in condition.find_all(exp.Table):
+        if isinstance(table.this, exp.Func) and _function_name(table.this) in MEMORY_FUNCTIONS:
+            name = _function_name(table.this)
+            raise QueryError(f"{what} {text!r} calls {name}(): a filter is SQL over the columns of memories, run "
+                             f"inside a search, and cannot call a memory function; use db.sql() for that, e.g. "
+                             f"SELECT ... FROM recall(...) r WHERE r.id IN (SELECT id FROM {name}(...))")
+    if not parameters and condition.find(exp.Placeholder):
+        raise QueryError(f"{what} cannot hold parameters; write the values in it")
     volatile = any(_function_name(f) in VOLATILE_FUNCTIONS for f in condition.find_all(exp.Func))
     return condition.sql(dialect="duckdb"), volatile
-
-
-def _filter_text(db, text):
-    """A recall filter written as SQL text (generate()'s filter =>), parsed and checked like
-    any statement, and written back by sqlglot: what runs is what was checked."""
-    try:
-        condition = sqlglot.parse_one(text, dialect="duckdb", into=exp.Condition)
-        probe = exp.select("id").from_("memories").where(condition)
-    except SqlglotError as e:
-        raise QueryError(f"generate()'s filter => {text!r} is not a SQL condition: {_readable(str(e).splitlines()[0])}") from e
-    _check(probe)
-    if condition.find(exp.Placeholder):
-        raise QueryError("generate()'s filter => cannot hold parameters; write the values in it")
-    return condition.sql(dialect="duckdb")
 
 
 # -- binding and running --------------------------------------------------------------------------
@@ -1003,8 +1173,8 @@ def _run_generate(db, g, values, *, dry):
         raise InvalidInputError(f"generate()'s prompt must be a text, got {type(prompt).__name__}")
     options = {name: _evaluate(db, v, values) for name, v in g.options.items()}
     kwargs = _generate_options(options)
-    if dry:
-        text, finish, mode, sources = "", "", kwargs["memory"] if isinstance(kwargs["memory"], str) else "", []
+    if dry:  # EXPLAIN: the decoder does not run
+        text, finish, mode, sources = "", "", MODE_NAMES[kwargs["memory"]], []
     else:
         answer = db.generate(prompt, where=g.where, **kwargs)
         text, finish, mode = answer.text, answer.finish_reason, answer.mode
@@ -1110,9 +1280,13 @@ def _explain(db, plan, values):
         steps.append(("insert", f"documents from {plan.source}; each is chunked, embedded, encoded, and all are "
                                 "committed in one transaction (add_documents). Nothing is written by EXPLAIN"))
     elif plan.kind == "delete":
-        count = len({r for r in _execute(db, read, dict(values))[1]})
-        steps.append(("delete", f"forget the {count:,} memories the WHERE matches, in one transaction "
-                                "(db.forget). Nothing is forgotten by EXPLAIN"))
+        # counted from the recalls already run: EXPLAIN never runs the decoder nor searches twice
+        if read.generates:
+            which = "the memories the WHERE matches (not counted: it reads generate(), and EXPLAIN does not run the decoder)"
+        else:
+            ids = _duckdb(db, read.sql, {name: values[name] for name in read.sql_params}, read)[1]
+            which = f"the {len({r[0] for r in ids}):,} memories the WHERE matches"
+        steps.append(("delete", f"forget {which}, in one transaction (db.forget). Nothing is forgotten by EXPLAIN"))
     for note in notes:
         steps.append(_describe(db, note))
     steps.append(("sql", read.sql))
@@ -1139,7 +1313,7 @@ def _describe(db, note):
         lines.append(f"candidates fetched: {p.get('candidates', 0):,}; returned: {returned}")
         return (f"recall {rc.alias}", "\n".join(lines))
     _, g, prompt, kwargs = note
-    lines = [f"prompt: {_excerpt(prompt, 60)!r}", f"mode: {kwargs['memory']}, max_tokens: {kwargs['max_tokens']}, "
+    lines = [f"prompt: {_excerpt(prompt, 60)!r}", f"mode: {MODE_NAMES[kwargs['memory']]}, max_tokens: {kwargs['max_tokens']}, "
              f"k per 64-token chunk: {kwargs.get('k', 'the model default')}"]
     if g.where:
         total = len(db)

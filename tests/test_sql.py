@@ -1,6 +1,8 @@
 """SQL memory queries (m3db/query.py): recall() with pushed-down filters against db.recall,
 joins, the direct path against DuckDB, parameters, writes, refusals, errors and EXPLAIN."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -110,6 +112,68 @@ def test_conditions_that_cannot_be_pushed_apply_after_the_recall(db):
                                             "rand() changes between calls, and recall filters are cached per commit"]
 
 
+def recall_filter(db, sql):
+    return query._plan(db, sql).read.recalls[0].filter
+
+
+def test_only_the_recalls_own_columns_are_pushed(db):
+    q = vec(9)
+    top = db.recall(q, k=3)
+    # a SELECT alias named like a memories column is the alias, never memories.ordinal
+    sql = "SELECT r.id, r.score AS ordinal FROM recall(?, k => 3) r WHERE ordinal >= ?"
+    assert recall_filter(db, sql) is None
+    assert ids(db.sql(sql, [q, top.scores[1]])) == top.ids[:2]
+    # a column of the source wins over an alias of the same name (DuckDB's rule): pushed
+    sql = "SELECT r.id, r.score AS year FROM recall(?, k => 3) r WHERE year > 2000 ORDER BY r.score DESC"
+    assert recall_filter(db, sql) == "(year > 2000)"
+    assert ids(db.sql(sql, [q])) == db.recall(q, k=3, where="year > 2000").ids
+    # a memories column that recall() does not have is an unknown column, not a filter
+    with pytest.raises(m3db.QueryError, match=r'does not have a column named "codec"(.|\n)*JOIN memories m ON m.id = r.id'):
+        db.sql("SELECT id FROM recall(?, k => 3) r WHERE r.codec = 'int8'", [q])
+    # unqualified and a column of no other table of the SELECT: pushed; a name both have: not
+    sql = "SELECT r.id FROM recall(?, k => 3) r JOIN documents d ON d.id = r.document_id WHERE lang = 'fr' ORDER BY r.score DESC"
+    assert recall_filter(db, sql) == "(lang = 'fr')"
+    assert ids(db.sql(sql, [q])) == db.recall(q, k=3, where="lang = 'fr'").ids
+    sql = "SELECT r.id FROM recall(?, k => 3) r JOIN documents d ON d.id = r.document_id WHERE id > 3"
+    assert recall_filter(db, sql) is None
+    with pytest.raises(m3db.QueryError, match="Ambiguous reference"):
+        db.sql(sql, [q])
+    # an unqualified name of the enclosing query stays a correlation with it
+    gone = next(i for i in range(60) if i not in db.recall(q, k=10).ids)
+    db.forget([gone])
+    seq = db.sql("SELECT commit_seq FROM forgotten")[0][0]
+    sql = "SELECT f.id FROM forgotten f WHERE EXISTS (SELECT 1 FROM recall(?, k => 3) WHERE commit_seq = ?)"
+    assert recall_filter(db, sql) is None
+    assert db.sql(sql, [q, seq]) == [(gone,)]
+
+
+def test_subqueries_that_read_the_statement_are_not_pushed(db):
+    q = vec(10)
+    top = db.recall(q, k=3)
+    # EXISTS (... score ...) reads the recall's score: applied after the search
+    sql = "SELECT id FROM recall(?, k => 3) r WHERE r.lang = 'en' OR EXISTS (SELECT 1 WHERE score >= ?)"
+    assert recall_filter(db, sql) is None
+    assert ids(db.sql(sql, [q, top.scores[1]])) == [m.id for m in top if m.metadata["lang"] == "en" or m.score >= top.scores[1]]
+    # the statement's CTEs: a filter runs alone, without them
+    title2 = {r[0] for r in db.sql("SELECT id FROM documents WHERE title = 'Title 2'")}
+    sql = ("WITH d AS (SELECT id FROM documents WHERE title = 'Title 2') "
+           "SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT d.id FROM d)")
+    assert recall_filter(db, sql) is None
+    assert ids(db.sql(sql, [q])) == [m.id for m in top if m.document_id in title2]
+    sql = "WITH documents AS (SELECT -1 AS id) SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT documents.id FROM documents)"
+    assert recall_filter(db, sql) is None and db.sql(sql, [q]) == []
+    rows = db.sql("EXPLAIN SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT id FROM documents WHERE title = lang)", [q])
+    assert "a subquery in it may read lang from the query around it" in rows[0][1]
+    # self-contained subqueries are pushed: the filter is db.recall's
+    for sub in ["SELECT id FROM documents WHERE title = 'Title 2'",
+                "SELECT d.id FROM documents d WHERE d.title = 'Title 2'",
+                "WITH t AS (SELECT id, title FROM documents) SELECT t.id FROM t WHERE t.title = 'Title 2'",
+                "SELECT x.id FROM (SELECT id, title FROM documents) x WHERE x.title = 'Title 2'"]:
+        sql = f"SELECT id FROM recall(?, k => 3) WHERE document_id IN ({sub}) ORDER BY score DESC"
+        assert recall_filter(db, sql) is not None, sub
+        assert ids(db.sql(sql, [q])) == db.recall(q, k=3, where=f"document_id IN ({sub})").ids, sub
+
+
 def test_k_comes_from_limit_when_recall_is_the_only_table(db):
     q = vec(3)
     assert ids(db.sql("SELECT id FROM recall(?) WHERE lang = 'en' LIMIT 3", [q])) == db.recall(q, k=3, where="lang = 'en'").ids
@@ -119,6 +183,17 @@ def test_k_comes_from_limit_when_recall_is_the_only_table(db):
     assert len(db.sql("SELECT id FROM recall(?) LIMIT 0", [q])) == 0
     with pytest.raises(m3db.InvalidInputError, match="k => explicitly"):
         db.sql("SELECT id FROM recall(?) LIMIT 20000", [q])
+
+
+def test_limit_percent_is_not_k(db):
+    q = vec(3)
+    five = db.recall(q, k=query.DEFAULT_K).ids
+    half = db.catalog.con.execute("SELECT count(*) FROM (SELECT * FROM range(5) LIMIT 50%)").fetchone()[0]
+    for sql in ["SELECT id FROM recall(?) LIMIT 50%", "SELECT id FROM recall(?) LIMIT 50 PERCENT"]:
+        plan = query._plan(db, sql).read
+        assert plan.recalls[0].limit is None and plan.direct is None
+        assert ids(db.sql(sql, [q])) == five[:half]
+    assert ids(db.sql("SELECT id FROM recall(?, k => 6) LIMIT 50%", [q])) == db.recall(q, k=6).ids[:3]
 
 
 def test_recall_in_ctes_subqueries_unions_and_aggregates(db):
@@ -205,6 +280,28 @@ def test_direct_path_equals_duckdb(db, sql, direct, monkeypatch):
     assert [tuple(r) for r in got] == [tuple(r) for r in want]
 
 
+LIMITS = ["", " LIMIT 3", " LIMIT 2 OFFSET 1", " OFFSET 2", " LIMIT 0", " LIMIT ?", " LIMIT 1 OFFSET ?",
+          " LIMIT 50%", " LIMIT 40 PERCENT", " LIMIT 3 OFFSET 9"]
+
+
+@pytest.mark.parametrize("sql", [sql for sql, _ in DIRECT])
+def test_direct_path_equals_duckdb_with_every_limit(db, sql, monkeypatch):
+    base = re.sub(r"\s+(LIMIT|OFFSET)\b.*$", "", sql)
+    for limit in LIMITS:
+        statement = base + limit
+        params = [vec(8)] + [1] * limit.count("?")
+        if "%" in limit or "PERCENT" in limit:
+            assert query._plan(db, statement).read.direct is None, statement
+        got = db.sql(statement, params)
+        with monkeypatch.context() as m:
+            m.setattr(query, "_direct", lambda *a: None)
+            query._CACHE.clear()
+            want = db.sql(statement, params)
+        query._CACHE.clear()
+        assert got.columns == want.columns, statement
+        assert [tuple(r) for r in got] == [tuple(r) for r in want], statement
+
+
 def test_direct_path_is_only_taken_for_plain_shapes(db):
     for sql in ["SELECT id FROM recall(?) ORDER BY score ASC", "SELECT id, upper(text) FROM recall(?)",
                 "SELECT DISTINCT lang FROM recall(?)", "SELECT id FROM recall(?) WHERE score > 0",
@@ -267,7 +364,8 @@ REFUSED = [
     ("PRAGMA version", "PRAGMA statements are not available"),
     ("SET threads = 1", "SET statements are not available"),
     ("CALL pragma_version()", "CALL statements are not available"),
-    ("INSTALL httpfs", "statements are not available"),
+    ("INSTALL httpfs", "INSTALL statements are not available"),
+    ("LOAD httpfs", "LOAD statements are not available"),
     ("SELECT * INTO t FROM memories", 'syntax error at or near "INTO"'),
     ("SELECT * FROM read_csv('x.csv')", "read_csv.* not available"),
     ("SELECT * FROM read_parquet('x.parquet')", "read_parquet.* not available"),
@@ -281,6 +379,19 @@ REFUSED = [
     ("SELECT * FROM other.main.memories", "name catalog tables alone"),
     ("SELECT * FROM sqlite.t", "never files, URLs or other databases"),
     ("SELECT write_log('x')", "write_log.* acts outside the query"),
+    ("SELECT setseed(0.5)", r"setseed\(\) acts outside the query"),
+    ("SELECT current_setting('temp_directory')", r"current_setting\(\) .*reads the connection's settings"),
+    ("SELECT count(*) FROM memories WHERE lang = current_setting('home_directory')", "current_setting"),
+    ("SUMMARIZE '/tmp/secret.csv'", "SUMMARIZE takes a catalog table or a query"),
+    ('SUMMARIZE "/tmp/secret.csv"', "never files"),
+    ("DESCRIBE '/tmp/secret.csv'", "never files"),
+    ("SELECT * FROM information_schema.csv", "information_schema.csv is not a view of information_schema"),
+    ('SELECT * FROM information_schema."x/../secret.csv"', "not a view of information_schema; its views: .*tables"),
+    ('SELECT * FROM (WITH "/tmp/x.csv" AS (SELECT 1) SELECT 1), "/tmp/x.csv"', "never files"),
+    ('SELECT * FROM "x.csv" UNION ALL (WITH "x.csv" AS (SELECT 1) SELECT * FROM "x.csv")', "never files"),
+    ('WITH a AS (SELECT * FROM "b.csv"), "b.csv" AS (SELECT 1) SELECT * FROM a', "never files"),
+    ('WITH "s.csv" AS (SELECT * FROM "s.csv") SELECT 1', "never files"),
+    ('SELECT count(*) FROM memories WHERE id IN (SELECT 1 FROM (WITH "x.csv" AS (SELECT 1) SELECT 1), "x.csv")', "never files"),
     ("SELECT count(*) FROM memories WHERE text IN (SELECT * FROM read_json('x'))", "read_json.* not available"),
     ("SUMMARIZE SELECT * FROM read_csv('x')", "read_csv.* not available"),
     ("SELECT 1; SELECT 2", "one statement at a time, got 2"),
@@ -295,6 +406,52 @@ def test_refused_statements(db, sql, message):
     with pytest.raises(m3db.QueryError, match=message):
         db.sql(sql)
     assert (db.sql("SELECT count(*) FROM memories")[0][0], db._commit_seq) == before
+
+
+def test_cte_names_are_resolved_by_scope(db):
+    hidden = 'id IN (SELECT 1 FROM (WITH "/tmp/x.csv" AS (SELECT 1) SELECT 1), "/tmp/x.csv")'
+    with pytest.raises(m3db.QueryError, match="never files"):
+        db.recall(vec(0), k=2, where=hidden)
+    with pytest.raises(m3db.QueryError, match="never files"):
+        db.sql(f"SELECT * FROM generate('x', filter => '{hidden.replace(chr(39), chr(39) * 2)}')")
+    # a CTE is visible in its WITH's query, to the CTEs after it, to itself under RECURSIVE
+    for sql, want in [
+        ("WITH a AS (SELECT 1 AS x) SELECT * FROM (WITH b AS (SELECT x + 1 AS x FROM a) SELECT x FROM b)", [(2,)]),
+        ("WITH a AS (SELECT 1 AS x), b AS (SELECT x + 1 AS x FROM a) SELECT x FROM b", [(2,)]),
+        ("WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 3) SELECT n FROM t ORDER BY n",
+         [(1,), (2,), (3,)]),
+        ("WITH a AS (SELECT 1 AS x) SELECT 2 UNION ALL SELECT x FROM a ORDER BY 1", [(1,), (2,)]),
+        ("WITH a AS (SELECT 3 AS x) SELECT count(*) FROM memories WHERE id IN (SELECT x FROM a)", [(1,)]),
+        ("WITH memories AS (SELECT 1 AS id) SELECT count(*) FROM memories", [(1,)]),
+    ]:
+        assert db.sql(sql) == want, sql
+    assert db.recall(vec(0), k=60, where="id IN (WITH a AS (SELECT 3 AS x) SELECT x FROM a)").ids == [3]
+    assert db.sql("WITH old AS (SELECT id FROM memories WHERE year < 1985) "
+                  "DELETE FROM memories WHERE id IN (SELECT id FROM old)") == [(5,)]
+
+
+def test_information_schema_has_its_views_only(db):
+    views = [r[0] for r in db.catalog.con.execute(
+        "SELECT view_name FROM duckdb_views() WHERE schema_name = 'information_schema' ORDER BY 1").fetchall()]
+    assert tuple(views) == query.INFORMATION_SCHEMA_VIEWS  # a DuckDB upgrade that changes them shows here
+    for view in views:
+        db.sql(f"SELECT count(*) FROM information_schema.{view}")
+    assert ("memories",) in db.sql("SELECT table_name FROM information_schema.tables")
+
+
+def test_fixed_table_columns_are_the_catalogs(db):
+    for table, columns in query.FIXED_TABLE_COLUMNS.items():
+        rows = db.sql("SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table])
+        assert tuple(ids(rows)) == columns, table
+
+
+def test_filters_cannot_call_memory_functions(db):
+    with pytest.raises(m3db.QueryError, match=r"calls recall\(\): a filter is SQL over the columns of memories"):
+        db.recall(vec(0), k=2, where="id IN (SELECT id FROM recall('x'))")
+    with pytest.raises(m3db.QueryError, match=r"generate\(\)'s filter => .* calls generate\(\)"):
+        db.sql("SELECT * FROM generate('x', filter => 'text IN (SELECT text FROM generate(''y''))')")
+    with pytest.raises(m3db.QueryError, match=r"generate\(\)'s filter => cannot hold parameters"):
+        db.sql("SELECT * FROM generate('x', filter => 'lang = ?')")
 
 
 # -- errors name the place and the alternatives ------------------------------------------------------
@@ -360,6 +517,23 @@ def test_explain_shows_the_vector_plan_next_to_duckdbs(db):
     assert [s for s, _ in rows] == ["sql", "duckdb"] and "Total Time" in rows[1][1]
     rows = db.sql("EXPLAIN SELECT * FROM recall(?, k => 2)", [vec(0)])
     assert "filter: none (all 60 memories)" in rows[0][1] and "search: " in rows[0][1]
+
+
+def test_explain_never_runs_the_decoder_nor_searches_twice(db, tmp_path, monkeypatch):
+    searches = []
+    recall = type(db).recall
+    monkeypatch.setattr(type(db), "recall", lambda self, *a, **k: searches.append(1) or recall(self, *a, **k))
+    monkeypatch.setattr(type(db), "generate", lambda *a, **k: pytest.fail("EXPLAIN ran the decoder"))
+    rows = db.sql("EXPLAIN DELETE FROM memories WHERE id IN (SELECT id FROM recall(?, k => 4))", [vec(0)])
+    assert "forget the 4 memories the WHERE matches" in rows[0][1] and len(searches) == 1
+    for sql, mode in [("SELECT text FROM generate('x')", "memory"), ("SELECT text FROM generate('x', memory => 'rag')", "rag"),
+                      ("SELECT text FROM generate('x', memory => false)", "none")]:
+        assert f"mode: {mode}, max_tokens: 128" in dict(db.sql("EXPLAIN " + sql))["generate generate"]
+    delete = "EXPLAIN DELETE FROM memories WHERE text IN (SELECT text FROM generate('x'))"
+    assert "not counted" in db.sql(delete)[0][1]
+    db.close()
+    with m3db.connect(tmp_path / "kb", read_only=True) as ro:
+        assert "not counted" in ro.sql(delete)[0][1] and len(ro) == 60
 
 
 # -- results -----------------------------------------------------------------------------------------

@@ -44,7 +44,9 @@ REFUSED = ["UPDATE memories SET text = 'x'", "DROP TABLE memories", "CREATE TABL
            "ATTACH 'x.db' AS x", "PRAGMA version", "SET threads = 1", "CALL pragma_version()", "INSTALL httpfs",
            "LOAD httpfs", "EXPORT DATABASE 'dir'", "SELECT * FROM read_text('out.csv')", "CHECKPOINT",
            "INSERT INTO meta VALUES ('a', 'b')", "DELETE FROM documents", "ALTER TABLE memories ADD COLUMN z INT",
-           "SELECT * FROM glob('*')", "VACUUM", "SELECT write_log('x')", "SELECT * FROM query('SELECT 1')"]
+           "SELECT * FROM glob('*')", "VACUUM", "SELECT write_log('x')", "SELECT * FROM query('SELECT 1')",
+           "SUMMARIZE 'out.csv'", "SELECT * FROM (WITH \"f.csv\" AS (SELECT 1) SELECT 1), \"f.csv\"",
+           "SELECT * FROM information_schema.csv", "SELECT current_setting('temp_directory')", "SELECT setseed(0.5)"]
 VOCABULARY = ["SELECT", "FROM", "WHERE", "AND", "OR", "NOT", "JOIN", "LEFT", "ON", "USING", "GROUP", "BY", "ORDER",
               "LIMIT", "OFFSET", "UNION", "ALL", "WITH", "AS", "EXPLAIN", "ANALYZE", "INSERT", "INTO", "VALUES", "DELETE",
               "UPDATE", "SET", "DROP", "TABLE", "COPY", "TO", "ATTACH", "PRAGMA", "recall", "generate", "read_csv",
@@ -121,7 +123,7 @@ class Generator:
                 s += f" {self.pick(['JOIN', 'LEFT JOIN'])} documents d ON d.id = r.document_id"
             s += self.where("r.") if self.maybe(0.7) else ""
             s += " ORDER BY r.score DESC" if self.maybe(0.5) else ""
-            s += f" LIMIT {self.fill(self.pick(['2', '?', '0', '5 OFFSET 1']), 'int')}" if self.maybe(0.4) else ""
+            s += f" LIMIT {self.fill(self.pick(['2', '?', '0', '5 OFFSET 1', '50%']), 'int')}" if self.maybe(0.4) else ""
             if self.maybe(0.1):
                 s = f"WITH hits AS ({s}) SELECT count(*) FROM hits"
             if s.count("?") == 1 and self.slots == ["query"] and self.maybe(0.3):

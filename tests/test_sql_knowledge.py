@@ -118,6 +118,9 @@ def test_explain_generate_does_not_run_the_decoder(kb, monkeypatch):
     steps = dict(rows)
     assert "filter: (lang = 'de')" in steps["generate g"] or "filter: lang = 'de'" in steps["generate g"]
     assert "allows 1 of" in steps["generate g"] and "EXPLAIN does not run the decoder" in steps["generate g"]
+    assert "mode: memory, max_tokens: 8" in steps["generate g"]
+    rows = kb.sql("EXPLAIN DELETE FROM memories WHERE text IN (SELECT text FROM generate('Where is Tokyo?', memory => 'rag'))")
+    assert rows[0][0] == "delete" and "not counted" in rows[0][1] and len(kb) > 0
     rows = kb.sql("EXPLAIN INSERT INTO documents (text) VALUES ('x')")
     assert rows[0][0] == "insert" and "Nothing is written by EXPLAIN" in rows[0][1]
     assert kb.sql("SELECT count(*) FROM documents")[0][0] == 3
