@@ -39,7 +39,7 @@ _SQL_TYPES = {bool: "BOOLEAN", int: "BIGINT", float: "DOUBLE", str: "VARCHAR", "
 _READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 # The catalog connection runs users' SQL (db.sql, recall filters): DuckDB itself refuses files,
 # URLs, other databases and extension downloads, and no statement may change that. The SQL
-# checks in query.py come on top of this, not instead of it.
+# checks in sql_check.py come on top of this, not instead of it.
 LOCKED_DOWN = {"enable_external_access": False, "autoinstall_known_extensions": False,
                "autoload_known_extensions": False, "lock_configuration": True}
 

@@ -687,7 +687,7 @@ class Database(KnowledgeVerbs):
         elif not isinstance(where, str) or not where.strip():
             raise InvalidInputError(f"where must be a SQL expression string or a dict, got {where!r}")
         else:
-            from .query import checked_filter as check  # no files, network or side effects (query imports this module)
+            from .sql_check import checked_filter as check  # no files, network or side effects
         if params is not None and not isinstance(params, (list, tuple, dict)):
             raise InvalidInputError("params must be a list (for ?) or a dict (for $name)")
         # the allowed set of a filter only changes with a commit: cache it per commit, so a

@@ -8,7 +8,7 @@ import pytest
 
 import m3db
 from conftest import make_memory, small_spec
-from m3db import query
+from m3db import query, sql_check, sql_plan
 
 LANGS = ("en", "fr", "de")
 
@@ -271,7 +271,7 @@ def test_direct_path_equals_duckdb(db, sql, direct, monkeypatch):
     q = vec(7)
     assert (query._plan(db, sql).read.direct is not None) == direct
     got = db.sql(sql, [q])
-    monkeypatch.setattr(query, "_direct", lambda *a: None)
+    monkeypatch.setattr(sql_plan, "_direct", lambda *a: None)
     query._CACHE.clear()
     assert query._plan(db, sql).read.direct is None
     want = db.sql(sql, [q])
@@ -294,7 +294,7 @@ def test_direct_path_equals_duckdb_with_every_limit(db, sql, monkeypatch):
             assert query._plan(db, statement).read.direct is None, statement
         got = db.sql(statement, params)
         with monkeypatch.context() as m:
-            m.setattr(query, "_direct", lambda *a: None)
+            m.setattr(sql_plan, "_direct", lambda *a: None)
             query._CACHE.clear()
             want = db.sql(statement, params)
         query._CACHE.clear()
@@ -433,14 +433,14 @@ def test_cte_names_are_resolved_by_scope(db):
 def test_information_schema_has_its_views_only(db):
     views = [r[0] for r in db.catalog.con.execute(
         "SELECT view_name FROM duckdb_views() WHERE schema_name = 'information_schema' ORDER BY 1").fetchall()]
-    assert tuple(views) == query.INFORMATION_SCHEMA_VIEWS  # a DuckDB upgrade that changes them shows here
+    assert tuple(views) == sql_check.INFORMATION_SCHEMA_VIEWS  # a DuckDB upgrade that changes them shows here
     for view in views:
         db.sql(f"SELECT count(*) FROM information_schema.{view}")
     assert ("memories",) in db.sql("SELECT table_name FROM information_schema.tables")
 
 
 def test_fixed_table_columns_are_the_catalogs(db):
-    for table, columns in query.FIXED_TABLE_COLUMNS.items():
+    for table, columns in sql_plan.FIXED_TABLE_COLUMNS.items():
         rows = db.sql("SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table])
         assert tuple(ids(rows)) == columns, table
 
