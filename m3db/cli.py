@@ -142,7 +142,8 @@ def cmd_verify(args):
              (("--from",), dict(dest="source", nargs="+", required=True, metavar="FILES|wikipedia",
                                 help="'wikipedia', or .txt/.md/.jsonl files and directories")),
              (("--limit",), dict(type=int, help="at most this many documents")),
-             (("--codec",), dict(default="int8", help="how a new database stores memories (f32, f16, int8, int4)")),
+             (("--codec",), dict(default="int4", help="how a new database stores memories (f32, f16, int8, int4; default "
+                                                      "int4, measured in docs/quality.md)")),
              (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
              (("--cold",), dict(action="store_true", help="cold start: store text and embeddings now, encode each memory "
                                                           "the first time it is read (docs/knowledge.md)")),

@@ -45,13 +45,13 @@ def tiny():
 @pytest.fixture(scope="module")
 def warm_arrays(tiny, tmp_path_factory):
     """{text: (keys, values, positions)} of every reference, ingested warm."""
-    with m3db.connect(tmp_path_factory.mktemp("warm") / "kb", model=tiny, embedder=HashEmbedder()) as db:
+    with m3db.connect(tmp_path_factory.mktemp("warm") / "kb", model=tiny, embedder=HashEmbedder(), codec="int8") as db:
         db.add_documents(DOCS + [LONG], progress=False)
         return {m.text: (m.keys, m.values, m.positions) for m in db.get_many(db.locations.ids.tolist())}
 
 
 def build_cold(path, tiny):
-    with m3db.connect(path, model=tiny, embedder=HashEmbedder()) as db:
+    with m3db.connect(path, model=tiny, embedder=HashEmbedder(), codec="int8") as db:
         report = db.add_documents(DOCS + [LONG], cold=True, progress=False)
         assert report.memories_added == len(db)
         return report.memories_added
@@ -72,7 +72,7 @@ def same_as_warm(memory, warm_arrays):
 
 def test_cold_ingest_stores_text_spans_and_no_arrays(tiny, tmp_path):
     n = build_cold(tmp_path / "kb", tiny)
-    with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder()) as db:
+    with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder(), codec="int8") as db:
         assert set(codecs(db).values()) == {"cold"} and n > len(DOCS)
         rows = db.sql("SELECT m.text, m.char_start, m.char_end, m.token_count, d.source FROM memories m "
                       "JOIN documents d ON d.id = m.document_id")
@@ -88,7 +88,7 @@ def test_cold_ingest_stores_text_spans_and_no_arrays(tiny, tmp_path):
 def test_first_read_encodes_and_keeps_the_memory(tiny, tmp_path, warm_arrays):
     build_cold(tmp_path / "kb", tiny)
     model = CountingModel(tiny)
-    with m3db.connect(tmp_path / "kb", model=model, embedder=HashEmbedder()) as db:
+    with m3db.connect(tmp_path / "kb", model=model, embedder=HashEmbedder(), codec="int8") as db:
         hits = db.recall("Tokyo is the capital of Japan", k=2, decode=True)
         assert model.encoded == 2
         assert all(same_as_warm(h.memory, warm_arrays) for h in hits)
@@ -96,17 +96,17 @@ def test_first_read_encodes_and_keeps_the_memory(tiny, tmp_path, warm_arrays):
         assert db.get(hits[0].id) is hits[0].memory  # served by the RAM cache
         assert model.encoded == 2 and db.check().ok
     model = CountingModel(tiny)
-    with m3db.connect(tmp_path / "kb", model=model, embedder=HashEmbedder()) as db:
+    with m3db.connect(tmp_path / "kb", model=model, embedder=HashEmbedder(), codec="int8") as db:
         again = db.get_many([h.id for h in hits])  # kept on disk: a plain read now
         assert model.encoded == 0 and all(same_as_warm(m, warm_arrays) for m in again)
 
 
 def test_generate_on_a_cold_base_equals_a_warm_one(tiny, tmp_path):
-    with m3db.connect(tmp_path / "warm", model=tiny, embedder=HashEmbedder()) as warm:
+    with m3db.connect(tmp_path / "warm", model=tiny, embedder=HashEmbedder(), codec="int8") as warm:
         warm.add_documents(DOCS + [LONG], progress=False)
         want = warm.generate("Tell me about Paris and the Seine.", max_tokens=10)
     build_cold(tmp_path / "cold", tiny)
-    with m3db.connect(tmp_path / "cold", model=tiny, embedder=HashEmbedder()) as cold:
+    with m3db.connect(tmp_path / "cold", model=tiny, embedder=HashEmbedder(), codec="int8") as cold:
         got = cold.generate("Tell me about Paris and the Seine.", max_tokens=10)
         assert got.text == want.text and [s.text for s in got.sources] == [s.text for s in want.sources]
         used = {s.id for s in got.sources}
@@ -117,7 +117,7 @@ def test_read_only_and_transactions_encode_in_ram_only(tiny, tmp_path, warm_arra
     build_cold(tmp_path / "kb", tiny)
     before = sorted(os.listdir(tmp_path / "kb" / "segments")), os.path.getsize(tmp_path / "kb" / "catalog.duckdb")
     model = CountingModel(tiny)
-    with m3db.connect(tmp_path / "kb", read_only=True, model=model, embedder=HashEmbedder()) as db:
+    with m3db.connect(tmp_path / "kb", read_only=True, model=model, embedder=HashEmbedder(), codec="int8") as db:
         m = db.get(0)
         assert same_as_warm(m, warm_arrays) and model.encoded == 1
         assert db.get(0) is m and model.encoded == 1  # the RAM cache holds it
@@ -125,7 +125,7 @@ def test_read_only_and_transactions_encode_in_ram_only(tiny, tmp_path, warm_arra
         with pytest.raises(m3db.ReadOnlyError):
             db.warm_up()
     assert (sorted(os.listdir(tmp_path / "kb" / "segments")), os.path.getsize(tmp_path / "kb" / "catalog.duckdb")) == before
-    with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder()) as db:
+    with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder(), codec="int8") as db:
         with db.transaction():
             assert same_as_warm(db.get(1), warm_arrays)
             with pytest.raises(m3db.InvalidInputError, match="inside a transaction"):
@@ -135,7 +135,7 @@ def test_read_only_and_transactions_encode_in_ram_only(tiny, tmp_path, warm_arra
 
 def test_warm_up_then_compact_and_pack(tiny, tmp_path, warm_arrays):
     n = build_cold(tmp_path / "kb", tiny)
-    with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder()) as db:
+    with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder(), codec="int8") as db:
         db.pack(tmp_path / "cold.m3kb")  # a package may hold cold memories: readers encode them
         assert db.warm_up(batch_size=2, progress=False) == n
         assert db.warm_up(progress=False) == 0
@@ -143,14 +143,14 @@ def test_warm_up_then_compact_and_pack(tiny, tmp_path, warm_arrays):
         sizes = db.compact()
         assert sizes["bytes_after"] < sizes["bytes_before"]  # the cold records are garbage now
         assert db.check().ok and all(same_as_warm(m, warm_arrays) for m in db.get_many(range(n)))
-    with m3db.connect(tmp_path / "cold.m3kb", model=tiny, embedder=HashEmbedder()) as pkg:
+    with m3db.connect(tmp_path / "cold.m3kb", model=tiny, embedder=HashEmbedder(), codec="int8") as pkg:
         assert set(codecs(pkg).values()) == {"cold"}
         assert all(same_as_warm(m, warm_arrays) for m in pkg.get_many(range(n)))
         assert pkg.generate("Paris?", max_tokens=3).sources
 
 
 def test_bad_cold_items_are_refused(tiny, tmp_path):
-    with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder()) as db:
+    with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder(), codec="int8") as db:
         emb = np.ones(256, np.float32)
         with pytest.raises(m3db.InvalidInputError, match="text only"):
             db.add_memories([dict(cold=True, text="x", embedding=emb, keys=np.zeros(3))])
@@ -181,7 +181,7 @@ def test_sigkill_while_warming_loses_nothing(tiny, tmp_path, warm_arrays):
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
         warmed |= {int(line.split()[1]) for line in out.splitlines() if line.startswith("warmed")}
-        with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder()) as db:
+        with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder(), codec="int8") as db:
             kinds = codecs(db)
             assert all(kinds[i] == "int8" for i in warmed) and len(kinds) == n
             assert db.check().ok
