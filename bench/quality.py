@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import importlib.util
 import json
 import os
 import random
@@ -78,7 +76,7 @@ from m3db.model.generate import Sampling, run  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.score import answer_logprobs  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
-from m3db.model.train_data import held_out  # noqa: E402
+from m3db.model.train_data import capitals, held_out  # noqa: E402
 from m3db.sources import wikipedia  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -116,15 +114,9 @@ def exact_match(reply, gold):
 
 def countries():
     """(name, capital) from the countryinfo package's data files (read, never imported)."""
-    spec = importlib.util.find_spec("countryinfo")
-    if spec is None or spec.origin is None:
+    out = capitals()
+    if not out:
         raise SystemExit("countryinfo is not installed: pip install --no-deps countryinfo")
-    out = []
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "data", "*.json"))):
-        with open(path, encoding="utf-8") as f:
-            c = json.load(f)
-        if isinstance(c.get("name"), str) and isinstance(c.get("capital"), str) and c["capital"].strip():
-            out.append((c["name"], c["capital"].strip()))
     return out
 
 
