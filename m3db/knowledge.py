@@ -167,8 +167,8 @@ class KnowledgeVerbs:
         resumes where it stopped. Returns an IngestReport.
 
         cold=False (warm start) encodes each memory now. cold=True (cold start, as in the
-        paper) stores only the text and its embedding, about 40x faster to ingest; a memory
-        is encoded the first time it is read (generate, recall(decode=True), get) and then
+        paper) stores only the text and its embedding (ingest costs chunking and embedding,
+        no decoder pass per reference); a memory is encoded the first time it is read (generate, recall(decode=True), get) and then
         kept, so later reads cost the same as warm ones. `db.warm_up()` encodes the rest.
         """
         self._require_writable()
@@ -266,6 +266,8 @@ class KnowledgeVerbs:
             raise InvalidInputError(f"memory must be True, False or 'rag', got {memory!r}")
         if isinstance(prompt, str) and not prompt.strip():
             raise InvalidInputError("the prompt is empty")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InvalidInputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         model, _ = self._models()
         used = {}
 

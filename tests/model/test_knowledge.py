@@ -145,3 +145,8 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(kb, tiny):
         kb.generate(just, max_tokens=4, memory=True)
     with pytest.raises(m3db.InvalidInputError, match="fewer references"):
         kb.generate(just, max_tokens=4, memory="rag")
+    with pytest.raises(m3db.InvalidInputError, match="over the model's context"):
+        kb.generate("hi", max_tokens=10**9)  # refused before any cache is allocated
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(m3db.InvalidInputError, match="max_tokens must be a positive integer"):
+            kb.generate("hi", max_tokens=bad)
