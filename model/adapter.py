@@ -138,7 +138,7 @@ class ReaderAdapter(nn.Module):
             if head["base_fingerprint"] != base_fingerprint:
                 raise AdapterError(
                     f"{path}: this adapter was trained on the model {head['base_fingerprint'][:23]}..., not on the loaded "
-                    f"{base_fingerprint[:23]}...: train one for this model (m3db-train)"
+                    f"{base_fingerprint[:23]}...: train one for this model (m3db train)"
                 )
             adapter = cls(cfg, base_fingerprint=base_fingerprint, rank=int(head["rank"]), alpha=float(head["alpha"]),
                           targets=tuple(head["targets"]), settings=head.get("settings"))

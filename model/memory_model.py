@@ -45,7 +45,7 @@ class MemoryModel:
         self.sink_keys, self.sink_values = _encoder.prefix_states(decoder, self.prefix_ids, self.settings.memory_layers)  # (L, H, p, D)
         self.default_stop_tokens = tuple(sorted({i for i in (tokenizer.eos_id, tokenizer.find("<|endoftext|>")) if i is not None}))
         if adapter is not None and adapter.base_fingerprint != fingerprint:
-            raise AdapterError("the reader adapter was trained on another model; train one for this model (m3db-train)")
+            raise AdapterError("the reader adapter was trained on another model; train one for this model (m3db train)")
         # the reader adapter changes reading only, so it is not part of the memory spec
         self.adapter = adapter.eval().requires_grad_(False) if adapter is not None else None
 
@@ -55,7 +55,7 @@ class MemoryModel:
 
         adapter: "default" reads the bundled reader adapter when one ships for exactly these
         memory settings (see docs/adapter.md); None reads with the base weights only; or the
-        path of an adapter file (`m3db-train` writes one)."""
+        path of an adapter file (`m3db train` writes one)."""
         from .gguf_loader import load_gguf
 
         g = load_gguf(path)
