@@ -54,6 +54,15 @@ def hashed_embedding(text, dim=DIM):
     return v / n if n else np.full(dim, 1 / np.sqrt(dim), np.float32)
 
 
+class HashEmbedder:
+    """`hashed_embedding` as an Embedder (m3db.knowledge): no model, for tests and demos."""
+
+    dim, fingerprint = DIM, f"feature-hashing-{DIM}"
+
+    def embed(self, texts):
+        return np.stack([hashed_embedding(t) for t in texts])
+
+
 def demo_spec():
     return MemorySpec(
         model_fingerprint="demo-random-kv", memory_layers=range(15), kv_heads=3, head_dim=64,

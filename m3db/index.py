@@ -176,9 +176,12 @@ class VectorIndex:
         mat = self.vectors(ids)
         q = np.asarray(vector, dtype=np.float32)
         sims = mat @ q / (np.linalg.norm(mat, axis=1) * np.linalg.norm(q) + 1e-30)
+        # equal vectors (repeated text) must tie exactly, but a matmul may round equal rows
+        # differently from call to call: rank by the similarity rounded to 1e-6, ties by id
+        key = np.round(sims, 6)
         count = min(count, len(ids))
-        top = np.argpartition(-sims, count - 1)[:count]
-        top = top[np.lexsort((ids[top], -sims[top]))]  # ties broken by id: deterministic
+        top = np.argpartition(-key, count - 1)[:count]
+        top = top[np.lexsort((ids[top], -key[top]))]
         return ids[top], sims[top].astype(np.float32)
 
     def close(self):

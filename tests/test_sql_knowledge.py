@@ -6,15 +6,8 @@ import pytest
 
 pytest.importorskip("torch")
 import m3db  # noqa: E402
-from m3db.demo import hashed_embedding  # noqa: E402
+from m3db.demo import HashEmbedder  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
-
-
-class HashEmbedder:
-    dim, fingerprint = 256, "feature-hashing-256"
-
-    def embed(self, texts):
-        return np.stack([hashed_embedding(t) for t in texts])
 
 
 @pytest.fixture(scope="module")
