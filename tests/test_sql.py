@@ -382,12 +382,12 @@ REFUSED = [
     ("SELECT setseed(0.5)", r"setseed\(\) acts outside the query"),
     ("SELECT current_setting('temp_directory')", r"current_setting\(\) .*reads the connection's settings"),
     ("SELECT count(*) FROM memories WHERE lang = current_setting('home_directory')", "current_setting"),
-    ("SUMMARIZE '/tmp/secret.csv'", "SUMMARIZE takes a catalog table or a query"),
-    ('SUMMARIZE "/tmp/secret.csv"', "never files"),
-    ("DESCRIBE '/tmp/secret.csv'", "never files"),
+    ("SUMMARIZE 'data/secret.csv'", "SUMMARIZE takes a catalog table or a query"),
+    ('SUMMARIZE "data/secret.csv"', "never files"),
+    ("DESCRIBE 'data/secret.csv'", "never files"),
     ("SELECT * FROM information_schema.csv", "information_schema.csv is not a view of information_schema"),
     ('SELECT * FROM information_schema."x/../secret.csv"', "not a view of information_schema; its views: .*tables"),
-    ('SELECT * FROM (WITH "/tmp/x.csv" AS (SELECT 1) SELECT 1), "/tmp/x.csv"', "never files"),
+    ('SELECT * FROM (WITH "data/x.csv" AS (SELECT 1) SELECT 1), "data/x.csv"', "never files"),
     ('SELECT * FROM "x.csv" UNION ALL (WITH "x.csv" AS (SELECT 1) SELECT * FROM "x.csv")', "never files"),
     ('WITH a AS (SELECT * FROM "b.csv"), "b.csv" AS (SELECT 1) SELECT * FROM a', "never files"),
     ('WITH "s.csv" AS (SELECT * FROM "s.csv") SELECT 1', "never files"),
@@ -409,7 +409,7 @@ def test_refused_statements(db, sql, message):
 
 
 def test_cte_names_are_resolved_by_scope(db):
-    hidden = 'id IN (SELECT 1 FROM (WITH "/tmp/x.csv" AS (SELECT 1) SELECT 1), "/tmp/x.csv")'
+    hidden = 'id IN (SELECT 1 FROM (WITH "data/x.csv" AS (SELECT 1) SELECT 1), "data/x.csv")'
     with pytest.raises(m3db.QueryError, match="never files"):
         db.recall(vec(0), k=2, where=hidden)
     with pytest.raises(m3db.QueryError, match="never files"):
