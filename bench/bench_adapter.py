@@ -4,8 +4,8 @@
 
 Same weights, same questions, one run: no memory; text RAG (the same 5 references as text);
 dense memory (all 30 layers, 32 tokens per head, the training-free default); the paper's
-sparse memory (layers 0-14, 8 tokens per head) read by the base weights; the same sparse
-memory read through the adapter. Each question is about an invented person (no model can
+sparse memory (layers 0-14, 8 tokens per head) read by the base weights; the sparse memory the
+adapter was trained for (its header's settings), read by the base weights and through it. Each question is about an invented person (no model can
 know the answer) from the evaluation stream that training never sees, and reads its
 reference among 4 invented distractors, in random order. Prints, per condition: answer
 log-prob (teacher-forced through the generation loop, m3db.model.score), exact match of a
@@ -88,14 +88,15 @@ def main():
     n_layer = base.decoder.cfg.n_layer
     adapter = ReaderAdapter.load(args.adapter, base.decoder.cfg, base_fingerprint=base.fingerprint)
     paper = MemorySettings.paper(n_layer)
-
-    def variant(settings, with_adapter=None):
-        return MemoryModel(base.decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings, adapter=with_adapter)
-
+    trained = MemorySettings(memory_layers=tuple(adapter.settings["memory_layers"]),
+                             tokens_per_head=adapter.settings["tokens_per_head"])
+    layers = f"L{trained.memory_layers[0]}-{trained.memory_layers[-1]} {trained.tokens_per_head}/head"
     questions = eval_facts(base.tokenizer, args.n, distractors=4)
     conditions = [("none", base, "none"), ("rag (5 references as text)", base, "rag"),
-                  ("dense: L0-29 32/head", base, "memory"), ("paper: L0-14 8/head", variant(paper), "memory"),
-                  (f"paper + adapter ({adapter.settings.get('tokens_per_head')}/head)", variant(paper, adapter), "memory")]
+                  ("dense: L0-29 32/head", base, "memory"),
+                  ("paper: L0-14 8/head", base.with_settings(paper, adapter=None), "memory"),
+                  (f"adapter's settings: {layers}", base.with_settings(trained, adapter=None), "memory"),
+                  (f"adapter's settings + adapter: {layers}", base.with_settings(trained, adapter=adapter), "memory")]
     print(f"{args.n} held-out invented-fact questions, 5 references each (1 answers); adapter {adapter.fingerprint[:19]}..."
           f" trained {adapter.training_info.get('steps', '?')} steps")
     print(f"| condition | bytes/memory (fp16) | answer logprob | exact match |\n|---|---|---|---|")

@@ -15,12 +15,17 @@ Questions are asked only about articles and countries in m3db-train's held-out s
 questions without having seen them. The knowledge base holds the questions' summaries plus
 distractor summaries (any article), chunked to <= 128 tokens by the engine
 (`db.add_documents`), one database per (memory settings, codec) in a temporary directory, all
-reading the same decoder weights (loaded once), with no reader adapter: the base model.
+reading the same decoder weights (loaded once): the base model, and the same weights read
+through the reader adapter (`--adapter`, default the bundled one; docs/adapter.md) in the
+conditions marked "+ adapter".
 
-Conditions, one run: none (no memory); rag (the 5 references' text prepended); memory with
-the paper's settings (layers 0-14, 8 tokens per head), the upper half of the layers (15-29,
-32 tokens/head), and all 30 layers with 16, 32 and all tokens per head; and each codec
-(f32, f16, int8, int4) at all layers, 32 tokens per head (the current default).
+Conditions, one run: none (no memory); rag (the 5 references' text prepended); both again
+through the adapter; memory with the paper's settings (layers 0-14, 8 tokens per head) and
+m3db's sparse mode (layers 15-29, 8 tokens per head), each read by the base weights and
+through the adapter; the sparse mode through the adapter at int8 and int4, at 16 and 32 tokens
+per head, and on all 30 layers; and the dense default (all layers, 32 tokens per head, int4).
+Plus perplexity without memory, base against adapter, on held-out Wikipedia summaries (the
+training domain) and on Python's own documentation (`pydoc_data.topics`: another domain).
 Retrieval is the engine's (`db.recall`: all-MiniLM-L6-v2 + USearch), then the paper's leakage
 filter (m3db.leakage: a reference whose LCS with the question covers > 2/3 of its words is
 dropped; recall fetches extra candidates so every chunk still reads 5), then the kept
@@ -43,7 +48,7 @@ Metrics per condition:
             a question, memories read from disk, all conditions in lockstep (one step of each
             in turn) so the shared CPU's drift hits all alike; prefill and retrievals included.
 
-    python bench/quality.py              # the full run (36 min on this 2-core shared machine)
+    python bench/quality.py              # the full run (about 40 min on this 2-core machine)
     python bench/quality.py --quick      # smoke test: 4 questions per task, small KB
     python bench/quality.py --from-json bench/out/quality.json   # tables + plot of a saved run
 """
@@ -73,6 +78,7 @@ from m3db.knowledge import _Retrieved  # noqa: E402
 from m3db.leakage import leaks  # noqa: E402
 from m3db.model.embedder import Embedder  # noqa: E402
 from m3db.model.generate import Sampling, run  # noqa: E402
+from m3db.model.adapter import BUNDLED_FILE, ReaderAdapter  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.score import answer_logprobs  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
@@ -268,36 +274,45 @@ class Condition:
     mode: str
     settings: str | None = None  # a key of SETTINGS
     codec: str | None = None
+    adapter: bool = False  # read through the reader adapter
+    throughput: bool = False  # among the conditions whose decoding speed is measured
 
 
 def settings_table(n_layer):
     half = n_layer // 2
+    upper = tuple(range(n_layer - half, n_layer))
     return {
         "paper": MemorySettings.paper(n_layer),
-        "upper32": MemorySettings(memory_layers=tuple(range(half, n_layer)), tokens_per_head=32),
+        "sparse": MemorySettings.sparse(n_layer),
+        "upper16": MemorySettings(memory_layers=upper, tokens_per_head=16),
+        "upper32": MemorySettings(memory_layers=upper, tokens_per_head=32),
+        "all8": MemorySettings(tokens_per_head=8),
         "all16": MemorySettings(tokens_per_head=16),
         "all32": MemorySettings(tokens_per_head=32),
-        # tokens_per_head >= reference_length keeps every token of every reference (the
-        # encoder keeps min(tokens_per_head, token_count))
-        "allall": MemorySettings(tokens_per_head=128),
     }
 
 
+A = " + adapter"
 CONDITIONS = [
-    Condition("none", "none"),
-    Condition("rag", "rag"),
+    Condition("none", "none", throughput=True),
+    Condition("rag", "rag", throughput=True),
+    Condition("none" + A, "none", adapter=True),
+    Condition("rag" + A, "rag", adapter=True),
     Condition("paper L0-14 8/head int8", "memory", "paper", "int8"),
-    Condition("L15-29 32/head int8", "memory", "upper32", "int8"),
-    Condition("L0-29 16/head int8", "memory", "all16", "int8"),
-    Condition("L0-29 32/head f32", "memory", "all32", "f32"),
-    Condition("L0-29 32/head f16", "memory", "all32", "f16"),
-    Condition("L0-29 32/head int8", "memory", "all32", "int8"),
-    Condition("L0-29 32/head int4", "memory", "all32", "int4"),
-    Condition("L0-29 all tokens int8", "memory", "allall", "int8"),
+    Condition("paper L0-14 8/head int8" + A, "memory", "paper", "int8", adapter=True),
+    Condition("sparse L15-29 8/head int8", "memory", "sparse", "int8"),
+    Condition("sparse L15-29 8/head int8" + A, "memory", "sparse", "int8", adapter=True),
+    Condition("sparse L15-29 8/head int4" + A, "memory", "sparse", "int4", adapter=True, throughput=True),
+    Condition("L15-29 16/head int8" + A, "memory", "upper16", "int8", adapter=True),
+    Condition("L15-29 32/head int8" + A, "memory", "upper32", "int8", adapter=True),
+    Condition("L0-29 8/head int8" + A, "memory", "all8", "int8", adapter=True),
+    Condition("L0-29 32/head int4 (dense default)", "memory", "all32", "int4", throughput=True),
 ]
-DEFAULT = "L0-29 32/head int8"  # the current MemorySettings() default, int8 as connect()'s default
-# which settings' arrays each settings is cut from (None: encoded itself)
-SOURCE = {"paper": None, "all16": None, "all32": None, "allall": None, "upper32": "all32"}
+DEFAULT = "L0-29 32/head int4 (dense default)"  # connect()'s default: MemorySettings(), int4
+# which settings' arrays each settings is cut from (None: encoded itself): a layer's kept
+# tokens depend only on that layer's scores
+SOURCE = {"all8": None, "all16": None, "all32": None, "paper": "all8", "sparse": "all8", "upper16": "all16",
+          "upper32": "all32"}
 
 
 # -- retrieval with the leakage filter ----------------------------------------------------------
@@ -435,6 +450,35 @@ def throughput(conds, models, retrievers, questions, new_tokens, say):
     return {n: made[n] / spent[n] for n in spent}
 
 
+def general_texts(n):
+    """Python's documentation topics (`pydoc_data.topics`, shipped with Python): English prose
+    of another domain than the Wikipedia summaries training reads. Sorted by name, every
+    len/n-th one."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    return [topics[k] for k in names[:: max(1, len(names) // n)][:n]]
+
+
+@torch.no_grad()
+def perplexities(base, adapter, n):
+    """Perplexity without memory on the first 128 tokens of each text, base against adapter:
+    held-out Wikipedia summaries (training's domain, articles it never saw) and `general_texts`."""
+    wiki = {d["title"]: d for d in wikipedia()}
+    domains = {"held-out Wikipedia summaries": [wiki[t]["text"] for t in sorted(wiki) if held_out(t)][-n:],
+               "Python documentation (pydoc_data.topics)": general_texts(n)}
+    out = {}
+    for name, texts in domains.items():
+        ids = [torch.tensor([base.tokenizer.encode(t)[:128]]) for t in texts]
+        row = {"texts": len(texts), "tokens": sum(x.shape[1] - 1 for x in ids)}
+        for key, a in (("base", None), ("adapter", adapter)):
+            nll = sum(float(torch.nn.functional.cross_entropy(base.decoder(x, adapter=a)[0, :-1], x[0, 1:], reduction="sum"))
+                      for x in ids)
+            row[key] = float(np.exp(nll / row["tokens"]))
+        out[name] = row
+    return out
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 def summarize(rows, by_task=True):
@@ -505,23 +549,38 @@ def plot(results, path):
             y = results[base]["summary"][key]
             ax.axhline(y, linestyle=style, color="gray", label=f"{base} (no stored memory)" if base == "none" else "text RAG, 5 references")
         for i, (name, r) in enumerate(n for n in results.items() if "bytes" in n[1]):
-            codec = name.rsplit(" ", 1)[-1]
-            ax.plot(r["bytes"]["per_memory"], r["summary"][key], markers.get(codec, "o"), color=colors[i % 10], markersize=8, label=name)
+            codec = next((c for c in markers if f" {c}" in name), "int8")
+            ax.plot(r["bytes"]["per_memory"], r["summary"][key], markers[codec], color=colors[i % 10], markersize=8,
+                    fillstyle="full" if A in name else "none", label=name)
         ax.set_xscale("log")
         ax.set_xlabel("stored bytes per memory (log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle("SmolLM2-135M-Instruct, not trained to read memory: answer quality vs bytes per memory")
+    fig.suptitle("SmolLM2-135M-Instruct: answer quality vs bytes per memory (hollow: base weights; filled: + reader adapter)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def report(results, header, args, say):
+def report(results, header, args, say, ppl=None):
     print(header)
     print(table(results))
     print()
     print(table_tasks(results))
+    print("\nBytes per memory (mean): the stored record, the reference text inside it, the full fp16 K/V of the same "
+          "reference, and how many times smaller the record is, with and without its text:\n")
+    print("| condition | record | text | full fp16 K/V | x smaller | x smaller without text |\n|---|---|---|---|---|---|")
+    for name, r in results.items():
+        b = r.get("bytes")
+        if b and "text_per_memory" in b:
+            print(f"| {name} | {b['per_memory']:,.0f} | {b['text_per_memory']:,.0f} | {b['fp16_kv_per_memory']:,.0f} | "
+                  f"{1 / b['vs_fp16_kv']:.0f} | {1 / b['without_text_vs_fp16_kv']:.0f} |")
+    if ppl:
+        print("\nPerplexity without memory (first 128 tokens of each text), base weights against the adapter:\n")
+        print("| text | texts | tokens | base | + adapter | change |\n|---|---|---|---|---|---|")
+        for name, p in ppl.items():
+            print(f"| {name} | {p['texts']} | {p['tokens']} | {p['base']:.3f} | {p['adapter']:.3f} | "
+                  f"{100 * (p['adapter'] / p['base'] - 1):+.1f}% |")
     if args.plot:
         plot(results, args.plot)
         say(f"wrote {args.plot}")
@@ -536,6 +595,9 @@ def main():
     ap.add_argument("--throughput-questions", type=int, default=2)
     ap.add_argument("--throughput-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adapter", default=BUNDLED_FILE, help="reader adapter file for the '+ adapter' conditions "
+                    "(default: the bundled one); 'none' leaves them out")
+    ap.add_argument("--perplexity-texts", type=int, default=48, help="texts per domain for perplexity without memory")
     ap.add_argument("--plot", help="the PNG to write (default: docs/quality.png; none with --quick)")
     ap.add_argument("--json", help="raw results, every reply included (default: bench/out/quality.json; none with --quick)")
     ap.add_argument("--from-json", help="print the tables and draw the plot from a run's raw results; run nothing")
@@ -543,10 +605,11 @@ def main():
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
-        report(saved["results"], saved.get("header", ""), args, lambda msg: print(msg, file=sys.stderr))
+        report(saved["results"], saved.get("header", ""), args, lambda msg: print(msg, file=sys.stderr), saved.get("perplexity"))
         return
     if args.quick:
         args.per_task, args.distractors, args.throughput_questions, args.throughput_tokens = 4, 16, 1, 16
+        args.perplexity_texts = 4
     else:  # a smoke test does not overwrite the real figures
         args.plot = args.plot or os.path.join(ROOT, "docs", "quality.png")
         args.json = args.json or os.path.join(ROOT, "bench", "out", "quality.json")
@@ -560,15 +623,25 @@ def main():
     embedder = SharedEmbeddings(Embedder())
     n_layer = base.decoder.cfg.n_layer
     table_s = settings_table(n_layer)
-    variants = {k: MemoryModel(base.decoder, base.tokenizer, fingerprint=base.fingerprint, settings=s) for k, s in table_s.items()}
+    variants = {k: base.with_settings(s, adapter=None) for k, s in table_s.items()}
+    adapter = None
+    if args.adapter not in ("none", BUNDLED_FILE) and not os.path.exists(args.adapter):
+        raise SystemExit(f"--adapter {args.adapter}: no such file (m3db train writes RUN_DIR/adapter.safetensors)")
+    if args.adapter != "none" and os.path.exists(args.adapter):
+        adapter = ReaderAdapter.load(args.adapter, base.decoder.cfg, base_fingerprint=base.fingerprint)
+        read = {k: base.with_settings(s, adapter=adapter) for k, s in table_s.items()}
+        say(f"reader adapter {adapter.fingerprint[:19]}... ({args.adapter}), trained for {adapter.settings}")
+    conditions = [c for c in CONDITIONS if adapter is not None or not c.adapter]
+    if adapter is None:
+        say(f"no reader adapter at {args.adapter}: the '+ adapter' conditions are left out")
     questions, docs, skipped = build_questions(args.per_task, args.distractors, base.count_tokens, args.seed)
     say(f"{len(questions)} questions ({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}; "
         f"{skipped} blank questions not asked: their source reference would leak), {len(docs)} articles in the knowledge base")
 
     tmp = tempfile.TemporaryDirectory(prefix="m3db-quality-")
-    dbs, stores = {}, {}  # stores: settings key -> {reference text: encoded arrays}
-    for cond in CONDITIONS:
-        if cond.mode != "memory":
+    dbs, stores = {}, {}  # dbs: (settings key, codec) -> database; stores: settings key -> {reference text: arrays}
+    for cond in conditions:
+        if cond.mode != "memory" or (cond.settings, cond.codec) in dbs:
             continue
         src = SOURCE[cond.settings] or cond.settings
         layers = None if SOURCE[cond.settings] is None else variants[cond.settings].settings.memory_layers
@@ -580,26 +653,33 @@ def main():
         db = m3db.connect(os.path.join(tmp.name, f"{cond.settings}-{cond.codec}.m3db"), model=wrapper, embedder=embedder,
                           codec=cond.codec, config={"cache_bytes": 1})
         ingest = db.add_documents(docs, progress=False)
-        dbs[cond.name] = db
-        say(f"built {cond.name}: {ingest.memories_added} memories from {ingest.documents_added} articles in {time.perf_counter() - t:.0f} s")
+        dbs[cond.settings, cond.codec] = db
+        say(f"built {cond.settings} {cond.codec}: {ingest.memories_added} memories from {ingest.documents_added} articles "
+            f"in {time.perf_counter() - t:.0f} s")
     stores.clear()  # the databases hold the memories now
-    text_db = dbs[DEFAULT]  # none and rag read the same references' text from it
+    default = next(c for c in conditions if c.name == DEFAULT)
+    text_db = dbs[default.settings, default.codec]  # none and rag read the same references' text from it
 
     results, retrievers, models = {}, {}, {}
     cfg = base.decoder.cfg
-    for cond in CONDITIONS:
-        model = variants[cond.settings] if cond.mode == "memory" else variants["all32"]
+    for cond in conditions:
+        model = (read if cond.adapter else variants)[cond.settings if cond.mode == "memory" else "all32"]
+        db = dbs[cond.settings, cond.codec] if cond.mode == "memory" else text_db
         retriever = None
         if cond.mode != "none":
-            retriever = FilteredRetriever(dbs[cond.name] if cond.mode == "memory" else text_db, model, decode=cond.mode == "memory")
+            retriever = FilteredRetriever(db, model, decode=cond.mode == "memory")
         rows = evaluate(cond, model, retriever, questions, args.batch_size, say)
         res = {"summary": summarize(rows), "rows": rows}
         if retriever is not None:
             res["recalls"], res["dropped"] = retriever.recalls, retriever.dropped
         if cond.mode == "memory":
-            (count, stored, tokens), = dbs[cond.name].sql("SELECT count(*), sum(length), sum(token_count) FROM memories")
+            (count, stored, tokens, text), = db.sql("SELECT count(*), sum(length), sum(token_count), sum(octet_length(encode(text))) "
+                                                    "FROM memories")
             full_fp16 = n_layer * 2 * cfg.n_kv_head * cfg.head_dim * 2 * int(tokens)  # every layer, K and V, 2 bytes
-            res["bytes"] = {"per_memory": stored / count, "vs_fp16_kv": stored / full_fp16, "memories": count}
+            # without the reference's own text (a record keeps it for RAG, display and re-encoding)
+            res["bytes"] = {"per_memory": stored / count, "vs_fp16_kv": stored / full_fp16, "memories": count,
+                            "text_per_memory": text / count, "fp16_kv_per_memory": full_fp16 / count,
+                            "without_text_vs_fp16_kv": (stored - text) / full_fp16}
         elif cond.mode == "rag":
             (text_bytes,), = text_db.sql("SELECT avg(strlen(text)) FROM memories")
             res["bytes_note"] = f"{text_bytes:,.0f} (text)"
@@ -610,11 +690,15 @@ def main():
             + (f", leakage filter dropped {res['dropped']} references in {res['recalls']} recalls" if retriever else ""))
 
     tq = questions[:: max(1, len(questions) // args.throughput_questions)][: args.throughput_questions]
-    tps = throughput(CONDITIONS, models, retrievers, tq, args.throughput_tokens, say)
+    tps = throughput([c for c in conditions if c.throughput], models, retrievers, tq, args.throughput_tokens, say)
     for name, v in tps.items():
         results[name]["tok_s"] = v
+    ppl = None
+    if adapter is not None:
+        ppl = perplexities(base, adapter, args.perplexity_texts)
+        say(f"perplexity without memory, base -> adapter: {ppl}")
 
-    header = (f"\n{len(questions)} questions ({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}), "
+    header = (f"\n{'reader adapter ' + adapter.fingerprint[:19] + '...; ' if adapter else ''}{len(questions)} questions ({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}), "
               f"{len(docs)} articles, {results[DEFAULT]['bytes']['memories']} memories; "
               f"leakage filter: {sum(r.get('dropped', 0) for r in results.values())} references dropped in "
               f"{sum(r.get('recalls', 0) for r in results.values())} recalls; torch threads {torch.get_num_threads()}; "
@@ -625,8 +709,8 @@ def main():
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "header": header, "results": results}, f, indent=1)
-    report(results, header, args, say)
+            json.dump({"args": vars(args), "header": header, "results": results, "perplexity": ppl}, f, indent=1)
+    report(results, header, args, say, ppl)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 

@@ -147,6 +147,8 @@ def cmd_verify(args):
              (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
              (("--cold",), dict(action="store_true", help="cold start: store text and embeddings now, encode each memory "
                                                           "the first time it is read (docs/knowledge.md)")),
+             (("--sparse",), dict(action="store_true", help="a new database in the sparse memory mode: 8 tokens per "
+                                  "head on half the layers, read through the bundled reader adapter (docs/adapter.md)")),
          ])
 def cmd_build(args):
     import itertools
@@ -162,7 +164,7 @@ def cmd_build(args):
         if args.limit is not None:
             docs = itertools.islice(docs, args.limit)
     _say(f"loading the model and opening {args.path} ...")
-    with connect(args.path, codec=args.codec) as db:
+    with connect(args.path, codec=args.codec, memory_mode="sparse" if args.sparse else None) as db:
         _say(f"chunking, embedding{'' if args.cold else ' and encoding'} documents into memories "
              f"(commits every {args.batch_size}{'; cold: encoded on first read' if args.cold else ''}) ...")
         report = db.add_documents(docs, batch_size=args.batch_size, cold=args.cold)
@@ -180,7 +182,7 @@ def cmd_build(args):
              (("--rank",), dict(type=int, default=8, help="rank of the low-rank updates (default 8)")),
              (("--seed",), dict(type=int, default=0)),
              (("--eval-every",), dict(type=int, default=25, dest="eval_every", help="steps between held-out evaluations")),
-             (("--layers",), dict(help="memory layers, e.g. 0-14 or 0,5,10 (default: the paper's first half)")),
+             (("--layers",), dict(help="memory layers, e.g. 15-29 or 0,5,10 (default: the sparse mode's, the upper half)")),
              (("--tokens-per-head",), dict(type=int, default=8, dest="tokens_per_head", help="tokens kept per head (default 8, the paper's)")),
          ])
 def cmd_train(args):
@@ -195,7 +197,7 @@ def cmd_train(args):
     base, _ = bundled()
     n = base.decoder.cfg.n_layer
     try:
-        layers = layers or tuple(range(n // 2))
+        layers = layers or MemorySettings.sparse(n).memory_layers
         settings = MemorySettings(memory_layers=layers, tokens_per_head=args.tokens_per_head)
         model = MemoryModel(base.decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank, seed=args.seed,

@@ -31,7 +31,7 @@ from .errors import (
     ClosedError, DuplicateIdError, FormatError, InvalidInputError, M3DBError, NotFoundError, QueryError, SpecMismatchError,
 )
 from .index import INDEX_FILE, STATE_FILE, VectorIndex
-from .knowledge import KnowledgeVerbs, bundled, progress_bar, spec_fields
+from .knowledge import MEMORY_MODES, KnowledgeVerbs, bundled, progress_bar, spec_fields
 from .locations import LocationTable
 from .lock import DatabaseLock
 from .manifest import is_package
@@ -54,7 +54,8 @@ DEFAULT_CODEC = "int4"
 COLD = "cold"  # the codec column of a memory stored as text only, encoded on first read
 
 
-def connect(path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec=DEFAULT_CODEC):
+def connect(path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec=DEFAULT_CODEC,
+            memory_mode=None):
     """Open (or create) the m3db database at `path` (a directory), or ":memory:".
 
     spec: a MemorySpec (or its dict) for a database of precomputed memories. Without it, a new
@@ -67,6 +68,10 @@ def connect(path, *, spec=None, read_only=False, config=None, model=None, embedd
     codec: how a new database bound to a model stores keys and values ('f32', 'f16', 'int8',
     'int4'; default int4: it reads as well as int8 at half the bytes, docs/quality.md). A
     spec= names its own codec.
+    memory_mode: the bundled model's memory mode for a new database: "dense" (the default: every
+    layer, 32 tokens per head) or "sparse" (8 tokens per head on half the layers, about a
+    quarter of dense's bytes, read through the bundled reader adapter; docs/adapter.md). An
+    existing database opens with the mode it was built with; naming another is an error.
     A package file (`.m3kb`, from db.pack()) opens read-only in place; a list of package
     files (or a dict {name: path}) attaches them together, returning a PackageSet.
     """
@@ -74,7 +79,8 @@ def connect(path, *, spec=None, read_only=False, config=None, model=None, embedd
         from .attach import attach  # several packages recalled together
 
         return attach(path, spec=spec, config=config, model=model, embedder=embedder)
-    return Database(path, spec=spec, read_only=read_only, config=config, model=model, embedder=embedder, codec=codec)
+    return Database(path, spec=spec, read_only=read_only, config=config, model=model, embedder=embedder, codec=codec,
+                    memory_mode=memory_mode)
 
 
 def _guarded(method):
@@ -103,12 +109,17 @@ class CheckReport:
 
 
 class Database(KnowledgeVerbs):
-    def __init__(self, path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec=DEFAULT_CODEC):
+    def __init__(self, path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec=DEFAULT_CODEC,
+                 memory_mode=None):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(f"path must be a string or path-like (a directory, a .m3kb file or ':memory:'), got {type(path).__name__}")
+        if memory_mode is not None and memory_mode not in MEMORY_MODES:
+            raise InvalidInputError(f"memory_mode={memory_mode!r}: expected one of {', '.join(map(repr, MEMORY_MODES))}")
+        if memory_mode is not None and (model is not None or spec is not None):
+            raise InvalidInputError("pass memory_mode= or model=/spec=, not both: a model or spec carries its own memory settings")
         self.path = os.fspath(path)
         self._model = self._embedder = None  # bound on first use of a text verb
-        self._model_arg, self._embedder_arg = model, embedder
+        self._model_arg, self._embedder_arg, self._memory_mode = model, embedder, memory_mode
         self.read_only = bool(read_only)
         self._mutex = threading.RLock()
         self._closed = True
@@ -160,7 +171,7 @@ class Database(KnowledgeVerbs):
             # bound to a model: the spec comes from it (loading the bundled one if none is given)
             model, embedder = self._model_arg, self._embedder_arg
             if model is None or embedder is None:
-                default_model, default_embedder = bundled()
+                default_model, default_embedder = bundled(self._memory_mode)
                 model, embedder = model or default_model, embedder or default_embedder
             spec = MemorySpec(**spec_fields(model, embedder, codec))
             self._model, self._embedder = model, embedder
@@ -195,7 +206,7 @@ class Database(KnowledgeVerbs):
         self.cache = MemoryCache(self._config.get("cache_bytes", DEFAULT_CACHE_BYTES))
         self._filter_cache = {}  # (where, params) -> sorted allowed ids, valid for one commit
         self._filter_cache_seq = self._commit_seq
-        if self._model is None and (self._model_arg is not None or self._embedder_arg is not None):
+        if self._model is None and (self._model_arg is not None or self._embedder_arg is not None or self._memory_mode is not None):
             self._bind_models(self._model_arg, self._embedder_arg)  # a mismatch fails at open, not later
 
     def _recover_segments(self):

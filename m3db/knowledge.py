@@ -20,6 +20,7 @@ from typing import Protocol
 from .chunk import chunk_text
 from .errors import InvalidInputError, SpecMismatchError
 
+MEMORY_MODES = ("dense", "sparse")  # connect(memory_mode=...); model.settings.MemorySettings.named reads them
 MAX_DOCUMENT_CHARS = 20_000_000  # 20 M characters: larger is almost surely not one document
 _BUNDLED = {}
 _BUNDLED_LOCK = threading.Lock()
@@ -39,8 +40,16 @@ class Embedder(Protocol):
     def embed(self, texts: list): ...
 
 
-def bundled():
-    """(model, embedder): the bundled decoder and sentence embedder, loaded once per process."""
+def bundled(memory=None):
+    """(model, embedder): the bundled decoder and sentence embedder, loaded once per process.
+
+    memory: which memory settings the model writes and reads with: None or "dense" (every
+    layer, 32 tokens per head), "sparse" (`MemorySettings.sparse`), or a stored MemorySpec
+    (its settings, so a database opens with the settings it was built with; a spec from
+    another model gives the default model, and binding it reports the mismatch). Each settings
+    gets its own MemoryModel sharing the decoder's weights, with the bundled reader adapter
+    when one ships for exactly those settings.
+    """
     with _BUNDLED_LOCK:
         if not _BUNDLED:
             try:
@@ -53,7 +62,33 @@ def bundled():
                 ) from e
             _BUNDLED["model"] = SmolLM.load()
             _BUNDLED["embedder"] = MiniLM()
-        return _BUNDLED["model"], _BUNDLED["embedder"]
+            _BUNDLED["variants"] = {}
+        base, embedder = _BUNDLED["model"], _BUNDLED["embedder"]
+        settings = _settings(memory, base)
+        if settings is None or settings == base.settings:
+            return base, embedder
+        if settings not in _BUNDLED["variants"]:
+            _BUNDLED["variants"][settings] = base.with_settings(settings)
+        return _BUNDLED["variants"][settings], embedder
+
+
+def _settings(memory, base):
+    """The resolved MemorySettings that `bundled(memory)` means, or None for the default."""
+    from .model.settings import MemorySettings
+
+    n_layer = base.decoder.cfg.n_layer
+    if memory is None:
+        return None
+    if isinstance(memory, str):
+        return MemorySettings.named(memory, n_layer).resolve(n_layer)
+    if memory.model_fingerprint != base.fingerprint:
+        return None  # another model's database: binding reports the mismatch
+    try:
+        return MemorySettings(memory_layers=tuple(memory.memory_layers), tokens_per_head=memory.tokens_per_head,
+                              reference_length=memory.reference_length, reference_prefix=memory.reference_prefix,
+                              position_policy=memory.position_policy).resolve(n_layer)
+    except ValueError:
+        return None  # settings this model cannot have: binding reports the mismatch
 
 
 def spec_fields(model, embedder, codec):
@@ -120,7 +155,8 @@ class KnowledgeVerbs:
     def _bind_models(self, model, embedder):
         """Bind a model and embedder, checking them against the stored spec."""
         if model is None or embedder is None:
-            default_model, default_embedder = bundled()
+            # the bundled model with the settings asked for, else those this database was built with
+            default_model, default_embedder = bundled(getattr(self, "_memory_mode", None) or self.spec)
             model, embedder = model or default_model, embedder or default_embedder
         want = spec_fields(model, embedder, self.spec.codec)
         theirs = type(self.spec).from_dict(want)

@@ -28,7 +28,7 @@ from .decoder import DecoderConfig
 FORMAT = "m3db-reader-adapter"
 VERSION = 1
 TARGETS = ("q", "k", "v", "o")
-BUNDLED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapters", "reader-smollm2-135m-paper.safetensors")
+BUNDLED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapters", "reader-smollm2-135m-sparse.safetensors")
 
 
 class AdapterError(ValueError):

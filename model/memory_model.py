@@ -67,6 +67,15 @@ class MemoryModel:
             adapter = ReaderAdapter.load(adapter, g.config, base_fingerprint=g.fingerprint)
         return cls(decoder, Tokenizer(g.tokenizer), fingerprint=g.fingerprint, settings=settings, adapter=adapter)
 
+    def with_settings(self, settings: MemorySettings, *, adapter="default") -> "MemoryModel":
+        """The same weights with other memory settings (nothing is copied); adapter as in `load`."""
+        resolved = settings.resolve(self.decoder.cfg.n_layer)
+        if adapter == "default":
+            adapter = bundled_adapter(self.decoder.cfg, self.fingerprint, resolved)
+        elif adapter is not None and not isinstance(adapter, ReaderAdapter):
+            adapter = ReaderAdapter.load(adapter, self.decoder.cfg, base_fingerprint=self.fingerprint)
+        return type(self)(self.decoder, self.tokenizer, fingerprint=self.fingerprint, settings=resolved, adapter=adapter)
+
     @classmethod
     def tiny(cls, *, settings: MemorySettings | None = None, seed: int = 0, std: float = 0.02, config: DecoderConfig | None = None) -> "MemoryModel":
         """Random weights of the same architecture and a byte-level tokenizer: fast tests."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 POSITION_POLICIES = ("parallel", "sequential")
+MEMORY_MODES = ("dense", "sparse")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,23 @@ class MemorySettings:
     def paper(cls, n_layer: int) -> "MemorySettings":
         """The paper's sparse settings: first half of the layers, 8 tokens per head."""
         return cls(memory_layers=tuple(range(n_layer // 2)), tokens_per_head=8)
+
+    @classmethod
+    def sparse(cls, n_layer: int) -> "MemorySettings":
+        """m3db's sparse mode: the paper's budget (8 tokens per head, half the layers) placed on
+        the upper half, where SmolLM2 reads memory (DESIGN.md; docs/adapter.md measured the
+        first half training slower). Read through the bundled reader adapter."""
+        return cls(memory_layers=tuple(range(n_layer - n_layer // 2, n_layer)), tokens_per_head=8)
+
+    @classmethod
+    def named(cls, mode: str, n_layer: int) -> "MemorySettings":
+        """The settings of a memory mode: "dense" (every layer, 32 tokens per head, read by the
+        base weights) or "sparse" (see `sparse`)."""
+        if mode == "dense":
+            return cls()
+        if mode == "sparse":
+            return cls.sparse(n_layer)
+        raise ValueError(f"memory mode {mode!r} is not one of {MEMORY_MODES}")
 
     def resolve(self, n_layer: int) -> "MemorySettings":
         """A copy with memory_layers made explicit and every value checked against the model."""

@@ -289,3 +289,11 @@ def test_get_many_keeps_order_and_refuses_unknown_ids(mem_db):
     assert [m.id for m in mem_db.get_many(ids[::-1])] == ids[::-1]
     with pytest.raises(m3db.NotFoundError):
         mem_db.get_many([ids[0], 999])
+
+
+def test_a_bad_memory_mode_is_refused_before_anything_is_made(tmp_path):
+    with pytest.raises(m3db.InvalidInputError, match="memory_mode='medium': expected one of 'dense', 'sparse'"):
+        m3db.connect(tmp_path / "a", memory_mode="medium")
+    with pytest.raises(m3db.InvalidInputError, match="not both"):
+        m3db.connect(tmp_path / "b", memory_mode="sparse", spec=small_spec())
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
