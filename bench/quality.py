@@ -48,7 +48,7 @@ Metrics per condition:
             a question, memories read from disk, all conditions in lockstep (one step of each
             in turn) so the shared CPU's drift hits all alike; prefill and retrievals included.
 
-    python bench/quality.py              # the full run (about 40 min on this 2-core machine)
+    python bench/quality.py              # the full run (about 20 min on this 2-core machine)
     python bench/quality.py --quick      # smoke test: 4 questions per task, small KB
     python bench/quality.py --from-json bench/out/quality.json   # tables + plot of a saved run
 """
