@@ -69,8 +69,8 @@ def connect(path, *, spec=None, read_only=False, config=None, model=None, embedd
     'int4'; default int4: it reads as well as int8 at half the bytes, docs/quality.md). A
     spec= names its own codec.
     memory_mode: the bundled model's memory mode for a new database: "dense" (the default: every
-    layer, 32 tokens per head) or "sparse" (8 tokens per head on half the layers, about a
-    quarter of dense's bytes, read through the bundled reader adapter; docs/adapter.md). An
+    layer, 32 tokens per head) or "sparse" (8 tokens per head on half the layers, 15% of
+    dense's bytes at the same codec, read through the bundled reader adapter; docs/adapter.md). An
     existing database opens with the mode it was built with; naming another is an error.
     A package file (`.m3kb`, from db.pack()) opens read-only in place; a list of package
     files (or a dict {name: path}) attaches them together, returning a PackageSet.
