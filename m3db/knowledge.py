@@ -150,13 +150,13 @@ class _Retrieved:
 class KnowledgeVerbs:
     """Mixed into Database: the verbs that chunk, embed, encode and generate."""
 
-    # set by Database: _model, _embedder (None until bound)
+    # set by Database: _model, _embedder (None until bound), _model_arg, _embedder_arg, _memory_mode
 
     def _bind_models(self, model, embedder):
         """Bind a model and embedder, checking them against the stored spec."""
         if model is None or embedder is None:
             # the bundled model with the settings asked for, else those this database was built with
-            default_model, default_embedder = bundled(getattr(self, "_memory_mode", None) or self.spec)
+            default_model, default_embedder = bundled(self._memory_mode or self.spec)
             model, embedder = model or default_model, embedder or default_embedder
         want = spec_fields(model, embedder, self.spec.codec)
         theirs = type(self.spec).from_dict(want)
