@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import m3db  # noqa: E402
-from m3db.codec import CODECS, codec_class  # noqa: E402
-from m3db.record import encode_record  # noqa: E402
+from m3db.storage.codec import CODECS, codec_class  # noqa: E402
+from m3db.storage.record import encode_record  # noqa: E402
 
 LAYERS, HEADS, TOKENS, HEAD_DIM, DIM = 15, 3, 8, 64, 384
 TOTAL_LAYERS, REF_LEN = 30, 128
@@ -81,7 +81,7 @@ def bytes_per_memory():
 
 
 def iid_worst_case(rng, n=20_000, queries=100):
-    from m3db.index import VectorIndex
+    from m3db.storage.index import VectorIndex
     index = VectorIndex(DIM)
     x = embeddings(rng, n, iid=True)
     index.add(np.arange(n), x)

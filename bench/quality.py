@@ -27,7 +27,7 @@ per head, and on all 30 layers; and the dense default (all layers, 32 tokens per
 Plus perplexity without memory, base against adapter, on held-out Wikipedia summaries (the
 training domain) and on Python's own documentation (`pydoc_data.topics`: another domain).
 Retrieval is the engine's (`db.recall`: all-MiniLM-L6-v2 + USearch), then the paper's leakage
-filter (m3db.leakage: a reference whose LCS with the question covers > 2/3 of its words is
+filter (m3db.knowledge.leakage: a reference whose LCS with the question covers > 2/3 of its words is
 dropped; recall fetches extra candidates so every chunk still reads 5), then the kept
 memories are read from the database's segments (`db.get_many`; the RAM cache of decoded
 memories is off, so every read decodes a record from disk or the page cache).
@@ -73,9 +73,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import m3db  # noqa: E402
-from m3db.chunk import chunk_text  # noqa: E402
-from m3db.knowledge import _Retrieved  # noqa: E402
-from m3db.leakage import leaks  # noqa: E402
+from m3db.knowledge.chunk import chunk_text  # noqa: E402
+from m3db.knowledge.answer import Retrieved  # noqa: E402
+from m3db.knowledge.leakage import leaks  # noqa: E402
 from m3db.model.embedder import Embedder  # noqa: E402
 from m3db.model.generate import Sampling, run  # noqa: E402
 from m3db.model.adapter import BUNDLED_FILE, ReaderAdapter  # noqa: E402
@@ -83,7 +83,7 @@ from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.score import answer_logprobs  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
 from m3db.model.train_data import capitals, held_out  # noqa: E402
-from m3db.sources import wikipedia  # noqa: E402
+from m3db.knowledge.sources import wikipedia  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TASKS = ("capital", "whatis", "blank")
@@ -337,7 +337,7 @@ class FilteredRetriever:
         C = self.model.settings.chunk_length
         if mode == "rag":  # the loop retrieves once, with the last prompt chunk
             spans = [(max(0, len(ids) - C), len(ids))]
-        else:  # chunks aligned on the prompt's end, as `_Loop._prefill_memory` cuts them
+        else:  # chunks aligned on the prompt's end, as `GenerationLoop._prefill_memory` cuts them
             spans = [(max(0, e - C), e) for e in range(len(ids), 0, -C)][::-1]
         return [self.model.tokenizer.decode(ids[a:b], skip_special=True) for a, b in spans]
 
@@ -375,8 +375,8 @@ class FilteredRetriever:
         if self.decode:
             # read the kept memories' arrays from the segments (decoded, checksummed)
             memories = self.db.get_many([m.id for m in kept])
-            return [_Retrieved(dataclasses.replace(m, memory=mem)) for m, mem in zip(kept, memories)]
-        return [_Retrieved(m) for m in kept]
+            return [Retrieved(dataclasses.replace(m, memory=mem)) for m, mem in zip(kept, memories)]
+        return [Retrieved(m) for m in kept]
 
 
 # -- evaluation ---------------------------------------------------------------------------------

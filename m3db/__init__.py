@@ -5,11 +5,12 @@
     db.add("Paris is the capital of France.")
     print(db.generate("What is the capital of France?").text)
 
-This module only re-exports; each noun lives in its own module.
+This module only re-exports; each noun lives in its own module, in layers (docs/architecture.md):
+storage/ (records, codecs, segments, catalog, index, the commit protocol), search/ (recall plans
+and results), sql/, package/, knowledge/ (text in, answers out), cli/; database.py composes them.
 """
 
-from .codec import CODECS, Codec
-from .database import CheckReport, Database, connect
+from .database import CheckReport, Database, attach, connect
 from .errors import (
     ClosedError,
     DependencyError,
@@ -22,20 +23,24 @@ from .errors import (
     QueryError,
     ReadOnlyError,
     SpecMismatchError,
+    StorageError,
 )
-from .attach import PackageSet, attach
-from .knowledge import Answer, IngestReport, Source
-from .package import VerifyReport, verify
-from .query import Rows
-from .recall import Match, Matches
-from .record import Memory
-from .spec import MemorySpec
-
-__version__ = "0.1.0"
+from .knowledge import sources
+from .knowledge.answer import Answer, Source
+from .knowledge.ingest import IngestReport
+from .package.multi import PackageSet
+from .package.verify import VerifyReport, verify
+from .search.results import Match, Matches
+from .sql.rows import Rows
+from .storage.codec import CODECS, Codec
+from .storage.record import Memory
+from .storage.spec import MemorySpec
+from .version import __version__
 
 __all__ = [
     "Answer", "CODECS", "CheckReport", "ClosedError", "Codec", "Database", "DependencyError", "DuplicateIdError", "FormatError",
     "IngestReport", "InvalidInputError", "LockedError", "M3DBError", "Match", "Matches", "Memory", "MemorySpec",
-    "NotFoundError", "PackageSet", "QueryError", "ReadOnlyError", "Rows", "Source", "SpecMismatchError", "VerifyReport",
-    "attach", "connect", "verify",
+    "NotFoundError", "PackageSet", "QueryError", "ReadOnlyError", "Rows", "Source", "SpecMismatchError", "StorageError",
+    "VerifyReport",
+    "__version__", "attach", "connect", "sources", "verify",
 ]

@@ -76,3 +76,10 @@ class DependencyError(M3DBError, ImportError):
     """An optional package that this call needs is not installed."""
 
     code = "missing_dependency"
+
+
+class StorageError(M3DBError, OSError):
+    """Reading or writing the database's files failed (a full disk, a permission, an I/O error):
+    the operation was rolled back; `errno` is the operating system's, when it gave one."""
+
+    code = "storage"

@@ -98,7 +98,7 @@ def _positions(valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     return (start[:, None] + valid.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-class _Loop:
+class GenerationLoop:
     """State of one batched generation (memory, none or rag)."""
 
     def __init__(self, model, prompts: list[list[int]], mode: str, retriever: Retriever | None, s: Sampling):
@@ -289,9 +289,9 @@ class _Loop:
         return out
 
 
-def run(model, prompts: list[list[int]], *, mode: str, retriever: Retriever | None, sampling: Sampling) -> tuple[_Loop, Iterator]:
+def run(model, prompts: list[list[int]], *, mode: str, retriever: Retriever | None, sampling: Sampling) -> tuple[GenerationLoop, Iterator]:
     """Start a batched generation: returns the loop (for `results()`) and its step iterator."""
-    loop = _Loop(model, prompts, mode, retriever, sampling)
+    loop = GenerationLoop(model, prompts, mode, retriever, sampling)
     return loop, loop.run()
 
 

@@ -3,7 +3,7 @@
 Owns teacher-forced scoring for the quality evaluation: `answer_logprobs(model, prompts,
 answers, retriever=..., mode=...)` returns, per row, log p(answer token | prompt, earlier answer
 tokens, memories) for every answer token. It drives the generation loop's own machinery
-(`model.generate._Loop`: the same chunked prefill, the same retrievals, memory placement, and
+(`model.generate.GenerationLoop`: the same chunked prefill, the same retrievals, memory placement, and
 re-retrieval after every chunk_length answer tokens, the same RAG re-prefill), only feeding the
 given answer tokens instead of sampled ones; tests/model/test_score.py proves its sum equals the
 sum of the generation loop's per-step log-softmax on greedy tokens, so the two cannot drift
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .generate import Sampling, _Loop
+from .generate import Sampling, GenerationLoop
 from .memory import Retriever
 
 Answer = str | Sequence[int]
@@ -45,9 +45,9 @@ def answer_logprobs(model, prompts: Sequence, answers: Sequence[Answer], *, retr
     prompt_ids = [model._ids(p) for p in prompts]
     answer_ids = [_answer_ids(model, a) for a in answers]
     n_max = max(len(a) for a in answer_ids)
-    loop = _Loop(model, prompt_ids, mode, retriever, Sampling(max_tokens=n_max, stop_tokens=()))
+    loop = GenerationLoop(model, prompt_ids, mode, retriever, Sampling(max_tokens=n_max, stop_tokens=()))
     C = loop.C
-    # the start of `_Loop.run`: memory prefills chunk by chunk; rag retrieves once with the
+    # the start of `GenerationLoop.run`: memory prefills chunk by chunk; rag retrieves once with the
     # last prompt chunk and prefills the references' text; none prefills the prompt alone
     if mode == "memory":
         last = loop._prefill_memory()
@@ -74,7 +74,7 @@ def answer_logprobs(model, prompts: Sequence, answers: Sequence[Answer], *, retr
         n = step + 1
         if n == n_max:
             break
-        # the rest of `_Loop.run`'s step: re-retrieve after every C tokens, else feed
+        # the rest of `GenerationLoop.run`'s step: re-retrieve after every C tokens, else feed
         if mode != "none" and n % C == 0:
             last = loop._refresh(n)
             if last is not None:

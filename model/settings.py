@@ -17,10 +17,11 @@ class MemorySettings:
     """How memories are written and read.
 
     memory_layers: decoder layers that read memory (None = every layer). The paper uses the
-        first half; untrained SmolLM2 gains nothing from layers 0-14 alone (DESIGN.md's
-        measurement), so the default is every layer ("dense", training-free).
+        first half; untrained SmolLM2 gains nothing from layers 0-14 alone (docs/decoder.md,
+        design measurements), so the default is every layer ("dense", training-free).
     tokens_per_head: tokens kept per (memory layer, KV head); the paper keeps 8 of 128.
-        Default 32: DESIGN.md measured top-32 keeping as much of the gain as all tokens.
+        Default 32: the design measurements (docs/decoder.md) found top-32 keeping as much of
+        the gain as all tokens.
     reference_length: most tokens in one reference (paper: 128; positions are uint8).
     reference_prefix: text put before every reference when it is encoded, and read as a
         constant attention sink at every memory head (paper: `<s>Reference:`; SmolLM2's
@@ -49,8 +50,9 @@ class MemorySettings:
     @classmethod
     def sparse(cls, n_layer: int) -> "MemorySettings":
         """m3db's sparse mode: the paper's budget (8 tokens per head, half the layers) placed on
-        the upper half, where SmolLM2 reads memory (DESIGN.md; docs/adapter.md measured the
-        first half training slower). Read through the bundled reader adapter."""
+        the upper half, where SmolLM2 reads memory (docs/decoder.md, design measurements;
+        docs/adapter.md measured the first half training slower). Read through the bundled
+        reader adapter."""
         return cls(memory_layers=tuple(range(n_layer - n_layer // 2, n_layer)), tokens_per_head=8)
 
     @classmethod
@@ -62,6 +64,15 @@ class MemorySettings:
         if mode == "sparse":
             return cls.sparse(n_layer)
         raise ValueError(f"memory mode {mode!r} is not one of {MEMORY_MODES}")
+
+    @classmethod
+    def from_spec(cls, spec) -> "MemorySettings":
+        """The settings a stored memory spec records: `spec` is any object with the spec's field
+        names (the engine's MemorySpec; this module cannot import it). Chunking knobs keep their
+        defaults: they steer generation, the spec does not record them."""
+        return cls(memory_layers=tuple(spec.memory_layers), tokens_per_head=spec.tokens_per_head,
+                   reference_length=spec.reference_length, reference_prefix=spec.reference_prefix,
+                   position_policy=spec.position_policy)
 
     def resolve(self, n_layer: int) -> "MemorySettings":
         """A copy with memory_layers made explicit and every value checked against the model."""

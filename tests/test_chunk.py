@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from m3db.chunk import chunk_text, split_sentences
+from m3db.knowledge.chunk import chunk_text, split_sentences
 
 
 def words(text):

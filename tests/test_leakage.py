@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from m3db.leakage import LIMIT, lcs_length, leaks, overlap, words
+from m3db.knowledge.leakage import LIMIT, lcs_length, leaks, overlap, words
 
 
 def lcs_dp(a, b):

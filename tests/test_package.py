@@ -14,8 +14,8 @@ import pytest
 
 import m3db
 from conftest import make_memory, small_spec
-from m3db import package as package_mod
-from m3db.manifest import HEADER_PAGE
+from m3db.package import pack as package_mod
+from m3db.package.manifest import HEADER_PAGE
 
 N = 40
 

@@ -20,7 +20,7 @@ import pytest
 
 import m3db
 from conftest import make_memory, small_spec
-from m3db.manifest import HEADER, HEADER_CRC, HEADER_PAGE, MAGIC, align, dump_manifest, pack_header
+from m3db.package.manifest import HEADER, HEADER_CRC, HEADER_PAGE, MAGIC, align, dump_manifest, pack_header
 
 ALLOC_LIMIT = 24 << 20  # bytes of Python/numpy memory an open of a hostile file may peak at
 

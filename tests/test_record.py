@@ -6,9 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from m3db.codec import codec_class
+from m3db.storage.codec import codec_class
 from m3db.errors import FormatError
-from m3db.record import HEADER_SIZE, MAX_PAYLOAD, decode_record, encode_record, frame
+from m3db.storage.record import HEADER_SIZE, MAX_PAYLOAD, decode_record, encode_record, frame
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "record_v1.bin")
 

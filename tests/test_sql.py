@@ -8,7 +8,7 @@ import pytest
 
 import m3db
 from conftest import make_memory, small_spec
-from m3db import query, sql_check, sql_plan
+from m3db.sql import check as sql_check, plan as sql_plan, run as query
 
 LANGS = ("en", "fr", "de")
 
@@ -315,10 +315,10 @@ def test_direct_path_is_only_taken_for_plain_shapes(db):
 
 
 def test_delete_forgets_in_one_transaction(db):
-    seq = db._commit_seq
+    seq = db.commit_seq
     rows = db.sql("DELETE FROM memories WHERE lang = ?", ["de"])
     assert rows.columns == ["memories_forgotten"] and rows[0][0] == 20
-    assert db._commit_seq == seq + 1 and len(db) == 40
+    assert db.commit_seq == seq + 1 and len(db) == 40
     assert all(m.metadata["lang"] != "de" for m in db.recall(vec(0), k=40))
     assert db.sql("SELECT count(*) FROM forgotten")[0][0] == 20
     rows = db.sql("DELETE FROM memories m USING documents d WHERE d.id = m.document_id AND d.source = 'doc1'")
@@ -402,10 +402,10 @@ REFUSED = [
 
 @pytest.mark.parametrize("sql,message", REFUSED)
 def test_refused_statements(db, sql, message):
-    before = db.sql("SELECT count(*) FROM memories")[0][0], db._commit_seq
+    before = db.sql("SELECT count(*) FROM memories")[0][0], db.commit_seq
     with pytest.raises(m3db.QueryError, match=message):
         db.sql(sql)
-    assert (db.sql("SELECT count(*) FROM memories")[0][0], db._commit_seq) == before
+    assert (db.sql("SELECT count(*) FROM memories")[0][0], db.commit_seq) == before
 
 
 def test_cte_names_are_resolved_by_scope(db):

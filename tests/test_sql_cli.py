@@ -13,7 +13,7 @@ import pytest
 
 import m3db
 from conftest import make_memory, small_spec
-from m3db.shell import split_statements
+from m3db.cli.shell import split_statements
 
 
 def run(*args, stdin=None, env=None):

@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("torch")
 import m3db  # noqa: E402
-from m3db import query  # noqa: E402
-from m3db.demo import hashed_embedding  # noqa: E402
+from m3db.sql import run as query  # noqa: E402
+from m3db.testing import hashed_embedding  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 
 DOCUMENTED = (m3db.QueryError, m3db.ReadOnlyError, m3db.InvalidInputError)
@@ -242,14 +242,14 @@ def test_fuzz_writable(kb_path, tmp_path, monkeypatch):
     with m3db.connect(path, model=MemoryModel.tiny(), embedder=HashEmbedder()) as db:
         tables, _ = snapshot(db)
         meta_keys = sorted(r[0] for r in db.sql("SELECT key FROM meta"))
-        seq = [db._commit_seq]
+        seq = [db.commit_seq]
 
         def only_writes_commit(statement):
             # a read leaves the commit where it was; an INSERT or DELETE commits at most once
-            grew = db._commit_seq - seq[0]
+            grew = db.commit_seq - seq[0]
             plan = query._plan(db, statement)
             assert grew == 0 or (grew == 1 and plan.kind in ("insert", "delete") and not plan.explain), statement
-            seq[0] = db._commit_seq
+            seq[0] = db.commit_seq
 
         outcomes = run(db, Generator(seed=2), WRITABLE_STATEMENTS, only_writes_commit)
         assert snapshot(db)[0] == tables

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("torch")
 import m3db  # noqa: E402
-from m3db.demo import HashEmbedder  # noqa: E402
+from m3db.testing import HashEmbedder  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 
 

@@ -5,7 +5,8 @@ import pytest
 
 pytest.importorskip("torch")
 import m3db  # noqa: E402
-from m3db.demo import HashEmbedder  # noqa: E402
+from m3db.knowledge.ingest import MAX_DOCUMENT_CHARS  # noqa: E402
+from m3db.testing import HashEmbedder  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def test_empty_unicode_and_bad_documents(kb):
     with pytest.raises(m3db.InvalidInputError, match="dict with 'text'"):
         kb.add_documents([42], progress=False)
     with pytest.raises(m3db.InvalidInputError, match="limit"):
-        kb.add("x" * (m3db.knowledge.MAX_DOCUMENT_CHARS + 1))
+        kb.add("x" * (MAX_DOCUMENT_CHARS + 1))
     assert kb.add("") == []
 
 

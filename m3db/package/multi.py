@@ -1,0 +1,99 @@
+"""Several packages at once: `PackageSet` recalls from each and merges by score; each match names
+its package. Their memory specs must match (m3db.attach checks). Imports: errors and search's
+result nouns; the packages arrive opened (as read-only databases).
+"""
+
+import dataclasses
+
+from ..errors import M3DBError, NotFoundError
+from ..search.results import Match, Matches
+
+
+@dataclasses.dataclass(repr=False)
+class PackageMatch(Match):
+    """A recalled memory and the package it came from (`package`, the name it was attached as)."""
+
+    package: str = ""
+
+    def __repr__(self):
+        text = self.text if len(self.text) <= 40 else self.text[:37] + "..."
+        return f"<Match {self.package}:{self.id} score={self.score:.4f} text={text!r}>"
+
+
+class PackageMatches(Matches):
+    """Matches from several packages, best first; each names its package."""
+
+    @property
+    def keys(self):
+        return [(m.package, m.id) for m in self]
+
+    def to_list(self):
+        return [dict(d, package=m.package) for d, m in zip(super().to_list(), self)]
+
+    def __repr__(self):
+        return f"<Matches {len(self)} keys={self.keys}>"
+
+
+class PackageSet:
+    """Packages attached to one connection: recalled together, merged by score.
+
+    `packages` maps each name to its read-only Database. All share one memory spec (`spec`).
+    """
+
+    def __init__(self, packages):
+        self.packages = dict(packages)
+        first = next(iter(self.packages.items()), None)
+        self.spec = first[1].spec if first else None
+
+    @property
+    def names(self):
+        return list(self.packages)
+
+    def recall(self, vector, k=5, where=None, params=None, *, decode=False):
+        """The k memories nearest `vector` across every package, best first (PackageMatches).
+
+        Each package is recalled with the same k and filter (see Database.recall), then the
+        results are merged by score; ties go to the package attached first, then the lower id.
+        """
+        found = []
+        plans = {}
+        for rank, (name, db) in enumerate(self.packages.items()):
+            try:
+                matches = db.recall(vector, k, where, params, decode=decode)
+            except M3DBError as e:
+                raise type(e)(f"package {name!r}: {str(e).split('] ', 1)[-1]}") from e
+            plans[name] = matches.plan
+            for m in matches:
+                found.append((-m.score, rank, m.id, PackageMatch(m.id, m.score, m.text, m.metadata, m.document_id, m.memory, name)))
+        found.sort(key=lambda t: t[:3])
+        return PackageMatches([t[3] for t in found[:k]], {"strategy": "merge", "packages": plans})
+
+    def get(self, package, memory_id):
+        """The memory `memory_id` of the package named `package`, decoded."""
+        return self._package(package).get(memory_id)
+
+    def sql(self, package, query, params=None):
+        """One read-only SQL statement over the catalog of the package named `package`."""
+        return self._package(package).sql(query, params)
+
+    def _package(self, name):
+        if name not in self.packages:
+            raise NotFoundError(f"no package named {name!r} is attached; attached: {', '.join(self.packages)}")
+        return self.packages[name]
+
+    def __len__(self):
+        return sum(len(db) for db in self.packages.values())
+
+    def close(self):
+        for db in self.packages.values():
+            if not db.closed:
+                db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<m3db.PackageSet {', '.join(f'{n}={len(db)}' for n, db in self.packages.items())}>"

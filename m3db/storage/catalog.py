@@ -1,0 +1,389 @@
+"""The catalog: the DuckDB database that says which memories exist and where their bytes are.
+
+Only this module talks to DuckDB. Tables (users may read them with plain SQL):
+- `meta(key, value)`: format version, the memory spec (JSON), the commit sequence number,
+  the next free memory id;
+- `documents(id, source, title, uri, metadata, created_at)`;
+- `memories(id, document_id, ordinal, char_start, char_end, text, token_count, embedding,
+  segment, offset, length, checksum, codec, commit_seq, created_at, <user metadata columns>)`:
+  the text and embedding are kept so the index can be rebuilt and memories re-encoded;
+  char_start/char_end are the reference's span in its document's text; codec 'cold' marks a
+  memory stored as text only, encoded the first time it is read (m3db.knowledge.warm); user metadata
+  keys become typed columns, so filters like `lang = 'en' AND year > 2000` run at columnar
+  speed;
+- `forgotten(id, commit_seq)`: tombstones, so the index can catch up with deletions;
+- `codecs(name, version, params)`: parameters of trained codecs (msgpack).
+
+Memory ids are unique by the engine's rule (checked on add and by `check()`), not by a
+DuckDB key: an ART key slows bulk inserts and m3db already holds an id map in memory.
+"""
+
+import json
+import re
+
+import duckdb
+import msgpack
+import numpy as np
+
+from ..errors import FormatError, InvalidInputError, LockedError, QueryError, ReadOnlyError
+
+CATALOG_VERSION = 2  # 2: char_start, char_end
+
+BUILTIN_COLUMNS = (
+    "id", "document_id", "ordinal", "char_start", "char_end", "text", "token_count", "embedding", "segment", "offset",
+    "length", "checksum", "codec", "commit_seq", "created_at",
+)
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# metadata value type -> DuckDB column type
+_SQL_TYPES = {bool: "BOOLEAN", int: "BIGINT", float: "DOUBLE", str: "VARCHAR", "json": "JSON"}
+_READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+# The catalog connection runs users' SQL (db.sql, recall filters): DuckDB itself refuses files,
+# URLs, other databases and extension downloads, and no statement may change that. The SQL
+# checks in m3db.sql.check come on top of this, not instead of it.
+LOCKED_DOWN = {"enable_external_access": False, "autoinstall_known_extensions": False,
+               "autoload_known_extensions": False, "lock_configuration": True}
+
+
+def metadata_sql_type(key, value):
+    """The DuckDB column type a metadata value is stored as, or an InvalidInputError."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "BOOLEAN"
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise InvalidInputError(f"metadata {key!r}: integer {value} does not fit in 64 bits")
+        return "BIGINT"
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidInputError(f"metadata {key!r}: {value} is not a finite number")
+        return "DOUBLE"
+    if isinstance(value, str):
+        return "VARCHAR"
+    if isinstance(value, (list, dict)):
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"metadata {key!r}: lists and dicts must hold only JSON values ({e})") from e
+        return "JSON"
+    raise InvalidInputError(
+        f"metadata {key!r} has type {type(value).__name__}; metadata values may be str, int, float, "
+        "bool, None, or lists/dicts of those: convert it first (e.g. str(value) or value.isoformat())"
+    )
+
+
+def check_metadata_key(key):
+    if not isinstance(key, str) or not _IDENT.match(key):
+        raise InvalidInputError(
+            f"metadata key {key!r} is not a plain identifier (letters, digits, _; not starting with a digit)"
+        )
+    if key.lower() in BUILTIN_COLUMNS:
+        raise InvalidInputError(
+            f"metadata key {key!r} collides with a built-in column of `memories` ({', '.join(BUILTIN_COLUMNS)}); rename it"
+        )
+
+
+class Catalog:
+    def __init__(self, path, *, read_only=False):
+        self.read_only = read_only
+        try:
+            self.con = duckdb.connect(path, read_only=read_only, config=LOCKED_DOWN)
+        except duckdb.IOException as e:
+            msg = str(e)
+            if "lock" in msg.lower():
+                raise LockedError(
+                    f"the catalog {path!r} is open in another process ({msg.splitlines()[0]}). DuckDB allows one "
+                    "writing process, or many read_only=True processes, never both"
+                ) from e
+            raise FormatError(f"cannot open the catalog {path!r}: {msg}") from e
+        except duckdb.Error as e:
+            raise FormatError(f"cannot open the catalog {path!r}: {e}") from e
+        self._columns = None
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def is_new(self):
+        return not self.con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+        ).fetchone()[0]
+
+    def create(self, spec_json, embedding_dim):
+        c = self.con
+        c.execute("BEGIN")
+        c.execute("CREATE TABLE meta(key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+        c.execute(
+            "CREATE TABLE documents(id BIGINT PRIMARY KEY, source VARCHAR NOT NULL UNIQUE, title VARCHAR, "
+            "uri VARCHAR, metadata JSON, created_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"
+        )
+        c.execute(
+            f"""CREATE TABLE memories(
+                id BIGINT NOT NULL, document_id BIGINT, ordinal INTEGER, char_start INTEGER, char_end INTEGER,
+                text VARCHAR NOT NULL,
+                token_count INTEGER, embedding FLOAT[{int(embedding_dim)}] NOT NULL,
+                segment INTEGER NOT NULL, "offset" BIGINT NOT NULL, length INTEGER NOT NULL,
+                checksum UBIGINT NOT NULL, codec VARCHAR NOT NULL, commit_seq BIGINT NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"""
+        )
+        c.execute("CREATE TABLE forgotten(id BIGINT NOT NULL, commit_seq BIGINT NOT NULL)")
+        c.execute("CREATE TABLE codecs(name VARCHAR, version INTEGER, params BLOB, PRIMARY KEY (name, version))")
+        for key, value in (("format_version", CATALOG_VERSION), ("spec", spec_json), ("commit_seq", 0), ("next_id", 0)):
+            c.execute("INSERT INTO meta VALUES (?, ?)", [key, str(value)])
+        c.execute("COMMIT")
+
+    def meta(self):
+        try:
+            rows = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
+        except duckdb.Error as e:
+            raise FormatError(f"the catalog has no readable `meta` table; it is not an m3db database ({e})") from e
+        version = int(rows.get("format_version", -1))
+        if version != CATALOG_VERSION:
+            raise FormatError(
+                f"catalog format version {version}; this m3db reads version {CATALOG_VERSION}"
+                + (": rebuild the knowledge base with this version (m3db build)" if version < CATALOG_VERSION else "")
+            )
+        return rows
+
+    def set_meta(self, key, value):
+        self.con.execute("UPDATE meta SET value = ? WHERE key = ?", [str(value), key])
+
+    def columns(self):
+        """{column name: DuckDB type} of `memories` (built-in and metadata columns)."""
+        if self._columns is None:
+            rows = self.con.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'memories' ORDER BY ordinal_position"
+            ).fetchall()
+            self._columns = dict(rows)
+        return self._columns
+
+    def metadata_columns(self):
+        return {k: v for k, v in self.columns().items() if k not in BUILTIN_COLUMNS}
+
+    def add_metadata_column(self, key, sql_type):
+        self.con.execute(f'ALTER TABLE memories ADD COLUMN "{key}" {sql_type}')
+        self._columns = None
+
+    # -- transactions ----------------------------------------------------------------------
+
+    def begin(self):
+        self.require_writable()
+        self.con.execute("BEGIN")
+
+    def commit(self):
+        self.con.execute("COMMIT")
+
+    def rollback(self):
+        try:
+            self.con.execute("ROLLBACK")
+        except duckdb.TransactionException:
+            pass  # nothing was open
+        self._columns = None  # an ALTER may have been rolled back
+
+    def require_writable(self):
+        """Raise ReadOnlyError unless this catalog may be written."""
+        if self.read_only:
+            raise ReadOnlyError("the database was opened with read_only=True; open it without read_only to write")
+
+    # -- writing (inside begin/commit) -----------------------------------------------------
+
+    def insert_memories(self, batch):
+        """batch: {column: numpy array or object array}; built-in columns plus metadata columns."""
+        names = list(batch)
+        cols = ", ".join(f'"{n}"' for n in names)
+        select = ", ".join(
+            f'"{n}"::FLOAT[]' if n == "embedding" else (f'"{n}"::JSON' if self.columns().get(n) == "JSON" else f'"{n}"')
+            for n in names
+        )
+        self.con.register("_m3db_batch", batch)
+        try:
+            self.con.execute(f"INSERT INTO memories ({cols}) SELECT {select} FROM _m3db_batch")
+        finally:
+            self.con.unregister("_m3db_batch")
+
+    def delete_memories(self, ids, commit_seq):
+        ids = np.asarray(ids, dtype=np.int64)
+        batch = {"id": ids, "commit_seq": np.full(len(ids), commit_seq, dtype=np.int64)}
+        self.con.register("_m3db_forget", batch)
+        try:
+            self.con.execute("DELETE FROM memories WHERE id IN (SELECT id FROM _m3db_forget)")
+            self.con.execute("INSERT INTO forgotten SELECT id, commit_seq FROM _m3db_forget")
+        finally:
+            self.con.unregister("_m3db_forget")
+
+    def move_memories(self, ids, segments, offsets):
+        batch = {"id": np.asarray(ids, np.int64), "segment": np.asarray(segments, np.int32), "offset": np.asarray(offsets, np.int64)}
+        self.con.register("_m3db_move", batch)
+        try:
+            self.con.execute(
+                'UPDATE memories SET segment = b.segment, "offset" = b."offset" FROM _m3db_move b WHERE memories.id = b.id'
+            )
+        finally:
+            self.con.unregister("_m3db_move")
+
+    def relocate_memories(self, ids, segments, offsets, lengths, checksums, codec):
+        """Point memories at new records (a cold memory's first encoding)."""
+        batch = {"id": np.asarray(ids, np.int64), "segment": np.asarray(segments, np.int32),
+                 "offset": np.asarray(offsets, np.int64), "length": np.asarray(lengths, np.int32),
+                 "checksum": np.asarray(checksums, np.uint64)}
+        self.con.register("_m3db_relocate", batch)
+        try:
+            self.con.execute(
+                'UPDATE memories SET segment = b.segment, "offset" = b."offset", length = b.length, '
+                "checksum = b.checksum, codec = ? FROM _m3db_relocate b WHERE memories.id = b.id", [codec]
+            )
+        finally:
+            self.con.unregister("_m3db_relocate")
+
+    def cold_ids(self):
+        """Ids of the memories not encoded yet (codec 'cold'), ascending."""
+        r = self.con.execute("SELECT id FROM memories WHERE codec = 'cold' ORDER BY id").fetchnumpy()
+        return np.asarray(r["id"], dtype=np.int64)
+
+    def document_id(self, source):
+        """The id of the document with this source, or None."""
+        row = self.con.execute("SELECT id FROM documents WHERE source = ?", [source]).fetchone()
+        return None if row is None else row[0]
+
+    def codec_params(self, name, version):
+        """The stored parameters of a trained codec (msgpack-decoded), or {}."""
+        row = self.con.execute("SELECT params FROM codecs WHERE name = ? AND version = ?", [name, version]).fetchone()
+        if row is None or row[0] is None:
+            return {}
+        try:
+            return msgpack.unpackb(row[0], raw=False, strict_map_key=True)
+        except (ValueError, msgpack.UnpackException) as e:
+            raise FormatError(f"the parameters of codec {name} v{version} in the catalog are damaged: {e}") from e
+
+    def insert_document(self, doc):
+        metadata = doc.get("metadata")
+        self.con.execute(
+            "INSERT INTO documents(id, source, title, uri, metadata) VALUES (?, ?, ?, ?, ?)",
+            [doc["id"], doc["source"], doc.get("title"), doc.get("uri"), None if metadata is None else json.dumps(metadata)],
+        )
+
+    def has_document(self, document_id):
+        return self.con.execute("SELECT count(*) FROM documents WHERE id = ?", [document_id]).fetchone()[0] > 0
+
+    def next_document_id(self):
+        """The id the next new document gets."""
+        return self.con.execute("SELECT coalesce(max(id), 0) + 1 FROM documents").fetchone()[0]
+
+    def insert_documents(self, batch):
+        """Insert documents given as columns {id, source, title, uri, metadata (JSON text), created_at}."""
+        self.con.register("_m3db_docs", batch)
+        try:
+            self.con.execute(
+                "INSERT INTO documents(id, source, title, uri, metadata, created_at) "
+                "SELECT id, source, title, uri, metadata::JSON, created_at FROM _m3db_docs"
+            )
+        finally:
+            self.con.unregister("_m3db_docs")
+
+    def insert_codec(self, name, version, params):
+        """Store a trained codec's parameters (msgpack bytes, or None)."""
+        self.con.execute("INSERT INTO codecs VALUES (?, ?, ?)", [name, version, params])
+
+    def checkpoint(self):
+        """Write DuckDB's WAL into the database file (a finished catalog then is one file)."""
+        self.con.execute("CHECKPOINT")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def locations(self):
+        """All memories' (id, segment, offset, length, checksum) as numpy arrays."""
+        r = self.con.execute('SELECT id, segment, "offset", length, checksum FROM memories').fetchnumpy()
+        return {k: np.asarray(v) for k, v in r.items()}
+
+    def segment_ends(self):
+        """{segment number: end of its last committed record}."""
+        return dict(self.con.execute('SELECT segment, max("offset" + length) FROM memories GROUP BY segment').fetchall())
+
+    def count(self):
+        return self.con.execute("SELECT count(*) FROM memories").fetchone()[0]
+
+    def document_count(self):
+        return self.con.execute("SELECT count(*) FROM documents").fetchone()[0]
+
+    def document_names(self, ids):
+        """{document id: (source, title)} for the given ids (missing ones left out)."""
+        ids = sorted({int(i) for i in ids if i is not None})
+        if not ids:
+            return {}
+        rows = self.con.execute("SELECT id, source, title FROM documents WHERE id IN (SELECT UNNEST(?))", [ids]).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def codec_rows(self):
+        """Every stored codec as [name, version, params bytes or None], in name and version order."""
+        rows = self.con.execute("SELECT name, version, params FROM codecs ORDER BY name, version").fetchall()
+        return [[n, int(v), None if p is None else bytes(p)] for n, v, p in rows]
+
+    def document_rows(self, columns, batch_rows):
+        """Every document's `columns` (created_at as epoch microseconds), in id order, as lists
+        of at most `batch_rows` row tuples."""
+        select = ", ".join("epoch_us(created_at)" if c == "created_at" else f'"{c}"' for c in columns)
+        cursor = self.con.execute(f"SELECT {select} FROM documents ORDER BY id")
+        while rows := cursor.fetchmany(batch_rows):
+            yield rows
+
+    def memory_rows(self, columns, lo, hi):
+        """(rows, embeddings) of the memories with ids in [lo, hi], in id order: `columns`
+        (created_at as epoch microseconds) as tuples, and the embedding lists."""
+        select = ", ".join("epoch_us(created_at)" if c == "created_at" else f'"{c}"' for c in columns)
+        rows = self.con.execute(f"SELECT {select} FROM memories WHERE id BETWEEN ? AND ? ORDER BY id", [lo, hi]).fetchall()
+        emb = self.con.execute("SELECT embedding FROM memories WHERE id BETWEEN ? AND ? ORDER BY id", [lo, hi])
+        return rows, emb.fetchnumpy()["embedding"]
+
+    def embeddings(self, ids=None, *, after_seq=None):
+        """(ids, float32 embeddings) for the given ids, or those committed after `after_seq`, or all."""
+        if ids is not None:
+            self.con.register("_m3db_ids", {"id": np.asarray(ids, dtype=np.int64)})
+            try:
+                r = self.con.execute("SELECT m.id, m.embedding FROM memories m JOIN _m3db_ids USING (id)").fetchnumpy()
+            finally:
+                self.con.unregister("_m3db_ids")
+        elif after_seq is not None:
+            r = self.con.execute("SELECT id, embedding FROM memories WHERE commit_seq > ?", [after_seq]).fetchnumpy()
+        else:
+            r = self.con.execute("SELECT id, embedding FROM memories").fetchnumpy()
+        ids_out = np.asarray(r["id"], dtype=np.int64)
+        emb = np.stack(list(r["embedding"])).astype(np.float32) if len(ids_out) else np.zeros((0, 0), np.float32)
+        return ids_out, emb
+
+    def forgotten_after(self, seq):
+        return np.asarray(
+            self.con.execute("SELECT DISTINCT id FROM forgotten WHERE commit_seq > ?", [seq]).fetchnumpy()["id"],
+            dtype=np.int64,
+        )
+
+    def ids_where(self, where, params=None):
+        """Ids of the memories matching a SQL boolean expression over `memories`' columns."""
+        query = f"SELECT id FROM memories WHERE ({where})"
+        self.require_read_only_statement(query, what="a recall filter")
+        try:
+            r = self.con.execute(query, params or []).fetchnumpy()
+        except duckdb.Error as e:
+            raise QueryError(
+                f"the filter {where!r} failed: {_first_line(e)}. Filters are SQL over the columns of `memories`: "
+                f"{', '.join(self.columns())}"
+            ) from e
+        return np.asarray(r["id"], dtype=np.int64)
+
+    def require_read_only_statement(self, query, *, what="db.sql()"):
+        try:
+            statements = self.con.extract_statements(query)
+        except duckdb.Error as e:
+            raise QueryError(f"{what}: {_first_line(e)}") from e
+        if len(statements) != 1:
+            raise QueryError(f"{what} takes exactly one statement, got {len(statements)}")
+        kind = statements[0].type.name
+        if kind not in _READ_STATEMENTS:
+            raise QueryError(
+                f"{what} only reads (SELECT, EXPLAIN); got a {kind} statement. Change memories through the "
+                "API (add_memory, forget, compact)"
+            )
+
+    def close(self):
+        self.con.close()
+
+
+def _first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

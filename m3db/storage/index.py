@@ -1,0 +1,189 @@
+"""The vector index: a USearch HNSW graph (cosine over f16 vectors) keyed by memory id.
+
+Only this module talks to USearch. The index is a cache of the catalog's embeddings: it is
+saved by write-temp-then-rename together with a small state file naming the last commit it
+holds, and on open it is caught up from the catalog (adds after that commit, removals from
+the `forgotten` tombstones), or fully reconciled when the state file does not match.
+
+USearch has no predicate filter in Python, so filtered recall (m3db.search.plan) asks this module
+for exact scores over an allowed set or for an over-fetched candidate list.
+Never `add()` to an index opened as a view (it can crash the process): a view is only used
+read-only and is copied into memory before any change.
+"""
+
+import json
+import os
+
+import numpy as np
+from usearch.index import Index
+
+from .durable import fsync_path
+
+INDEX_FILE = "index.usearch"
+STATE_FILE = "index.state"
+# HNSW knobs. connectivity is what the HNSW paper calls M; expansion_* its ef parameters.
+CONNECTIVITY = 16
+EXPANSION_ADD = 64
+EXPANSION_SEARCH = 64
+
+
+class VectorIndex:
+    def __init__(self, dim, directory=None, *, read_only=False):
+        self.dim = dim
+        self.directory = directory
+        self.read_only = read_only
+        self.is_view = False
+        self.index = self._empty()
+        self.saved_seq = -1  # the commit the file on disk holds; -1: none
+
+    def _empty(self):
+        return Index(
+            ndim=self.dim, metric="cos", dtype="f16",
+            connectivity=CONNECTIVITY, expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH,
+        )
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _path(self, name):
+        return os.path.join(self.directory, name)
+
+    def load(self):
+        """Load the saved index if it is intact; return the commit it holds (-1 if none)."""
+        if self.directory is None:
+            return -1
+        path, state_path = self._path(INDEX_FILE), self._path(STATE_FILE)
+        if not os.path.exists(path):
+            return -1
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+            if os.path.getsize(path) != state["bytes"]:
+                return -1
+            meta = Index.metadata(path)
+            if meta is None or meta.get("dimensions") != self.dim:
+                return -1
+            index = self._empty()
+            if self.read_only:
+                index.view(path)  # memory-mapped: opening costs nothing for a large index
+                self.is_view = True
+            else:
+                index.load(path)
+            if len(index) != state["count"]:
+                self.is_view = False
+                return -1
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+            # a damaged or foreign index is only a cache: rebuild it from the catalog
+            self.is_view = False
+            return -1
+        self.index = index
+        self.saved_seq = int(state["seq"])
+        return self.saved_seq
+
+    def save(self, seq):
+        """Write temp, fsync, rename; then the state file the same way."""
+        if self.directory is None or self.read_only:
+            return
+        self._materialize()
+        tmp = self._path(INDEX_FILE + ".tmp")
+        self.index.save(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, self._path(INDEX_FILE))
+        state = {"seq": int(seq), "count": len(self.index), "bytes": os.path.getsize(self._path(INDEX_FILE))}
+        tmp = self._path(STATE_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path(STATE_FILE))
+        self.saved_seq = int(seq)
+
+    def _materialize(self):
+        """Copy a view into memory before any change (adding to a view can crash USearch)."""
+        if self.is_view:
+            copy = self._empty()
+            keys = np.asarray(self.index.keys, dtype=np.uint64)
+            if len(keys):
+                copy.add(keys, self.vectors(keys))
+            self.index = copy
+            self.is_view = False
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def add(self, ids, vectors, *, threads=0):
+        """Add (or replace) vectors. threads=1 inserts in the given order on one thread, so
+        the same ids and vectors always build the same graph (packages are byte-identical);
+        0 uses every core."""
+        if len(ids) == 0:
+            return
+        self._materialize()
+        keys = np.asarray(ids, dtype=np.uint64)
+        present = self.index.contains(keys) if len(self.index) else np.zeros(len(keys), bool)
+        if np.any(present):  # re-adding after a crash, or an id forgotten and reused
+            self.index.remove(keys[present])
+        self.index.add(keys, np.asarray(vectors, dtype=np.float32), threads=threads)
+
+    def remove(self, ids):
+        if len(ids) == 0:
+            return
+        self._materialize()
+        self.index.remove(np.asarray(ids, dtype=np.uint64))
+
+    def to_bytes(self):
+        """The index serialized as USearch saves it (a package's index section)."""
+        return bytes(self.index.save())
+
+    @classmethod
+    def from_bytes(cls, buffer):
+        """The index held in `buffer` (any dimension: compare `.dim`), or None when USearch
+        cannot read it. Hand it only bytes whose checksum was verified."""
+        try:
+            index = Index.restore(buffer)
+        except (ValueError, RuntimeError, TypeError):
+            return None
+        if index is None:
+            return None
+        out = cls(index.ndim)
+        out.index = index
+        return out
+
+    def keys(self):
+        return np.asarray(self.index.keys, dtype=np.uint64).astype(np.int64)
+
+    def __len__(self):
+        return len(self.index)
+
+    # -- search ----------------------------------------------------------------------------
+
+    def search(self, vector, count):
+        """Approximate nearest neighbours: (ids int64, cosine similarities), best first."""
+        if len(self.index) == 0 or count <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        m = self.index.search(np.asarray(vector, dtype=np.float32), count=min(count, len(self.index)))
+        return np.asarray(m.keys, dtype=np.int64), (1.0 - np.asarray(m.distances, dtype=np.float32))
+
+    def vectors(self, ids):
+        """The stored (f16-rounded) vectors of `ids`, float32 (n, dim)."""
+        if len(ids) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        got = self.index.get(np.asarray(ids, dtype=np.uint64), dtype=np.float32)
+        return np.stack(got) if isinstance(got, tuple) else np.asarray(got).reshape(len(ids), self.dim)
+
+    def exact(self, vector, ids, count):
+        """Exact cosine top-`count` over the given ids: (ids, similarities), best first."""
+        if len(ids) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        mat = self.vectors(ids)
+        q = np.asarray(vector, dtype=np.float32)
+        sims = mat @ q / (np.linalg.norm(mat, axis=1) * np.linalg.norm(q) + 1e-30)
+        # equal vectors (repeated text) must tie exactly, but a matmul may round equal rows
+        # differently from call to call: rank by the similarity rounded to 1e-6, ties by id
+        key = np.round(sims, 6)
+        count = min(count, len(ids))
+        top = np.argpartition(-key, count - 1)[:count]
+        top = top[np.lexsort((ids[top], -key[top]))]
+        return ids[top], sims[top].astype(np.float32)
+
+    def close(self):
+        self.index = None
+

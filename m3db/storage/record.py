@@ -1,0 +1,157 @@
+"""The on-disk record of one memory: a checked frame around a msgpack payload.
+
+Frame (little-endian, 20 bytes, then the payload):
+    magic b"M3MR" | u16 format version | u16 flags | u32 payload length
+    | u32 crc32(payload) | u32 crc32(the 16 bytes before it)
+flags bit 0: the payload is zstd-compressed. The header has its own checksum so a corrupt
+length is caught before anything is allocated.
+
+Payload: a msgpack map with the memory's id, codec name and version, shape (L, H, n, D),
+the positions (uint8 bytes), the encoded keys and values, and the text, metadata, document
+id, ordinal and token count (absent in the earliest v1 records: read as None): a blob alone is enough to rebuild its catalog row. Never pickle.
+
+A cold record (`"cold": true`, written by cold-start ingest) holds the text and the rest but
+no shape, positions, keys or values: the memory is encoded the first time it is read, and a
+full record replaces it.
+"""
+
+import dataclasses
+import struct
+import threading
+import zlib
+
+import msgpack
+import numpy as np
+import zstandard
+
+from .codec import codec_class
+from ..errors import FormatError
+
+MAGIC = b"M3MR"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sHHIII")
+HEADER_SIZE = HEADER.size  # 20
+FLAG_ZSTD = 1
+MAX_PAYLOAD = 64 << 20  # no memory is near this; a larger declared length is corruption
+# zstd barely shrinks dense quantized tensors; keep the compressed form only when it pays,
+# and decide from a small probe so that incompressible payloads cost little
+ZSTD_MIN_SAVING = 0.9
+ZSTD_PROBE = 4096
+
+# zstd (de)compressor objects must not be shared between threads: one per thread
+_local = threading.local()
+
+
+def _zstd():
+    if not hasattr(_local, "compressor"):
+        _local.compressor = zstandard.ZstdCompressor(level=3)
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local
+
+
+@dataclasses.dataclass
+class Memory:
+    """One explicit memory, decoded.
+
+    keys, values: float32 (layers, kv_heads, n, head_dim), keys before RoPE.
+    positions: uint8 (layers, kv_heads, n), each kept token's position in its reference.
+    """
+
+    id: int
+    text: str
+    keys: np.ndarray
+    values: np.ndarray
+    positions: np.ndarray
+    metadata: dict
+    document_id: int | None = None
+    ordinal: int | None = None
+    token_count: int | None = None
+    cold: bool = False  # stored as text only: keys, values and positions are None
+
+    def __repr__(self):
+        text = self.text if len(self.text) <= 40 else self.text[:37] + "..."
+        shape = "cold" if self.cold else (None if self.keys is None else tuple(self.keys.shape))
+        return f"<Memory id={self.id} shape={shape} text={text!r}>"
+
+
+def encode_record(memory_id, codec, keys, values, positions, text, metadata, document_id, ordinal, token_count=None):
+    """Build the framed bytes of one memory (arrays already checked against the spec; all
+    three None for a cold record)."""
+    fields = {"id": int(memory_id)}
+    if keys is None:
+        fields["cold"] = True
+    else:
+        fields.update(codec=codec.name, codec_version=codec.version, shape=list(keys.shape),
+                      positions=positions.astype(np.uint8).tobytes(), keys=codec.encode(keys),
+                      values=codec.encode(values))
+    fields.update(text=text, metadata=metadata, document_id=document_id, ordinal=ordinal, token_count=token_count)
+    payload = msgpack.packb(fields, use_bin_type=True)
+    flags = 0
+    middle = len(payload) // 2
+    probe = payload[middle : middle + ZSTD_PROBE]  # the middle: tensor bytes, the bulk of a payload
+    if len(payload) <= ZSTD_PROBE or len(_zstd().compressor.compress(probe)) < ZSTD_MIN_SAVING * len(probe):
+        squeezed = _zstd().compressor.compress(payload)
+        if len(squeezed) < ZSTD_MIN_SAVING * len(payload):
+            payload, flags = squeezed, FLAG_ZSTD
+    return frame(payload, flags)
+
+
+def frame(payload, flags=0):
+    head = struct.pack("<4sHHII", MAGIC, FORMAT_VERSION, flags, len(payload), zlib.crc32(payload))
+    return head + struct.pack("<I", zlib.crc32(head)) + payload
+
+
+def read_header(buf, where):
+    """Parse and check a frame header; return (flags, payload length, payload crc)."""
+    if len(buf) < HEADER_SIZE:
+        raise FormatError(f"{where}: truncated record header ({len(buf)} of {HEADER_SIZE} bytes)")
+    magic, version, flags, length, crc, head_crc = HEADER.unpack_from(buf)
+    if zlib.crc32(bytes(buf[:16])) != head_crc:
+        raise FormatError(f"{where}: record header checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)")
+    if magic != MAGIC:
+        raise FormatError(f"{where}: bad record magic {magic!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{where}: record format version {version}; this m3db reads version {FORMAT_VERSION}")
+    if length > MAX_PAYLOAD:
+        raise FormatError(f"{where}: record declares {length} payload bytes, over the {MAX_PAYLOAD} limit")
+    return flags, length, crc
+
+
+def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
+    """Check a whole frame and decode it to a Memory (arrays=False: skip the tensors)."""
+    flags, length, crc = read_header(buf, where)
+    if len(buf) != HEADER_SIZE + length:
+        raise FormatError(f"{where}: record is {len(buf)} bytes, its header says {HEADER_SIZE + length}")
+    payload = bytes(buf[HEADER_SIZE:])
+    if zlib.crc32(payload) != crc or (expect_crc is not None and crc != expect_crc):
+        raise FormatError(f"{where}: record checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)")
+    if flags & FLAG_ZSTD:
+        try:
+            payload = _zstd().decompressor.decompress(payload, max_output_size=MAX_PAYLOAD)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"{where}: record payload does not decompress: {e}") from e
+    try:
+        d = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=MAX_PAYLOAD, max_str_len=MAX_PAYLOAD)
+        mid = int(d["id"])
+        if expect_id is not None and mid != expect_id:
+            raise FormatError(f"{where}: record holds memory {mid}, the catalog expected {expect_id}")
+        if d.get("cold") is True:
+            return Memory(mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"],
+                          d.get("token_count"), cold=True)
+        shape = tuple(int(x) for x in d["shape"])
+        if len(shape) != 4:
+            raise FormatError(f"{where}: record shape {shape} is not (layers, heads, n, head_dim)")
+        if not arrays:
+            return Memory(mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"], d.get("token_count"))
+        codec = codec_class(d["codec"], d["codec_version"])()
+        positions = np.frombuffer(d["positions"], dtype=np.uint8)
+        if positions.size != shape[0] * shape[1] * shape[2]:
+            raise FormatError(f"{where}: record has {positions.size} positions for shape {shape}")
+        keys = codec.decode(d["keys"], shape)
+        values = codec.decode(d["values"], shape)
+    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{where}: record payload is malformed ({type(e).__name__}: {e})") from e
+    return Memory(mid, d["text"], keys, values, positions.reshape(shape[:3]).copy(), d["metadata"], d["document_id"],
+                  d["ordinal"], d.get("token_count"))

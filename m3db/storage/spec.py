@@ -1,0 +1,167 @@
+"""The memory spec: what every memory in one database is bound to.
+
+A memory is only meaningful to the model that wrote it, read by the embedder that indexed it.
+The spec is stored once per database (catalog table `meta`) and every add is checked
+against it. Opening with a different spec is refused with a message naming both sides.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+
+from .codec import codec_class
+from ..errors import InvalidInputError, SpecMismatchError
+
+# positions are stored as uint8, so a reference can hold at most 256 tokens
+MAX_REFERENCE_LENGTH = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySpec:
+    """The shape and identity of the memories a database holds.
+
+    memory_layers: the decoder layers that read memories (the paper: the first half).
+    kv_heads, head_dim: per memory layer, how many KV heads and their width.
+    tokens_per_head: the most tokens a (layer, head) keeps (the paper: 8 of 128).
+    reference_length: the most tokens in one reference (the paper: 128).
+    codec: how keys and values are stored ('f32', 'f16', 'int8', 'int4').
+    """
+
+    model_fingerprint: str
+    memory_layers: tuple
+    kv_heads: int
+    head_dim: int
+    tokens_per_head: int
+    embedding_dim: int
+    embedder_fingerprint: str = ""
+    rope_base: float = 10000.0
+    rope_scaling: dict | None = None
+    reference_length: int = 128
+    reference_prefix: str = "Reference:"
+    position_policy: str = "parallel"
+    codec: str = "int8"
+
+    def __post_init__(self):
+        object.__setattr__(self, "memory_layers", tuple(int(x) for x in self.memory_layers))
+        problems = []
+        if not isinstance(self.model_fingerprint, str) or not self.model_fingerprint:
+            problems.append("model_fingerprint must be a non-empty string")
+        if not self.memory_layers or min(self.memory_layers) < 0 or len(set(self.memory_layers)) != len(self.memory_layers):
+            problems.append(f"memory_layers must be distinct non-negative layer numbers, got {self.memory_layers}")
+        for name in ("kv_heads", "head_dim", "tokens_per_head", "embedding_dim", "reference_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.reference_length, int) and self.reference_length > MAX_REFERENCE_LENGTH:
+            problems.append(f"reference_length must be <= {MAX_REFERENCE_LENGTH} (positions are uint8), got {self.reference_length}")
+        if isinstance(self.tokens_per_head, int) and isinstance(self.reference_length, int) and self.tokens_per_head > self.reference_length:
+            problems.append(f"tokens_per_head ({self.tokens_per_head}) cannot exceed reference_length ({self.reference_length})")
+        if problems:
+            raise InvalidInputError("invalid memory spec: " + "; ".join(problems))
+        codec_class(self.codec)  # raises on an unknown codec name
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["memory_layers"] = list(self.memory_layers)
+        return d
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InvalidInputError(f"unknown memory spec fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(json.loads(text))
+
+    # -- comparison ----------------------------------------------------------------------
+
+    def differences(self, other):
+        """[(field, this value, other value)] for every field that differs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [(k, mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]]
+
+    def require_same(self, other, *, this="the database", that="the given spec"):
+        diffs = self.differences(other)
+        if diffs:
+            lines = "; ".join(f"{k}: {this} has {a!r}, {that} has {b!r}" for k, a, b in diffs)
+            raise SpecMismatchError(
+                f"memory spec mismatch ({lines}). Memories are bound to the model that wrote them: "
+                "open with the matching model, or re-encode the knowledge base into a new database"
+            )
+
+    # -- checking one memory -------------------------------------------------------------
+
+    @property
+    def layers(self):
+        return len(self.memory_layers)
+
+    def bytes_full_kv_fp16(self, total_layers):
+        """Bytes of the full fp16 KV cache of one reference of reference_length tokens,
+        over `total_layers` layers: the baseline every compression ratio is against."""
+        return total_layers * 2 * self.kv_heads * self.reference_length * self.head_dim * 2
+
+    def check_arrays(self, keys, values, positions):
+        """Validate one memory's arrays against the spec; return (keys, values, positions)
+        as float32, float32, uint8, or raise InvalidInputError naming the problem."""
+        keys = _float_array("keys", keys)
+        values = _float_array("values", values)
+        positions = np.asarray(positions)
+        L, H, D = self.layers, self.kv_heads, self.head_dim
+        if keys.ndim != 4 or keys.shape[:2] != (L, H) or keys.shape[3] != D:
+            raise InvalidInputError(
+                f"keys has shape {keys.shape}; this database expects (layers={L}, kv_heads={H}, n, head_dim={D}) "
+                f"with 1 <= n <= tokens_per_head={self.tokens_per_head}"
+            )
+        n = keys.shape[2]
+        if not 1 <= n <= self.tokens_per_head:
+            raise InvalidInputError(
+                f"keys keep {n} tokens per head; this database keeps 1..{self.tokens_per_head} (tokens_per_head)"
+            )
+        if values.shape != keys.shape:
+            raise InvalidInputError(f"values has shape {values.shape}; it must equal the keys' shape {keys.shape}")
+        if positions.shape != (L, H, n):
+            raise InvalidInputError(f"positions has shape {positions.shape}; expected {(L, H, n)} (layers, kv_heads, n)")
+        if positions.dtype.kind not in "ui":
+            raise InvalidInputError(f"positions has dtype {positions.dtype}; it must be an integer array (uint8)")
+        if positions.size and (positions.min() < 0 or positions.max() >= self.reference_length):
+            raise InvalidInputError(
+                f"positions must lie in [0, {self.reference_length}) (reference_length), "
+                f"got values in [{positions.min()}, {positions.max()}]"
+            )
+        srt = np.sort(positions, axis=-1)
+        if n > 1 and (srt[..., 1:] == srt[..., :-1]).any():
+            raise InvalidInputError("positions repeat within a (layer, head): each kept token must be distinct")
+        for name, arr in (("keys", keys), ("values", values)):
+            if not np.isfinite(arr).all():
+                bad = int((~np.isfinite(arr)).sum())
+                raise InvalidInputError(f"{name} holds {bad} NaN or infinite values; memories must be finite")
+        return keys, values, positions.astype(np.uint8)
+
+    def check_embedding(self, embedding):
+        e = _float_array("embedding", embedding)
+        if e.shape != (self.embedding_dim,):
+            raise InvalidInputError(f"embedding has shape {e.shape}; this database expects ({self.embedding_dim},)")
+        if not np.isfinite(e).all():
+            raise InvalidInputError("embedding holds NaN or infinite values")
+        if not np.any(e):
+            raise InvalidInputError("embedding is all zeros; cosine similarity is undefined for it")
+        return e
+
+
+def _float_array(name, x):
+    arr = np.asarray(x)
+    if arr.dtype not in (np.float32, np.float16):
+        raise InvalidInputError(
+            f"{name} has dtype {arr.dtype}; m3db takes float32 (or float16) arrays: pass x.astype(numpy.float32)"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32)

@@ -1,0 +1,179 @@
+"""The store: the storage of one open database, opened, recovered, read and closed.
+
+A database directory holds `catalog.duckdb` (catalog.py), `segments/NNNNNN.seg` (segment.py),
+`index.usearch` + `index.state` (index.py) and `lock` (lock.py). A store owns them all, plus
+the in-RAM location table (locations.py) and the decoded-memory cache (memcache.py).
+
+Opening is recovery: bytes in segments past the last committed record are garbage of a killed
+write and are cut (only a writable open cuts), and the vector index, a cache of the catalog,
+is caught up from the catalog's stored embeddings. A package (a `.m3kb` file) is a store too:
+m3db.package.store opens one read-only over its extracted catalog and index, handing in its
+own segment reader, catalog class and no lock; nothing here knows about packages.
+
+The store does not write records (writer.py), check input (validate.py), or check and compact
+(maintenance.py). Imports: storage modules only.
+"""
+
+import contextlib
+import os
+
+import numpy as np
+
+from ..errors import InvalidInputError, NotFoundError
+from .catalog import Catalog
+from .codec import codec_class
+from .index import INDEX_FILE, STATE_FILE, VectorIndex
+from .locations import LocationTable
+from .lock import DatabaseLock
+from .memcache import MemoryCache
+from .record import Memory, decode_record
+from .segment import DEFAULT_SEGMENT_SIZE, SegmentStore, segment_name
+from .spec import MemorySpec
+
+CATALOG_FILE = "catalog.duckdb"
+SEGMENTS_DIR = "segments"
+DEFAULT_CACHE_BYTES = 256 << 20
+# save the index once this many changes (or a quarter of its size) are unsaved: a crash then
+# costs at most that much catch-up on the next open
+INDEX_SAVE_EVERY = 50_000
+
+
+def holds_catalog(directory: str) -> bool:
+    """Is there an m3db catalog in `directory`?"""
+    return os.path.exists(os.path.join(directory, CATALOG_FILE))
+
+
+class Store:
+    """The storage of one open database.
+
+    directory: the database directory (it exists). spec: required to create a catalog; given
+    for an existing one, it must equal the stored spec. config: checked connect() settings.
+    segments: a segment reader to use instead of the directory's SegmentStore (a package's);
+    catalog_class: the Catalog subclass to open with; lock: False takes no lock (a package is
+    immutable). On any failure the store closes what it opened and re-raises.
+    """
+
+    def __init__(self, directory, *, spec=None, read_only=False, config=None, segments=None, catalog_class=Catalog,
+                 lock=True):
+        self.directory = directory
+        self.read_only = read_only
+        self.config = dict(config or {})
+        self.catalog = self.segments = self.index = None
+        self.lock = DatabaseLock(directory, read_only=read_only) if lock else None
+        try:
+            self._open(spec, segments, catalog_class)
+        except BaseException:
+            self.close(save=False)
+            if segments is not None:
+                segments.close()
+            raise
+
+    def _open(self, spec, segments, catalog_class):
+        self.catalog = catalog_class(os.path.join(self.directory, CATALOG_FILE), read_only=self.read_only)
+        if self.catalog.is_new():
+            if spec is None:
+                raise InvalidInputError(f"{self.directory!r} holds no m3db catalog; pass spec= or a model to create one")
+            self.catalog.create(spec.to_json(), spec.embedding_dim)
+        meta = self.catalog.meta()
+        stored = MemorySpec.from_json(meta["spec"])
+        if spec is not None:
+            stored.require_same(spec)
+        self.spec = stored
+        # trained codecs (a later issue) keep their parameters in the catalog's `codecs` table
+        codec_cls = codec_class(stored.codec)
+        self.codec = codec_cls.from_params(self.catalog.codec_params(codec_cls.name, codec_cls.version))
+        self.commit_seq = int(meta["commit_seq"])
+        self.segments = segments or SegmentStore(
+            os.path.join(self.directory, SEGMENTS_DIR),
+            segment_size=self.config.get("segment_size", DEFAULT_SEGMENT_SIZE),
+            read_only=self.read_only,
+        )
+        self.locations = LocationTable(self.catalog.locations())
+        if not self.read_only:
+            self._recover_segments()
+        self.next_id = max(int(meta["next_id"]), self.locations.max_id() + 1)
+        self.index = VectorIndex(stored.embedding_dim, self.directory, read_only=self.read_only)
+        self._catch_up_index()
+        self.cache = MemoryCache(self.config.get("cache_bytes", DEFAULT_CACHE_BYTES))
+
+    def _recover_segments(self):
+        """Cut bytes past the last committed record; drop segments nothing points at."""
+        ends = self.catalog.segment_ends()
+        for number in self.segments.numbers():
+            end = ends.get(number)
+            if end is None:
+                self.segments.remove(number)
+            elif self.segments.size(number) > end:
+                self.segments.truncate(number, end)
+        for name in (INDEX_FILE + ".tmp", STATE_FILE + ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.directory, name))
+
+    def _catch_up_index(self):
+        self.unsaved = 0
+        seq = self.index.load()
+        if seq == self.commit_seq and len(self.index) == len(self.locations):
+            return
+        if 0 <= seq < self.commit_seq:
+            # the fast path: apply the commits the saved index has not seen
+            self.index.remove(self.catalog.forgotten_after(seq))
+            ids, emb = self.catalog.embeddings(after_seq=seq)
+            self.index.add(ids, emb)
+        if seq < 0 or len(self.index) != len(self.locations) or seq > self.commit_seq:
+            # no usable state: reconcile the whole key set against the catalog
+            have = self.index.keys()
+            extra = np.setdiff1d(have, self.locations.ids)
+            self.index.remove(extra)
+            missing = np.setdiff1d(self.locations.ids, have)
+            ids, emb = self.catalog.embeddings(ids=missing)
+            self.index.add(ids, emb)
+        self.unsaved = len(self.index)
+        if not self.read_only:
+            self.save_index()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read(self, memory_id, *, arrays: bool = True) -> Memory:
+        """The memory with this id, from the cache or its segment, checksums checked. A cold
+        memory comes back cold (text only): encoding it is the knowledge layer's job."""
+        if not isinstance(memory_id, (int, np.integer)) or isinstance(memory_id, bool):
+            raise InvalidInputError(f"memory ids are integers, got {memory_id!r}")
+        loc = self.locations.find(int(memory_id))
+        if loc is None:
+            raise NotFoundError(f"no memory with id {memory_id}")
+        cached = self.cache.get(int(memory_id))
+        if cached is not None:
+            return cached
+        segment, offset, length, checksum = loc
+        where = f"memory {memory_id} ({segment_name(segment)} @ {offset})"
+        buf = self.segments.read(segment, offset, length)
+        memory = decode_record(buf, where, expect_id=int(memory_id), expect_crc=checksum, arrays=arrays)
+        if arrays and not memory.cold:
+            self.cache.put(memory)
+        return memory
+
+    # -- the index, a cache of the catalog -------------------------------------------------------
+
+    def index_changed(self, n: int) -> None:
+        """Count `n` changes the saved index lacks; save it when enough have piled up."""
+        self.unsaved += n
+        every = self.config.get("index_save_every", INDEX_SAVE_EVERY)
+        if self.unsaved >= max(every, len(self.index) // 4):
+            self.save_index()
+
+    def save_index(self) -> None:
+        self.index.save(self.commit_seq)
+        self.unsaved = 0
+
+    def close(self, *, save: bool = True) -> None:
+        """Save the index if it is behind (writable stores), then release every file."""
+        try:
+            if save and not self.read_only and self.index is not None and self.unsaved:
+                self.save_index()
+        finally:
+            for part in (self.segments, self.catalog, self.index, self.lock):
+                if part is None:
+                    continue
+                with contextlib.suppress(Exception):
+                    part.release() if part is self.lock else part.close()
+            self.segments = self.catalog = self.index = self.lock = None

@@ -1,0 +1,306 @@
+"""The writer: a store's one writer, its pending batch, and the commit protocol.
+
+Commit protocol (what makes a killed process safe):
+1. append every record of the commit to the active segment and fsync it;
+2. one DuckDB transaction: the memory rows (which point at those bytes), document rows,
+   deletions, and the new commit number;
+3. then the in-RAM location table and the vector index (a cache, saved now and then).
+A crash before 2 leaves only garbage bytes past the last committed record: recovery on open
+cuts them (store.py). A crash after 2 leaves the index behind: it is caught up on open.
+
+Items arrive checked (validate.py's CheckedMemory); the writer assigns ids and documents,
+encodes records, and stages them in a `PendingBatch` until the outermost transaction ends.
+Imports: storage modules only.
+"""
+
+import contextlib
+import dataclasses
+import json
+import zlib
+
+import numpy as np
+
+from ..errors import DuplicateIdError, InvalidInputError, M3DBError, NotFoundError, StorageError
+from .record import HEADER_SIZE, encode_record
+from .validate import CheckedMemory, widens, widest
+
+COLD = "cold"  # the codec column of a memory stored as text only, encoded on first read
+
+
+@dataclasses.dataclass
+class MemoryRow:
+    """A staged memory: its catalog row, and where its record's bytes went."""
+
+    id: int
+    document_id: int | None
+    ordinal: int | None
+    text: str
+    char_start: int | None
+    char_end: int | None
+    codec: str
+    token_count: int | None
+    embedding: np.ndarray
+    segment: int
+    offset: int
+    length: int
+    checksum: int
+    metadata: dict
+    types: dict
+
+
+@dataclasses.dataclass
+class PendingBatch:
+    """What the open transaction will commit: rows, new documents, forgotten ids, and the
+    segment mark to roll back to."""
+
+    mark: tuple
+    rows: list = dataclasses.field(default_factory=list)  # [MemoryRow]
+    documents: list = dataclasses.field(default_factory=list)  # [{"id", "source", "title", "uri", "metadata"}]
+    forget: list = dataclasses.field(default_factory=list)  # [memory id]
+    ids: set = dataclasses.field(default_factory=set)  # ids taken by rows of this batch
+
+
+def payload_crc(blob: bytes) -> int:
+    """The checksum the catalog keeps for a record: crc32 of everything after the frame header."""
+    return zlib.crc32(blob[HEADER_SIZE:])
+
+
+class Writer:
+    """Stages adds and forgets into one pending batch and commits it atomically."""
+
+    def __init__(self, store):
+        self.store = store
+        self.depth = 0  # nested transaction() calls; the outermost commits
+        self.pending = None
+        self._next_doc_id = None  # read from the catalog on first use
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Group adds and forgets into one atomic commit: all of them land, or none."""
+        self.depth += 1
+        try:
+            if self.depth == 1:
+                self.pending = PendingBatch(mark=self.store.segments.mark())
+            try:
+                yield
+            except BaseException:
+                if self.depth == 1:
+                    self.abort()
+                raise
+            else:
+                if self.depth == 1:
+                    self.commit()
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                self.pending = None
+
+    # -- staging -------------------------------------------------------------------------------
+
+    def check_ids(self, checked: list[CheckedMemory]) -> None:
+        """Explicit ids are free, and each metadata key keeps one column type."""
+        explicit = [c.id for c in checked if c.id is not None]
+        if len(set(explicit)) != len(explicit):
+            raise DuplicateIdError(f"ids repeat within the batch: {sorted(i for i in set(explicit) if explicit.count(i) > 1)}")
+        taken = [i for i in explicit if i in self.store.locations or i in self.pending.ids]
+        if taken:
+            raise DuplicateIdError(f"ids already in the database: {taken[:10]}; forget them first or omit id= to get new ones")
+        columns = dict(self.store.catalog.columns())
+        for r in self.pending.rows:  # earlier adds of this transaction fix their keys' types too
+            for key, sql_type in r.types.items():
+                if sql_type and key not in columns:
+                    columns[key] = sql_type
+        for position, c in enumerate(checked):
+            for key, sql_type in c.types.items():
+                have = columns.get(key)
+                if not have and sql_type:
+                    columns[key] = sql_type
+                    continue
+                if have and sql_type and not widens(sql_type, have) and not widens(have, sql_type):
+                    raise InvalidInputError(
+                        f"metadata {key!r} is a {have} column; the value {c.metadata[key]!r} is {sql_type}. "
+                        "Use one type per metadata key"
+                    )
+            if isinstance(c.document, (int, np.integer)) and not self.document_exists(int(c.document)):
+                raise NotFoundError(f"memory #{position}: no document with id {c.document}; pass its source string to create it")
+
+    def document_exists(self, document_id: int) -> bool:
+        pending = self.pending.documents if self.pending else []
+        return any(d["id"] == document_id for d in pending) or self.store.catalog.has_document(document_id)
+
+    def _document_id(self, document):
+        """The id of `document` (an id, a source string, or a dict with `source` and optional
+        title, uri, metadata), creating the document in this transaction on first use."""
+        if document is None or isinstance(document, (int, np.integer)):
+            return None if document is None else int(document)
+        info = document if isinstance(document, dict) else {"source": document}
+        source = info["source"]
+        for doc in self.pending.documents:
+            if doc["source"] == source:
+                return doc["id"]
+        existing = self.store.catalog.document_id(source)
+        if existing is not None:
+            return existing
+        if self._next_doc_id is None:
+            self._next_doc_id = self.store.catalog.next_document_id()
+        doc_id = self._next_doc_id
+        self._next_doc_id += 1
+        self.pending.documents.append(dict(info, id=doc_id))
+        return doc_id
+
+    def stage(self, checked: list[CheckedMemory]) -> list[int]:
+        """Assign ids, encode every record, append it; return the ids. (Encoding in a thread
+        pool was measured slower: a record is many small numpy calls that hold the GIL.)"""
+        store, pending = self.store, self.pending
+        ids, documents = [], []
+        for c in checked:
+            mid = c.id if c.id is not None else self._allocate_id()
+            store.next_id = max(store.next_id, mid + 1)
+            pending.ids.add(mid)
+            ids.append(mid)
+            documents.append(self._document_id(c.document))
+        blobs = [encode_record(mid, store.codec, c.keys, c.values, c.positions, c.text, c.metadata, doc, c.ordinal,
+                               c.token_count) for mid, doc, c in zip(ids, documents, checked)]
+        for mid, doc, c, blob in zip(ids, documents, checked, blobs):
+            segment, offset = store.segments.append(blob)
+            pending.rows.append(MemoryRow(
+                id=mid, document_id=doc, ordinal=c.ordinal, text=c.text, char_start=c.char_start, char_end=c.char_end,
+                codec=COLD if c.cold else store.codec.name, token_count=c.token_count, embedding=c.embedding,
+                segment=segment, offset=offset, length=len(blob), checksum=payload_crc(blob), metadata=c.metadata,
+                types=c.types,
+            ))
+        return ids
+
+    def _allocate_id(self):
+        store = self.store
+        while store.next_id in store.locations or store.next_id in self.pending.ids:
+            store.next_id += 1
+        mid = store.next_id
+        store.next_id += 1
+        return mid
+
+    def forget(self, ids: list[int]) -> None:
+        """Stage the removal of committed memories; an id added in this same transaction is
+        simply not committed."""
+        pending = self.pending
+        staged = {r.id for r in pending.rows}
+        missing = [i for i in ids if i not in self.store.locations and i not in staged]
+        if missing:
+            raise NotFoundError(f"no memory with id {missing[0] if len(missing) == 1 else missing}")
+        for i in ids:
+            if i in staged:
+                pending.rows = [r for r in pending.rows if r.id != i]
+                pending.ids.discard(i)
+            else:
+                pending.forget.append(i)
+
+    # -- committing ----------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        store, p = self.store, self.pending
+        if not (p.rows or p.forget):
+            store.segments.rollback_to(p.mark)  # forgotten-in-transaction adds leave bytes
+            return
+        seq = store.commit_seq + 1
+        try:
+            store.segments.sync()
+            store.catalog.begin()
+            for doc in p.documents:
+                store.catalog.insert_document(doc)
+            if p.rows:
+                self._insert_rows(p.rows, seq)
+            if p.forget:
+                store.catalog.delete_memories(p.forget, seq)
+            store.catalog.set_meta("commit_seq", seq)
+            store.catalog.set_meta("next_id", store.next_id)
+            store.catalog.commit()
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, M3DBError) or not isinstance(e, Exception):
+                raise
+            # not the bytes on disk (that is FormatError's meaning): the write itself failed
+            error = StorageError(f"commit failed and was rolled back, nothing was written: {e}")
+            error.errno = getattr(e, "errno", None)
+            raise error from e
+        store.commit_seq = seq
+        if p.rows:
+            ids = np.array([r.id for r in p.rows], dtype=np.int64)
+            store.locations.insert(ids, [r.segment for r in p.rows], [r.offset for r in p.rows],
+                                   [r.length for r in p.rows], [r.checksum for r in p.rows])
+            store.index.add(ids, np.stack([r.embedding for r in p.rows]))
+        if p.forget:
+            store.locations.delete(p.forget)
+            store.cache.discard(p.forget)
+            store.index.remove(p.forget)
+        store.index_changed(len(p.rows) + len(p.forget))
+
+    def _insert_rows(self, rows, seq):
+        catalog = self.store.catalog
+        columns = catalog.columns()
+        for key in sorted({k for r in rows for k, t in r.types.items() if t}):
+            if key not in columns:
+                catalog.add_metadata_column(key, widest([r.types[key] for r in rows if r.types.get(key)]))
+        columns = catalog.columns()
+        emb = np.empty(len(rows), dtype=object)
+        for i, r in enumerate(rows):
+            emb[i] = r.embedding
+        batch = {
+            "id": np.array([r.id for r in rows], dtype=np.int64),
+            "document_id": _nullable([r.document_id for r in rows]),
+            "ordinal": _nullable([r.ordinal for r in rows]),
+            "char_start": _nullable([r.char_start for r in rows]),
+            "char_end": _nullable([r.char_end for r in rows]),
+            "text": np.array([r.text for r in rows], dtype=object),
+            "token_count": _nullable([r.token_count for r in rows]),
+            "embedding": emb,
+            "segment": np.array([r.segment for r in rows], dtype=np.int32),
+            "offset": np.array([r.offset for r in rows], dtype=np.int64),
+            "length": np.array([r.length for r in rows], dtype=np.int32),
+            "checksum": np.array([r.checksum for r in rows], dtype=np.uint64),
+            "codec": np.array([r.codec for r in rows], dtype=object),
+            "commit_seq": np.full(len(rows), seq, dtype=np.int64),
+        }
+        for key in sorted({k for r in rows for k in r.metadata}):
+            values = [r.metadata.get(key) for r in rows]
+            if columns.get(key) == "JSON":
+                values = [None if v is None else json.dumps(v) for v in values]
+            batch[key] = _nullable(values, float if columns.get(key) == "DOUBLE" else None)
+        catalog.insert_memories(batch)
+
+    def abort(self) -> None:
+        self.store.catalog.rollback()
+        self.store.segments.rollback_to(self.pending.mark)
+        self._next_doc_id = None
+        self.pending = PendingBatch(mark=self.store.segments.mark())
+
+    def relocate(self, ids: list[int], blobs: list[bytes], codec_name: str) -> None:
+        """Point committed memories at new records (a cold memory's first encoding): append and
+        fsync the records, then one catalog transaction moves the memories onto them (a crash
+        in between leaves bytes that recovery cuts)."""
+        store = self.store
+        mark = store.segments.mark()
+        places = [store.segments.append(blob) for blob in blobs]
+        segments, offsets = [p[0] for p in places], [p[1] for p in places]
+        lengths, checksums = [len(b) for b in blobs], [payload_crc(b) for b in blobs]
+        try:
+            store.segments.sync()
+            store.catalog.begin()
+            store.catalog.relocate_memories(ids, segments, offsets, lengths, checksums, codec_name)
+            store.catalog.commit()
+        except BaseException:
+            store.catalog.rollback()
+            store.segments.rollback_to(mark)
+            raise
+        store.locations.move(ids, segments, offsets, lengths, checksums)
+
+
+def _nullable(values, cast=None):
+    """A numpy column for DuckDB that keeps None as NULL (object dtype where needed)."""
+    if all(v is not None for v in values):
+        arr = np.array([cast(v) for v in values] if cast else values)
+        if arr.dtype.kind in "iufb":
+            return arr
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = None if v is None else (cast(v) if cast else v)
+    return out
