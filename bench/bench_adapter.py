@@ -47,14 +47,19 @@ def evaluate(model, mode, questions):
         rng = random.Random(zlib.crc32(q.prompt.encode()))  # the same order in every condition and run
         refs = list(q.references)
         rng.shuffle(refs)
-        mems = [Memory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip(refs, model.encode(refs)))] if mode == "memory" else \
-            [Memory(i, t, 0, None, None, None) for i, t in enumerate(refs)]
+        mems = (
+            [Memory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip(refs, model.encode(refs)))]
+            if mode == "memory"
+            else [Memory(i, t, 0, None, None, None) for i, t in enumerate(refs)]
+        )
 
         def retrieve(query, k, mems=mems):
             return mems[:k]
 
         lead = q.target[: q.target.rindex(q.answer)].rstrip()
-        logprob += answer_logprob(model, q.prompt + lead, " " + q.answer, retriever=None if mode == "none" else retrieve, mode=mode)
+        logprob += answer_logprob(
+            model, q.prompt + lead, " " + q.answer, retriever=None if mode == "none" else retrieve, mode=mode
+        )
         reply = model.generate(q.prompt, retriever=None if mode == "none" else retrieve, mode=mode, max_tokens=16).text
         correct += contains(reply, q.answer)
     return logprob / len(questions), correct / len(questions)
@@ -88,18 +93,24 @@ def main():
     n_layer = base.decoder.cfg.n_layer
     adapter = ReaderAdapter.load(args.adapter, base.decoder.cfg, base_fingerprint=base.fingerprint)
     paper = MemorySettings.paper(n_layer)
-    trained = MemorySettings(memory_layers=tuple(adapter.settings["memory_layers"]),
-                             tokens_per_head=adapter.settings["tokens_per_head"])
+    trained = MemorySettings(
+        memory_layers=tuple(adapter.settings["memory_layers"]), tokens_per_head=adapter.settings["tokens_per_head"]
+    )
     layers = f"L{trained.memory_layers[0]}-{trained.memory_layers[-1]} {trained.tokens_per_head}/head"
     questions = eval_facts(base.tokenizer, args.n, distractors=4)
-    conditions = [("none", base, "none"), ("rag (5 references as text)", base, "rag"),
-                  ("dense: L0-29 32/head", base, "memory"),
-                  ("paper: L0-14 8/head", base.with_settings(paper, adapter=None), "memory"),
-                  (f"adapter's settings: {layers}", base.with_settings(trained, adapter=None), "memory"),
-                  (f"adapter's settings + adapter: {layers}", base.with_settings(trained, adapter=adapter), "memory")]
-    print(f"{args.n} held-out invented-fact questions, 5 references each (1 answers); adapter {adapter.fingerprint[:19]}..."
-          f" trained {adapter.training_info.get('steps', '?')} steps")
-    print(f"| condition | bytes/memory (fp16) | answer logprob | exact match |\n|---|---|---|---|")
+    conditions = [
+        ("none", base, "none"),
+        ("rag (5 references as text)", base, "rag"),
+        ("dense: L0-29 32/head", base, "memory"),
+        ("paper: L0-14 8/head", base.with_settings(paper, adapter=None), "memory"),
+        (f"adapter's settings: {layers}", base.with_settings(trained, adapter=None), "memory"),
+        (f"adapter's settings + adapter: {layers}", base.with_settings(trained, adapter=adapter), "memory"),
+    ]
+    print(
+        f"{args.n} held-out invented-fact questions, 5 references each (1 answers); adapter {adapter.fingerprint[:19]}..."
+        f" trained {adapter.training_info.get('steps', '?')} steps"
+    )
+    print("| condition | bytes/memory (fp16) | answer logprob | exact match |\n|---|---|---|---|")
     for name, model, mode in conditions:
         lp, em = evaluate(model, mode, questions)
         size = f"{bytes_per_memory(model):,}" if mode == "memory" else "-"
@@ -107,8 +118,10 @@ def main():
     wiki = {d["title"]: d for d in sources.wikipedia()}
     texts = [wiki[t]["text"] for t in sorted(wiki) if held_out(t)][-args.texts :]
     before, after = perplexity(base, texts, None), perplexity(base, texts, adapter)
-    print(f"\nheld-out summaries, no memory: perplexity {before:.3f} base, {after:.3f} with the adapter "
-          f"({100 * (after / before - 1):+.1f}%)")
+    print(
+        f"\nheld-out summaries, no memory: perplexity {before:.3f} base, {after:.3f} with the adapter "
+        f"({100 * (after / before - 1):+.1f}%)"
+    )
     print(f"({time.time() - t0:.0f} s)")
 
 

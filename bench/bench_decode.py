@@ -80,7 +80,12 @@ def lockstep(model, prompts, retriever, max_tokens: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--settings", choices=["dense", "paper"], default="dense", help="dense: all layers, 32/head; paper: first half, 8/head")
+    ap.add_argument(
+        "--settings",
+        choices=["dense", "paper"],
+        default="dense",
+        help="dense: all layers, 32/head; paper: first half, 8/head",
+    )
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -93,14 +98,21 @@ def main() -> None:
     base = MemoryModel.load()
     settings = MemorySettings() if args.settings == "dense" else MemorySettings.paper(base.decoder.cfg.n_layer)
     model = MemoryModel(base.decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
-    refs = [model.tokenizer.decode(text_of(model, rng, f"Record {i}:", args.reference_tokens)) for i in range(args.references)]
+    refs = [
+        model.tokenizer.decode(text_of(model, rng, f"Record {i}:", args.reference_tokens))
+        for i in range(args.references)
+    ]
     memories = {100 + i: Memory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(refs, model.encode(refs)))}
     retriever = hash_retriever(memories)
     mem_bytes = sum(m.keys.nbytes + m.values.nbytes + m.positions.nbytes for m in memories.values()) / len(memories)
-    print(f"settings={args.settings} memory_layers={len(model.settings.memory_layers)} tokens_per_head={model.settings.tokens_per_head} "
-          f"memories_per_chunk={model.settings.memories_per_chunk} chunk={model.settings.chunk_length} ({mem_bytes / 1024:.0f} KiB fp32 per memory)")
-    print(f"torch threads={torch.get_num_threads()}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; "
-          f"{args.references} references of ~{args.reference_tokens} tokens in an in-process dict")
+    print(
+        f"settings={args.settings} memory_layers={len(model.settings.memory_layers)} tokens_per_head={model.settings.tokens_per_head} "
+        f"memories_per_chunk={model.settings.memories_per_chunk} chunk={model.settings.chunk_length} ({mem_bytes / 1024:.0f} KiB fp32 per memory)"
+    )
+    print(
+        f"torch threads={torch.get_num_threads()}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; "
+        f"{args.references} references of ~{args.reference_tokens} tokens in an in-process dict"
+    )
     for bs in args.batch_sizes:
         prompts = [text_of(model, rng, f"Question {b}: tell the story of the", args.prompt_tokens) for b in range(bs)]
         lockstep(model, prompts[:1], retriever, 4)  # warm-up
@@ -109,13 +121,18 @@ def main() -> None:
             spent = lockstep(model, prompts, retriever, args.new_tokens)
             tps = {m: bs * args.new_tokens / spent[m] for m in MODES}
             rows.append(tps)
-            print(f"  batch {bs} round: " + ", ".join(f"{m} {tps[m]:.1f} tok/s" for m in MODES)
-                  + f"; memory/none {tps['memory'] / tps['none']:.3f}, memory/rag {tps['memory'] / tps['rag']:.3f}")
+            print(
+                f"  batch {bs} round: "
+                + ", ".join(f"{m} {tps[m]:.1f} tok/s" for m in MODES)
+                + f"; memory/none {tps['memory'] / tps['none']:.3f}, memory/rag {tps['memory'] / tps['rag']:.3f}"
+            )
         med = {m: statistics.median(r[m] for r in rows) for m in MODES}
         r_none = statistics.median(r["memory"] / r["none"] for r in rows)
         r_rag = statistics.median(r["memory"] / r["rag"] for r in rows)
-        print(f"batch {bs}: none {med['none']:.1f} tok/s, memory {med['memory']:.1f} tok/s, rag {med['rag']:.1f} tok/s; "
-              f"memory/none {r_none:.3f} (target >= 0.90), memory/rag {r_rag:.3f} (target >= 2.0)")
+        print(
+            f"batch {bs}: none {med['none']:.1f} tok/s, memory {med['memory']:.1f} tok/s, rag {med['rag']:.1f} tok/s; "
+            f"memory/none {r_none:.3f} (target >= 0.90), memory/rag {r_rag:.3f} (target >= 2.0)"
+        )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,12 @@ def plain_forward(model: MemoryModel, texts: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--settings", choices=["dense", "paper"], default="dense", help="dense: all layers, 32/head; paper: first half, 8/head")
+    ap.add_argument(
+        "--settings",
+        choices=["dense", "paper"],
+        default="dense",
+        help="dense: all layers, 32/head; paper: first half, 8/head",
+    )
     ap.add_argument("--n", type=int, default=32, help="references per timed run")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
@@ -79,8 +84,12 @@ def main() -> None:
     settings = MemorySettings() if args.settings == "dense" else MemorySettings.paper(base.decoder.cfg.n_layer)
     model = MemoryModel(base.decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
     texts = references(model, args.n, args.tokens)
-    print(f"settings={args.settings} memory_layers={list(model.settings.memory_layers)} tokens_per_head={model.settings.tokens_per_head}")
-    print(f"torch threads={torch.get_num_threads()} references={args.n} x {args.tokens} tokens (+{len(model.prefix_ids)} prefix)")
+    print(
+        f"settings={args.settings} memory_layers={list(model.settings.memory_layers)} tokens_per_head={model.settings.tokens_per_head}"
+    )
+    print(
+        f"torch threads={torch.get_num_threads()} references={args.n} x {args.tokens} tokens (+{len(model.prefix_ids)} prefix)"
+    )
     model.encode(texts[:2])  # warm-up
     for bs in args.batch_sizes:
         chunks = [texts[s : s + bs] for s in range(0, len(texts), bs)]
@@ -89,7 +98,10 @@ def main() -> None:
         for r in range(args.rounds):
             totals = {"encode": 0.0, "forward": 0.0}
             for i, chunk in enumerate(chunks):
-                order = [("encode", lambda: model.encode(chunk, batch_size=bs)), ("forward", lambda: plain_forward(model, chunk))]
+                order = [
+                    ("encode", lambda: model.encode(chunk, batch_size=bs)),
+                    ("forward", lambda: plain_forward(model, chunk)),
+                ]
                 if (i + r) % 2:
                     order.reverse()
                 for name, fn in order:
@@ -105,6 +117,7 @@ def main() -> None:
             f"batch {bs:3d}: encode {enc:6.2f} refs/s, plain forward {fwd:6.2f} refs/s, ratio {enc / fwd:.3f} (target >= 0.90); "
             f"per-round ratios {', '.join(f'{x:.3f}' for x in ratios)} (median {statistics.median(ratios):.3f})"
         )
+
 
 if __name__ == "__main__":
     main()

@@ -36,8 +36,15 @@ TOTAL_LAYERS, REF_LEN = 30, 128
 
 
 def spec(codec):
-    return m3db.MemorySpec(model_fingerprint="bench", memory_layers=range(LAYERS), kv_heads=HEADS, head_dim=HEAD_DIM,
-                           tokens_per_head=TOKENS, embedding_dim=DIM, codec=codec)
+    return m3db.MemorySpec(
+        model_fingerprint="bench",
+        memory_layers=range(LAYERS),
+        kv_heads=HEADS,
+        head_dim=HEAD_DIM,
+        tokens_per_head=TOKENS,
+        embedding_dim=DIM,
+        codec=codec,
+    )
 
 
 def embeddings(rng, n, *, iid=False):
@@ -61,9 +68,16 @@ def batch_items(rng, start, n, pool):
     items = []
     for i in range(n):
         k = pool[(start + i) % len(pool)]
-        items.append(dict(keys=k[0].reshape(shape), values=k[1].reshape(shape), positions=positions,
-                          embedding=emb[i], text=f"reference {start + i}",
-                          metadata={"bucket": (start + i) % 100, "lang": "fr" if (start + i) % 10 == 0 else "en"}))
+        items.append(
+            dict(
+                keys=k[0].reshape(shape),
+                values=k[1].reshape(shape),
+                positions=positions,
+                embedding=emb[i],
+                text=f"reference {start + i}",
+                metadata={"bucket": (start + i) % 100, "lang": "fr" if (start + i) % 10 == 0 else "en"},
+            )
+        )
     return items, emb
 
 
@@ -76,12 +90,15 @@ def bytes_per_memory():
     rows = []
     for name in ("f32", "f16", "int8", "int4"):
         blob = encode_record(0, codec_class(name)(), keys, values, positions, "x" * 500, {}, None, None)
-        rows.append({"codec": name, "bytes": len(blob), "full_fp16_kv_bytes": full, "ratio": round(full / len(blob), 1)})
+        rows.append(
+            {"codec": name, "bytes": len(blob), "full_fp16_kv_bytes": full, "ratio": round(full / len(blob), 1)}
+        )
     return rows
 
 
 def iid_worst_case(rng, n=20_000, queries=100):
     from m3db.storage.index import VectorIndex
+
     index = VectorIndex(DIM)
     x = embeddings(rng, n, iid=True)
     index.add(np.arange(n), x)
@@ -113,7 +130,9 @@ def main():
     try:
         results["bytes_per_memory"] = bytes_per_memory()
         for row in results["bytes_per_memory"]:
-            print(f"bytes/memory {row['codec']:>5}: {row['bytes']:>7}  (full fp16 KV {row['full_fp16_kv_bytes']} -> {row['ratio']}x smaller)")
+            print(
+                f"bytes/memory {row['codec']:>5}: {row['bytes']:>7}  (full fp16 KV {row['full_fp16_kv_bytes']} -> {row['ratio']}x smaller)"
+            )
 
         rng = np.random.default_rng(1)
         pool = [rng.standard_normal((2, LAYERS * HEADS * TOKENS * HEAD_DIM)).astype(np.float32) for _ in range(64)]
@@ -122,8 +141,10 @@ def main():
         # baseline: the same bytes to a plain file, one fsync per batch
         items, _ = batch_items(rng, 0, args.batch, pool)
         codec = codec_class(args.codec)()
-        blobs = [encode_record(i, codec, it["keys"], it["values"], it["positions"], it["text"], it["metadata"], None, None)
-                 for i, it in enumerate(items)]
+        blobs = [
+            encode_record(i, codec, it["keys"], it["values"], it["positions"], it["text"], it["metadata"], None, None)
+            for i, it in enumerate(items)
+        ]
         t = time.perf_counter()
         with open(os.path.join(work, "plain.bin"), "wb") as f:
             for _ in range(max(1, min(args.n, 20_000) // args.batch)):
@@ -141,7 +162,7 @@ def main():
             n = min(args.batch, args.n - added)
             items, emb = batch_items(rng, added, n, pool)
             db.add_memories(items)
-            all_emb[added:added + n] = emb
+            all_emb[added : added + n] = emb
             added += n
             if added % (args.batch * 20) == 0:
                 print(f"  added {added}/{args.n} ({added / (time.perf_counter() - t0):.0f}/s)", flush=True)
@@ -149,8 +170,10 @@ def main():
         results["add_per_s"] = round(args.n / add_s)
         results["plain_file_write_per_s"] = round(plain_rate)
         results["add_vs_plain_write"] = round(results["add_per_s"] / plain_rate, 3)
-        print(f"add: {results['add_per_s']}/s committed (plain file write of the same bytes: {round(plain_rate)}/s, "
-              f"ratio {results['add_vs_plain_write']})")
+        print(
+            f"add: {results['add_per_s']}/s committed (plain file write of the same bytes: {round(plain_rate)}/s, "
+            f"ratio {results['add_vs_plain_write']})"
+        )
 
         t = time.perf_counter()
         db.close()
@@ -164,8 +187,12 @@ def main():
         norms = np.linalg.norm(all_emb, axis=1)
         for q in queries[:10]:  # warm caches
             db.recall(q, k=5, decode=True)
-        lat = {"none": [], "lang = 'fr' (10%, repeated: cached)": [], "bucket = ? (1%, new: uncached)": [],
-               "exact numpy scan (baseline)": []}
+        lat = {
+            "none": [],
+            "lang = 'fr' (10%, repeated: cached)": [],
+            "bucket = ? (1%, new: uncached)": [],
+            "exact numpy scan (baseline)": [],
+        }
         hits = 0
         for qi, q in enumerate(queries):
             t = time.perf_counter()
@@ -185,16 +212,22 @@ def main():
             fifth = np.sort(sims[truth])[0]
             hits += sum(1 for i in got.ids if i in set(truth.tolist()) or sims[i] >= fifth - 1e-3)
         results["recall_at_5"] = round(hits / (5 * len(queries)), 4)
-        results["recall_latency_ms"] = {k: {"p50": percentile_ms(v, 50), "p99": percentile_ms(v, 99)} for k, v in lat.items()}
+        results["recall_latency_ms"] = {
+            k: {"p50": percentile_ms(v, 50), "p99": percentile_ms(v, 99)} for k, v in lat.items()
+        }
         base = results["recall_latency_ms"]["exact numpy scan (baseline)"]["p50"]
         for k, v in results["recall_latency_ms"].items():
-            print(f"recall k=5 decoded, filter {k:<38} p50 {v['p50']:>8.3f} ms  p99 {v['p99']:>8.3f} ms  "
-                  f"({v['p50'] / base:.2f}x the exact scan)")
+            print(
+                f"recall k=5 decoded, filter {k:<38} p50 {v['p50']:>8.3f} ms  p99 {v['p99']:>8.3f} ms  "
+                f"({v['p50'] / base:.2f}x the exact scan)"
+            )
         print(f"ANN recall@5 vs brute force: {results['recall_at_5']}")
         results["recall_at_5_iid_gaussian_20k"] = iid_worst_case(rng)
         print(f"ANN recall@5 on i.i.d. Gaussian vectors (no structure, 20k): {results['recall_at_5_iid_gaussian_20k']}")
         results["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        print(f"open (read-only): {results['open_s']} s, disk {results['disk_bytes'] / 1e6:.0f} MB, max RSS {results['max_rss_mb']} MB")
+        print(
+            f"open (read-only): {results['open_s']} s, disk {results['disk_bytes'] / 1e6:.0f} MB, max RSS {results['max_rss_mb']} MB"
+        )
         db.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -38,8 +38,15 @@ MB = 1 << 20
 
 
 def make_spec(codec):
-    return m3db.MemorySpec(model_fingerprint="bench", memory_layers=range(LAYERS), kv_heads=HEADS, head_dim=HEAD_DIM,
-                           tokens_per_head=TOKENS, embedding_dim=DIM, codec=codec)
+    return m3db.MemorySpec(
+        model_fingerprint="bench",
+        memory_layers=range(LAYERS),
+        kv_heads=HEADS,
+        head_dim=HEAD_DIM,
+        tokens_per_head=TOKENS,
+        embedding_dim=DIM,
+        codec=codec,
+    )
 
 
 def embeddings(rng, n):
@@ -59,11 +66,20 @@ def build(path, n, codec, batch=1000):
         for start in range(0, n, batch):
             m = min(batch, n - start)
             emb = embeddings(rng, m)
-            db.add_memories([dict(keys=pool[(start + i) % 64][0], values=pool[(start + i) % 64][1], positions=positions,
-                                  embedding=emb[i], text=f"reference {start + i}: " + "lorem ipsum " * 30,
-                                  metadata={"bucket": (start + i) % 100, "lang": "fr" if (start + i) % 10 == 0 else "en"},
-                                  document=f"doc/{(start + i) // 8}")
-                             for i in range(m)])
+            db.add_memories(
+                [
+                    dict(
+                        keys=pool[(start + i) % 64][0],
+                        values=pool[(start + i) % 64][1],
+                        positions=positions,
+                        embedding=emb[i],
+                        text=f"reference {start + i}: " + "lorem ipsum " * 30,
+                        metadata={"bucket": (start + i) % 100, "lang": "fr" if (start + i) % 10 == 0 else "en"},
+                        document=f"doc/{(start + i) // 8}",
+                    )
+                    for i in range(m)
+                ]
+            )
             print(f"\r  built {start + m:,}/{n:,}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
 
@@ -83,6 +99,7 @@ def copy_baseline(db_path, out):
 
 def sha256_file(path):
     import hashlib
+
     h = hashlib.sha256()
     t = time.perf_counter()
     with open(path, "rb") as f:
@@ -157,7 +174,9 @@ def main():
         r["pack_MBps"] = size / MB / pack_s
         r["pack_vs_copy"] = r["pack_MBps"] / r["copy_MBps"]
 
-        r["sha256_MBps"] = size / MB / min(sha256_file(pkg) for _ in range(2))  # the second pass: page cache warm, as verify's
+        r["sha256_MBps"] = (
+            size / MB / min(sha256_file(pkg) for _ in range(2))
+        )  # the second pass: page cache warm, as verify's
         verify_s, report = timed(lambda: m3db.verify(pkg))
         assert report.ok, report.problems
         r["verify_MBps"] = size / MB / verify_s
@@ -180,7 +199,10 @@ def main():
 
         rng = np.random.default_rng(1)
         queries = rng.standard_normal((300, DIM)).astype(np.float32)
-        for name, path, kw in (("directory", db_path, {"read_only": True}), ("package", pkg, {"config": {"cache_dir": cache}})):
+        for name, path, kw in (
+            ("directory", db_path, {"read_only": True}),
+            ("package", pkg, {"config": {"cache_dir": cache}}),
+        ):
             with m3db.connect(path, **kw) as db:
                 lat = []
                 for q in queries:
@@ -205,14 +227,26 @@ def main():
     with open(args.out, "w") as f:
         json.dump(r, f, indent=2)
     print(f"{'memories':<34}{args.n:,} ({args.codec}), package {r['package_bytes'] / MB:,.0f} MB")
-    print(f"{'pack':<34}{r['pack_MBps']:8.0f} MB/s   copy baseline {r['copy_MBps']:.0f} MB/s   ratio {r['pack_vs_copy']:.2f}")
-    print(f"{'verify (decodes every record)':<34}{r['verify_MBps']:8.0f} MB/s   sha256 baseline {r['sha256_MBps']:.0f} MB/s   ratio {r['verify_vs_sha256']:.2f}")
+    print(
+        f"{'pack':<34}{r['pack_MBps']:8.0f} MB/s   copy baseline {r['copy_MBps']:.0f} MB/s   ratio {r['pack_vs_copy']:.2f}"
+    )
+    print(
+        f"{'verify (decodes every record)':<34}{r['verify_MBps']:8.0f} MB/s   sha256 baseline {r['sha256_MBps']:.0f} MB/s   ratio {r['verify_vs_sha256']:.2f}"
+    )
     print(f"{'verify (arrays=False)':<34}{r['verify_no_arrays_MBps']:8.0f} MB/s")
-    print(f"{'attach, cold cache':<34}{r['attach_cold_s'] * 1000:8.0f} ms   (extracts {r['cache_entry_bytes'] / MB:.0f} MB of catalog + index)")
-    print(f"{'attach, warm cache':<34}{r['attach_warm_s'] * 1000:8.0f} ms   open directory baseline {r['open_directory_s'] * 1000:.0f} ms   ratio {r['attach_warm_vs_open_directory']:.2f}")
-    print(f"{'recall p50 (k=5)':<34}{r['recall_p50_ms_package']:8.2f} ms   directory {r['recall_p50_ms_directory']:.2f} ms   ratio {r['recall_package_vs_directory']:.2f}")
-    print(f"{'package pages resident, attach':<34}{r['package_resident_after_attach_MB']:8.2f} MB   of {r['segments_MB']:.0f} MB of segments "
-          f"(whole process RSS grew {r['rss_after_attach_MB']:.0f} MB: DuckDB, the index view)")
+    print(
+        f"{'attach, cold cache':<34}{r['attach_cold_s'] * 1000:8.0f} ms   (extracts {r['cache_entry_bytes'] / MB:.0f} MB of catalog + index)"
+    )
+    print(
+        f"{'attach, warm cache':<34}{r['attach_warm_s'] * 1000:8.0f} ms   open directory baseline {r['open_directory_s'] * 1000:.0f} ms   ratio {r['attach_warm_vs_open_directory']:.2f}"
+    )
+    print(
+        f"{'recall p50 (k=5)':<34}{r['recall_p50_ms_package']:8.2f} ms   directory {r['recall_p50_ms_directory']:.2f} ms   ratio {r['recall_package_vs_directory']:.2f}"
+    )
+    print(
+        f"{'package pages resident, attach':<34}{r['package_resident_after_attach_MB']:8.2f} MB   of {r['segments_MB']:.0f} MB of segments "
+        f"(whole process RSS grew {r['rss_after_attach_MB']:.0f} MB: DuckDB, the index view)"
+    )
     print(f"{'... after 200 decoded recalls':<34}{r['package_resident_after_recalls_MB']:8.2f} MB")
 
 

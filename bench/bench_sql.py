@@ -28,6 +28,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import bench_engine as engine  # noqa: E402  (its generator; bench_engine imports m3db)
+
 import m3db  # noqa: E402
 
 FILTERS = [
@@ -40,8 +41,10 @@ FILTERS = [
 
 def build(path, n, batch=2000):
     rng = np.random.default_rng(1)
-    pool = [rng.standard_normal((2, engine.LAYERS * engine.HEADS * engine.TOKENS * engine.HEAD_DIM)).astype(np.float32)
-            for _ in range(64)]
+    pool = [
+        rng.standard_normal((2, engine.LAYERS * engine.HEADS * engine.TOKENS * engine.HEAD_DIM)).astype(np.float32)
+        for _ in range(64)
+    ]
     db = m3db.connect(path, spec=engine.spec("int8"))
     t = time.perf_counter()
     added = 0
@@ -88,7 +91,7 @@ def main():
             for i, q in enumerate(queries):
                 # rotate which goes first, so none always runs on a warmer cache
                 runs = [("py", python_ms), ("sql", sql_ms), ("duckdb", duckdb_ms)]
-                for kind, samples in runs[i % 3:] + runs[:i % 3]:
+                for kind, samples in runs[i % 3 :] + runs[: i % 3]:
                     if kind == "py":
                         got_py = timed(lambda: db.recall(q, k=args.k, where=condition, params=params), samples)
                     elif kind == "sql":
@@ -105,14 +108,19 @@ def main():
             row["ratio"] = round(row["sql_median_ms"] / row["python_median_ms"], 2)
             row["ratio_duckdb"] = round(row["sql_duckdb_median_ms"] / row["python_median_ms"], 2)
             results["filters"].append(row)
-            print(f"{name:<28} selectivity {row['selectivity']:>6.1%} {row['strategy']:<10} "
-                  f"python {row['python_median_ms']:.3f} ms  sql {row['sql_median_ms']:.3f} ms ({row['ratio']:.2f}x)  "
-                  f"sql through DuckDB {row['sql_duckdb_median_ms']:.3f} ms ({row['ratio_duckdb']:.2f}x)   "
-                  f"p90: {row['python_p90_ms']:.3f} / {row['sql_p90_ms']:.3f} / {row['sql_duckdb_p90_ms']:.3f} ms", flush=True)
+            print(
+                f"{name:<28} selectivity {row['selectivity']:>6.1%} {row['strategy']:<10} "
+                f"python {row['python_median_ms']:.3f} ms  sql {row['sql_median_ms']:.3f} ms ({row['ratio']:.2f}x)  "
+                f"sql through DuckDB {row['sql_duckdb_median_ms']:.3f} ms ({row['ratio_duckdb']:.2f}x)   "
+                f"p90: {row['python_p90_ms']:.3f} / {row['sql_p90_ms']:.3f} / {row['sql_duckdb_p90_ms']:.3f} ms",
+                flush=True,
+            )
         results["worst_ratio"] = max(r["ratio"] for r in results["filters"])
         results["worst_ratio_duckdb"] = max(r["ratio_duckdb"] for r in results["filters"])
-        print(f"worst SQL/Python ratio (medians): {results['worst_ratio']:.2f}x (target <= 1.5x); through DuckDB "
-              f"{results['worst_ratio_duckdb']:.2f}x; {args.n:,} memories, k = {args.k}")
+        print(
+            f"worst SQL/Python ratio (medians): {results['worst_ratio']:.2f}x (target <= 1.5x); through DuckDB "
+            f"{results['worst_ratio_duckdb']:.2f}x; {args.n:,} memories, k = {args.k}"
+        )
         db.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)

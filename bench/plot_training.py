@@ -21,17 +21,30 @@ def plot(log_path, png_path):
     steps = [r for r in rows if "loss_memory" in r]
     evals = [r for r in rows if "eval" in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot([r["step"] for r in steps], [r["loss_memory"] for r in steps], lw=0.8, label="memory examples (answer tokens)")
+    a.plot(
+        [r["step"] for r in steps], [r["loss_memory"] for r in steps], lw=0.8, label="memory examples (answer tokens)"
+    )
     a.plot([r["step"] for r in steps], [r["loss_text"] for r in steps], lw=0.8, label="text, no memory")
     a.set_xlabel("step")
     a.set_ylabel("cross-entropy")
     a.legend()
-    b.plot([r["step"] for r in evals], [r["eval"]["fact_accuracy"] for r in evals], marker="o", label="held-out invented facts")
+    b.plot(
+        [r["step"] for r in evals],
+        [r["eval"]["fact_accuracy"] for r in evals],
+        marker="o",
+        label="held-out invented facts",
+    )
     b.set_xlabel("step")
     b.set_ylabel("accuracy (answer tokens all argmax)")
     b.set_ylim(0, 1)
     ax = b.twinx()
-    ax.plot([r["step"] for r in evals], [r["eval"]["text_perplexity"] for r in evals], color="gray", ls="--", label="held-out text perplexity")
+    ax.plot(
+        [r["step"] for r in evals],
+        [r["eval"]["text_perplexity"] for r in evals],
+        color="gray",
+        ls="--",
+        label="held-out text perplexity",
+    )
     ax.set_ylabel("perplexity, no memory")
     b.legend(loc="upper left")
     ax.legend(loc="lower right")

@@ -73,29 +73,32 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import m3db  # noqa: E402
-from m3db.knowledge.chunk import chunk_text  # noqa: E402
 from m3db.knowledge.answer import Retrieved  # noqa: E402
+from m3db.knowledge.chunk import chunk_text  # noqa: E402
 from m3db.knowledge.leakage import leaks  # noqa: E402
+from m3db.knowledge.sources import wikipedia  # noqa: E402
+from m3db.model.adapter import BUNDLED_FILE, ReaderAdapter  # noqa: E402
 from m3db.model.embedder import Embedder  # noqa: E402
 from m3db.model.generate import Sampling, run  # noqa: E402
-from m3db.model.adapter import BUNDLED_FILE, ReaderAdapter  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.score import answer_logprobs  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
 from m3db.model.train_data import capitals, held_out  # noqa: E402
-from m3db.knowledge.sources import wikipedia  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TASKS = ("capital", "whatis", "blank")
 GEN_TOKENS = 20  # greedy reply cap: room for "The capital of X is Y." or "X is a <description>"; < one chunk
 EXTRA = 5  # candidates recalled beyond k, so that the leakage filter can drop some and keep k
 ARTICLES = {"a", "an", "the"}
-STOPWORDS = set("""about after also among and been before being between both called during each from
+STOPWORDS = set(
+    """about after also among and been before being between both called during each from
 have into itself known many more most other over since such than that their them then there these
-they this those through under until used very were what when where which while with within would""".split())
+they this those through under until used very were what when where which while with within would""".split()
+)
 
 
 # -- questions -------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Question:
@@ -132,8 +135,11 @@ def capital_questions(wiki):
         doc = wiki.get(name)
         if doc is None or capital not in doc["text"]:
             continue
-        qs.append(Question("capital", name, f"What is the capital of {name}?", f"The capital of {name} is",
-                           f" {capital}", capital))
+        qs.append(
+            Question(
+                "capital", name, f"What is the capital of {name}?", f"The capital of {name} is", f" {capital}", capital
+            )
+        )
     return qs
 
 
@@ -150,8 +156,16 @@ def whatis_questions(wiki, exclude):
         before = doc["text"][:at].split()[-1:]
         article = before[0] if before and before[0].lower() in ARTICLES else None
         who = "Who" if doc["metadata"].get("topic") == "People" else "What"
-        qs.append(Question("whatis", title, f"{who} is {title}?", f"{title} is",
-                           f" {article} {span}" if article else f" {span}", span))
+        qs.append(
+            Question(
+                "whatis",
+                title,
+                f"{who} is {title}?",
+                f"{title} is",
+                f" {article} {span}" if article else f" {span}",
+                span,
+            )
+        )
     return qs
 
 
@@ -169,10 +183,14 @@ def blank_questions(wiki, exclude, count_tokens, rng, limit):
             continue
         sentence = rng.choice(sentences)
         title_words = {w.casefold() for w in re.findall(r"\w+", title)}
-        cands = [m for m in re.finditer(r"\w+", sentence)
-                 if m.group().casefold() not in title_words and m.group().casefold() not in STOPWORDS
-                 and (m.group()[0].isupper() and m.start() > 0 or m.group().isdigit() or len(m.group()) >= 7)
-                 and len(m.group()) >= 3]
+        cands = [
+            m
+            for m in re.finditer(r"\w+", sentence)
+            if m.group().casefold() not in title_words
+            and m.group().casefold() not in STOPWORDS
+            and (m.group()[0].isupper() and m.start() > 0 or m.group().isdigit() or len(m.group()) >= 7)
+            and len(m.group()) >= 3
+        ]
         if not cands:
             continue
         m = rng.choice(cands)
@@ -212,6 +230,7 @@ def build_questions(n, distractors, count_tokens, seed):
 
 
 # -- databases: one per (settings, codec), sharing the decoder and the encoding work -----------
+
 
 class SharedEncoding:
     """What `connect(model=...)` needs of a MemoryModel, with `encode` answered from arrays
@@ -263,8 +282,11 @@ def verify_subset(wrapper, texts):
     own = wrapper.variant.encode(texts)
     for t, a in zip(texts, own):
         b = wrapper.encode([t])[0]
-        if not (np.array_equal(a["positions"], b["positions"]) and np.allclose(a["keys"], b["keys"], atol=1e-4)
-                and np.allclose(a["values"], b["values"], atol=1e-4)):
+        if not (
+            np.array_equal(a["positions"], b["positions"])
+            and np.allclose(a["keys"], b["keys"], atol=1e-4)
+            and np.allclose(a["values"], b["values"], atol=1e-4)
+        ):
             raise SystemExit(f"layer subset of the shared encoding differs from encoding layers {wrapper.layers} alone")
 
 
@@ -311,11 +333,19 @@ CONDITIONS = [
 DEFAULT = "L0-29 32/head int4 (dense default)"  # connect()'s default: MemorySettings(), int4
 # which settings' arrays each settings is cut from (None: encoded itself): a layer's kept
 # tokens depend only on that layer's scores
-SOURCE = {"all8": None, "all16": None, "all32": None, "paper": "all8", "sparse": "all8", "upper16": "all16",
-          "upper32": "all32"}
+SOURCE = {
+    "all8": None,
+    "all16": None,
+    "all32": None,
+    "paper": "all8",
+    "sparse": "all8",
+    "upper16": "all16",
+    "upper32": "all32",
+}
 
 
 # -- retrieval with the leakage filter ----------------------------------------------------------
+
 
 class FilteredRetriever:
     """The engine's recall, minus leaking references, as the decoder's Retriever.
@@ -381,6 +411,7 @@ class FilteredRetriever:
 
 # -- evaluation ---------------------------------------------------------------------------------
 
+
 def chat(question):
     return [{"role": "user", "content": question}]
 
@@ -413,10 +444,19 @@ def evaluate(cond, model, retriever, questions, batch_size, say):
             if retriever is not None:
                 last = retriever.chunk_texts(ids, cond.mode)[-1]
                 hit = any(retriever.documents.get(m.document_id) == q.title for m in retriever.log[last])
-            out[i] = {"task": q.task, "title": q.title, "logprob": sum(lp), "tokens": len(lp), "reply": g.text,
-                      "em": exact_match(g.text, q.gold), "hit": hit}
-        say(f"  {cond.name}: {min(s + batch_size, len(order))}/{len(order)} questions, {time.perf_counter() - t0:.0f} s "
-            f"(scoring {t_score:.0f} s, generating {t_gen:.0f} s)")
+            out[i] = {
+                "task": q.task,
+                "title": q.title,
+                "logprob": sum(lp),
+                "tokens": len(lp),
+                "reply": g.text,
+                "em": exact_match(g.text, q.gold),
+                "hit": hit,
+            }
+        say(
+            f"  {cond.name}: {min(s + batch_size, len(order))}/{len(order)} questions, {time.perf_counter() - t0:.0f} s "
+            f"(scoring {t_score:.0f} s, generating {t_gen:.0f} s)"
+        )
     return out
 
 
@@ -431,8 +471,13 @@ def throughput(conds, models, retrievers, questions, new_tokens, say):
             m, r = models[c.name], retrievers.get(c.name)
             if r is not None:
                 r.bind_one(q.question)
-            steps[c.name] = run(m, [m._ids(chat(q.question))], mode=c.mode, retriever=r,
-                                sampling=Sampling(max_tokens=4 if warm else new_tokens, stop_tokens=()))[1]
+            steps[c.name] = run(
+                m,
+                [m._ids(chat(q.question))],
+                mode=c.mode,
+                retriever=r,
+                sampling=Sampling(max_tokens=4 if warm else new_tokens, stop_tokens=()),
+            )[1]
         live, turn = [c.name for c in conds], qi
         while live:
             order = live[turn % len(live) :] + live[: turn % len(live)]  # who goes first rotates
@@ -465,15 +510,19 @@ def perplexities(base, adapter, n):
     """Perplexity without memory on the first 128 tokens of each text, base against adapter:
     held-out Wikipedia summaries (training's domain, articles it never saw) and `general_texts`."""
     wiki = {d["title"]: d for d in wikipedia()}
-    domains = {"held-out Wikipedia summaries": [wiki[t]["text"] for t in sorted(wiki) if held_out(t)][-n:],
-               "Python documentation (pydoc_data.topics)": general_texts(n)}
+    domains = {
+        "held-out Wikipedia summaries": [wiki[t]["text"] for t in sorted(wiki) if held_out(t)][-n:],
+        "Python documentation (pydoc_data.topics)": general_texts(n),
+    }
     out = {}
     for name, texts in domains.items():
         ids = [torch.tensor([base.tokenizer.encode(t)[:128]]) for t in texts]
         row = {"texts": len(texts), "tokens": sum(x.shape[1] - 1 for x in ids)}
         for key, a in (("base", None), ("adapter", adapter)):
-            nll = sum(float(torch.nn.functional.cross_entropy(base.decoder(x, adapter=a)[0, :-1], x[0, 1:], reduction="sum"))
-                      for x in ids)
+            nll = sum(
+                float(torch.nn.functional.cross_entropy(base.decoder(x, adapter=a)[0, :-1], x[0, 1:], reduction="sum"))
+                for x in ids
+            )
             row[key] = float(np.exp(nll / row["tokens"]))
         out[name] = row
     return out
@@ -481,14 +530,21 @@ def perplexities(base, adapter, n):
 
 # -- report ---------------------------------------------------------------------------------------
 
+
 def summarize(rows, by_task=True):
     lp = [r["logprob"] for r in rows]
-    out = {"n": len(rows), "logprob": statistics.mean(lp), "logprob_per_token": sum(lp) / sum(r["tokens"] for r in rows),
-           "em": statistics.mean(r["em"] for r in rows)}
+    out = {
+        "n": len(rows),
+        "logprob": statistics.mean(lp),
+        "logprob_per_token": sum(lp) / sum(r["tokens"] for r in rows),
+        "em": statistics.mean(r["em"] for r in rows),
+    }
     hits = [r["hit"] for r in rows if r["hit"] is not None]
     out["hit"] = statistics.mean(hits) if hits else None
     if by_task:
-        out["tasks"] = {t: summarize([r for r in rows if r["task"] == t], False) for t in TASKS if any(r["task"] == t for r in rows)}
+        out["tasks"] = {
+            t: summarize([r for r in rows if r["task"] == t], False) for t in TASKS if any(r["task"] == t for r in rows)
+        }
     return out
 
 
@@ -497,26 +553,50 @@ def paired(results, name, base, task=None):
     (every condition answers the same questions in the same order)."""
     if name == base:
         return "-"
-    d = [a["logprob"] - b["logprob"] for a, b in zip(results[name]["rows"], results[base]["rows"])
-         if task is None or a["task"] == task]
+    d = [
+        a["logprob"] - b["logprob"]
+        for a, b in zip(results[name]["rows"], results[base]["rows"])
+        if task is None or a["task"] == task
+    ]
     se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
     return f"{statistics.mean(d):+.2f} ± {se:.2f}"
 
 
 def table(results):
-    cols = ["condition", "bytes/memory", "vs fp16 KV", "logprob/q", "vs none", "vs RAG", "logprob/tok", "EM all",
-            *(f"EM {t}" for t in TASKS), "hit", "tok/s", "x none", "x RAG"]
+    cols = [
+        "condition",
+        "bytes/memory",
+        "vs fp16 KV",
+        "logprob/q",
+        "vs none",
+        "vs RAG",
+        "logprob/tok",
+        "EM all",
+        *(f"EM {t}" for t in TASKS),
+        "hit",
+        "tok/s",
+        "x none",
+        "x RAG",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in results.items():
         s, b, tps = r["summary"], r.get("bytes"), r.get("tok_s")
         cells = [name]
         cells += [f"{b['per_memory']:,.0f}", f"{b['vs_fp16_kv']:.4f}"] if b else [r.get("bytes_note", "-"), "-"]
-        cells += [f"{s['logprob']:.2f}", paired(results, name, "none"), paired(results, name, "rag"),
-                  f"{s['logprob_per_token']:.3f}", f"{s['em']:.3f}"]
+        cells += [
+            f"{s['logprob']:.2f}",
+            paired(results, name, "none"),
+            paired(results, name, "rag"),
+            f"{s['logprob_per_token']:.3f}",
+            f"{s['em']:.3f}",
+        ]
         cells += [f"{s['tasks'][t]['em']:.3f}" if t in s["tasks"] else "-" for t in TASKS]
         cells += [f"{s['hit']:.2f}" if s["hit"] is not None else "-"]
-        cells += ([f"{tps:.1f}", f"{tps / results['none']['tok_s']:.2f}", f"{tps / results['rag']['tok_s']:.2f}"]
-                  if tps else ["-", "-", "-"])
+        cells += (
+            [f"{tps:.1f}", f"{tps / results['none']['tok_s']:.2f}", f"{tps / results['rag']['tok_s']:.2f}"]
+            if tps
+            else ["-", "-", "-"]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -543,21 +623,37 @@ def plot(results, path):
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.get_cmap("tab10").colors
     markers = {"f32": "s", "f16": "D", "int8": "o", "int4": "v"}
-    for ax, key, label in ((axes[0], "logprob", "mean answer log-likelihood (nats per question)"),
-                           (axes[1], "em", "exact match (share of questions)")):
+    for ax, key, label in (
+        (axes[0], "logprob", "mean answer log-likelihood (nats per question)"),
+        (axes[1], "em", "exact match (share of questions)"),
+    ):
         for base, style in (("none", ":"), ("rag", "--")):
             y = results[base]["summary"][key]
-            ax.axhline(y, linestyle=style, color="gray", label=f"{base} (no stored memory)" if base == "none" else "text RAG, 5 references")
+            ax.axhline(
+                y,
+                linestyle=style,
+                color="gray",
+                label=f"{base} (no stored memory)" if base == "none" else "text RAG, 5 references",
+            )
         for i, (name, r) in enumerate(n for n in results.items() if "bytes" in n[1]):
             codec = next((c for c in markers if f" {c}" in name), "int8")
-            ax.plot(r["bytes"]["per_memory"], r["summary"][key], markers[codec], color=colors[i % 10], markersize=8,
-                    fillstyle="full" if A in name else "none", label=name)
+            ax.plot(
+                r["bytes"]["per_memory"],
+                r["summary"][key],
+                markers[codec],
+                color=colors[i % 10],
+                markersize=8,
+                fillstyle="full" if A in name else "none",
+                label=name,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("stored bytes per memory (log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle("SmolLM2-135M-Instruct: answer quality vs bytes per memory (hollow: base weights; filled: + reader adapter)")
+    fig.suptitle(
+        "SmolLM2-135M-Instruct: answer quality vs bytes per memory (hollow: base weights; filled: + reader adapter)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -567,20 +663,28 @@ def report(results, header, args, say, ppl=None):
     print(table(results))
     print()
     print(table_tasks(results))
-    print("\nBytes per memory (mean): the stored record, the reference text inside it, the full fp16 K/V of the same "
-          "reference, and how many times smaller the record is, with and without its text:\n")
-    print("| condition | record | text | full fp16 K/V | x smaller | x smaller without text |\n|---|---|---|---|---|---|")
+    print(
+        "\nBytes per memory (mean): the stored record, the reference text inside it, the full fp16 K/V of the same "
+        "reference, and how many times smaller the record is, with and without its text:\n"
+    )
+    print(
+        "| condition | record | text | full fp16 K/V | x smaller | x smaller without text |\n|---|---|---|---|---|---|"
+    )
     for name, r in results.items():
         b = r.get("bytes")
         if b and "text_per_memory" in b:
-            print(f"| {name} | {b['per_memory']:,.0f} | {b['text_per_memory']:,.0f} | {b['fp16_kv_per_memory']:,.0f} | "
-                  f"{1 / b['vs_fp16_kv']:.0f} | {1 / b['without_text_vs_fp16_kv']:.0f} |")
+            print(
+                f"| {name} | {b['per_memory']:,.0f} | {b['text_per_memory']:,.0f} | {b['fp16_kv_per_memory']:,.0f} | "
+                f"{1 / b['vs_fp16_kv']:.0f} | {1 / b['without_text_vs_fp16_kv']:.0f} |"
+            )
     if ppl:
         print("\nPerplexity without memory (first 128 tokens of each text), base weights against the adapter:\n")
         print("| text | texts | tokens | base | + adapter | change |\n|---|---|---|---|---|---|")
         for name, p in ppl.items():
-            print(f"| {name} | {p['texts']} | {p['tokens']} | {p['base']:.3f} | {p['adapter']:.3f} | "
-                  f"{100 * (p['adapter'] / p['base'] - 1):+.1f}% |")
+            print(
+                f"| {name} | {p['texts']} | {p['tokens']} | {p['base']:.3f} | {p['adapter']:.3f} | "
+                f"{100 * (p['adapter'] / p['base'] - 1):+.1f}% |"
+            )
     if args.plot:
         plot(results, args.plot)
         say(f"wrote {args.plot}")
@@ -588,24 +692,37 @@ def report(results, header, args, say, ppl=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke test: 4 questions per task, 16 distractors, short throughput")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke test: 4 questions per task, 16 distractors, short throughput"
+    )
     ap.add_argument("--per-task", type=int, default=30, help="questions per task")
     ap.add_argument("--distractors", type=int, default=90, help="articles beside the questions' own")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--throughput-questions", type=int, default=2)
     ap.add_argument("--throughput-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--adapter", default=BUNDLED_FILE, help="reader adapter file for the '+ adapter' conditions "
-                    "(default: the bundled one); 'none' leaves them out")
+    ap.add_argument(
+        "--adapter",
+        default=BUNDLED_FILE,
+        help="reader adapter file for the '+ adapter' conditions (default: the bundled one); 'none' leaves them out",
+    )
     ap.add_argument("--perplexity-texts", type=int, default=48, help="texts per domain for perplexity without memory")
     ap.add_argument("--plot", help="the PNG to write (default: docs/quality.png; none with --quick)")
-    ap.add_argument("--json", help="raw results, every reply included (default: bench/out/quality.json; none with --quick)")
+    ap.add_argument(
+        "--json", help="raw results, every reply included (default: bench/out/quality.json; none with --quick)"
+    )
     ap.add_argument("--from-json", help="print the tables and draw the plot from a run's raw results; run nothing")
     args = ap.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
-        report(saved["results"], saved.get("header", ""), args, lambda msg: print(msg, file=sys.stderr), saved.get("perplexity"))
+        report(
+            saved["results"],
+            saved.get("header", ""),
+            args,
+            lambda msg: print(msg, file=sys.stderr),
+            saved.get("perplexity"),
+        )
         return
     if args.quick:
         args.per_task, args.distractors, args.throughput_questions, args.throughput_tokens = 4, 16, 1, 16
@@ -635,8 +752,10 @@ def main():
     if adapter is None:
         say(f"no reader adapter at {args.adapter}: the '+ adapter' conditions are left out")
     questions, docs, skipped = build_questions(args.per_task, args.distractors, base.count_tokens, args.seed)
-    say(f"{len(questions)} questions ({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}; "
-        f"{skipped} blank questions not asked: their source reference would leak), {len(docs)} articles in the knowledge base")
+    say(
+        f"{len(questions)} questions ({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}; "
+        f"{skipped} blank questions not asked: their source reference would leak), {len(docs)} articles in the knowledge base"
+    )
 
     tmp = tempfile.TemporaryDirectory(prefix="m3db-quality-")
     dbs, stores = {}, {}  # dbs: (settings key, codec) -> database; stores: settings key -> {reference text: arrays}
@@ -650,12 +769,19 @@ def main():
             verify_subset(wrapper, [docs[0]["text"][:400], docs[1]["text"][:400]])
         t = time.perf_counter()
         # a 1-byte RAM cache holds no memory: every read decodes its record from the segment
-        db = m3db.connect(os.path.join(tmp.name, f"{cond.settings}-{cond.codec}.m3db"), model=wrapper, embedder=embedder,
-                          codec=cond.codec, config={"cache_bytes": 1})
+        db = m3db.connect(
+            os.path.join(tmp.name, f"{cond.settings}-{cond.codec}.m3db"),
+            model=wrapper,
+            embedder=embedder,
+            codec=cond.codec,
+            config={"cache_bytes": 1},
+        )
         ingest = db.add_documents(docs, progress=False)
         dbs[cond.settings, cond.codec] = db
-        say(f"built {cond.settings} {cond.codec}: {ingest.memories_added} memories from {ingest.documents_added} articles "
-            f"in {time.perf_counter() - t:.0f} s")
+        say(
+            f"built {cond.settings} {cond.codec}: {ingest.memories_added} memories from {ingest.documents_added} articles "
+            f"in {time.perf_counter() - t:.0f} s"
+        )
     stores.clear()  # the databases hold the memories now
     default = next(c for c in conditions if c.name == DEFAULT)
     text_db = dbs[default.settings, default.codec]  # none and rag read the same references' text from it
@@ -673,21 +799,29 @@ def main():
         if retriever is not None:
             res["recalls"], res["dropped"] = retriever.recalls, retriever.dropped
         if cond.mode == "memory":
-            (count, stored, tokens, text), = db.sql("SELECT count(*), sum(length), sum(token_count), sum(octet_length(encode(text))) "
-                                                    "FROM memories")
+            ((count, stored, tokens, text),) = db.sql(
+                "SELECT count(*), sum(length), sum(token_count), sum(octet_length(encode(text))) FROM memories"
+            )
             full_fp16 = n_layer * 2 * cfg.n_kv_head * cfg.head_dim * 2 * int(tokens)  # every layer, K and V, 2 bytes
             # without the reference's own text (a record keeps it for RAG, display and re-encoding)
-            res["bytes"] = {"per_memory": stored / count, "vs_fp16_kv": stored / full_fp16, "memories": count,
-                            "text_per_memory": text / count, "fp16_kv_per_memory": full_fp16 / count,
-                            "without_text_vs_fp16_kv": (stored - text) / full_fp16}
+            res["bytes"] = {
+                "per_memory": stored / count,
+                "vs_fp16_kv": stored / full_fp16,
+                "memories": count,
+                "text_per_memory": text / count,
+                "fp16_kv_per_memory": full_fp16 / count,
+                "without_text_vs_fp16_kv": (stored - text) / full_fp16,
+            }
         elif cond.mode == "rag":
-            (text_bytes,), = text_db.sql("SELECT avg(strlen(text)) FROM memories")
+            ((text_bytes,),) = text_db.sql("SELECT avg(strlen(text)) FROM memories")
             res["bytes_note"] = f"{text_bytes:,.0f} (text)"
         results[cond.name] = res
         retrievers[cond.name], models[cond.name] = retriever, model
         s = res["summary"]
-        say(f"{cond.name}: logprob {s['logprob']:.3f}, EM {s['em']:.3f}"
-            + (f", leakage filter dropped {res['dropped']} references in {res['recalls']} recalls" if retriever else ""))
+        say(
+            f"{cond.name}: logprob {s['logprob']:.3f}, EM {s['em']:.3f}"
+            + (f", leakage filter dropped {res['dropped']} references in {res['recalls']} recalls" if retriever else "")
+        )
 
     tq = questions[:: max(1, len(questions) // args.throughput_questions)][: args.throughput_questions]
     tps = throughput([c for c in conditions if c.throughput], models, retrievers, tq, args.throughput_tokens, say)
@@ -698,11 +832,13 @@ def main():
         ppl = perplexities(base, adapter, args.perplexity_texts)
         say(f"perplexity without memory, base -> adapter: {ppl}")
 
-    header = (f"\n{'reader adapter ' + adapter.fingerprint[:19] + '...; ' if adapter else ''}{len(questions)} questions ({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}), "
-              f"{len(docs)} articles, {results[DEFAULT]['bytes']['memories']} memories; "
-              f"leakage filter: {sum(r.get('dropped', 0) for r in results.values())} references dropped in "
-              f"{sum(r.get('recalls', 0) for r in results.values())} recalls; torch threads {torch.get_num_threads()}; "
-              f"throughput: batch 1, {len(tq)} question(s) x {args.throughput_tokens} new tokens, lockstep\n")
+    header = (
+        f"\n{'reader adapter ' + adapter.fingerprint[:19] + '...; ' if adapter else ''}{len(questions)} questions ({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}), "
+        f"{len(docs)} articles, {results[DEFAULT]['bytes']['memories']} memories; "
+        f"leakage filter: {sum(r.get('dropped', 0) for r in results.values())} references dropped in "
+        f"{sum(r.get('recalls', 0) for r in results.values())} recalls; torch threads {torch.get_num_threads()}; "
+        f"throughput: batch 1, {len(tq)} question(s) x {args.throughput_tokens} new tokens, lockstep\n"
+    )
     for db in dbs.values():
         db.close()
     tmp.cleanup()

@@ -44,8 +44,9 @@ DEFAULT_CODEC = "int4"
 __all__ = ["CheckReport", "Database", "attach", "connect"]
 
 
-def connect(path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec=DEFAULT_CODEC,
-            memory_mode=None):
+def connect(
+    path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec=DEFAULT_CODEC, memory_mode=None
+):
     """Open (or create) the m3db database at `path` (a directory), or ":memory:".
 
     spec: a MemorySpec (or its dict) for a database of precomputed memories. Without it, a new
@@ -67,8 +68,16 @@ def connect(path, *, spec=None, read_only=False, config=None, model=None, embedd
     """
     if isinstance(path, (list, tuple, dict)):
         return attach(path, spec=spec, config=config, model=model, embedder=embedder)
-    return Database(path, spec=spec, read_only=read_only, config=config, model=model, embedder=embedder, codec=codec,
-                    memory_mode=memory_mode)
+    return Database(
+        path,
+        spec=spec,
+        read_only=read_only,
+        config=config,
+        model=model,
+        embedder=embedder,
+        codec=codec,
+        memory_mode=memory_mode,
+    )
 
 
 def attach(paths, *, spec=None, config=None, model=None, embedder=None) -> PackageSet:
@@ -90,7 +99,9 @@ def attach(paths, *, spec=None, config=None, model=None, embedder=None) -> Packa
         if dups:
             raise InvalidInputError(f"several packages are named {dups}; pass a dict {{name: path}} to name them apart")
     else:
-        raise InvalidInputError(f"attach() takes a list of package paths or a dict {{name: path}}, got {type(paths).__name__}")
+        raise InvalidInputError(
+            f"attach() takes a list of package paths or a dict {{name: path}}, got {type(paths).__name__}"
+        )
     if not named:
         raise InvalidInputError("attach() needs at least one package")
     for name, path in named:
@@ -126,12 +137,26 @@ def _guarded(method):
 
 
 class Database:
-    def __init__(self, path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec=DEFAULT_CODEC,
-                 memory_mode=None):
+    def __init__(
+        self,
+        path,
+        *,
+        spec=None,
+        read_only=False,
+        config=None,
+        model=None,
+        embedder=None,
+        codec=DEFAULT_CODEC,
+        memory_mode=None,
+    ):
         if not isinstance(path, (str, os.PathLike)):
-            raise InvalidInputError(f"path must be a string or path-like (a directory, a .m3kb file or ':memory:'), got {type(path).__name__}")
+            raise InvalidInputError(
+                f"path must be a string or path-like (a directory, a .m3kb file or ':memory:'), got {type(path).__name__}"
+            )
         if memory_mode is not None and (model is not None or spec is not None):
-            raise InvalidInputError("pass memory_mode= or model=/spec=, not both: a model or spec carries its own memory settings")
+            raise InvalidInputError(
+                "pass memory_mode= or model=/spec=, not both: a model or spec carries its own memory settings"
+            )
         if memory_mode is not None:
             check_memory_mode(memory_mode)
         if isinstance(spec, dict):
@@ -145,7 +170,11 @@ class Database:
         self._closed = True
         self._tempdir = None
         self.manifest = None  # a package's
-        if self.path != ":memory:" and os.path.isfile(self.path) and (is_package(self.path) or self.path.endswith(".m3kb")):
+        if (
+            self.path != ":memory:"
+            and os.path.isfile(self.path)
+            and (is_package(self.path) or self.path.endswith(".m3kb"))
+        ):
             self._open_package(spec, config)
         else:
             self._open_directory(spec, bool(read_only), config, codec)
@@ -194,8 +223,9 @@ class Database:
                 spec = MemorySpec(**spec_fields(model, embedder, codec))
                 self._model, self._embedder = model, embedder
             self.store = Store(directory, spec=spec, read_only=read_only, config=config)
-            if self._model is None and (self._model_arg is not None or self._embedder_arg is not None
-                                        or self._memory_mode is not None):
+            if self._model is None and (
+                self._model_arg is not None or self._embedder_arg is not None or self._memory_mode is not None
+            ):
                 self._bind_models(self._model_arg, self._embedder_arg)  # a mismatch fails at open, not later
         except BaseException:
             if self.store is not None:
@@ -229,8 +259,20 @@ class Database:
                 yield self
 
     @_guarded
-    def add_memory(self, keys, values, positions, *, embedding, text, metadata=None, document=None,
-                   ordinal=None, token_count=None, id=None) -> int:
+    def add_memory(
+        self,
+        keys,
+        values,
+        positions,
+        *,
+        embedding,
+        text,
+        metadata=None,
+        document=None,
+        ordinal=None,
+        token_count=None,
+        id=None,
+    ) -> int:
         """Store one memory; return its id.
 
         keys, values: float32 (layers, kv_heads, n, head_dim), keys before RoPE;
@@ -239,8 +281,18 @@ class Database:
         metadata: {name: str|int|float|bool|None|list|dict}, stored as columns of `memories`;
         document: a document's source string (created on first use) or an existing document id.
         """
-        item = dict(keys=keys, values=values, positions=positions, embedding=embedding, text=text,
-                    metadata=metadata, document=document, ordinal=ordinal, token_count=token_count, id=id)
+        item = dict(
+            keys=keys,
+            values=values,
+            positions=positions,
+            embedding=embedding,
+            text=text,
+            metadata=metadata,
+            document=document,
+            ordinal=ordinal,
+            token_count=token_count,
+            id=id,
+        )
         return self.add_memories([item])[0]
 
     @_guarded
@@ -260,7 +312,11 @@ class Database:
     def forget(self, memory_id) -> None:
         """Remove a memory (or an iterable of ids) from recall at once; compact() reclaims its bytes."""
         self.require_writable()
-        ids = [memory_id] if isinstance(memory_id, (int, np.integer)) and not isinstance(memory_id, bool) else list(memory_id)
+        ids = (
+            [memory_id]
+            if isinstance(memory_id, (int, np.integer)) and not isinstance(memory_id, bool)
+            else list(memory_id)
+        )
         for i in ids:
             if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
                 raise InvalidInputError(f"memory ids are integers, got {i!r}")
@@ -347,11 +403,22 @@ class Database:
             allowed = self._filter_cache.allowed(where, params, self.commit_seq)
         elif params is not None:
             raise InvalidInputError("params were given without a where= filter to bind them to")
-        ids, scores, plan = plan_search(self.index, v.astype(np.float32), int(k), allowed, len(self.locations),
-                                        exact_limit=self._config.get("exact_limit", EXACT_LIMIT))
+        ids, scores, plan = plan_search(
+            self.index,
+            v.astype(np.float32),
+            int(k),
+            allowed,
+            len(self.locations),
+            exact_limit=self._config.get("exact_limit", EXACT_LIMIT),
+        )
         memories = self._read_many(ids.tolist(), arrays=decode)
-        return Matches([Match(mid, float(score), m.text, m.metadata, m.document_id, m if decode else None)
-                        for mid, score, m in zip(ids.tolist(), scores.tolist(), memories)], plan)
+        return Matches(
+            [
+                Match(mid, float(score), m.text, m.metadata, m.document_id, m if decode else None)
+                for mid, score, m in zip(ids.tolist(), scores.tolist(), memories)
+            ],
+            plan,
+        )
 
     def embed_query(self, text) -> np.ndarray:
         """The retrieval vector of a query text."""
@@ -360,8 +427,20 @@ class Database:
         _, embedder = self._models()
         return embedder.embed([text])[0]
 
-    def generate(self, prompt, *, max_tokens=128, memory=True, k=None, where=None, params=None,
-                 temperature=0.0, top_p=1.0, stop_tokens=None, seed=0) -> answer.Answer:
+    def generate(
+        self,
+        prompt,
+        *,
+        max_tokens=128,
+        memory=True,
+        k=None,
+        where=None,
+        params=None,
+        temperature=0.0,
+        top_p=1.0,
+        stop_tokens=None,
+        seed=0,
+    ) -> answer.Answer:
         """Answer `prompt` (a string, or chat messages [{"role", "content"}]).
 
         memory=True reads explicit memories, recalled per 64-token chunk as the paper does;
@@ -369,8 +448,19 @@ class Database:
         memory=False uses no knowledge base. k: memories per chunk (default: the model's, 5);
         where/params: a recall filter. Returns an Answer with the memories it used.
         """
-        return answer.generate(self, prompt, max_tokens=max_tokens, memory=memory, k=k, where=where, params=params,
-                               temperature=temperature, top_p=top_p, stop_tokens=stop_tokens, seed=seed)
+        return answer.generate(
+            self,
+            prompt,
+            max_tokens=max_tokens,
+            memory=memory,
+            k=k,
+            where=where,
+            params=params,
+            temperature=temperature,
+            top_p=top_p,
+            stop_tokens=stop_tokens,
+            seed=seed,
+        )
 
     @_guarded
     def sql(self, query, params=None):
@@ -406,8 +496,18 @@ class Database:
         return maintenance.compact(self.store)
 
     @_guarded
-    def pack(self, path, *, name=None, description=None, version=None, license=None, attribution=None, overwrite=False,
-             progress=False) -> dict:
+    def pack(
+        self,
+        path,
+        *,
+        name=None,
+        description=None,
+        version=None,
+        license=None,
+        attribution=None,
+        overwrite=False,
+        progress=False,
+    ) -> dict:
         """Write this knowledge base as one read-only package file (`.m3kb`); return its manifest.
 
         The strings name, description, version, license and attribution go into the manifest.
@@ -415,8 +515,18 @@ class Database:
         """
         if self.writer is not None and self.writer.depth:
             raise InvalidInputError("pack() cannot run inside a transaction; call it after the transaction commits")
-        return pack(self.store, path, source=self.path, name=name, description=description, version=version,
-                    license=license, attribution=attribution, overwrite=overwrite, progress=progress)
+        return pack(
+            self.store,
+            path,
+            source=self.path,
+            name=name,
+            description=description,
+            version=version,
+            license=license,
+            attribution=attribution,
+            overwrite=overwrite,
+            progress=progress,
+        )
 
     @_guarded
     def close(self) -> None:

@@ -46,8 +46,14 @@ def small_spec(*, codec="int8"):
     """A memory spec of SmolLM2's shape in the sparse mode (15 layers, 3 KV heads of 64, 8 tokens
     per head) with HashEmbedder's vectors, for databases of precomputed memories."""
     return MemorySpec(
-        model_fingerprint="test-random-kv", memory_layers=range(15), kv_heads=3, head_dim=64,
-        tokens_per_head=8, embedding_dim=DIM, embedder_fingerprint=HashEmbedder.fingerprint, codec=codec,
+        model_fingerprint="test-random-kv",
+        memory_layers=range(15),
+        kv_heads=3,
+        head_dim=64,
+        tokens_per_head=8,
+        embedding_dim=DIM,
+        embedder_fingerprint=HashEmbedder.fingerprint,
+        codec=codec,
     )
 
 
@@ -57,5 +63,11 @@ def random_memory(spec, text, *, seed=0, **fields):
     rng = np.random.default_rng(seed)
     shape = (spec.layers, spec.kv_heads, spec.tokens_per_head, spec.head_dim)
     positions = np.tile(np.arange(spec.tokens_per_head, dtype=np.uint8), (spec.layers, spec.kv_heads, 1))
-    return dict(keys=rng.standard_normal(shape).astype(np.float32), values=rng.standard_normal(shape).astype(np.float32),
-                positions=positions, embedding=hashed_embedding(text, spec.embedding_dim), text=text, **fields)
+    return dict(
+        keys=rng.standard_normal(shape).astype(np.float32),
+        values=rng.standard_normal(shape).astype(np.float32),
+        positions=positions,
+        embedding=hashed_embedding(text, spec.embedding_dim),
+        text=text,
+        **fields,
+    )

@@ -28,7 +28,9 @@ from .decoder import DecoderConfig
 FORMAT = "m3db-reader-adapter"
 VERSION = 1
 TARGETS = ("q", "k", "v", "o")
-BUNDLED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapters", "reader-smollm2-135m-sparse.safetensors")
+BUNDLED_FILE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "adapters", "reader-smollm2-135m-sparse.safetensors"
+)
 
 
 class AdapterError(ValueError):
@@ -50,8 +52,12 @@ def read_header(path) -> dict:
 def _dims(cfg: DecoderConfig) -> dict:
     """(in, out) features of each target projection."""
     hs = cfg.head_dim
-    return {"q": (cfg.n_embd, cfg.n_head * hs), "k": (cfg.n_embd, cfg.n_kv_head * hs),
-            "v": (cfg.n_embd, cfg.n_kv_head * hs), "o": (cfg.n_head * hs, cfg.n_embd)}
+    return {
+        "q": (cfg.n_embd, cfg.n_head * hs),
+        "k": (cfg.n_embd, cfg.n_kv_head * hs),
+        "v": (cfg.n_embd, cfg.n_kv_head * hs),
+        "o": (cfg.n_head * hs, cfg.n_embd),
+    }
 
 
 class LayerAdapter(nn.Module):
@@ -78,8 +84,17 @@ class LayerAdapter(nn.Module):
 class ReaderAdapter(nn.Module):
     """Low-rank updates of every layer's attention; see the module docstring."""
 
-    def __init__(self, cfg: DecoderConfig, *, base_fingerprint: str, rank: int = 8, alpha: float = 16.0,
-                 targets: tuple[str, ...] = TARGETS, settings: dict | None = None, seed: int = 0):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        base_fingerprint: str,
+        rank: int = 8,
+        alpha: float = 16.0,
+        targets: tuple[str, ...] = TARGETS,
+        settings: dict | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"rank must be a positive integer, got {rank!r}")
@@ -97,9 +112,16 @@ class ReaderAdapter(nn.Module):
         return self.layers[i]
 
     def header(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "base_fingerprint": self.base_fingerprint,
-                "decoder": {k: getattr(self.cfg, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd")},
-                "rank": self.rank, "alpha": self.alpha, "targets": list(self.targets), "settings": self.settings}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "base_fingerprint": self.base_fingerprint,
+            "decoder": {k: getattr(self.cfg, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd")},
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "targets": list(self.targets),
+            "settings": self.settings,
+        }
 
     @property
     def fingerprint(self) -> str:
@@ -134,19 +156,29 @@ class ReaderAdapter(nn.Module):
         try:
             head = json.loads(meta["m3db_adapter"])
             if head.get("format") != FORMAT or head.get("version") != VERSION:
-                raise AdapterError(f"{path}: not an m3db reader adapter of version {VERSION} ({head.get('format')!r} v{head.get('version')!r})")
+                raise AdapterError(
+                    f"{path}: not an m3db reader adapter of version {VERSION} ({head.get('format')!r} v{head.get('version')!r})"
+                )
             if head["base_fingerprint"] != base_fingerprint:
                 raise AdapterError(
                     f"{path}: this adapter was trained on the model {head['base_fingerprint'][:23]}..., not on the loaded "
                     f"{base_fingerprint[:23]}...: train one for this model (m3db train)"
                 )
-            adapter = cls(cfg, base_fingerprint=base_fingerprint, rank=int(head["rank"]), alpha=float(head["alpha"]),
-                          targets=tuple(head["targets"]), settings=head.get("settings"))
+            adapter = cls(
+                cfg,
+                base_fingerprint=base_fingerprint,
+                rank=int(head["rank"]),
+                alpha=float(head["alpha"]),
+                targets=tuple(head["targets"]),
+                settings=head.get("settings"),
+            )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise AdapterError(f"{path}: the adapter header is missing or malformed ({e})") from e
         want = adapter.state_dict()
         if set(tensors) != set(want) or any(tensors[k].shape != want[k].shape for k in want):
-            raise AdapterError(f"{path}: the adapter's tensors do not fit this decoder (rank {adapter.rank}, targets {adapter.targets})")
+            raise AdapterError(
+                f"{path}: the adapter's tensors do not fit this decoder (rank {adapter.rank}, targets {adapter.targets})"
+            )
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             raise AdapterError(f"{path}: the adapter holds NaN or infinite values")
         adapter.load_state_dict({k: v.float() for k, v in tensors.items()})

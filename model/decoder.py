@@ -44,7 +44,16 @@ class DecoderConfig:
     @classmethod
     def tiny(cls, vocab_size: int = 512) -> "DecoderConfig":
         """Same architecture, small sizes: 4 layers, 4 query heads sharing 2 KV heads of 16."""
-        return cls(vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, n_hidden=128, rope_base=10000.0, max_seq_len=2048)
+        return cls(
+            vocab_size=vocab_size,
+            n_layer=4,
+            n_head=4,
+            n_kv_head=2,
+            n_embd=64,
+            n_hidden=128,
+            rope_base=10000.0,
+            max_seq_len=2048,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,7 +121,9 @@ class Attention(nn.Module):
         elif memory is not None:
             k = torch.cat((memory[0], k), dim=2)  # (B, kv, M + T, hs)
             v = torch.cat((memory[1], v), dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv
+        )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         out = self.o_proj(y)
         d = lora.delta("o", y) if lora is not None else None
@@ -198,8 +209,17 @@ class Decoder(nn.Module):
         w = self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
         return x @ w.T  # (B, T, vocab)
 
-    def forward(self, idx, *, positions=None, valid=None, cache: KVCache | None = None, memory=None, last_only=False,
-                adapter=None):
+    def forward(
+        self,
+        idx,
+        *,
+        positions=None,
+        valid=None,
+        cache: KVCache | None = None,
+        memory=None,
+        last_only=False,
+        adapter=None,
+    ):
         """Logits (B, T, vocab), or (B, 1, vocab) with last_only.
 
         idx (B, T) token ids; positions (B, T) RoPE positions (default 0..T-1 after the cache);
@@ -226,7 +246,9 @@ class Decoder(nn.Module):
             mem_valid = memory["valid"] if memory else None
             mem_layers = {i for i in memory if i != "valid"} if memory else set()
         plain_mask = attention_mask(valid, k_valid, past)
-        mem_mask = attention_mask(valid, k_valid, past, mem_valid) if mem_layers and mem_valid is not None else plain_mask
+        mem_mask = (
+            attention_mask(valid, k_valid, past, mem_valid) if mem_layers and mem_valid is not None else plain_mask
+        )
         x = self.tok_emb(idx)  # (B, T, C)
         for i, blk in enumerate(self.blocks):
             is_mem = i in mem_layers

@@ -92,7 +92,9 @@ def _load_weights(model, tensors):
         e = f"encoder.layer.{i}."
         a = e + "attention."
         for kind in ("weight", "bias"):
-            sd[f"layers.{i}.qkv.{kind}"] = torch.cat([tensors[a + f"self.{n}.{kind}"] for n in ("query", "key", "value")])
+            sd[f"layers.{i}.qkv.{kind}"] = torch.cat(
+                [tensors[a + f"self.{n}.{kind}"] for n in ("query", "key", "value")]
+            )
             sd[f"layers.{i}.out.{kind}"] = tensors[a + f"output.dense.{kind}"]
             sd[f"layers.{i}.norm1.{kind}"] = tensors[a + f"output.LayerNorm.{kind}"]
             sd[f"layers.{i}.up.{kind}"] = tensors[e + f"intermediate.dense.{kind}"]
@@ -158,4 +160,3 @@ class Embedder:
 
     def __repr__(self):
         return f"<Embedder {self.fingerprint} dim={self.dim}>"
-

@@ -43,7 +43,9 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) ->
     return w.masked_fill(~valid[:, None, :], float("-inf"))
 
 
-def prefix_states(decoder: Decoder, prefix_ids: Sequence[int], layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_states(
+    decoder: Decoder, prefix_ids: Sequence[int], layers: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-RoPE keys and values (L, H, p, D) of the reference prefix alone: the attention sink.
 
     Attention is causal, so the prefix's states inside any reference equal these.
@@ -56,7 +58,14 @@ def prefix_states(decoder: Decoder, prefix_ids: Sequence[int], layers: Sequence[
     return keys, values
 
 
-def encode(decoder: Decoder, token_ids: Sequence[Sequence[int]], prefix_ids: Sequence[int], settings: MemorySettings, *, batch_size: int = 16) -> list[dict]:
+def encode(
+    decoder: Decoder,
+    token_ids: Sequence[Sequence[int]],
+    prefix_ids: Sequence[int],
+    settings: MemorySettings,
+    *,
+    batch_size: int = 16,
+) -> list[dict]:
     """Encode tokenized references into sparse memories (numpy, engine layout).
 
     settings must be resolved (explicit memory_layers). Returns per reference a dict with

@@ -139,10 +139,14 @@ class GenerationLoop:
 
     def _new_cache(self, length: int, memory: bool) -> KVCache:
         layers = self.set.memory_layers if memory else ()
-        return KVCache(self.B, self.cfg.n_layer, self.cfg.n_kv_head, self.cfg.head_dim, length + self.s.max_tokens + 1, layers)
+        return KVCache(
+            self.B, self.cfg.n_layer, self.cfg.n_kv_head, self.cfg.head_dim, length + self.s.max_tokens + 1, layers
+        )
 
     def _set_memory(self, rows: list[list]) -> None:
-        keys, values, valid = place(rows, self.m.sink_keys, self.m.sink_values, self.set, self.cfg.head_dim, self.cfg.rope_base)
+        keys, values, valid = place(
+            rows, self.m.sink_keys, self.m.sink_values, self.set, self.cfg.head_dim, self.cfg.rope_base
+        )
         self.cache.set_memory(keys, values, valid)
 
     # -- prefill -----------------------------------------------------------------------------
@@ -168,7 +172,14 @@ class GenerationLoop:
                     self._record(b, "prompt", max(0, c0 - pads[b]), c1 - pads[b], items)
             self._set_memory(rows)
             v = valid[:, c0:c1]
-            logits = self.m.decoder(idx[:, c0:c1], positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True, adapter=self.m.adapter)
+            logits = self.m.decoder(
+                idx[:, c0:c1],
+                positions=_positions(v, self.npos),
+                valid=v,
+                cache=self.cache,
+                last_only=True,
+                adapter=self.m.adapter,
+            )
             self.npos = self.npos + v.sum(dim=1)
         return logits[:, -1]
 
@@ -191,7 +202,14 @@ class GenerationLoop:
         idx, valid = left_pad(rows, self.pad)
         self.cache = self._new_cache(idx.shape[1], memory=False)
         start = torch.zeros(self.B, dtype=torch.long)
-        logits = self.m.decoder(idx, positions=_positions(valid, start), valid=valid, cache=self.cache, last_only=True, adapter=self.m.adapter)
+        logits = self.m.decoder(
+            idx,
+            positions=_positions(valid, start),
+            valid=valid,
+            cache=self.cache,
+            last_only=True,
+            adapter=self.m.adapter,
+        )
         self.npos = valid.sum(dim=1)
         return logits[:, -1]
 
@@ -251,7 +269,9 @@ class GenerationLoop:
         """One decoding step: each active row's last token in, next-token logits (B, vocab) out."""
         feed = torch.tensor([[t if t is not None else self.pad] for t in out])  # (B, 1)
         v = torch.tensor([[t is not None] for t in out])  # (B, 1)
-        last = self.m.decoder(feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True, adapter=self.m.adapter)[:, -1]
+        last = self.m.decoder(
+            feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True, adapter=self.m.adapter
+        )[:, -1]
         self.npos = self.npos + v[:, 0].long()
         return last
 
@@ -289,7 +309,9 @@ class GenerationLoop:
         return out
 
 
-def run(model, prompts: list[list[int]], *, mode: str, retriever: Retriever | None, sampling: Sampling) -> tuple[GenerationLoop, Iterator]:
+def run(
+    model, prompts: list[list[int]], *, mode: str, retriever: Retriever | None, sampling: Sampling
+) -> tuple[GenerationLoop, Iterator]:
     """Start a batched generation: returns the loop (for `results()`) and its step iterator."""
     loop = GenerationLoop(model, prompts, mode, retriever, sampling)
     return loop, loop.run()

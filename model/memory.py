@@ -60,7 +60,14 @@ class Memory:
 
     @classmethod
     def from_encoded(cls, id: int, text: str, encoded: dict) -> "Memory":
-        return cls(id=id, text=text, token_count=int(encoded["token_count"]), positions=encoded["positions"], keys=encoded["keys"], values=encoded["values"])
+        return cls(
+            id=id,
+            text=text,
+            token_count=int(encoded["token_count"]),
+            positions=encoded["positions"],
+            keys=encoded["keys"],
+            values=encoded["values"],
+        )
 
 
 def context_start(settings: MemorySettings, prefix_len: int) -> int:
@@ -79,16 +86,31 @@ def context_start(settings: MemorySettings, prefix_len: int) -> int:
 def check_item(item: MemoryItem, n_layers: int, n_kv: int, head_dim: int, reference_length: int) -> None:
     """Refuse a memory whose arrays do not fit this model's memory spec."""
     k, v, p = item.keys, item.values, item.positions
-    if k.ndim != 4 or k.shape[:2] != (n_layers, n_kv) or k.shape[3] != head_dim or v.shape != k.shape or p.shape != k.shape[:3]:
+    if (
+        k.ndim != 4
+        or k.shape[:2] != (n_layers, n_kv)
+        or k.shape[3] != head_dim
+        or v.shape != k.shape
+        or p.shape != k.shape[:3]
+    ):
         raise ValueError(
             f"memory {item.id}: keys {k.shape}, values {v.shape}, positions {p.shape} do not fit the "
             f"spec (L={n_layers}, H={n_kv}, n, D={head_dim}); it was encoded for another model or settings"
         )
     if p.size and int(p.max()) >= reference_length:
-        raise ValueError(f"memory {item.id}: position {int(p.max())} is outside the reference length {reference_length}")
+        raise ValueError(
+            f"memory {item.id}: position {int(p.max())} is outside the reference length {reference_length}"
+        )
 
 
-def place(rows: Sequence[Sequence[MemoryItem]], sink_keys: torch.Tensor, sink_values: torch.Tensor, settings: MemorySettings, head_dim: int, rope_base: float):
+def place(
+    rows: Sequence[Sequence[MemoryItem]],
+    sink_keys: torch.Tensor,
+    sink_values: torch.Tensor,
+    settings: MemorySettings,
+    head_dim: int,
+    rope_base: float,
+):
     """Rotate and pad one chunk's memories for attention.
 
     rows: per batch row, its memories (possibly none). sink_keys/values: (L, H, p, D), the
@@ -112,7 +134,9 @@ def place(rows: Sequence[Sequence[MemoryItem]], sink_keys: torch.Tensor, sink_va
         # must not wrap; the copy is small (one chunk's memories) and made once per chunk
         ks = [sink_keys] + [torch.from_numpy(np.array(it.keys, dtype=np.float32)) for it in items]
         vs = [sink_values] + [torch.from_numpy(np.array(it.values, dtype=np.float32)) for it in items]
-        ps = [sink_pos] + [torch.from_numpy(it.positions.astype(np.int64)) + int(off) for it, off in zip(items, offsets)]
+        ps = [sink_pos] + [
+            torch.from_numpy(it.positions.astype(np.int64)) + int(off) for it, off in zip(items, offsets)
+        ]
         per_row_k.append(torch.cat(ks, dim=2))  # (L, H, M_b, D)
         per_row_v.append(torch.cat(vs, dim=2))
         per_row_pos.append(torch.cat(ps, dim=2))  # (L, H, M_b)

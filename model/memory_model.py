@@ -12,11 +12,10 @@ import hashlib
 import os
 from collections.abc import Iterator, Sequence
 
-
 from . import encoder as _encoder
+from .adapter import BUNDLED_FILE, AdapterError, ReaderAdapter, read_header
 from .decoder import Decoder, DecoderConfig, load_state
 from .generate import Generation, Sampling, run, stream_text
-from .adapter import BUNDLED_FILE, AdapterError, ReaderAdapter, read_header
 from .memory import Retriever
 from .settings import MemorySettings
 from .tokenizer import Tokenizer, tiny_tokenizer_data
@@ -31,8 +30,15 @@ class MemoryModel:
     (random weights, same architecture, for tests).
     """
 
-    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, fingerprint: str, settings: MemorySettings | None = None,
-                 adapter: ReaderAdapter | None = None):
+    def __init__(
+        self,
+        decoder: Decoder,
+        tokenizer: Tokenizer,
+        *,
+        fingerprint: str,
+        settings: MemorySettings | None = None,
+        adapter: ReaderAdapter | None = None,
+    ):
         # inference only: with no parameter requiring grad, no autograd graph is ever built,
         # whatever the caller's grad mode
         self.decoder = decoder.eval().requires_grad_(False)
@@ -42,8 +48,12 @@ class MemoryModel:
         self.prefix_ids = tokenizer.encode(self.settings.reference_prefix)
         # The prefix's keys/values are the same in every reference (causal attention), so the
         # sink is computed once here and placed in front of every chunk's memories.
-        self.sink_keys, self.sink_values = _encoder.prefix_states(decoder, self.prefix_ids, self.settings.memory_layers)  # (L, H, p, D)
-        self.default_stop_tokens = tuple(sorted({i for i in (tokenizer.eos_id, tokenizer.find("<|endoftext|>")) if i is not None}))
+        self.sink_keys, self.sink_values = _encoder.prefix_states(
+            decoder, self.prefix_ids, self.settings.memory_layers
+        )  # (L, H, p, D)
+        self.default_stop_tokens = tuple(
+            sorted({i for i in (tokenizer.eos_id, tokenizer.find("<|endoftext|>")) if i is not None})
+        )
         if adapter is not None and adapter.base_fingerprint != fingerprint:
             raise AdapterError("the reader adapter was trained on another model; train one for this model (m3db train)")
         # the reader adapter changes reading only, so it is not part of the memory spec
@@ -74,10 +84,19 @@ class MemoryModel:
             adapter = bundled_adapter(self.decoder.cfg, self.fingerprint, resolved)
         elif adapter is not None and not isinstance(adapter, ReaderAdapter):
             adapter = ReaderAdapter.load(adapter, self.decoder.cfg, base_fingerprint=self.fingerprint)
-        return type(self)(self.decoder, self.tokenizer, fingerprint=self.fingerprint, settings=resolved, adapter=adapter)
+        return type(self)(
+            self.decoder, self.tokenizer, fingerprint=self.fingerprint, settings=resolved, adapter=adapter
+        )
 
     @classmethod
-    def tiny(cls, *, settings: MemorySettings | None = None, seed: int = 0, std: float = 0.02, config: DecoderConfig | None = None) -> "MemoryModel":
+    def tiny(
+        cls,
+        *,
+        settings: MemorySettings | None = None,
+        seed: int = 0,
+        std: float = 0.02,
+        config: DecoderConfig | None = None,
+    ) -> "MemoryModel":
         """Random weights of the same architecture and a byte-level tokenizer: fast tests."""
         tok = Tokenizer(tiny_tokenizer_data())
         cfg = config or DecoderConfig.tiny(vocab_size=tok.vocab_size)
@@ -125,23 +144,31 @@ class MemoryModel:
             return self.tokenizer.encode(prompt)
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
 
-    def generate_many(self, prompts: Sequence[Prompt], *, retriever: Retriever | None = None, mode: str = "memory", **sampling) -> list[Generation]:
+    def generate_many(
+        self, prompts: Sequence[Prompt], *, retriever: Retriever | None = None, mode: str = "memory", **sampling
+    ) -> list[Generation]:
         """Generate for a batch of prompts (text, or chat messages [{"role", "content"}]).
 
         mode: "memory" (read retrieved memories), "none" (no memory) or "rag" (the retrieved
         references' text prepended). Sampling options: max_tokens, temperature, top_p,
         stop_tokens, seed (see `Sampling`).
         """
-        loop, steps = run(self, [self._ids(p) for p in prompts], mode=mode, retriever=retriever, sampling=Sampling(**sampling))
+        loop, steps = run(
+            self, [self._ids(p) for p in prompts], mode=mode, retriever=retriever, sampling=Sampling(**sampling)
+        )
         for _ in steps:
             pass
         return loop.results()
 
-    def generate(self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling) -> Generation:
+    def generate(
+        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
+    ) -> Generation:
         """Generate for one prompt; see `generate_many`."""
         return self.generate_many([prompt], retriever=retriever, mode=mode, **sampling)[0]
 
-    def stream(self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
+    ) -> Iterator[str]:
         """Like `generate`, yielding text pieces as they are produced."""
         _, steps = run(self, [self._ids(prompt)], mode=mode, retriever=retriever, sampling=Sampling(**sampling))
         yield from stream_text(self.tokenizer, steps)
@@ -149,8 +176,12 @@ class MemoryModel:
 
 def trained_for(settings: MemorySettings) -> dict:
     """The memory settings an adapter is trained for (and must be read with)."""
-    return {"memory_layers": [int(i) for i in settings.memory_layers], "tokens_per_head": settings.tokens_per_head,
-            "reference_prefix": settings.reference_prefix, "position_policy": settings.position_policy}
+    return {
+        "memory_layers": [int(i) for i in settings.memory_layers],
+        "tokens_per_head": settings.tokens_per_head,
+        "reference_prefix": settings.reference_prefix,
+        "position_policy": settings.position_policy,
+    }
 
 
 def bundled_adapter(cfg, fingerprint: str, settings: MemorySettings) -> ReaderAdapter | None:

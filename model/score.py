@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .generate import Sampling, GenerationLoop
+from .generate import GenerationLoop, Sampling
 from .memory import Retriever
 
 Answer = str | Sequence[int]
@@ -31,8 +31,9 @@ def _answer_ids(model, answer: Answer) -> list[int]:
     return ids
 
 
-def answer_logprobs(model, prompts: Sequence, answers: Sequence[Answer], *, retriever: Retriever | None = None,
-                    mode: str = "memory") -> list[list[float]]:
+def answer_logprobs(
+    model, prompts: Sequence, answers: Sequence[Answer], *, retriever: Retriever | None = None, mode: str = "memory"
+) -> list[list[float]]:
     """Per row, the log-probability of each answer token (natural log), teacher-forced.
 
     prompts: text or chat messages, as `MemoryModel.generate` takes them (a chat prompt gets

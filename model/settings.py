@@ -70,9 +70,13 @@ class MemorySettings:
         """The settings a stored memory spec records: `spec` is any object with the spec's field
         names (the engine's MemorySpec; this module cannot import it). Chunking knobs keep their
         defaults: they steer generation, the spec does not record them."""
-        return cls(memory_layers=tuple(spec.memory_layers), tokens_per_head=spec.tokens_per_head,
-                   reference_length=spec.reference_length, reference_prefix=spec.reference_prefix,
-                   position_policy=spec.position_policy)
+        return cls(
+            memory_layers=tuple(spec.memory_layers),
+            tokens_per_head=spec.tokens_per_head,
+            reference_length=spec.reference_length,
+            reference_prefix=spec.reference_prefix,
+            position_policy=spec.position_policy,
+        )
 
     def resolve(self, n_layer: int) -> "MemorySettings":
         """A copy with memory_layers made explicit and every value checked against the model."""
@@ -86,7 +90,9 @@ class MemorySettings:
         if self.position_policy not in POSITION_POLICIES:
             raise ValueError(f"position_policy {self.position_policy!r} is not one of {POSITION_POLICIES}")
         if self.chunk_length < 1 or self.memories_per_chunk < 0:
-            raise ValueError(f"chunk_length {self.chunk_length} must be >= 1 and memories_per_chunk {self.memories_per_chunk} >= 0")
+            raise ValueError(
+                f"chunk_length {self.chunk_length} must be >= 1 and memories_per_chunk {self.memories_per_chunk} >= 0"
+            )
         return replace(self, memory_layers=layers)
 
     def with_(self, **changes) -> "MemorySettings":

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from .gguf_loader import TokenizerData
 
@@ -22,7 +23,9 @@ _PLAIN_GPT2_PRES = {"default", "gpt2", "gpt-2"}
 
 def byte_alphabet() -> list[str]:
     """GPT-2's printable stand-ins for the 256 bytes, in byte order (as byte-level BPE spells them)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -42,8 +45,15 @@ def tiny_tokenizer_data() -> TokenizerData:
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
     return TokenizerData(
-        model="gpt2", pre="smollm", tokens=specials + byte_alphabet(), token_types=[3, 3, 3] + [1] * 256, merges=[],
-        bos_id=1, eos_id=2, pad_id=2, chat_template=template,
+        model="gpt2",
+        pre="smollm",
+        tokens=specials + byte_alphabet(),
+        token_types=[3, 3, 3] + [1] * 256,
+        merges=[],
+        bos_id=1,
+        eos_id=2,
+        pad_id=2,
+        chat_template=template,
     )
 
 
@@ -63,9 +73,13 @@ class Tokenizer:
         elif data.pre in _PLAIN_GPT2_PRES:
             tk.pre_tokenizer = byte_level
         else:
-            raise ValueError(f"pre-tokenizer {data.pre!r} is not supported; known: {sorted(_DIGIT_SPLIT_PRES | _PLAIN_GPT2_PRES)}")
+            raise ValueError(
+                f"pre-tokenizer {data.pre!r} is not supported; known: {sorted(_DIGIT_SPLIT_PRES | _PLAIN_GPT2_PRES)}"
+            )
         tk.decoder = decoders.ByteLevel()
-        control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(data.tokens, data.token_types) if ty == 3]
+        control = [
+            AddedToken(t, special=True, normalized=False) for t, ty in zip(data.tokens, data.token_types) if ty == 3
+        ]
         tk.add_special_tokens(control)
         self._tk = tk
         self._data = data
@@ -112,4 +126,6 @@ class Tokenizer:
         tmpl = env.from_string(self.chat_template)
         bos = self._data.tokens[self.bos_id] if self.bos_id is not None else ""
         eos = self._data.tokens[self.eos_id] if self.eos_id is not None else ""
-        return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
+        return tmpl.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
+        )

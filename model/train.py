@@ -147,8 +147,11 @@ def evaluate(model, adapter, questions, texts, encoder):
         logits = model.decoder(ids, adapter=adapter)[0]
         nll += float(F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
-    return {"fact_accuracy": correct / max(1, len(questions)), "fact_logprob": logprob / max(1, len(questions)),
-            "text_perplexity": math.exp(nll / max(1, count))}
+    return {
+        "fact_accuracy": correct / max(1, len(questions)),
+        "fact_logprob": logprob / max(1, len(questions)),
+        "text_perplexity": math.exp(nll / max(1, count)),
+    }
 
 
 def _lr(cfg, step):
@@ -179,12 +182,16 @@ def _load_checkpoint(out, adapter, opt):
     with open(os.path.join(out, STATE)) as f:
         state = json.load(f)
     tensors = load_file(os.path.join(out, CHECKPOINT))
-    adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+    adapter.load_state_dict({k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")})
     names = [n for n, _ in adapter.named_parameters()]
     sd = opt.state_dict()
     sd["state"] = {}
     for i, name in enumerate(names):
-        st = {key: tensors[f"opt.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq") if f"opt.{name}.{key}" in tensors}
+        st = {
+            key: tensors[f"opt.{name}.{key}"]
+            for key in ("step", "exp_avg", "exp_avg_sq")
+            if f"opt.{name}.{key}" in tensors
+        }
         if st:
             sd["state"][i] = st
     opt.load_state_dict(sd)
@@ -212,8 +219,14 @@ def train(model, out, cfg: TrainConfig | None = None, *, wiki: dict, chunk, prog
     data = TrainingData(model.tokenizer, wiki=wiki, chunk=chunk, seed=cfg.seed, distractors=cfg.distractors)
     questions = eval_facts(model.tokenizer, cfg.eval_questions, seed=cfg.seed, distractors=cfg.distractors)
     texts = [wiki[t]["text"] for t in sorted(wiki) if held_out(t)][: cfg.eval_texts]
-    adapter = ReaderAdapter(model.decoder.cfg, base_fingerprint=model.fingerprint, rank=cfg.rank, alpha=cfg.alpha,
-                            settings=trained_for(model.settings), seed=cfg.seed)
+    adapter = ReaderAdapter(
+        model.decoder.cfg,
+        base_fingerprint=model.fingerprint,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        settings=trained_for(model.settings),
+        seed=cfg.seed,
+    )
     adapter.train().requires_grad_(True)
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
@@ -234,8 +247,15 @@ def train(model, out, cfg: TrainConfig | None = None, *, wiki: dict, chunk, prog
         say(f"before training: {before}")
     from tqdm import tqdm
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, unit="step")
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        unit="step",
+    )
     t0 = time.time()
     for step in bar:
         rng = random.Random(cfg.seed * 104_729 + step)
@@ -254,8 +274,13 @@ def train(model, out, cfg: TrainConfig | None = None, *, wiki: dict, chunk, prog
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
         opt.step()
         loss_m, loss_t = loss_m.detach(), None if loss_t is None else loss_t.detach()
-        row = {"step": step + 1, "loss_memory": float(loss_m), "loss_text": None if loss_t is None else float(loss_t),
-               "lr": _lr(cfg, step), "seconds": round(time.time() - t0, 1)}
+        row = {
+            "step": step + 1,
+            "loss_memory": float(loss_m),
+            "loss_text": None if loss_t is None else float(loss_t),
+            "lr": _lr(cfg, step),
+            "seconds": round(time.time() - t0, 1),
+        }
         bar.set_postfix(loss=f"{float(loss_m):.3f}", refresh=False)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             adapter.eval()

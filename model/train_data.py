@@ -38,13 +38,63 @@ HELD_OUT_PERCENT = 20
 MAX_TOKENS = 128  # prompt + target of one example
 EVAL_SEED_OFFSET = 1_000_003  # invented people for evaluation come from this seed stream
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "th", "tr", "qu", "sh"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "kl",
+    "st",
+    "th",
+    "tr",
+    "qu",
+    "sh",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou", "ia"]
 _CODAS = ["", "", "n", "r", "l", "s", "th", "m", "x", "nd"]
-_TRADES = ["chemist", "sculptor", "cartographer", "astronomer", "violinist", "architect", "botanist", "engineer",
-           "novelist", "glassblower", "mathematician", "physician", "painter", "geologist", "clockmaker"]
-_THINGS = ["a blue salt", "a folding bridge", "a comet", "a river fern", "a tidal clock", "a copper lens",
-           "a winter moth", "a mountain pass", "a silent bell", "a paper engine", "a red algae", "a star map"]
+_TRADES = [
+    "chemist",
+    "sculptor",
+    "cartographer",
+    "astronomer",
+    "violinist",
+    "architect",
+    "botanist",
+    "engineer",
+    "novelist",
+    "glassblower",
+    "mathematician",
+    "physician",
+    "painter",
+    "geologist",
+    "clockmaker",
+]
+_THINGS = [
+    "a blue salt",
+    "a folding bridge",
+    "a comet",
+    "a river fern",
+    "a tidal clock",
+    "a copper lens",
+    "a winter moth",
+    "a mountain pass",
+    "a silent bell",
+    "a paper engine",
+    "a red algae",
+    "a star map",
+]
 _PLACE_SUFFIX = ["ford", "holm", "mere", "vik", "dale", "gard", "wick", "stad", "burg", "port"]
 
 
@@ -64,21 +114,31 @@ def held_out(title: str) -> bool:
 
 # -- invented people ----------------------------------------------------------------------------
 
+
 def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
+    ).capitalize()
 
 
 def invented_person(rng: random.Random) -> dict:
     """A person no model can know: name, birthplace, year, trade, discovery."""
     name = f"{_word(rng, 2)} {_word(rng, rng.choice((2, 3)))}"
     place = _word(rng, 2) + rng.choice(_PLACE_SUFFIX)
-    return {"name": name, "place": place, "year": str(rng.randrange(1620, 1990)), "trade": rng.choice(_TRADES),
-            "thing": rng.choice(_THINGS)}
+    return {
+        "name": name,
+        "place": place,
+        "year": str(rng.randrange(1620, 1990)),
+        "trade": rng.choice(_TRADES),
+        "thing": rng.choice(_THINGS),
+    }
 
 
 def person_reference(p: dict) -> str:
-    return (f"{p['name']} was {_a(p['trade'])} {p['trade']} born in {p['place']} in {p['year']}. "
-            f"{p['name'].split()[0]} is best known for discovering {p['thing']}, which later carried the family name.")
+    return (
+        f"{p['name']} was {_a(p['trade'])} {p['trade']} born in {p['place']} in {p['year']}. "
+        f"{p['name'].split()[0]} is best known for discovering {p['thing']}, which later carried the family name."
+    )
 
 
 def _a(word: str) -> str:
@@ -97,6 +157,7 @@ def person_questions(p: dict) -> list[tuple[str, str, str]]:
 
 
 # -- Wikipedia and countryinfo --------------------------------------------------------------------
+
 
 def capitals() -> list[tuple[str, str]]:
     """(country, capital) from the countryinfo package's data files (read, never imported)."""
@@ -147,7 +208,9 @@ class TrainingData:
             if at >= 0:
                 ref = self._chunk_with(text, text[at : at + len(desc)])
                 if ref:
-                    self.wiki_questions.append(("whatis", ref, f"What is {title}?", f"{title} is", f" {text[at : at + len(desc)]}"))
+                    self.wiki_questions.append(
+                        ("whatis", ref, f"What is {title}?", f"{title} is", f" {text[at : at + len(desc)]}")
+                    )
             self.texts.append(text)
         for country, capital in capitals():
             doc = wiki.get(country)
@@ -155,7 +218,15 @@ class TrainingData:
                 continue
             ref = self._chunk_with(doc["text"], capital)
             if ref:
-                self.wiki_questions.append(("capital", ref, f"What is the capital of {country}?", f"The capital of {country} is", f" {capital}"))
+                self.wiki_questions.append(
+                    (
+                        "capital",
+                        ref,
+                        f"What is the capital of {country}?",
+                        f"The capital of {country} is",
+                        f" {capital}",
+                    )
+                )
         self.references = [q[1] for q in self.wiki_questions]
         self._blank_pool = [t for t in self.texts if len(t.split()) >= 20]
 
@@ -167,12 +238,18 @@ class TrainingData:
         return self.tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
 
     def _qa(self, kind, reference, question, lead, answer, pool, rng) -> Example:
-        others = [r for r in rng.sample(pool, min(len(pool), self.distractors + 3)) if r != reference][: self.distractors]
+        others = [r for r in rng.sample(pool, min(len(pool), self.distractors + 3)) if r != reference][
+            : self.distractors
+        ]
         # the answer's reference first; the reader sees them in random order (shuffled())
         return Example(kind, (reference, *others), self.chat(question), f"{lead}{answer}.", answer.strip())
 
     def fact(self, rng: random.Random) -> Example:
-        people = rng.sample(self.people, self.distractors + 1) if self.people else [invented_person(rng) for _ in range(self.distractors + 1)]
+        people = (
+            rng.sample(self.people, self.distractors + 1)
+            if self.people
+            else [invented_person(rng) for _ in range(self.distractors + 1)]
+        )
         q, lead, answer = rng.choice(person_questions(people[0]))
         refs = tuple(person_reference(p) for p in people)
         return Example("fact", refs, self.chat(q), f"{lead}{answer}.", answer.strip())

@@ -5,8 +5,15 @@ import pytest
 
 import m3db
 
-SMALL = dict(model_fingerprint="test-model", memory_layers=[0, 1], kv_heads=2, head_dim=8,
-             tokens_per_head=4, embedding_dim=16, embedder_fingerprint="test-embedder")
+SMALL = dict(
+    model_fingerprint="test-model",
+    memory_layers=[0, 1],
+    kv_heads=2,
+    head_dim=8,
+    tokens_per_head=4,
+    embedding_dim=16,
+    embedder_fingerprint="test-embedder",
+)
 
 
 def small_spec(**overrides):
@@ -19,8 +26,12 @@ def make_memory(seed, spec=None, n=None, **extra):
     rng = np.random.default_rng(seed)
     n = n or spec.tokens_per_head
     shape = (spec.layers, spec.kv_heads, n, spec.head_dim)
-    positions = np.stack([np.stack([rng.choice(spec.reference_length, n, replace=False) for _ in range(spec.kv_heads)])
-                          for _ in range(spec.layers)]).astype(np.uint8)
+    positions = np.stack(
+        [
+            np.stack([rng.choice(spec.reference_length, n, replace=False) for _ in range(spec.kv_heads)])
+            for _ in range(spec.layers)
+        ]
+    ).astype(np.uint8)
     item = dict(
         keys=rng.standard_normal(shape).astype(np.float32),
         values=rng.standard_normal(shape).astype(np.float32),
@@ -56,6 +67,7 @@ def mem_db():
 def pytest_collection_modifyitems(config, items):
     """Tests marked `slow` run only with M3DB_SLOW=1 (or when selected with -m slow)."""
     import os
+
     if os.environ.get("M3DB_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
         return
     skip = pytest.mark.skip(reason="slow: set M3DB_SLOW=1 to run")

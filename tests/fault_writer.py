@@ -9,8 +9,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import m3db  # noqa: E402
 from conftest import make_memory, small_spec  # noqa: E402
+
+import m3db  # noqa: E402
 
 BATCH = 5
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
-from conftest import make_memory, small_spec
 
 
 def test_cache_hits_bounds_and_forget(tmp_path):

@@ -15,7 +15,7 @@ def words(text):
 def check(text, chunks, limit, count=words):
     assert chunks, "non-empty text gives at least one chunk"
     for c in chunks:
-        assert text[c.start:c.end] == c.text and c.text == c.text.strip() and c.text
+        assert text[c.start : c.end] == c.text and c.text == c.text.strip() and c.text
         assert c.tokens == count(c.text) <= limit
     assert [c.ordinal for c in chunks] == list(range(len(chunks)))
     starts = [c.start for c in chunks]

@@ -5,14 +5,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
-from conftest import make_memory, small_spec
 from m3db.cli import COMMANDS, build_parser, main
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "m3db.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "m3db.cli", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture

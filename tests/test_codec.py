@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import m3db
-from m3db.storage.codec import CODECS, codec_class
 from m3db.errors import FormatError, InvalidInputError
+from m3db.storage.codec import CODECS, codec_class
 
 SHAPES = [(2, 3, 8, 64), (1, 1, 1, 32), (15, 3, 8, 64)]
 

@@ -5,9 +5,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
-from conftest import make_memory, small_spec
 
 
 def state(db):
@@ -17,8 +17,13 @@ def state(db):
 
 
 def test_add_get_round_trip(tmp_db):
-    item = make_memory(1, metadata={"lang": "en", "year": 2024, "score": 0.5, "ok": True, "tags": ["a"]},
-                       document="wiki/Paris", ordinal=2, token_count=17)
+    item = make_memory(
+        1,
+        metadata={"lang": "en", "year": 2024, "score": 0.5, "ok": True, "tags": ["a"]},
+        document="wiki/Paris",
+        ordinal=2,
+        token_count=17,
+    )
     mid = tmp_db.add_memory(**item)
     m = tmp_db.get(mid)
     assert isinstance(m, m3db.Memory)
@@ -114,8 +119,14 @@ def test_compact_reclaims_space_and_keeps_memories(tmp_path):
 
 def test_sql_is_read_only(tmp_db):
     tmp_db.add_memory(**make_memory(0))
-    for stmt in ("UPDATE memories SET text = 'x'", "DROP TABLE memories", "INSERT INTO meta VALUES ('a', 'b')",
-                 "SELECT 1; DELETE FROM memories", "ATTACH 'x.db'", "COPY memories TO 'x.csv'"):
+    for stmt in (
+        "UPDATE memories SET text = 'x'",
+        "DROP TABLE memories",
+        "INSERT INTO meta VALUES ('a', 'b')",
+        "SELECT 1; DELETE FROM memories",
+        "ATTACH 'x.db'",
+        "COPY memories TO 'x.csv'",
+    ):
         with pytest.raises(m3db.QueryError):
             tmp_db.sql(stmt)
     assert len(tmp_db) == 1
@@ -134,7 +145,12 @@ BAD = [
     ("int values", dict(values=np.zeros((2, 2, 4, 8), np.int32)), m3db.InvalidInputError, "dtype"),
     ("NaN keys", "nan", m3db.InvalidInputError, "NaN"),
     ("inf values", "inf", m3db.InvalidInputError, "NaN or infinite"),
-    ("position too large", dict(positions=np.full((2, 2, 4), 200, np.int64)), m3db.InvalidInputError, "reference_length"),
+    (
+        "position too large",
+        dict(positions=np.full((2, 2, 4), 200, np.int64)),
+        m3db.InvalidInputError,
+        "reference_length",
+    ),
     ("negative position", dict(positions=-np.ones((2, 2, 4), np.int64)), m3db.InvalidInputError, "reference_length"),
     ("float positions", dict(positions=np.zeros((2, 2, 4), np.float32)), m3db.InvalidInputError, "integer"),
     ("repeated positions", dict(positions=np.zeros((2, 2, 4), np.uint8)), m3db.InvalidInputError, "repeat"),
@@ -164,7 +180,9 @@ def test_bad_input_is_refused_and_nothing_written(tmp_db, name, change, error, m
         item["values"][1, 1, 1, 1] = np.inf
     else:
         item.update(change)
-    with pytest.raises(TypeError if name == "unknown field" else error, match=None if name == "unknown field" else match):
+    with pytest.raises(
+        TypeError if name == "unknown field" else error, match=None if name == "unknown field" else match
+    ):
         tmp_db.add_memory(**item)  # an unknown keyword is Python's own TypeError
     # a bad item in a batch stops the whole batch
     with pytest.raises(error, match=match):
@@ -195,7 +213,9 @@ def test_metadata_type_conflict(tmp_db):
 def test_spec_mismatch_names_both_sides(tmp_path):
     path = tmp_path / "kb"
     m3db.connect(path, spec=small_spec()).close()
-    with pytest.raises(m3db.SpecMismatchError, match="model_fingerprint: the database has 'test-model', the given spec has 'other'"):
+    with pytest.raises(
+        m3db.SpecMismatchError, match="model_fingerprint: the database has 'test-model', the given spec has 'other'"
+    ):
         m3db.connect(path, spec=small_spec(model_fingerprint="other"))
     with m3db.connect(path, spec=small_spec()) as db:  # the same spec opens
         assert db.spec == small_spec()
@@ -229,8 +249,13 @@ def test_config_rejects_unknown_keys(tmp_path):
 def test_closed_database(tmp_path):
     db = m3db.connect(tmp_path / "kb", spec=small_spec())
     db.close()
-    for call in (lambda: db.add_memory(**make_memory(0)), lambda: db.get(0), lambda: len(db),
-                 lambda: db.recall(np.ones(16, np.float32)), lambda: db.sql("SELECT 1")):
+    for call in (
+        lambda: db.add_memory(**make_memory(0)),
+        lambda: db.get(0),
+        lambda: len(db),
+        lambda: db.recall(np.ones(16, np.float32)),
+        lambda: db.sql("SELECT 1"),
+    ):
         with pytest.raises(m3db.ClosedError, match="closed"):
             call()
 
@@ -265,8 +290,13 @@ def test_errors_subclass_builtins_and_have_codes():
 def test_import_does_not_import_torch():
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-c", "import sys, m3db; print('torch' in sys.modules)"],
-                         capture_output=True, text=True, check=True)
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, m3db; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -274,8 +304,10 @@ def test_document_dict_creates_document_with_fields(mem_db):
     doc = {"source": "wiki/Paris", "title": "Paris", "uri": "https://example.org/Paris", "metadata": {"lang": "en"}}
     a = mem_db.add_memory(**make_memory(0, document=doc, ordinal=0, token_count=12))
     b = mem_db.add_memory(**make_memory(1, document=doc, ordinal=1))
-    rows = mem_db.sql("SELECT d.source, d.title, d.uri, d.metadata->>'lang', count(*) FROM documents d "
-                      "JOIN memories m ON m.document_id = d.id GROUP BY ALL")
+    rows = mem_db.sql(
+        "SELECT d.source, d.title, d.uri, d.metadata->>'lang', count(*) FROM documents d "
+        "JOIN memories m ON m.document_id = d.id GROUP BY ALL"
+    )
     assert list(rows) == [("wiki/Paris", "Paris", "https://example.org/Paris", "en", 2)]
     assert mem_db.get(a).token_count == 12 and mem_db.get(b).ordinal == 1
     with pytest.raises(m3db.InvalidInputError, match="source"):

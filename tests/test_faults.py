@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
-from conftest import make_memory, small_spec
 
 WRITER = os.path.join(os.path.dirname(__file__), "fault_writer.py")
 TRIALS = 20
@@ -182,6 +182,7 @@ def test_catalog_that_is_not_duckdb(tmp_path):
 def test_codec_params_in_the_catalog_are_checked(tmp_path):
     import duckdb
     import msgpack
+
     path = tmp_path / "kb"
     fill(path)
     con = duckdb.connect(str(path / "catalog.duckdb"))

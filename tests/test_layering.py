@@ -135,7 +135,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 walk(nxt)
         stack.pop()
@@ -175,8 +175,16 @@ def test_each_library_has_one_home():
 def test_the_checker_sees_the_layout():
     # the rules above are only worth something if they read the real tree
     known = modules()
-    for expected in ("m3db.storage.catalog", "m3db.storage.writer", "m3db.search.plan", "m3db.sql.run",
-                     "m3db.package.store", "m3db.knowledge.ingest", "m3db.cli.main", "m3db.model.decoder"):
+    for expected in (
+        "m3db.storage.catalog",
+        "m3db.storage.writer",
+        "m3db.search.plan",
+        "m3db.sql.run",
+        "m3db.package.store",
+        "m3db.knowledge.ingest",
+        "m3db.cli.main",
+        "m3db.model.decoder",
+    ):
         assert expected in known
     assert any(t == "m3db.storage.catalog" for t, *_ in imports("m3db.package.store", known["m3db.package.store"]))
     assert any(lvl == "function" for _, lvl, *_ in imports("m3db.knowledge.bundled", known["m3db.knowledge.bundled"]))

@@ -19,16 +19,19 @@ def lcs_dp(a, b):
     return prev[-1]
 
 
-@pytest.mark.parametrize("a, b, n", [
-    ("ABCBDAB", "BDCABA", 4),  # the CLRS example (BCBA)
-    ("AGGTAB", "GXTXAYB", 4),  # GTAB
-    ("abc", "abc", 3),
-    ("abc", "cba", 1),
-    ("abc", "xyz", 0),
-    ("aaaa", "aa", 2),
-    ("", "abc", 0),
-    ("abc", "", 0),
-])
+@pytest.mark.parametrize(
+    "a, b, n",
+    [
+        ("ABCBDAB", "BDCABA", 4),  # the CLRS example (BCBA)
+        ("AGGTAB", "GXTXAYB", 4),  # GTAB
+        ("abc", "abc", 3),
+        ("abc", "cba", 1),
+        ("abc", "xyz", 0),
+        ("aaaa", "aa", 2),
+        ("", "abc", 0),
+        ("abc", "", 0),
+    ],
+)
 def test_lcs_hand_computed(a, b, n):
     assert lcs_length(list(a), list(b)) == n
     assert lcs_length(list(b), list(a)) == n

@@ -4,8 +4,9 @@ clear LockedError (real processes)."""
 import subprocess
 import sys
 
-import m3db
 from conftest import make_memory, small_spec
+
+import m3db
 
 OPEN = """
 import sys, m3db

@@ -11,9 +11,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
-from conftest import make_memory, small_spec
 from m3db.package import pack as package_mod
 from m3db.package.manifest import HEADER_PAGE
 
@@ -23,12 +23,25 @@ N = 40
 def build(path, n=N, start=0, spec=None, forget=(), codec=None):
     spec = spec or small_spec(**({"codec": codec} if codec else {}))
     with m3db.connect(path, spec=spec) as db:
-        db.add_memories([
-            make_memory(i, spec, metadata={"lang": "en" if i % 3 else "fr", "year": 1990 + i % 7, "score": i / 4,
-                                            "tags": {"i": i}, "flag": i % 2 == 0},
-                        document=f"doc/{i % 5}", ordinal=i % 4, token_count=10 + i)
-            for i in range(start, start + n)
-        ])
+        db.add_memories(
+            [
+                make_memory(
+                    i,
+                    spec,
+                    metadata={
+                        "lang": "en" if i % 3 else "fr",
+                        "year": 1990 + i % 7,
+                        "score": i / 4,
+                        "tags": {"i": i},
+                        "flag": i % 2 == 0,
+                    },
+                    document=f"doc/{i % 5}",
+                    ordinal=i % 4,
+                    token_count=10 + i,
+                )
+                for i in range(start, start + n)
+            ]
+        )
         if forget:
             db.forget(list(forget))
     return path
@@ -88,8 +101,12 @@ def test_pack_is_deterministic(kb, tmp_path, cache):
         p.pack(tmp_path / "e.m3kb", name="kb")
     digests = {sha(tmp_path / f"{x}.m3kb") for x in "abcde"}
     assert len(digests) == 1
-    assert manifest["counts"] == {"memories": N - 2, "documents": 5, "segments": 1,
-                                  "record_bytes": manifest["counts"]["record_bytes"]}
+    assert manifest["counts"] == {
+        "memories": N - 2,
+        "documents": 5,
+        "segments": 1,
+        "record_bytes": manifest["counts"]["record_bytes"],
+    }
 
 
 def test_layout_is_aligned_and_manifest_holds_what_it_should(pkg):
@@ -105,7 +122,7 @@ def test_layout_is_aligned_and_manifest_holds_what_it_should(pkg):
     data = open(pkg, "rb").read()
     assert data[:8] == b"M3KB\r\n\x1a\n"
     for s in m["sections"]:  # the manifest's hashes are the hashes of the bytes where it says
-        assert hashlib.sha256(data[s["offset"]:s["offset"] + s["length"]]).hexdigest() == s["sha256"]
+        assert hashlib.sha256(data[s["offset"] : s["offset"] + s["length"]]).hexdigest() == s["sha256"]
 
 
 def test_forgotten_memories_are_not_shipped(tmp_path):
@@ -188,11 +205,17 @@ def test_attach_answers_like_the_database(kb, pkg, cache):
             assert np.array_equal(a.keys, b.keys) and np.array_equal(a.positions, b.positions)
         for q in queries:
             assert p.recall(q, k=5).ids == db.recall(q, k=5).ids
-            assert p.recall(q, k=3, where="lang = ? AND year > 1992", params=["en"]).ids == \
-                db.recall(q, k=3, where="lang = ? AND year > 1992", params=["en"]).ids
+            assert (
+                p.recall(q, k=3, where="lang = ? AND year > 1992", params=["en"]).ids
+                == db.recall(q, k=3, where="lang = ? AND year > 1992", params=["en"]).ids
+            )
         assert p.recall(queries[0], k=2, decode=True)[0].memory.keys.shape == (2, 2, 4, 8)
-        for query in ("SELECT * FROM memories ORDER BY id", "SELECT * FROM documents ORDER BY id",
-                      "SELECT * FROM meta ORDER BY key", "SELECT * FROM codecs"):
+        for query in (
+            "SELECT * FROM memories ORDER BY id",
+            "SELECT * FROM documents ORDER BY id",
+            "SELECT * FROM meta ORDER BY key",
+            "SELECT * FROM codecs",
+        ):
             got, want = p.sql(query), db.sql(query)
             assert got.columns == want.columns
             if "memories" in query:  # the package's locations are its own
@@ -218,7 +241,10 @@ def test_attach_writes_only_in_the_cache_and_does_not_read_segments(pkg, tmp_pat
     # damage a record in the middle of the segment section: attach must not notice (it does
     # not read segments), and the damage shows exactly when that memory is read
     with m3db.connect(pkg, config={"cache_dir": str(tmp_path / "scratch")}) as p:
-        locs = {int(i): (int(o), int(n)) for i, o, n in zip(p.locations.ids, p.locations.cols["offset"], p.locations.cols["length"])}
+        locs = {
+            int(i): (int(o), int(n))
+            for i, o, n in zip(p.locations.ids, p.locations.cols["offset"], p.locations.cols["length"])
+        }
     seg = next(s for s in m3db.verify(pkg).manifest["sections"] if s["name"] == "segment/000001")
     victim = 20
     off, length = locs[victim]
@@ -242,7 +268,9 @@ def test_cache_dir_from_config_beats_the_environment(pkg, tmp_path, cache):
     with m3db.connect(pkg, config={"cache_dir": str(other)}) as p:
         assert p.directory.startswith(str(other))
     assert not cache.exists()
-    with pytest.raises(m3db.InvalidInputError, match="'segment_size' and 'index_save_every' are for writing; a package is read-only"):
+    with pytest.raises(
+        m3db.InvalidInputError, match="'segment_size' and 'index_save_every' are for writing; a package is read-only"
+    ):
         m3db.connect(pkg, config={"segment_size": 4096})
     with pytest.raises(m3db.InvalidInputError, match="unknown config key 'cache'"):
         m3db.connect(pkg, config={"cache": "x"})
@@ -258,8 +286,16 @@ def test_many_processes_attach_at_once(pkg, tmp_path, cache):
             q = np.random.default_rng(3).standard_normal(16).astype(np.float32)
             print(json.dumps([len(p), p.recall(q, k=5).ids]))
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, M3DB_CACHE_DIR=str(cache))) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, M3DB_CACHE_DIR=str(cache)),
+        )
+        for _ in range(4)
+    ]
     for proc in procs:
         proc.stdin.write("go\n")
         proc.stdin.flush()
@@ -272,7 +308,10 @@ def test_many_processes_attach_at_once(pkg, tmp_path, cache):
 
 def test_spec_mismatch_names_both(pkg, cache):
     other = small_spec(model_fingerprint="another-model")
-    with pytest.raises(m3db.SpecMismatchError, match=r"model_fingerprint: the package '.*kb.m3kb' has 'test-model', the given spec has 'another-model'"):
+    with pytest.raises(
+        m3db.SpecMismatchError,
+        match=r"model_fingerprint: the package '.*kb.m3kb' has 'test-model', the given spec has 'another-model'",
+    ):
         m3db.connect(pkg, spec=other)
     assert not cache.exists()  # refused from the manifest, before anything was extracted
     with m3db.connect(pkg, spec=small_spec()) as p:  # the matching spec is fine
@@ -300,7 +339,9 @@ def test_several_packages_recall_together(two, tmp_path, cache):
         for q in rng.standard_normal((10, 16)).astype(np.float32):
             got = shelf.recall(q, k=6)
             # the oracle: each package's own top 6, merged by score
-            pool = [(m.score, "wiki", m.id) for m in wiki.recall(q, k=6)] + [(m.score, "news", m.id) for m in news.recall(q, k=6)]
+            pool = [(m.score, "wiki", m.id) for m in wiki.recall(q, k=6)] + [
+                (m.score, "news", m.id) for m in news.recall(q, k=6)
+            ]
             pool.sort(key=lambda t: (-t[0], ["wiki", "news"].index(t[1]), t[2]))
             assert got.keys == [(p, i) for _, p, i in pool[:6]]
             assert got.scores == sorted(got.scores, reverse=True)
@@ -326,7 +367,10 @@ def test_attach_names_and_spec_checks(two, tmp_path, cache):
     build(tmp_path / "other", n=5, spec=small_spec(embedder_fingerprint="other-embedder"))
     with m3db.connect(tmp_path / "other") as db:
         db.pack(tmp_path / "other.m3kb")
-    with pytest.raises(m3db.SpecMismatchError, match=r"embedder_fingerprint: package 'wiki' has 'test-embedder', package 'other' has 'other-embedder'"):
+    with pytest.raises(
+        m3db.SpecMismatchError,
+        match=r"embedder_fingerprint: package 'wiki' has 'test-embedder', package 'other' has 'other-embedder'",
+    ):
         m3db.attach([two[0], tmp_path / "other.m3kb"])
     with pytest.raises(m3db.InvalidInputError, match="is not an m3db package"):
         m3db.attach([two[0], tmp_path / "wiki" / "catalog.duckdb"])
@@ -349,7 +393,9 @@ def test_header_page_is_reserved(pkg):
 
 def cli(*args, cache=None):
     env = dict(os.environ, **({"M3DB_CACHE_DIR": str(cache)} if cache else {}))
-    return subprocess.run([sys.executable, "-m", "m3db.cli", *map(str, args)], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "m3db.cli", *map(str, args)], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_cli_pack_info_verify(kb, tmp_path, cache):
@@ -385,7 +431,11 @@ class FakeModel:
         self.fingerprint = fingerprint
 
     def memory_spec_fields(self):
-        fields = {k: v for k, v in small_spec().to_dict().items() if k not in ("embedding_dim", "embedder_fingerprint", "codec")}
+        fields = {
+            k: v
+            for k, v in small_spec().to_dict().items()
+            if k not in ("embedding_dim", "embedder_fingerprint", "codec")
+        }
         return dict(fields, model_fingerprint=self.fingerprint)
 
 
@@ -395,7 +445,9 @@ class FakeEmbedder:
 
 
 def test_a_package_for_another_model_is_refused_naming_both(pkg, cache):
-    with pytest.raises(m3db.SpecMismatchError, match="model_fingerprint: the database has 'test-model', the model gives 'other-model'"):
+    with pytest.raises(
+        m3db.SpecMismatchError, match="model_fingerprint: the database has 'test-model', the model gives 'other-model'"
+    ):
         m3db.connect(pkg, model=FakeModel("other-model"), embedder=FakeEmbedder())
     assert not cache.exists()
     with m3db.connect(pkg, model=FakeModel("test-model"), embedder=FakeEmbedder()) as p:
@@ -429,12 +481,14 @@ def test_larger_package_round_trip_and_racing_processes(tmp_path, cache, monkeyp
     code = textwrap.dedent(f"""
         import json, sys, numpy as np, m3db
         sys.stdin.readline()
-        with m3db.connect({str(tmp_path / 'a.m3kb')!r}) as p:
+        with m3db.connect({str(tmp_path / "a.m3kb")!r}) as p:
             qs = np.random.default_rng(3).standard_normal((20, 16)).astype(np.float32)
             print(json.dumps([p.recall(q, k=5).ids for q in qs]))
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for _ in range(8)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
     for proc in procs:
         proc.stdin.write("go\n")
         proc.stdin.flush()
@@ -467,7 +521,9 @@ def test_long_texts_split_catalog_chunks_and_huge_rows_are_refused(tmp_path, cac
         monkeypatch.setattr(package_mod, "CHUNK_BYTES", 10_000)  # ~2 rows a chunk
         db.pack(tmp_path / "long.m3kb")
         monkeypatch.setattr(package_mod, "MAX_CHUNK", 4_000)  # no row fits: refused with the fix
-        with pytest.raises(m3db.InvalidInputError, match="memories id 0 takes .* bytes of text and metadata.*Split the text"):
+        with pytest.raises(
+            m3db.InvalidInputError, match="memories id 0 takes .* bytes of text and metadata.*Split the text"
+        ):
             db.pack(tmp_path / "huge.m3kb")
     assert not os.path.exists(tmp_path / "huge.m3kb")
     raw = (tmp_path / "long.m3kb").read_bytes()
@@ -491,11 +547,13 @@ def test_chunks_where_a_metadata_column_is_all_null(tmp_path, cache, monkeypatch
     monkeypatch.setattr(package_mod, "CHUNK_ROWS", 3)
     with m3db.connect(tmp_path / "kb", spec=small_spec()) as db:
         db.add_memories([make_memory(i) for i in range(6)])  # no metadata: the first two chunks are all NULL
-        db.add_memories([make_memory(i, metadata={"lang": "en", "n": 3, "x": 1.5, "b": True, "j": [1]}) for i in range(6, 9)])
+        db.add_memories(
+            [make_memory(i, metadata={"lang": "en", "n": 3, "x": 1.5, "b": True, "j": [1]}) for i in range(6, 9)]
+        )
         db.pack(tmp_path / "kb.m3kb")
-        want = db.sql("SELECT * EXCLUDE (segment, \"offset\") FROM memories ORDER BY id")
+        want = db.sql('SELECT * EXCLUDE (segment, "offset") FROM memories ORDER BY id')
     with m3db.connect(tmp_path / "kb.m3kb") as p:
-        got = p.sql("SELECT * EXCLUDE (segment, \"offset\") FROM memories ORDER BY id")
+        got = p.sql('SELECT * EXCLUDE (segment, "offset") FROM memories ORDER BY id')
         assert got.columns == want.columns and [list(r) for r in got] == [list(r) for r in want]
         ids = p.recall(make_memory(7)["embedding"], k=2, where={"lang": "en"}).ids
         assert ids[0] == 7 and len(ids) == 2 and set(ids) <= {6, 7, 8}

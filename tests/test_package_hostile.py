@@ -7,8 +7,8 @@ that the lie itself is the only fault and the deeper checks, not the hashes, mus
 
 import copy
 import hashlib
-import json
 import io
+import json
 import os
 import re
 import tracemalloc
@@ -17,9 +17,9 @@ import zlib
 import msgpack
 import numpy as np
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
-from conftest import make_memory, small_spec
 from m3db.package.manifest import HEADER, HEADER_CRC, HEADER_PAGE, MAGIC, align, dump_manifest, pack_header
 
 ALLOC_LIMIT = 24 << 20  # bytes of Python/numpy memory an open of a hostile file may peak at
@@ -30,13 +30,17 @@ def base(tmp_path_factory):
     """A small intact package, and its manifest and sections as plain bytes."""
     root = tmp_path_factory.mktemp("base")
     with m3db.connect(root / "kb", spec=small_spec()) as db:
-        db.add_memories([make_memory(i, metadata={"lang": "en" if i % 2 else "fr", "info": {"i": i}}, document=f"d{i % 3}")
-                         for i in range(24)])
+        db.add_memories(
+            [
+                make_memory(i, metadata={"lang": "en" if i % 2 else "fr", "info": {"i": i}}, document=f"d{i % 3}")
+                for i in range(24)
+            ]
+        )
         db.pack(root / "kb.m3kb")
     data = open(root / "kb.m3kb", "rb").read()
     _, _, _, _, m_off, m_len, _ = HEADER.unpack_from(data)
-    manifest = json.loads(data[m_off:m_off + m_len])
-    sections = {s["name"]: data[s["offset"]:s["offset"] + s["length"]] for s in manifest["sections"]}
+    manifest = json.loads(data[m_off : m_off + m_len])
+    sections = {s["name"]: data[s["offset"] : s["offset"] + s["length"]] for s in manifest["sections"]}
     return data, manifest, sections
 
 
@@ -48,7 +52,9 @@ def assemble(manifest, sections, *, lie=None, raw_manifest=None):
     for s in manifest["sections"]:
         body = sections[s["name"]]
         out += bytes(align(len(out)) - len(out))
-        entries.append({"name": s["name"], "offset": len(out), "length": len(body), "sha256": hashlib.sha256(body).hexdigest()})
+        entries.append(
+            {"name": s["name"], "offset": len(out), "length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        )
         out += body
     m = copy.deepcopy(manifest)
     m["sections"] = entries
@@ -79,7 +85,7 @@ def header_with(data, **fields):
     values.update(fields)
     head = HEADER.pack(*(values[n] for n in names))
     head += HEADER_CRC.pack(zlib.crc32(head))
-    return head + data[len(head):]
+    return head + data[len(head) :]
 
 
 def tree(root, skip):
@@ -145,8 +151,13 @@ def test_flipped_byte_in_every_region(base, tmp_path, region):
     if region in ("catalog", "index"):
         pos = sec[region]["offset"] + sec[region]["length"] // 2
     else:
-        pos = {"magic": 2, "header": 20, "header padding": 1000, "manifest": len(data) - 10,
-               "padding": sec["catalog"]["offset"] - 1}[region]
+        pos = {
+            "magic": 2,
+            "header": 20,
+            "header padding": 1000,
+            "manifest": len(data) - 10,
+            "padding": sec["catalog"]["offset"] - 1,
+        }[region]
     bad = bytearray(data)
     bad[pos] ^= 0x10
     bad = bytes(bad)
@@ -155,8 +166,14 @@ def test_flipped_byte_in_every_region(base, tmp_path, region):
         path.write_bytes(bad)
         assert any("zero padding" in p for p in m3db.verify(path).problems)
         return
-    match = {"magic": "not an m3db package", "header": "header is corrupt", "header padding": "stray bytes",
-             "catalog": "catalog", "index": "index' fails its sha256", "manifest": "manifest's sha256"}[region]
+    match = {
+        "magic": "not an m3db package",
+        "header": "header is corrupt",
+        "header padding": "stray bytes",
+        "catalog": "catalog",
+        "index": "index' fails its sha256",
+        "manifest": "manifest's sha256",
+    }[region]
     refuse(tmp_path, bad, match, verify_match="sha256" if region in ("catalog", "index") else match)
 
 
@@ -189,8 +206,11 @@ def test_flipped_bytes_in_the_segment_are_found_on_read_and_by_verify(base, tmp_
 def test_unknown_format_versions(base, tmp_path):
     data, manifest, sections = base
     refuse(tmp_path, header_with(data, version=2), "package format version 2; this m3db reads version 1")
-    refuse(tmp_path, assemble(manifest, sections, lie=lambda m: m.update(format_version=2)),
-           "manifest format version 2; this m3db reads version 1")
+    refuse(
+        tmp_path,
+        assemble(manifest, sections, lie=lambda m: m.update(format_version=2)),
+        "manifest format version 2; this m3db reads version 1",
+    )
     objects = catalog_objects(sections)
     objects[0]["version"] = 9
     refuse(tmp_path, assemble(manifest, with_catalog(sections, objects)), "catalog stream version 9")
@@ -205,36 +225,44 @@ def test_huge_declared_manifest(base, tmp_path):
 def lie_section(section, **fields):
     def lie(m):
         next(s for s in m["sections"] if s["name"] == section).update(fields)
+
     return lie
 
 
-@pytest.mark.parametrize("case,lie,match", [
-    ("allocation bomb", lie_section("catalog", length=1 << 62), "outside the file's section area"),
-    ("past the end", lie_section("index", length=10 << 20), "outside the file's section area"),
-    ("unaligned", lie_section("catalog", offset=4097 + 4096), "not aligned"),
-    ("into the header", lie_section("catalog", offset=0), "outside the file's section area"),
-    ("negative", lie_section("catalog", offset=-4096), "non-negative"),
-    ("overlap", lambda m: m["sections"][2].update(offset=m["sections"][1]["offset"]), "overlap"),
-    ("duplicate", lambda m: m["sections"].append(dict(m["sections"][1])), "appears twice"),
-    ("escape ../", lie_section("catalog", name="../../../outside/evil"), "never paths"),
-    ("escape segment", lie_section("segment/000001", name="segment/../../x"), "never paths"),
-    ("absolute", lie_section("index", name="/etc/passwd"), "never paths"),
-    ("missing index", lambda m: m["sections"].remove(next(s for s in m["sections"] if s["name"] == "index")), "no 'index' section"),
-    ("segment gap", lie_section("segment/000001", name="segment/000002"), "numbered 1..1"),
-    ("bad hash", lie_section("catalog", sha256="0" * 64), "catalog' fails its sha256"),
-    ("bad index hash", lie_section("index", sha256="f" * 64), "index' fails its sha256"),
-    ("hash not hex", lie_section("catalog", sha256="../x"), "64 lowercase hex"),
-    ("count bomb", lambda m: m["counts"].update(memories=10**12), "segments hold only"),
-    ("count lie", lambda m: m["counts"].update(memories=m["counts"]["memories"] - 1), "manifest counts 23"),
-    ("documents lie", lambda m: m["counts"].update(documents=99), "manifest counts"),
-    ("segments lie", lambda m: m["counts"].update(segments=3), "counts 3 segments"),
-    ("record bytes lie", lambda m: m["counts"].update(record_bytes=m["counts"]["record_bytes"] - 1), None),
-    ("unknown field", lambda m: m.update(plugin="import os"), "unknown \\['plugin'\\]"),
-    ("about field", lambda m: m["about"].update(script="x"), "unknown manifest field about.script"),
-    ("spec differs", lambda m: m["spec"].update(kv_heads=3), "spec differs from the manifest"),
-    ("codec params", lambda m: m["codec"].update(params_sha256="a" * 64), "codec parameters"),
-    ("too many sections", lambda m: m["sections"].extend([{}] * 70_000), "limit is 65536"),
-])
+@pytest.mark.parametrize(
+    "case,lie,match",
+    [
+        ("allocation bomb", lie_section("catalog", length=1 << 62), "outside the file's section area"),
+        ("past the end", lie_section("index", length=10 << 20), "outside the file's section area"),
+        ("unaligned", lie_section("catalog", offset=4097 + 4096), "not aligned"),
+        ("into the header", lie_section("catalog", offset=0), "outside the file's section area"),
+        ("negative", lie_section("catalog", offset=-4096), "non-negative"),
+        ("overlap", lambda m: m["sections"][2].update(offset=m["sections"][1]["offset"]), "overlap"),
+        ("duplicate", lambda m: m["sections"].append(dict(m["sections"][1])), "appears twice"),
+        ("escape ../", lie_section("catalog", name="../../../outside/evil"), "never paths"),
+        ("escape segment", lie_section("segment/000001", name="segment/../../x"), "never paths"),
+        ("absolute", lie_section("index", name="/etc/passwd"), "never paths"),
+        (
+            "missing index",
+            lambda m: m["sections"].remove(next(s for s in m["sections"] if s["name"] == "index")),
+            "no 'index' section",
+        ),
+        ("segment gap", lie_section("segment/000001", name="segment/000002"), "numbered 1..1"),
+        ("bad hash", lie_section("catalog", sha256="0" * 64), "catalog' fails its sha256"),
+        ("bad index hash", lie_section("index", sha256="f" * 64), "index' fails its sha256"),
+        ("hash not hex", lie_section("catalog", sha256="../x"), "64 lowercase hex"),
+        ("count bomb", lambda m: m["counts"].update(memories=10**12), "segments hold only"),
+        ("count lie", lambda m: m["counts"].update(memories=m["counts"]["memories"] - 1), "manifest counts 23"),
+        ("documents lie", lambda m: m["counts"].update(documents=99), "manifest counts"),
+        ("segments lie", lambda m: m["counts"].update(segments=3), "counts 3 segments"),
+        ("record bytes lie", lambda m: m["counts"].update(record_bytes=m["counts"]["record_bytes"] - 1), None),
+        ("unknown field", lambda m: m.update(plugin="import os"), "unknown \\['plugin'\\]"),
+        ("about field", lambda m: m["about"].update(script="x"), "unknown manifest field about.script"),
+        ("spec differs", lambda m: m["spec"].update(kv_heads=3), "spec differs from the manifest"),
+        ("codec params", lambda m: m["codec"].update(params_sha256="a" * 64), "codec parameters"),
+        ("too many sections", lambda m: m["sections"].extend([{}] * 70_000), "limit is 65536"),
+    ],
+)
 def test_manifest_lies(base, tmp_path, case, lie, match):
     _, manifest, sections = base
     if match is None:  # harmless to a reader; verify must still say the package is not intact
@@ -279,26 +307,44 @@ def mutate_chunk(sections, fn, table="memories"):
     return with_catalog(sections, objects)
 
 
-@pytest.mark.parametrize("case,fn,match", [
-    ("count", lambda h, c: h.update(memories=25), "catalog declares 25 memories"),
-    ("injection name", lambda h, c: h["memory_columns"].__setitem__(16, ['lang" VARCHAR); DROP TABLE meta; --', "VARCHAR"]),
-     "column names are plain identifiers"),
-    ("injection type", lambda h, c: h["memory_columns"].__setitem__(16, ["lang", "VARCHAR); DROP TABLE meta; --"]), "allowed: BIGINT"),
-    ("builtin type", lambda h, c: h["memory_columns"].__setitem__(0, ["id", "VARCHAR"]), "built-in column id"),
-    ("columns", lambda h, c: h["memory_columns"].pop(0), "do not start with m3db's built-in columns"),
-    ("embedding size", lambda h, c: c.update(embedding=c["embedding"][:-4]), "embeddings are"),
-    ("embedding nan", lambda h, c: c.update(embedding=np.full(len(c["embedding"]) // 4, np.nan, "<f4").tobytes()), "NaN"),
-    ("ids order", lambda h, c: c["columns"][0].reverse(), "ids must be unique and ascending"),
-    ("id type", lambda h, c: c["columns"][0].__setitem__(0, "0"), "memories.id: values must be integers"),
-    ("id range", lambda h, c: c["columns"][0].__setitem__(0, 2**64 - 1), "memories.id: values must be integers"),
-    ("null text", lambda h, c: c["columns"][5].__setitem__(0, None), "NULL in a column"),
-    ("ext type", lambda h, c: c["columns"][5].__setitem__(0, msgpack.ExtType(42, b"os.system")), "max_ext_len|ext|malformed"),
-    ("meta", lambda h, c: h["meta"].update(next_id="-1"), "next_id"),
-    ("spec", lambda h, c: h["meta"].update(spec="{}"), "memory spec is invalid"),
-    ("extra column", lambda h, c: c["columns"].append([1] * len(c["columns"][0])), "columns, its head declares"),
-    ("header offset", lambda h, c: c["columns"][8].__setitem__(0, 3), "inside a segment header"),
-    ("bad json", lambda h, c: c["columns"][14].__setitem__(0, "{not json"), "is not JSON"),
-])
+@pytest.mark.parametrize(
+    "case,fn,match",
+    [
+        ("count", lambda h, c: h.update(memories=25), "catalog declares 25 memories"),
+        (
+            "injection name",
+            lambda h, c: h["memory_columns"].__setitem__(16, ['lang" VARCHAR); DROP TABLE meta; --', "VARCHAR"]),
+            "column names are plain identifiers",
+        ),
+        (
+            "injection type",
+            lambda h, c: h["memory_columns"].__setitem__(16, ["lang", "VARCHAR); DROP TABLE meta; --"]),
+            "allowed: BIGINT",
+        ),
+        ("builtin type", lambda h, c: h["memory_columns"].__setitem__(0, ["id", "VARCHAR"]), "built-in column id"),
+        ("columns", lambda h, c: h["memory_columns"].pop(0), "do not start with m3db's built-in columns"),
+        ("embedding size", lambda h, c: c.update(embedding=c["embedding"][:-4]), "embeddings are"),
+        (
+            "embedding nan",
+            lambda h, c: c.update(embedding=np.full(len(c["embedding"]) // 4, np.nan, "<f4").tobytes()),
+            "NaN",
+        ),
+        ("ids order", lambda h, c: c["columns"][0].reverse(), "ids must be unique and ascending"),
+        ("id type", lambda h, c: c["columns"][0].__setitem__(0, "0"), "memories.id: values must be integers"),
+        ("id range", lambda h, c: c["columns"][0].__setitem__(0, 2**64 - 1), "memories.id: values must be integers"),
+        ("null text", lambda h, c: c["columns"][5].__setitem__(0, None), "NULL in a column"),
+        (
+            "ext type",
+            lambda h, c: c["columns"][5].__setitem__(0, msgpack.ExtType(42, b"os.system")),
+            "max_ext_len|ext|malformed",
+        ),
+        ("meta", lambda h, c: h["meta"].update(next_id="-1"), "next_id"),
+        ("spec", lambda h, c: h["meta"].update(spec="{}"), "memory spec is invalid"),
+        ("extra column", lambda h, c: c["columns"].append([1] * len(c["columns"][0])), "columns, its head declares"),
+        ("header offset", lambda h, c: c["columns"][8].__setitem__(0, 3), "inside a segment header"),
+        ("bad json", lambda h, c: c["columns"][14].__setitem__(0, "{not json"), "is not JSON"),
+    ],
+)
 def test_catalog_lies(base, tmp_path, case, fn, match):
     _, manifest, sections = base
     objects = catalog_objects(sections)
@@ -343,10 +389,18 @@ def test_an_index_that_does_not_fit_the_catalog(base, tmp_path):
     _, manifest, sections = base
     bad = dict(sections)
     bad["index"] = np.random.default_rng(4).bytes(len(sections["index"]))
-    refuse(tmp_path, assemble(manifest, bad), "section 'index' is not a USearch index of 24 vectors", verify_match="section 'index'")
+    refuse(
+        tmp_path,
+        assemble(manifest, bad),
+        "section 'index' is not a USearch index of 24 vectors",
+        verify_match="section 'index'",
+    )
     from usearch.index import Index  # a well-formed index of the right size, with other keys
+
     other = Index(ndim=16, metric="cos", dtype="f16")
-    other.add(np.arange(100, 124, dtype=np.uint64), np.random.default_rng(5).standard_normal((24, 16)).astype(np.float32))
+    other.add(
+        np.arange(100, 124, dtype=np.uint64), np.random.default_rng(5).standard_normal((24, 16)).astype(np.float32)
+    )
     bad["index"] = bytes(other.save())
     refuse(tmp_path, assemble(manifest, bad), "holds other ids than the catalog", verify_match="keys differ")
 

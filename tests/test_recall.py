@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
-from conftest import make_memory, small_spec
 
 
 def build(db, n, seed=0, dim=16):
@@ -41,11 +41,14 @@ def test_ann_recall_at_5_against_brute_force(mem_db):
     assert hits / (5 * len(queries)) >= 0.95
 
 
-@pytest.mark.parametrize("where,expect_strategy", [
-    ("bucket = 7", "exact"),                # 30 allowed: exact over the allowed set
-    ("bucket < 60", "ann+filter"),          # 60% selectivity: over-fetch and filter
-    ("lang = 'fr' AND bucket < 3", "exact"),
-])
+@pytest.mark.parametrize(
+    "where,expect_strategy",
+    [
+        ("bucket = 7", "exact"),  # 30 allowed: exact over the allowed set
+        ("bucket < 60", "ann+filter"),  # 60% selectivity: over-fetch and filter
+        ("lang = 'fr' AND bucket < 3", "exact"),
+    ],
+)
 def test_filtered_recall_matches_oracle(where, expect_strategy):
     # a low exact_limit so that 3,000 memories exercise both plans
     with m3db.connect(":memory:", spec=small_spec(), config={"exact_limit": 200}) as db:
@@ -103,7 +106,12 @@ def test_filter_injection_cannot_write(mem_db):
 
 def test_bad_recall_arguments(mem_db):
     build(mem_db, 10)
-    for bad in (np.ones(15, np.float32), np.ones(16, np.int64), np.full(16, np.nan, np.float32), np.zeros(16, np.float32)):
+    for bad in (
+        np.ones(15, np.float32),
+        np.ones(16, np.int64),
+        np.full(16, np.nan, np.float32),
+        np.zeros(16, np.float32),
+    ):
         with pytest.raises(m3db.InvalidInputError, match="query vector"):
             mem_db.recall(bad)
     for k in (0, -1, 10**6, 2.5, True):
@@ -139,8 +147,11 @@ def test_python_filters_read_only_the_catalog_and_volatile_ones_are_not_cached(t
     tmp_db.add_memories([make_memory(i, metadata={"n": i}) for i in range(6)])
     secret = tmp_path / "secret.csv"
     secret.write_text("id\n1\n")
-    for where in (f"id IN (SELECT id FROM read_csv('{secret}'))", "id IN (SELECT 1 FROM glob('/*'))",
-                  "n > (SELECT count(*) FROM 'x.parquet')"):
+    for where in (
+        f"id IN (SELECT id FROM read_csv('{secret}'))",
+        "id IN (SELECT 1 FROM glob('/*'))",
+        "n > (SELECT count(*) FROM 'x.parquet')",
+    ):
         with pytest.raises(m3db.QueryError, match="not available|not a catalog table"):
             tmp_db.recall(np.ones(16, np.float32), k=2, where=where)
     v = np.ones(16, np.float32)

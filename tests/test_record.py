@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from m3db.storage.codec import codec_class
 from m3db.errors import FormatError
+from m3db.storage.codec import codec_class
 from m3db.storage.record import HEADER_SIZE, MAX_PAYLOAD, decode_record, encode_record, frame
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "record_v1.bin")
@@ -40,7 +40,13 @@ def test_cold_record_holds_everything_but_the_arrays():
     blob = encode_record(9, codec_class("int8")(), None, None, None, "Ölüdeniz, Türkiye.", {"lang": "tr"}, 4, 2, 17)
     m = decode_record(blob, "test", expect_id=9)
     assert m.cold and m.keys is None and m.values is None and m.positions is None
-    assert (m.text, m.metadata, m.document_id, m.ordinal, m.token_count) == ("Ölüdeniz, Türkiye.", {"lang": "tr"}, 4, 2, 17)
+    assert (m.text, m.metadata, m.document_id, m.ordinal, m.token_count) == (
+        "Ölüdeniz, Türkiye.",
+        {"lang": "tr"},
+        4,
+        2,
+        17,
+    )
     assert "cold" in repr(m) and not decode_record(make()[0], "test").cold
     for i in range(len(blob)):  # a cold record is checked like any other
         bad = bytearray(blob)
@@ -77,6 +83,7 @@ def test_wrong_id_or_checksum_is_caught():
 def test_huge_declared_length_is_refused_before_allocating():
     head = struct.pack("<4sHHII", b"M3MR", 1, 0, MAX_PAYLOAD + 1, 0)
     import zlib
+
     bad = head + struct.pack("<I", zlib.crc32(head))
     with pytest.raises(FormatError, match="limit"):
         decode_record(bad, "bomb")
@@ -84,6 +91,7 @@ def test_huge_declared_length_is_refused_before_allocating():
 
 def test_unknown_version_is_refused():
     import zlib
+
     head = struct.pack("<4sHHII", b"M3MR", 2, 0, 0, zlib.crc32(b""))
     with pytest.raises(FormatError, match="version 2"):
         decode_record(head + struct.pack("<I", zlib.crc32(head)), "future")

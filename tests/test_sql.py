@@ -5,10 +5,12 @@ import re
 
 import numpy as np
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
-from conftest import make_memory, small_spec
-from m3db.sql import check as sql_check, plan as sql_plan, run as query
+from m3db.sql import check as sql_check
+from m3db.sql import plan as sql_plan
+from m3db.sql import run as query
 
 LANGS = ("en", "fr", "de")
 
@@ -46,8 +48,11 @@ FILTERS = [
     ("lang = 'fr'", "r.lang = 'fr'", None),
     ("lang = ? AND year > ?", "r.lang = ? AND r.year > ?", ["en", 2000]),
     ("year BETWEEN 1990 AND 2010 OR lang = 'de'", "(r.year BETWEEN 1990 AND 2010 OR r.lang = 'de')", None),
-    ("document_id IN (SELECT id FROM documents WHERE title = 'Title 2')",
-     "r.document_id IN (SELECT id FROM documents WHERE title = 'Title 2')", None),
+    (
+        "document_id IN (SELECT id FROM documents WHERE title = 'Title 2')",
+        "r.document_id IN (SELECT id FROM documents WHERE title = 'Title 2')",
+        None,
+    ),
     ("rating IS NOT NULL", "r.rating IS NOT NULL", None),
     ("lang = 'xx'", "r.lang = 'xx'", None),
 ]
@@ -59,8 +64,10 @@ def test_filtered_recall_equals_the_python_api(db, where, sql_where, params, k):
     for seed in range(3):
         q = vec(seed)
         want = db.recall(q, k=k, where=where, params=params)
-        rows = db.sql(f"SELECT r.id, r.score FROM recall(?, k => {k}) r WHERE {sql_where} ORDER BY r.score DESC",
-                      [q, *(params or [])])
+        rows = db.sql(
+            f"SELECT r.id, r.score FROM recall(?, k => {k}) r WHERE {sql_where} ORDER BY r.score DESC",
+            [q, *(params or [])],
+        )
         assert ids(rows) == want.ids
         assert np.allclose(ids(rows, 1), want.scores)
 
@@ -72,8 +79,13 @@ def test_recall_columns_and_types(db):
     assert rows.columns[:4] == ["id", "score", "text", "document_id"]
     assert set(rows.columns[4:]) == {"lang", "year", "tags", "rating"}
     for row, m in zip(rows.dicts(), want):
-        assert (row["id"], row["text"], row["document_id"], row["lang"], row["year"]) == \
-            (m.id, m.text, m.document_id, m.metadata["lang"], m.metadata["year"])
+        assert (row["id"], row["text"], row["document_id"], row["lang"], row["year"]) == (
+            m.id,
+            m.text,
+            m.document_id,
+            m.metadata["lang"],
+            m.metadata["year"],
+        )
         assert row["rating"] == m.metadata.get("rating")
     # JSON metadata stays JSON: DuckDB's JSON functions read it
     tags = db.sql("SELECT r.tags->>'$[0]' AS first, json_array_length(r.tags) AS n FROM recall(?, k => 3) r", [q])
@@ -82,8 +94,11 @@ def test_recall_columns_and_types(db):
 
 def test_join_with_documents_and_pushdown(db):
     q = vec(1)
-    rows = db.sql("SELECT r.id, d.title, d.source FROM recall(?, k => 4) r JOIN documents d ON d.id = r.document_id "
-                  "WHERE r.lang = 'de' AND d.source <> 'doc2' ORDER BY r.score DESC", [q])
+    rows = db.sql(
+        "SELECT r.id, d.title, d.source FROM recall(?, k => 4) r JOIN documents d ON d.id = r.document_id "
+        "WHERE r.lang = 'de' AND d.source <> 'doc2' ORDER BY r.score DESC",
+        [q],
+    )
     want = [m for m in db.recall(q, k=4, where="lang = 'de'")]
     names = dict(db.sql("SELECT id, source FROM documents"))
     assert ids(rows) == [m.id for m in want if names[m.document_id] != "doc2"]
@@ -98,18 +113,28 @@ def test_conditions_that_cannot_be_pushed_apply_after_the_recall(db):
     assert ids(rows) == top.ids[:3]
     # an outer join keeps WHERE after the recall: the top 5 of all memories, then the filter
     top5 = db.recall(q, k=5)
-    rows = db.sql("SELECT r.id FROM documents d LEFT JOIN recall(?, k => 5) r ON r.document_id = d.id "
-                  "WHERE r.lang = 'fr' ORDER BY r.score DESC", [q])
+    rows = db.sql(
+        "SELECT r.id FROM documents d LEFT JOIN recall(?, k => 5) r ON r.document_id = d.id "
+        "WHERE r.lang = 'fr' ORDER BY r.score DESC",
+        [q],
+    )
     assert ids(rows) == [m.id for m in top5 if m.metadata["lang"] == "fr"]
     # a condition reading another table stays too
-    rows = db.sql("SELECT r.id FROM recall(?, k => 5) r, documents d WHERE d.id = r.document_id AND "
-                  "(r.lang = 'fr' OR d.title = 'Title 0') ORDER BY r.score DESC", [q])
+    rows = db.sql(
+        "SELECT r.id FROM recall(?, k => 5) r, documents d WHERE d.id = r.document_id AND "
+        "(r.lang = 'fr' OR d.title = 'Title 0') ORDER BY r.score DESC",
+        [q],
+    )
     assert set(ids(rows)) <= set(top5.ids)
-    plan = query._plan(db, "EXPLAIN SELECT id FROM recall(?, k => 6) WHERE score >= ? AND year * random() >= 0 AND lang = 'en'")
+    plan = query._plan(
+        db, "EXPLAIN SELECT id FROM recall(?, k => 6) WHERE score >= ? AND year * random() >= 0 AND lang = 'en'"
+    )
     rc = plan.read.recalls[0]
     assert rc.filter == "(lang = 'en')"
-    assert [why for _, why in rc.kept] == ["score exists only after the search",
-                                            "rand() changes between calls, and recall filters are cached per commit"]
+    assert [why for _, why in rc.kept] == [
+        "score exists only after the search",
+        "rand() changes between calls, and recall filters are cached per commit",
+    ]
 
 
 def recall_filter(db, sql):
@@ -128,7 +153,9 @@ def test_only_the_recalls_own_columns_are_pushed(db):
     assert recall_filter(db, sql) == "(year > 2000)"
     assert ids(db.sql(sql, [q])) == db.recall(q, k=3, where="year > 2000").ids
     # a memories column that recall() does not have is an unknown column, not a filter
-    with pytest.raises(m3db.QueryError, match=r'does not have a column named "codec"(.|\n)*JOIN memories m ON m.id = r.id'):
+    with pytest.raises(
+        m3db.QueryError, match=r'does not have a column named "codec"(.|\n)*JOIN memories m ON m.id = r.id'
+    ):
         db.sql("SELECT id FROM recall(?, k => 3) r WHERE r.codec = 'int8'", [q])
     # unqualified and a column of no other table of the SELECT: pushed; a name both have: not
     sql = "SELECT r.id FROM recall(?, k => 3) r JOIN documents d ON d.id = r.document_id WHERE lang = 'fr' ORDER BY r.score DESC"
@@ -153,22 +180,31 @@ def test_subqueries_that_read_the_statement_are_not_pushed(db):
     # EXISTS (... score ...) reads the recall's score: applied after the search
     sql = "SELECT id FROM recall(?, k => 3) r WHERE r.lang = 'en' OR EXISTS (SELECT 1 WHERE score >= ?)"
     assert recall_filter(db, sql) is None
-    assert ids(db.sql(sql, [q, top.scores[1]])) == [m.id for m in top if m.metadata["lang"] == "en" or m.score >= top.scores[1]]
+    assert ids(db.sql(sql, [q, top.scores[1]])) == [
+        m.id for m in top if m.metadata["lang"] == "en" or m.score >= top.scores[1]
+    ]
     # the statement's CTEs: a filter runs alone, without them
     title2 = {r[0] for r in db.sql("SELECT id FROM documents WHERE title = 'Title 2'")}
-    sql = ("WITH d AS (SELECT id FROM documents WHERE title = 'Title 2') "
-           "SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT d.id FROM d)")
+    sql = (
+        "WITH d AS (SELECT id FROM documents WHERE title = 'Title 2') "
+        "SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT d.id FROM d)"
+    )
     assert recall_filter(db, sql) is None
     assert ids(db.sql(sql, [q])) == [m.id for m in top if m.document_id in title2]
     sql = "WITH documents AS (SELECT -1 AS id) SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT documents.id FROM documents)"
     assert recall_filter(db, sql) is None and db.sql(sql, [q]) == []
-    rows = db.sql("EXPLAIN SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT id FROM documents WHERE title = lang)", [q])
+    rows = db.sql(
+        "EXPLAIN SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT id FROM documents WHERE title = lang)",
+        [q],
+    )
     assert "a subquery in it may read lang from the query around it" in rows[0][1]
     # self-contained subqueries are pushed: the filter is db.recall's
-    for sub in ["SELECT id FROM documents WHERE title = 'Title 2'",
-                "SELECT d.id FROM documents d WHERE d.title = 'Title 2'",
-                "WITH t AS (SELECT id, title FROM documents) SELECT t.id FROM t WHERE t.title = 'Title 2'",
-                "SELECT x.id FROM (SELECT id, title FROM documents) x WHERE x.title = 'Title 2'"]:
+    for sub in [
+        "SELECT id FROM documents WHERE title = 'Title 2'",
+        "SELECT d.id FROM documents d WHERE d.title = 'Title 2'",
+        "WITH t AS (SELECT id, title FROM documents) SELECT t.id FROM t WHERE t.title = 'Title 2'",
+        "SELECT x.id FROM (SELECT id, title FROM documents) x WHERE x.title = 'Title 2'",
+    ]:
         sql = f"SELECT id FROM recall(?, k => 3) WHERE document_id IN ({sub}) ORDER BY score DESC"
         assert recall_filter(db, sql) is not None, sub
         assert ids(db.sql(sql, [q])) == db.recall(q, k=3, where=f"document_id IN ({sub})").ids, sub
@@ -176,8 +212,13 @@ def test_subqueries_that_read_the_statement_are_not_pushed(db):
 
 def test_k_comes_from_limit_when_recall_is_the_only_table(db):
     q = vec(3)
-    assert ids(db.sql("SELECT id FROM recall(?) WHERE lang = 'en' LIMIT 3", [q])) == db.recall(q, k=3, where="lang = 'en'").ids
-    assert ids(db.sql("SELECT id FROM recall(?) ORDER BY score DESC LIMIT 2 OFFSET 2", [q])) == db.recall(q, k=4).ids[2:]
+    assert (
+        ids(db.sql("SELECT id FROM recall(?) WHERE lang = 'en' LIMIT 3", [q]))
+        == db.recall(q, k=3, where="lang = 'en'").ids
+    )
+    assert (
+        ids(db.sql("SELECT id FROM recall(?) ORDER BY score DESC LIMIT 2 OFFSET 2", [q])) == db.recall(q, k=4).ids[2:]
+    )
     assert ids(db.sql("SELECT id FROM recall(?) LIMIT ?", [q, 7])) == db.recall(q, k=7).ids
     assert len(db.sql("SELECT id FROM recall(?)", [q])) == query.DEFAULT_K
     assert len(db.sql("SELECT id FROM recall(?) LIMIT 0", [q])) == 0
@@ -199,26 +240,49 @@ def test_limit_percent_is_not_k(db):
 def test_recall_in_ctes_subqueries_unions_and_aggregates(db):
     q, p = vec(4), vec(5)
     a, b = db.recall(q, k=3, where="lang = 'en'"), db.recall(p, k=2)
-    rows = db.sql("WITH hits AS (SELECT id, score FROM recall(?, k => 3) WHERE lang = 'en') "
-                  "SELECT id FROM hits ORDER BY score DESC", [q])
+    rows = db.sql(
+        "WITH hits AS (SELECT id, score FROM recall(?, k => 3) WHERE lang = 'en') "
+        "SELECT id FROM hits ORDER BY score DESC",
+        [q],
+    )
     assert ids(rows) == a.ids
-    rows = db.sql("SELECT id FROM memories WHERE id IN (SELECT id FROM recall(?, k => 3) WHERE lang = 'en') ORDER BY id", [q])
+    rows = db.sql(
+        "SELECT id FROM memories WHERE id IN (SELECT id FROM recall(?, k => 3) WHERE lang = 'en') ORDER BY id", [q]
+    )
     assert ids(rows) == sorted(a.ids)
-    rows = db.sql("SELECT id FROM recall(?, k => 3) WHERE lang = 'en' UNION ALL SELECT id FROM recall(?, k => 2)", [q, p])
+    rows = db.sql(
+        "SELECT id FROM recall(?, k => 3) WHERE lang = 'en' UNION ALL SELECT id FROM recall(?, k => 2)", [q, p]
+    )
     assert sorted(ids(rows)) == sorted(a.ids + b.ids)
-    rows = db.sql("SELECT lang, count(*) AS n, max(score) AS best FROM recall(?, k => 9) GROUP BY lang ORDER BY lang", [q])
+    rows = db.sql(
+        "SELECT lang, count(*) AS n, max(score) AS best FROM recall(?, k => 9) GROUP BY lang ORDER BY lang", [q]
+    )
     nine = db.recall(q, k=9)
-    assert [(r[0], r[1]) for r in rows] == sorted({(l, sum(m.metadata["lang"] == l for m in nine)) for l in
-                                                  {m.metadata["lang"] for m in nine}})
+    assert [(r[0], r[1]) for r in rows] == sorted(
+        {(l, sum(m.metadata["lang"] == l for m in nine)) for l in {m.metadata["lang"] for m in nine}}
+    )
 
 
 def test_named_and_numbered_parameters(db):
     q = vec(6)
     want = db.recall(q, k=3, where="lang = 'fr' AND year < 2030").ids
-    assert ids(db.sql("SELECT id FROM recall($q, k => $k) WHERE lang = $lang AND year < $y ORDER BY score DESC",
-                      {"q": q, "k": 3, "lang": "fr", "y": 2030})) == want
-    assert ids(db.sql("SELECT id FROM recall($1, k => $3) WHERE lang = $2 AND year < 2030 ORDER BY score DESC",
-                      [q, "fr", 3])) == want
+    assert (
+        ids(
+            db.sql(
+                "SELECT id FROM recall($q, k => $k) WHERE lang = $lang AND year < $y ORDER BY score DESC",
+                {"q": q, "k": 3, "lang": "fr", "y": 2030},
+            )
+        )
+        == want
+    )
+    assert (
+        ids(
+            db.sql(
+                "SELECT id FROM recall($1, k => $3) WHERE lang = $2 AND year < 2030 ORDER BY score DESC", [q, "fr", 3]
+            )
+        )
+        == want
+    )
     # the query may be a list of numbers or a constant expression
     assert ids(db.sql("SELECT id FROM recall(?, k => 1 + 2) WHERE lang = 'fr' AND year < 2030", [q.tolist()])) == want
 
@@ -255,7 +319,10 @@ def test_parameter_mistakes_are_clear(db):
 
 DIRECT = [  # (statement, whether it takes the direct path)
     ("SELECT id, score, text FROM recall(?, k => 6) WHERE lang = 'en' ORDER BY score DESC", True),
-    ("SELECT r.id AS memory, r.year, r.document_id FROM recall(?, k => 6) r ORDER BY r.score DESC LIMIT 4 OFFSET 1", True),
+    (
+        "SELECT r.id AS memory, r.year, r.document_id FROM recall(?, k => 6) r ORDER BY r.score DESC LIMIT 4 OFFSET 1",
+        True,
+    ),
     ("SELECT TEXT, ID FROM recall(?, k => 5) ORDER BY score DESC", True),
     ("SELECT id FROM recall(?, k => 5) LIMIT 2 OFFSET 10", True),
     ("SELECT id, rating FROM recall(?, k => 5) WHERE rating IS NULL", True),
@@ -280,8 +347,18 @@ def test_direct_path_equals_duckdb(db, sql, direct, monkeypatch):
     assert [tuple(r) for r in got] == [tuple(r) for r in want]
 
 
-LIMITS = ["", " LIMIT 3", " LIMIT 2 OFFSET 1", " OFFSET 2", " LIMIT 0", " LIMIT ?", " LIMIT 1 OFFSET ?",
-          " LIMIT 50%", " LIMIT 40 PERCENT", " LIMIT 3 OFFSET 9"]
+LIMITS = [
+    "",
+    " LIMIT 3",
+    " LIMIT 2 OFFSET 1",
+    " OFFSET 2",
+    " LIMIT 0",
+    " LIMIT ?",
+    " LIMIT 1 OFFSET ?",
+    " LIMIT 50%",
+    " LIMIT 40 PERCENT",
+    " LIMIT 3 OFFSET 9",
+]
 
 
 @pytest.mark.parametrize("sql", [sql for sql, _ in DIRECT])
@@ -303,10 +380,15 @@ def test_direct_path_equals_duckdb_with_every_limit(db, sql, monkeypatch):
 
 
 def test_direct_path_is_only_taken_for_plain_shapes(db):
-    for sql in ["SELECT id FROM recall(?) ORDER BY score ASC", "SELECT id, upper(text) FROM recall(?)",
-                "SELECT DISTINCT lang FROM recall(?)", "SELECT id FROM recall(?) WHERE score > 0",
-                "SELECT id FROM recall(?) ORDER BY text DESC", "SELECT * FROM recall(?)",
-                "SELECT r.id FROM recall(?) r, documents d WHERE d.id = r.document_id"]:
+    for sql in [
+        "SELECT id FROM recall(?) ORDER BY score ASC",
+        "SELECT id, upper(text) FROM recall(?)",
+        "SELECT DISTINCT lang FROM recall(?)",
+        "SELECT id FROM recall(?) WHERE score > 0",
+        "SELECT id FROM recall(?) ORDER BY text DESC",
+        "SELECT * FROM recall(?)",
+        "SELECT r.id FROM recall(?) r, documents d WHERE d.id = r.document_id",
+    ]:
         assert query._plan(db, sql).read.direct is None, sql
     assert query._plan(db, "SELECT id, score FROM recall(?) r ORDER BY r.score DESC LIMIT ?").read.direct is not None
 
@@ -322,8 +404,13 @@ def test_delete_forgets_in_one_transaction(db):
     assert all(m.metadata["lang"] != "de" for m in db.recall(vec(0), k=40))
     assert db.sql("SELECT count(*) FROM forgotten")[0][0] == 20
     rows = db.sql("DELETE FROM memories m USING documents d WHERE d.id = m.document_id AND d.source = 'doc1'")
-    assert rows[0][0] == 10 and db.sql("SELECT count(*) FROM memories m JOIN documents d ON d.id = m.document_id "
-                                      "WHERE d.source = 'doc1'")[0][0] == 0
+    assert (
+        rows[0][0] == 10
+        and db.sql("SELECT count(*) FROM memories m JOIN documents d ON d.id = m.document_id WHERE d.source = 'doc1'")[
+            0
+        ][0]
+        == 0
+    )
     near = db.recall(vec(1), k=2).ids
     assert db.sql("DELETE FROM memories WHERE id IN (SELECT id FROM recall(?, k => 2))", [vec(1)])[0][0] == 2
     assert not set(near) & set(db.recall(vec(1), k=40).ids)
@@ -375,7 +462,7 @@ REFUSED = [
     ("SELECT * FROM query_table('memories')", "query_table.* not available"),
     ("SELECT * FROM memories m, LATERAL read_csv(m.text)", "read_csv.* not available"),
     ("SELECT * FROM 'data.csv'", "never files"),
-    ("SELECT * FROM \"https://example.org/x.parquet\"", "never files"),
+    ('SELECT * FROM "https://example.org/x.parquet"', "never files"),
     ("SELECT * FROM other.main.memories", "name catalog tables alone"),
     ("SELECT * FROM sqlite.t", "never files, URLs or other databases"),
     ("SELECT write_log('x')", "write_log.* acts outside the query"),
@@ -391,7 +478,10 @@ REFUSED = [
     ('SELECT * FROM "x.csv" UNION ALL (WITH "x.csv" AS (SELECT 1) SELECT * FROM "x.csv")', "never files"),
     ('WITH a AS (SELECT * FROM "b.csv"), "b.csv" AS (SELECT 1) SELECT * FROM a', "never files"),
     ('WITH "s.csv" AS (SELECT * FROM "s.csv") SELECT 1', "never files"),
-    ('SELECT count(*) FROM memories WHERE id IN (SELECT 1 FROM (WITH "x.csv" AS (SELECT 1) SELECT 1), "x.csv")', "never files"),
+    (
+        'SELECT count(*) FROM memories WHERE id IN (SELECT 1 FROM (WITH "x.csv" AS (SELECT 1) SELECT 1), "x.csv")',
+        "never files",
+    ),
     ("SELECT count(*) FROM memories WHERE text IN (SELECT * FROM read_json('x'))", "read_json.* not available"),
     ("SUMMARIZE SELECT * FROM read_csv('x')", "read_csv.* not available"),
     ("SELECT 1; SELECT 2", "one statement at a time, got 2"),
@@ -418,21 +508,28 @@ def test_cte_names_are_resolved_by_scope(db):
     for sql, want in [
         ("WITH a AS (SELECT 1 AS x) SELECT * FROM (WITH b AS (SELECT x + 1 AS x FROM a) SELECT x FROM b)", [(2,)]),
         ("WITH a AS (SELECT 1 AS x), b AS (SELECT x + 1 AS x FROM a) SELECT x FROM b", [(2,)]),
-        ("WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 3) SELECT n FROM t ORDER BY n",
-         [(1,), (2,), (3,)]),
+        (
+            "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 3) SELECT n FROM t ORDER BY n",
+            [(1,), (2,), (3,)],
+        ),
         ("WITH a AS (SELECT 1 AS x) SELECT 2 UNION ALL SELECT x FROM a ORDER BY 1", [(1,), (2,)]),
         ("WITH a AS (SELECT 3 AS x) SELECT count(*) FROM memories WHERE id IN (SELECT x FROM a)", [(1,)]),
         ("WITH memories AS (SELECT 1 AS id) SELECT count(*) FROM memories", [(1,)]),
     ]:
         assert db.sql(sql) == want, sql
     assert db.recall(vec(0), k=60, where="id IN (WITH a AS (SELECT 3 AS x) SELECT x FROM a)").ids == [3]
-    assert db.sql("WITH old AS (SELECT id FROM memories WHERE year < 1985) "
-                  "DELETE FROM memories WHERE id IN (SELECT id FROM old)") == [(5,)]
+    assert db.sql(
+        "WITH old AS (SELECT id FROM memories WHERE year < 1985) DELETE FROM memories WHERE id IN (SELECT id FROM old)"
+    ) == [(5,)]
 
 
 def test_information_schema_has_its_views_only(db):
-    views = [r[0] for r in db.catalog.con.execute(
-        "SELECT view_name FROM duckdb_views() WHERE schema_name = 'information_schema' ORDER BY 1").fetchall()]
+    views = [
+        r[0]
+        for r in db.catalog.con.execute(
+            "SELECT view_name FROM duckdb_views() WHERE schema_name = 'information_schema' ORDER BY 1"
+        ).fetchall()
+    ]
     assert tuple(views) == sql_check.INFORMATION_SCHEMA_VIEWS  # a DuckDB upgrade that changes them shows here
     for view in views:
         db.sql(f"SELECT count(*) FROM information_schema.{view}")
@@ -441,7 +538,9 @@ def test_information_schema_has_its_views_only(db):
 
 def test_fixed_table_columns_are_the_catalogs(db):
     for table, columns in sql_plan.FIXED_TABLE_COLUMNS.items():
-        rows = db.sql("SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table])
+        rows = db.sql(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table]
+        )
         assert tuple(ids(rows)) == columns, table
 
 
@@ -472,7 +571,9 @@ def test_syntax_errors_point_at_the_position(db):
 
 
 def test_unknown_names_list_the_alternatives(db):
-    with pytest.raises(m3db.QueryError, match=r"unknown table 'memorie' \(did you mean memories\?\). Tables: documents, memories"):
+    with pytest.raises(
+        m3db.QueryError, match=r"unknown table 'memorie' \(did you mean memories\?\). Tables: documents, memories"
+    ):
         db.sql("SELECT * FROM memorie")
     with pytest.raises(m3db.QueryError, match=r"recal\(\) is not available .*did you mean recall\?"):
         db.sql("SELECT * FROM recal(?)", [vec(0)])
@@ -486,7 +587,9 @@ def test_unknown_names_list_the_alternatives(db):
         db.sql("SELECT recall('x')")
     with pytest.raises(m3db.QueryError, match=r"has no argument 'kk' \(did you mean k\?\); its arguments: query, k"):
         db.sql("SELECT * FROM recall(?, kk => 3)", [vec(0)])
-    with pytest.raises(m3db.QueryError, match=r"recall\(\) r has the columns id, score, text, document_id, lang, .*tags"):
+    with pytest.raises(
+        m3db.QueryError, match=r"recall\(\) r has the columns id, score, text, document_id, lang, .*tags"
+    ):
         db.sql("SELECT r.titel FROM recall(?) r", [vec(0)])
     with pytest.raises(m3db.QueryError, match=r"must be a constant or a parameter, not 'd.title'"):
         db.sql("SELECT * FROM documents d, recall(d.title) r")
@@ -502,8 +605,11 @@ def test_unknown_names_list_the_alternatives(db):
 
 
 def test_explain_shows_the_vector_plan_next_to_duckdbs(db):
-    rows = db.sql("EXPLAIN SELECT r.id, d.title FROM recall(?, k => 3) r JOIN documents d ON d.id = r.document_id "
-                  "WHERE r.lang = 'fr' AND r.score > 0.1", [vec(0)])
+    rows = db.sql(
+        "EXPLAIN SELECT r.id, d.title FROM recall(?, k => 3) r JOIN documents d ON d.id = r.document_id "
+        "WHERE r.lang = 'fr' AND r.score > 0.1",
+        [vec(0)],
+    )
     assert rows.explain and rows.columns == ["step", "plan"]
     steps = dict(rows)
     assert list(steps) == ["recall r", "sql", "duckdb"]
@@ -526,8 +632,11 @@ def test_explain_never_runs_the_decoder_nor_searches_twice(db, tmp_path, monkeyp
     monkeypatch.setattr(type(db), "generate", lambda *a, **k: pytest.fail("EXPLAIN ran the decoder"))
     rows = db.sql("EXPLAIN DELETE FROM memories WHERE id IN (SELECT id FROM recall(?, k => 4))", [vec(0)])
     assert "forget the 4 memories the WHERE matches" in rows[0][1] and len(searches) == 1
-    for sql, mode in [("SELECT text FROM generate('x')", "memory"), ("SELECT text FROM generate('x', memory => 'rag')", "rag"),
-                      ("SELECT text FROM generate('x', memory => false)", "none")]:
+    for sql, mode in [
+        ("SELECT text FROM generate('x')", "memory"),
+        ("SELECT text FROM generate('x', memory => 'rag')", "rag"),
+        ("SELECT text FROM generate('x', memory => false)", "none"),
+    ]:
         assert f"mode: {mode}, max_tokens: 128" in dict(db.sql("EXPLAIN " + sql))["generate generate"]
     delete = "EXPLAIN DELETE FROM memories WHERE text IN (SELECT text FROM generate('x'))"
     assert "not counted" in db.sql(delete)[0][1]
@@ -558,15 +667,18 @@ def test_rows_convert_to_numpy_and_say_which_package_the_others_need(db):
 
 
 def test_plain_sql_matches_duckdb(db):
-    for sql in ["SELECT lang, count(*) AS n, min(year) FROM memories GROUP BY ALL ORDER BY lang",
-                "FROM memories SELECT id, text WHERE year % 7 = 0 ORDER BY id",
-                "SELECT * EXCLUDE (embedding, created_at) FROM memories ORDER BY id LIMIT 3",
-                "SELECT list_transform([1, 2, 3], lambda x: x * 2) AS l, [x + 1 FOR x IN [1, 2]] AS c",
-                "SELECT d.title, count(*) FROM documents d JOIN memories m ON m.document_id = d.id GROUP BY 1 ORDER BY 1",
-                "SELECT * FROM range(3) t(i) CROSS JOIN (VALUES ('a'), ('b')) v(s) ORDER BY ALL",
-                "WITH y AS (SELECT year FROM memories) SELECT max(year) FROM y",
-                "SELECT tags->>'$[1]' AS j, tags::VARCHAR FROM memories ORDER BY id LIMIT 2",
-                "DESCRIBE documents", "SHOW TABLES"]:
+    for sql in [
+        "SELECT lang, count(*) AS n, min(year) FROM memories GROUP BY ALL ORDER BY lang",
+        "FROM memories SELECT id, text WHERE year % 7 = 0 ORDER BY id",
+        "SELECT * EXCLUDE (embedding, created_at) FROM memories ORDER BY id LIMIT 3",
+        "SELECT list_transform([1, 2, 3], lambda x: x * 2) AS l, [x + 1 FOR x IN [1, 2]] AS c",
+        "SELECT d.title, count(*) FROM documents d JOIN memories m ON m.document_id = d.id GROUP BY 1 ORDER BY 1",
+        "SELECT * FROM range(3) t(i) CROSS JOIN (VALUES ('a'), ('b')) v(s) ORDER BY ALL",
+        "WITH y AS (SELECT year FROM memories) SELECT max(year) FROM y",
+        "SELECT tags->>'$[1]' AS j, tags::VARCHAR FROM memories ORDER BY id LIMIT 2",
+        "DESCRIBE documents",
+        "SHOW TABLES",
+    ]:
         got = db.sql(sql)
         want = db.catalog.con.execute(sql).fetchall()
         assert [tuple(r) for r in got] == want, sql
@@ -590,8 +702,14 @@ def test_duckdb_itself_refuses_files_urls_and_extension_downloads(tmp_path):
     with m3db.connect(tmp_path / "kb", spec=small_spec()) as db:
         db.add_memory(**make_memory(0))
         con = db.catalog.con
-        for stmt in (f"SELECT * FROM '{secret}'", f"SELECT * FROM read_csv('{secret}')", "INSTALL httpfs",
-                     "SELECT excel_text(1, '0')", "SET enable_external_access = true", f"ATTACH '{tmp_path / 'x.db'}'"):
+        for stmt in (
+            f"SELECT * FROM '{secret}'",
+            f"SELECT * FROM read_csv('{secret}')",
+            "INSTALL httpfs",
+            "SELECT excel_text(1, '0')",
+            "SET enable_external_access = true",
+            f"ATTACH '{tmp_path / 'x.db'}'",
+        ):
             with pytest.raises(duckdb.Error):
                 con.execute(stmt)
         assert con.execute("SELECT count(*) FROM memories").fetchone() == (1,)

@@ -10,15 +10,21 @@ import time
 
 import numpy as np
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
-from conftest import make_memory, small_spec
 from m3db.cli.shell import split_statements
 
 
 def run(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "m3db.cli", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "m3db.cli", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 @pytest.fixture
@@ -31,8 +37,16 @@ def kb(tmp_path):
 
 def test_sql_binds_params_and_prints_tables_or_json(kb):
     vector = json.dumps(make_memory(3)["embedding"].tolist())
-    r = run("sql", kb, "SELECT r.id, r.lang FROM recall(?, k => 2) r WHERE r.lang = ? ORDER BY r.score DESC",
-            "-p", vector, "-p", "en", "--json")
+    r = run(
+        "sql",
+        kb,
+        "SELECT r.id, r.lang FROM recall(?, k => 2) r WHERE r.lang = ? ORDER BY r.score DESC",
+        "-p",
+        vector,
+        "-p",
+        "en",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["columns"] == ["id", "lang"] and out["rows"][0] == [3, "en"] and len(out["rows"]) == 2
@@ -50,15 +64,16 @@ def test_sql_writes_only_with_write(kb):
 
 
 def test_sql_explain_prints_each_step(kb):
-    r = run("sql", kb, "EXPLAIN SELECT r.id FROM recall(?, k => 2) r WHERE r.lang = 'en'", "-p",
-            json.dumps([0.5] * 16))
+    r = run("sql", kb, "EXPLAIN SELECT r.id FROM recall(?, k => 2) r WHERE r.lang = 'en'", "-p", json.dumps([0.5] * 16))
     assert r.returncode == 0, r.stderr
     assert "-- recall r\n" in r.stdout and "selectivity 50.00%" in r.stdout and "-- duckdb\n" in r.stdout
 
 
 def test_split_statements_respects_strings_and_comments():
     assert split_statements("SELECT 1; SELECT ';' AS s; -- a; comment\nSELECT 2") == (
-        ["SELECT 1", "SELECT ';' AS s"], " -- a; comment\nSELECT 2")
+        ["SELECT 1", "SELECT ';' AS s"],
+        " -- a; comment\nSELECT 2",
+    )
     assert split_statements("SELECT 'unfinished; still") == ([], "SELECT 'unfinished; still")
     assert split_statements("/* ; */ SELECT 3;") == (["/* ; */ SELECT 3"], "")
 
@@ -90,7 +105,9 @@ def test_shell_runs_a_script_from_stdin(kb):
     assert any(e.startswith("error: unknown command '.bogus'") for e in errors)
     assert any(e.startswith("error: [read_only] DELETE FROM memories writes") for e in errors)
     assert "m3db>" not in out  # no prompts when reading a pipe
-    r = run("shell", kb, "--write", stdin="DELETE FROM memories WHERE lang = 'fr';\nSELECT count(*) AS n FROM memories;\n")
+    r = run(
+        "shell", kb, "--write", stdin="DELETE FROM memories WHERE lang = 'fr';\nSELECT count(*) AS n FROM memories;\n"
+    )
     assert r.returncode == 0 and "| 3                  |" in r.stdout and "| 3 |" in r.stdout
 
 

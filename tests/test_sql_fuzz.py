@@ -16,44 +16,192 @@ import pytest
 
 pytest.importorskip("torch")
 import m3db  # noqa: E402
+from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.sql import run as query  # noqa: E402
 from m3db.testing import hashed_embedding  # noqa: E402
-from m3db.model.memory_model import MemoryModel  # noqa: E402
 
 DOCUMENTED = (m3db.QueryError, m3db.ReadOnlyError, m3db.InvalidInputError)
 READ_ONLY_STATEMENTS = 10_000
 WRITABLE_STATEMENTS = 1_000
 
 TABLE_COLUMNS = {
-    "memories": ["id", "text", "lang", "year", "document_id", "ordinal", "token_count", "created_at", "count(*)",
-                 "upper(text)", "length(text) + year", "lang || 'x'", "*"],
+    "memories": [
+        "id",
+        "text",
+        "lang",
+        "year",
+        "document_id",
+        "ordinal",
+        "token_count",
+        "created_at",
+        "count(*)",
+        "upper(text)",
+        "length(text) + year",
+        "lang || 'x'",
+        "*",
+    ],
     "documents": ["id", "source", "title", "uri", "metadata->>'$.lang'", "count(*)", "*"],
-    "meta": ["key", "value"], "forgotten": ["id", "commit_seq"], "codecs": ["name", "version"],
-    "memorie": ["id"], "'f.csv'": ["*"], "read_csv('f.csv')": ["*"], "range(3) t(i)": ["i", "i * 2"],
+    "meta": ["key", "value"],
+    "forgotten": ["id", "commit_seq"],
+    "codecs": ["name", "version"],
+    "memorie": ["id"],
+    "'f.csv'": ["*"],
+    "read_csv('f.csv')": ["*"],
+    "range(3) t(i)": ["i", "i * 2"],
 }
-CONDITIONS = ["lang = 'en'", "lang = ?", "year > ?", "year BETWEEN 1990 AND 2010", "text LIKE '%capital%'",
-              "document_id IN (SELECT id FROM documents WHERE title = 'Tokyo')", "NOT (lang = 'de')",
-              "lang IS NULL OR year < 0", "id IN (SELECT id FROM recall('capital', k => 2))", "year * random() > 0",
-              "text = 'x'' OR ''1''=''1'", "nope = 1", "id = ?"]
-RECALL_COLUMNS = ["r.id", "r.score", "r.text", "r.document_id", "r.lang", "r.year", "r.*", "d.title", "r.nope",
-                  "round(r.score, 2)", "count(*)", "r.id AS memory"]
-QUERIES = ["'capital of Japan'"] * 3 + ["?"] * 6 + ["'Hauptstadt'", "'a' || ' capital'", "''", "[0.1, 0.2]", "NULL", "42",
-                                                 "d.title"]
+CONDITIONS = [
+    "lang = 'en'",
+    "lang = ?",
+    "year > ?",
+    "year BETWEEN 1990 AND 2010",
+    "text LIKE '%capital%'",
+    "document_id IN (SELECT id FROM documents WHERE title = 'Tokyo')",
+    "NOT (lang = 'de')",
+    "lang IS NULL OR year < 0",
+    "id IN (SELECT id FROM recall('capital', k => 2))",
+    "year * random() > 0",
+    "text = 'x'' OR ''1''=''1'",
+    "nope = 1",
+    "id = ?",
+]
+RECALL_COLUMNS = [
+    "r.id",
+    "r.score",
+    "r.text",
+    "r.document_id",
+    "r.lang",
+    "r.year",
+    "r.*",
+    "d.title",
+    "r.nope",
+    "round(r.score, 2)",
+    "count(*)",
+    "r.id AS memory",
+]
+QUERIES = (
+    ["'capital of Japan'"] * 3
+    + ["?"] * 6
+    + ["'Hauptstadt'", "'a' || ' capital'", "''", "[0.1, 0.2]", "NULL", "42", "d.title"]
+)
 PROMPTS = ["'What is the capital of Japan?'", "?", "?", "''", "42"]
-REFUSED = ["UPDATE memories SET text = 'x'", "DROP TABLE memories", "CREATE TABLE t(a INT)", "COPY memories TO 'out.csv'",
-           "ATTACH 'x.db' AS x", "PRAGMA version", "SET threads = 1", "CALL pragma_version()", "INSTALL httpfs",
-           "LOAD httpfs", "EXPORT DATABASE 'dir'", "SELECT * FROM read_text('out.csv')", "CHECKPOINT",
-           "INSERT INTO meta VALUES ('a', 'b')", "DELETE FROM documents", "ALTER TABLE memories ADD COLUMN z INT",
-           "SELECT * FROM glob('*')", "VACUUM", "SELECT write_log('x')", "SELECT * FROM query('SELECT 1')",
-           "SUMMARIZE 'out.csv'", "SELECT * FROM (WITH \"f.csv\" AS (SELECT 1) SELECT 1), \"f.csv\"",
-           "SELECT * FROM information_schema.csv", "SELECT current_setting('temp_directory')", "SELECT setseed(0.5)"]
-VOCABULARY = ["SELECT", "FROM", "WHERE", "AND", "OR", "NOT", "JOIN", "LEFT", "ON", "USING", "GROUP", "BY", "ORDER",
-              "LIMIT", "OFFSET", "UNION", "ALL", "WITH", "AS", "EXPLAIN", "ANALYZE", "INSERT", "INTO", "VALUES", "DELETE",
-              "UPDATE", "SET", "DROP", "TABLE", "COPY", "TO", "ATTACH", "PRAGMA", "recall", "generate", "read_csv",
-              "'x.csv'", "k", "=>", ":=", "?", "$1", "$q", "'", '"', "(", ")", ",", ";", "*", "=", "<", ">", "-", "/*",
-              "*/", "--", "0", "1", "-1", "1e309", "99999999999999999999", "NULL", "TRUE", "'en'", "r", "d",
-              "memories", "documents", "meta", "lang", "year", "score", "text", "id", "max_tokens", "memory", "'rag'",
-              "filter", "[0.5, 0.5]", "::", "INTEGER", "CASE", "WHEN", "THEN", "END", "IN", "LATERAL", "$$x$$"]
+REFUSED = [
+    "UPDATE memories SET text = 'x'",
+    "DROP TABLE memories",
+    "CREATE TABLE t(a INT)",
+    "COPY memories TO 'out.csv'",
+    "ATTACH 'x.db' AS x",
+    "PRAGMA version",
+    "SET threads = 1",
+    "CALL pragma_version()",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "EXPORT DATABASE 'dir'",
+    "SELECT * FROM read_text('out.csv')",
+    "CHECKPOINT",
+    "INSERT INTO meta VALUES ('a', 'b')",
+    "DELETE FROM documents",
+    "ALTER TABLE memories ADD COLUMN z INT",
+    "SELECT * FROM glob('*')",
+    "VACUUM",
+    "SELECT write_log('x')",
+    "SELECT * FROM query('SELECT 1')",
+    "SUMMARIZE 'out.csv'",
+    'SELECT * FROM (WITH "f.csv" AS (SELECT 1) SELECT 1), "f.csv"',
+    "SELECT * FROM information_schema.csv",
+    "SELECT current_setting('temp_directory')",
+    "SELECT setseed(0.5)",
+]
+VOCABULARY = [
+    "SELECT",
+    "FROM",
+    "WHERE",
+    "AND",
+    "OR",
+    "NOT",
+    "JOIN",
+    "LEFT",
+    "ON",
+    "USING",
+    "GROUP",
+    "BY",
+    "ORDER",
+    "LIMIT",
+    "OFFSET",
+    "UNION",
+    "ALL",
+    "WITH",
+    "AS",
+    "EXPLAIN",
+    "ANALYZE",
+    "INSERT",
+    "INTO",
+    "VALUES",
+    "DELETE",
+    "UPDATE",
+    "SET",
+    "DROP",
+    "TABLE",
+    "COPY",
+    "TO",
+    "ATTACH",
+    "PRAGMA",
+    "recall",
+    "generate",
+    "read_csv",
+    "'x.csv'",
+    "k",
+    "=>",
+    ":=",
+    "?",
+    "$1",
+    "$q",
+    "'",
+    '"',
+    "(",
+    ")",
+    ",",
+    ";",
+    "*",
+    "=",
+    "<",
+    ">",
+    "-",
+    "/*",
+    "*/",
+    "--",
+    "0",
+    "1",
+    "-1",
+    "1e309",
+    "99999999999999999999",
+    "NULL",
+    "TRUE",
+    "'en'",
+    "r",
+    "d",
+    "memories",
+    "documents",
+    "meta",
+    "lang",
+    "year",
+    "score",
+    "text",
+    "id",
+    "max_tokens",
+    "memory",
+    "'rag'",
+    "filter",
+    "[0.5, 0.5]",
+    "::",
+    "INTEGER",
+    "CASE",
+    "WHEN",
+    "THEN",
+    "END",
+    "IN",
+    "LATERAL",
+    "$$x$$",
+]
 TOKEN = re.compile(r"'(?:[^']|'')*'|\$\$.*?\$\$|\w+|=>|:=|::|<>|>=|<=|\$\w+|\S")
 
 
@@ -95,8 +243,10 @@ class Generator:
     def where(self, qualify=""):
         parts = [self.pick(CONDITIONS) for _ in range(int(self.rng.integers(1, 3)))]
         if qualify:
-            parts = [re.sub(r"\b(lang|year|text|document_id|id|nope)\b", qualify + r"\1", p) if "SELECT" not in p else p
-                     for p in parts]
+            parts = [
+                re.sub(r"\b(lang|year|text|document_id|id|nope)\b", qualify + r"\1", p) if "SELECT" not in p else p
+                for p in parts
+            ]
         kinds = {"lang": "text", "year": "int", "id": "int"}
         for p in parts:
             self.slots += [kinds[column] for column in re.findall(r"(\w+) [=>] \?", p)]
@@ -115,15 +265,20 @@ class Generator:
             query = self.fill(self.pick(QUERIES), "query")
             k = self.fill(self.pick(["1", "3", "3", "5", "?", "?", "0", "10001", "2.5", "NULL"]), "int")
             columns = ", ".join(self.pick(RECALL_COLUMNS) for _ in range(int(self.rng.integers(1, 4))))
-            s = f"SELECT {columns} FROM recall({query}, k => {k}) r" if self.maybe(0.7) else \
-                f"SELECT {columns} FROM recall({query}) r"
+            s = (
+                f"SELECT {columns} FROM recall({query}, k => {k}) r"
+                if self.maybe(0.7)
+                else f"SELECT {columns} FROM recall({query}) r"
+            )
             if "k =>" not in s:
                 self.slots = self.slots[:1] if query == "?" else []
             if self.maybe(0.3):
                 s += f" {self.pick(['JOIN', 'LEFT JOIN'])} documents d ON d.id = r.document_id"
             s += self.where("r.") if self.maybe(0.7) else ""
             s += " ORDER BY r.score DESC" if self.maybe(0.5) else ""
-            s += f" LIMIT {self.fill(self.pick(['2', '?', '0', '5 OFFSET 1', '50%']), 'int')}" if self.maybe(0.4) else ""
+            s += (
+                f" LIMIT {self.fill(self.pick(['2', '?', '0', '5 OFFSET 1', '50%']), 'int')}" if self.maybe(0.4) else ""
+            )
             if self.maybe(0.1):
                 s = f"WITH hits AS ({s}) SELECT count(*) FROM hits"
             if s.count("?") == 1 and self.slots == ["query"] and self.maybe(0.3):
@@ -132,11 +287,16 @@ class Generator:
             memory = self.pick(["'rag'", "'none'", "'memory'", "false", "'maybe'"])
             where = ", filter => 'lang = ''en'''" if self.maybe(0.3) else ""
             prompt = self.fill(self.pick(PROMPTS), "prompt")
-            s = (f"SELECT {self.pick(['text', 'mode', 'sources', '*', 'len(sources)'])} FROM generate("
-                 f"{prompt}, max_tokens => {self.pick(['1', '2', '0'])}, memory => {memory}{where}) g")
+            s = (
+                f"SELECT {self.pick(['text', 'mode', 'sources', '*', 'len(sources)'])} FROM generate("
+                f"{prompt}, max_tokens => {self.pick(['1', '2', '0'])}, memory => {memory}{where}) g"
+            )
         elif kind == "insert":
-            s = self.fill("INSERT INTO documents (text, source, lang) VALUES ('Lima is the capital of Peru.', "
-                          f"'fz{self.rng.integers(5)}', ?)", "text")
+            s = self.fill(
+                "INSERT INTO documents (text, source, lang) VALUES ('Lima is the capital of Peru.', "
+                f"'fz{self.rng.integers(5)}', ?)",
+                "text",
+            )
         elif kind == "delete":
             s = "DELETE FROM memories" + self.where()
         else:
@@ -169,10 +329,30 @@ class Generator:
         return " ".join(tokens)
 
     def value(self, kind):
-        fits = {"query": [hashed_embedding("capital of Japan"), "capital of France", "Hauptstadt"],
-                "int": [2, 3, 2000], "text": ["en", "de", "x' OR 1=1 --"], "prompt": ["Where is Tokyo?"]}
-        anything = [hashed_embedding("Tokyo"), "capital", "en", 2000, 3, None, 1.5, [0.1, 0.2], "x' OR 1=1 --",
-                    {"a": 1}, b"\xff", -1, "", float("nan"), object(), np.zeros(256, np.float32)]
+        fits = {
+            "query": [hashed_embedding("capital of Japan"), "capital of France", "Hauptstadt"],
+            "int": [2, 3, 2000],
+            "text": ["en", "de", "x' OR 1=1 --"],
+            "prompt": ["Where is Tokyo?"],
+        }
+        anything = [
+            hashed_embedding("Tokyo"),
+            "capital",
+            "en",
+            2000,
+            3,
+            None,
+            1.5,
+            [0.1, 0.2],
+            "x' OR 1=1 --",
+            {"a": 1},
+            b"\xff",
+            -1,
+            "",
+            float("nan"),
+            object(),
+            np.zeros(256, np.float32),
+        ]
         return self.pick(fits[kind]) if kind in fits and self.maybe(0.9) else self.pick(anything)
 
     def params(self, statement):
@@ -215,8 +395,13 @@ def run(db, gen, count, on_success=None):
 def kb_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "kb"
     with m3db.connect(path, model=MemoryModel.tiny(), embedder=HashEmbedder()) as db:
-        db.add_documents([{"text": text, "source": f"wiki/{title}", "title": title,
-                           "metadata": {"lang": lang, "year": year}} for text, title, lang, year in DOCS], progress=False)
+        db.add_documents(
+            [
+                {"text": text, "source": f"wiki/{title}", "title": title, "metadata": {"lang": lang, "year": year}}
+                for text, title, lang, year in DOCS
+            ],
+            progress=False,
+        )
     return path
 
 

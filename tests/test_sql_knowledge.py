@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("torch")
 import m3db  # noqa: E402
-from m3db.testing import HashEmbedder  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
+from m3db.testing import HashEmbedder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,12 @@ def kb(tiny, tmp_path):
         db.close()
 
 
-INSERT = ("INSERT INTO documents (text, source, title, lang) VALUES "
-          "('Tokyo is the capital of Japan.', 'wiki/Tokyo', 'Tokyo', 'en'), "
-          "(?, 'wiki/Paris', 'Paris', 'en'), "
-          "('Berlin ist die Hauptstadt Deutschlands.', 'wiki/Berlin', NULL, 'de')")
+INSERT = (
+    "INSERT INTO documents (text, source, title, lang) VALUES "
+    "('Tokyo is the capital of Japan.', 'wiki/Tokyo', 'Tokyo', 'en'), "
+    "(?, 'wiki/Paris', 'Paris', 'en'), "
+    "('Berlin ist die Hauptstadt Deutschlands.', 'wiki/Berlin', NULL, 'de')"
+)
 
 
 def test_insert_documents_chunks_embeds_and_encodes(kb):
@@ -36,15 +38,22 @@ def test_insert_documents_chunks_embeds_and_encodes(kb):
     assert (added, skipped, empty) == (3, 0, 0) and memories == len(kb) > 3  # Paris is several chunks
     docs = kb.sql("SELECT source, title FROM documents ORDER BY source")
     assert docs == [("wiki/Berlin", None), ("wiki/Paris", "Paris"), ("wiki/Tokyo", "Tokyo")]
-    assert kb.sql("SELECT lang, count(DISTINCT document_id) FROM memories GROUP BY lang ORDER BY lang") == [("de", 1), ("en", 2)]
+    assert kb.sql("SELECT lang, count(DISTINCT document_id) FROM memories GROUP BY lang ORDER BY lang") == [
+        ("de", 1),
+        ("en", 2),
+    ]
     assert kb.sql(INSERT, ["again"])[0][:2] == (0, 3)  # sources already committed are skipped
     assert kb.check().ok
 
 
 def test_insert_from_select_by_name_and_metadata_json(kb):
-    kb.sql("INSERT INTO documents (text, source, metadata) VALUES ('Rome is in Italy.', 'r', '{\"lang\": \"it\", \"year\": 2024}')")
+    kb.sql(
+        "INSERT INTO documents (text, source, metadata) VALUES ('Rome is in Italy.', 'r', '{\"lang\": \"it\", \"year\": 2024}')"
+    )
     kb.sql("INSERT INTO documents BY NAME SELECT 'Madrid is in Spain.' AS text, 's' AS source, 1.5 AS weight")
-    rows = kb.sql("SELECT d.source, m.lang, m.year, m.weight FROM memories m JOIN documents d ON d.id = m.document_id ORDER BY 1")
+    rows = kb.sql(
+        "SELECT d.source, m.lang, m.year, m.weight FROM memories m JOIN documents d ON d.id = m.document_id ORDER BY 1"
+    )
     assert rows == [("r", "it", 2024, None), ("s", None, None, 1.5)]
     # a SELECT source may read the catalog, recall included
     kb.sql("INSERT INTO documents (text, source) SELECT 'copy: ' || r.text, 'copy' FROM recall('Rome Italy', k => 1) r")
@@ -66,24 +75,35 @@ def test_recall_by_text_equals_the_python_api(kb):
     kb.sql(INSERT, ["Paris is the capital of France."])
     for text in ("capital of Japan", "Hauptstadt"):
         want = kb.recall(text, k=2, where="lang = 'en'")
-        rows = kb.sql("SELECT r.id, r.score, d.title FROM recall(?, k => 2) r JOIN documents d ON d.id = r.document_id "
-                      "WHERE r.lang = 'en' ORDER BY r.score DESC", [text])
+        rows = kb.sql(
+            "SELECT r.id, r.score, d.title FROM recall(?, k => 2) r JOIN documents d ON d.id = r.document_id "
+            "WHERE r.lang = 'en' ORDER BY r.score DESC",
+            [text],
+        )
         assert [r[0] for r in rows] == want.ids and np.allclose([r[1] for r in rows], want.scores)
-    assert kb.sql("SELECT title FROM recall('capital of Japan', k => 1) r JOIN documents d ON d.id = r.document_id") == [("Tokyo",)]
+    assert kb.sql(
+        "SELECT title FROM recall('capital of Japan', k => 1) r JOIN documents d ON d.id = r.document_id"
+    ) == [("Tokyo",)]
 
 
 def test_generate_returns_the_answer_and_its_sources(kb):
     kb.sql(INSERT, ["Paris is the capital of France."])
     prompt = "What is the capital of Japan?"
     want = kb.generate(prompt, max_tokens=6, memory="rag", k=2, where="lang = 'en'")
-    rows = kb.sql("SELECT g.text, g.finish_reason, g.mode, g.sources FROM generate(?, max_tokens => 6, memory => 'rag', "
-                  "k => 2, filter => 'lang = ''en''') g", [prompt])
+    rows = kb.sql(
+        "SELECT g.text, g.finish_reason, g.mode, g.sources FROM generate(?, max_tokens => 6, memory => 'rag', "
+        "k => 2, filter => 'lang = ''en''') g",
+        [prompt],
+    )
     text, finish, mode, sources = rows[0]
     assert (text, finish, mode) == (want.text, want.finish_reason, "rag")
     assert [s["id"] for s in sources] == [s.id for s in want.sources]
     assert sources[0].keys() == {"id", "text", "document", "title"}
-    flat = kb.sql("SELECT s.id, s.document FROM (SELECT unnest(sources) AS s FROM generate(?, max_tokens => 6, "
-                  "memory => 'rag', k => 2, filter => 'lang = ''en''')) ORDER BY 1", [prompt])
+    flat = kb.sql(
+        "SELECT s.id, s.document FROM (SELECT unnest(sources) AS s FROM generate(?, max_tokens => 6, "
+        "memory => 'rag', k => 2, filter => 'lang = ''en''')) ORDER BY 1",
+        [prompt],
+    )
     assert sorted(r[0] for r in flat) == sorted(s.id for s in want.sources)
     none = kb.sql("SELECT mode, len(sources) FROM generate('Hello', max_tokens => 2, memory => false)")
     assert none == [("none", 0)]
@@ -91,8 +111,16 @@ def test_generate_returns_the_answer_and_its_sources(kb):
 
 def test_generate_arguments_are_checked(kb):
     for sql, error, message in [
-        ("SELECT * FROM generate('x', max_tokens => 0)", m3db.InvalidInputError, r"max_tokens must be an integer in \[1, 4096\]"),
-        ("SELECT * FROM generate('x', memory => 'maybe')", m3db.InvalidInputError, "memory must be 'memory', 'rag', 'none'"),
+        (
+            "SELECT * FROM generate('x', max_tokens => 0)",
+            m3db.InvalidInputError,
+            r"max_tokens must be an integer in \[1, 4096\]",
+        ),
+        (
+            "SELECT * FROM generate('x', memory => 'maybe')",
+            m3db.InvalidInputError,
+            "memory must be 'memory', 'rag', 'none'",
+        ),
         ("SELECT * FROM generate('x', top_p => 0)", m3db.InvalidInputError, r"top_p must be a number in \(0, 1\]"),
         ("SELECT * FROM generate('x', filter => ?)", m3db.QueryError, "a parameter is a value, never SQL"),
         ("SELECT * FROM generate('x', filter => 'lang = ''en'') OR (1')", m3db.QueryError, "is not a SQL condition"),
@@ -112,7 +140,9 @@ def test_explain_generate_does_not_run_the_decoder(kb, monkeypatch):
     assert "filter: (lang = 'de')" in steps["generate g"] or "filter: lang = 'de'" in steps["generate g"]
     assert "allows 1 of" in steps["generate g"] and "EXPLAIN does not run the decoder" in steps["generate g"]
     assert "mode: memory, max_tokens: 8" in steps["generate g"]
-    rows = kb.sql("EXPLAIN DELETE FROM memories WHERE text IN (SELECT text FROM generate('Where is Tokyo?', memory => 'rag'))")
+    rows = kb.sql(
+        "EXPLAIN DELETE FROM memories WHERE text IN (SELECT text FROM generate('Where is Tokyo?', memory => 'rag'))"
+    )
     assert rows[0][0] == "delete" and "not counted" in rows[0][1] and len(kb) > 0
     rows = kb.sql("EXPLAIN INSERT INTO documents (text) VALUES ('x')")
     assert rows[0][0] == "insert" and "Nothing is written by EXPLAIN" in rows[0][1]

@@ -63,13 +63,25 @@ def cmd_check(args):
     return out
 
 
-@command("sql", "run one SQL statement: queries, recall(), generate(), INSERT INTO documents, DELETE FROM memories (docs/sql.md)",
-         "m3db sql kb.m3db \"SELECT r.score, r.text FROM recall(?, k => 3) r WHERE r.lang = 'en'\" -p \"capital of France\"",
-         [(("query",), {"help": "one SQL statement"}),
-          (("-p", "--param"), dict(action="append", default=[], metavar="VALUE",
-                                    help="a value for the next ? (repeatable); read as JSON when it is JSON "
-                                         "(42, true, [0.1, 0.2], \"text\"), else as text")),
-          (("--write",), dict(action="store_true", help="open the database for writing (INSERT, DELETE)"))])
+@command(
+    "sql",
+    "run one SQL statement: queries, recall(), generate(), INSERT INTO documents, DELETE FROM memories (docs/sql.md)",
+    'm3db sql kb.m3db "SELECT r.score, r.text FROM recall(?, k => 3) r WHERE r.lang = \'en\'" -p "capital of France"',
+    [
+        (("query",), {"help": "one SQL statement"}),
+        (
+            ("-p", "--param"),
+            dict(
+                action="append",
+                default=[],
+                metavar="VALUE",
+                help="a value for the next ? (repeatable); read as JSON when it is JSON "
+                '(42, true, [0.1, 0.2], "text"), else as text',
+            ),
+        ),
+        (("--write",), dict(action="store_true", help="open the database for writing (INSERT, DELETE)")),
+    ],
+)
 def cmd_sql(args):
     params = [_param(v) for v in args.param] or None
     with connect(args.path, read_only=not args.write) as db:
@@ -88,8 +100,12 @@ def _param(text):
         return text
 
 
-@command("shell", "an interactive SQL shell: multi-line statements, history, tables (docs/sql.md)", "m3db shell kb.m3db",
-         [(("--write",), dict(action="store_true", help="open the database for writing (INSERT, DELETE)"))])
+@command(
+    "shell",
+    "an interactive SQL shell: multi-line statements, history, tables (docs/sql.md)",
+    "m3db shell kb.m3db",
+    [(("--write",), dict(action="store_true", help="open the database for writing (INSERT, DELETE)"))],
+)
 def cmd_shell(args):
     from .shell import Shell
 
@@ -106,21 +122,32 @@ def cmd_compact(args):
         return db.compact()
 
 
-@command("pack", "write a database as one read-only package file (.m3kb) to ship", "m3db pack kb.m3db kb.m3kb --license CC-BY-4.0",
-         arguments=[
-             (("out",), dict(metavar="OUT", help="the package file to write")),
-             (("--name",), dict(help="the knowledge base's name (default: the directory's)")),
-             (("--description",), dict(help="what it holds")),
-             (("--kb-version",), dict(dest="kb_version", help="its version, e.g. 2024-06")),
-             (("--license",), dict(help="its license, e.g. CC-BY-SA-4.0")),
-             (("--attribution",), dict(help="who to credit")),
-             (("--force",), dict(action="store_true", help="replace OUT if it exists")),
-         ])
+@command(
+    "pack",
+    "write a database as one read-only package file (.m3kb) to ship",
+    "m3db pack kb.m3db kb.m3kb --license CC-BY-4.0",
+    arguments=[
+        (("out",), dict(metavar="OUT", help="the package file to write")),
+        (("--name",), dict(help="the knowledge base's name (default: the directory's)")),
+        (("--description",), dict(help="what it holds")),
+        (("--kb-version",), dict(dest="kb_version", help="its version, e.g. 2024-06")),
+        (("--license",), dict(help="its license, e.g. CC-BY-SA-4.0")),
+        (("--attribution",), dict(help="who to credit")),
+        (("--force",), dict(action="store_true", help="replace OUT if it exists")),
+    ],
+)
 def cmd_pack(args):
     with connect(args.path, read_only=True) as db:
-        manifest = db.pack(args.out, name=args.name, description=args.description, version=args.kb_version,
-                           license=args.license, attribution=args.attribution, overwrite=args.force,
-                           progress=sys.stderr.isatty())
+        manifest = db.pack(
+            args.out,
+            name=args.name,
+            description=args.description,
+            version=args.kb_version,
+            license=args.license,
+            attribution=args.attribution,
+            overwrite=args.force,
+            progress=sys.stderr.isatty(),
+        )
     return {"path": args.out, "bytes": os.path.getsize(args.out), **manifest["counts"], "about": manifest["about"]}
 
 
@@ -129,28 +156,61 @@ def cmd_verify(args):
     from ..package.verify import verify
 
     report = verify(args.path, progress=sys.stderr.isatty())
-    out = {"ok": report.ok, "memories_checked": report.memories_checked, "bytes_read": report.bytes_read,
-           "problems": report.problems}
+    out = {
+        "ok": report.ok,
+        "memories_checked": report.memories_checked,
+        "bytes_read": report.bytes_read,
+        "problems": report.problems,
+    }
     if not report.ok:
         _emit(out, args)
         raise SystemExit(1)
     return out
 
 
-@command("build", "build (or extend) a knowledge base from text files or the bundled Wikipedia summaries",
-         "m3db build kb.m3db --from wikipedia --limit 300",
-         arguments=[
-             (("--from",), dict(dest="source", nargs="+", required=True, metavar="FILES|wikipedia",
-                                help="'wikipedia', or .txt/.md/.jsonl files and directories")),
-             (("--limit",), dict(type=int, help="at most this many documents")),
-             (("--codec",), dict(default="int4", help="how a new database stores memories (f32, f16, int8, int4; default "
-                                                      "int4, measured in docs/quality.md)")),
-             (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
-             (("--cold",), dict(action="store_true", help="cold start: store text and embeddings now, encode each memory "
-                                                          "the first time it is read (docs/knowledge.md)")),
-             (("--sparse",), dict(action="store_true", help="a new database in the sparse memory mode: 8 tokens per "
-                                  "head on half the layers, read through the bundled reader adapter (docs/adapter.md)")),
-         ])
+@command(
+    "build",
+    "build (or extend) a knowledge base from text files or the bundled Wikipedia summaries",
+    "m3db build kb.m3db --from wikipedia --limit 300",
+    arguments=[
+        (
+            ("--from",),
+            dict(
+                dest="source",
+                nargs="+",
+                required=True,
+                metavar="FILES|wikipedia",
+                help="'wikipedia', or .txt/.md/.jsonl files and directories",
+            ),
+        ),
+        (("--limit",), dict(type=int, help="at most this many documents")),
+        (
+            ("--codec",),
+            dict(
+                default="int4",
+                help="how a new database stores memories (f32, f16, int8, int4; default "
+                "int4, measured in docs/quality.md)",
+            ),
+        ),
+        (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
+        (
+            ("--cold",),
+            dict(
+                action="store_true",
+                help="cold start: store text and embeddings now, encode each memory "
+                "the first time it is read (docs/knowledge.md)",
+            ),
+        ),
+        (
+            ("--sparse",),
+            dict(
+                action="store_true",
+                help="a new database in the sparse memory mode: 8 tokens per "
+                "head on half the layers, read through the bundled reader adapter (docs/adapter.md)",
+            ),
+        ),
+    ],
+)
 def cmd_build(args):
     import itertools
 
@@ -166,26 +226,39 @@ def cmd_build(args):
             docs = itertools.islice(docs, args.limit)
     _say(f"loading the model and opening {args.path} ...")
     with connect(args.path, codec=args.codec, memory_mode="sparse" if args.sparse else None) as db:
-        _say(f"chunking, embedding{'' if args.cold else ' and encoding'} documents into memories "
-             f"(commits every {args.batch_size}{'; cold: encoded on first read' if args.cold else ''}) ...")
+        _say(
+            f"chunking, embedding{'' if args.cold else ' and encoding'} documents into memories "
+            f"(commits every {args.batch_size}{'; cold: encoded on first read' if args.cold else ''}) ..."
+        )
         report = db.add_documents(docs, batch_size=args.batch_size, cold=args.cold)
         total = len(db)
-    return {"documents_added": report.documents_added, "documents_skipped": report.documents_skipped,
-            "documents_empty": report.documents_empty, "memories_added": report.memories_added, "memories_total": total}
+    return {
+        "documents_added": report.documents_added,
+        "documents_skipped": report.documents_skipped,
+        "documents_empty": report.documents_empty,
+        "memories_added": report.memories_added,
+        "memories_total": total,
+    }
 
 
-@command("train", "train the reader adapter that lets the decoder read sparse memories (docs/adapter.md)",
-         "m3db train runs/adapter --steps 300",
-         arguments=[
-             (("--steps",), dict(type=int, default=300, help="training steps (default 300)")),
-             (("--batch-size",), dict(type=int, default=8, dest="batch_size", help="memory examples per step (default 8)")),
-             (("--lr",), dict(type=float, default=1e-3, help="peak learning rate (default 1e-3)")),
-             (("--rank",), dict(type=int, default=8, help="rank of the low-rank updates (default 8)")),
-             (("--seed",), dict(type=int, default=0)),
-             (("--eval-every",), dict(type=int, default=25, dest="eval_every", help="steps between held-out evaluations")),
-             (("--layers",), dict(help="memory layers, e.g. 15-29 or 0,5,10 (default: the sparse mode's, the upper half)")),
-             (("--tokens-per-head",), dict(type=int, default=8, dest="tokens_per_head", help="tokens kept per head (default 8, the paper's)")),
-         ])
+@command(
+    "train",
+    "train the reader adapter that lets the decoder read sparse memories (docs/adapter.md)",
+    "m3db train runs/adapter --steps 300",
+    arguments=[
+        (("--steps",), dict(type=int, default=300, help="training steps (default 300)")),
+        (("--batch-size",), dict(type=int, default=8, dest="batch_size", help="memory examples per step (default 8)")),
+        (("--lr",), dict(type=float, default=1e-3, help="peak learning rate (default 1e-3)")),
+        (("--rank",), dict(type=int, default=8, help="rank of the low-rank updates (default 8)")),
+        (("--seed",), dict(type=int, default=0)),
+        (("--eval-every",), dict(type=int, default=25, dest="eval_every", help="steps between held-out evaluations")),
+        (("--layers",), dict(help="memory layers, e.g. 15-29 or 0,5,10 (default: the sparse mode's, the upper half)")),
+        (
+            ("--tokens-per-head",),
+            dict(type=int, default=8, dest="tokens_per_head", help="tokens kept per head (default 8, the paper's)"),
+        ),
+    ],
+)
 def cmd_train(args):
     from ..knowledge import sources
     from ..knowledge.bundled import bundled
@@ -201,8 +274,14 @@ def cmd_train(args):
         layers = layers or MemorySettings.sparse(n).memory_layers
         settings = MemorySettings(memory_layers=layers, tokens_per_head=args.tokens_per_head)
         model = MemoryModel(base.decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank, seed=args.seed,
-                          eval_every=args.eval_every)
+        cfg = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            rank=args.rank,
+            seed=args.seed,
+            eval_every=args.eval_every,
+        )
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
     wiki = {d["title"]: d for d in sources.wikipedia()}
@@ -210,14 +289,20 @@ def cmd_train(args):
     def chunk(text):  # the references ingest would make
         return [c.text for c in chunk_text(text, model.count_tokens, settings.reference_length)]
 
-    _say(f"training a reader adapter for memory layers {list(model.settings.memory_layers)}, "
-         f"{settings.tokens_per_head} tokens per head, in {args.path} (resumes a run there) ...")
+    _say(
+        f"training a reader adapter for memory layers {list(model.settings.memory_layers)}, "
+        f"{settings.tokens_per_head} tokens per head, in {args.path} (resumes a run there) ..."
+    )
     try:
         adapter = train(model, args.path, cfg, wiki=wiki, chunk=chunk, say=_say)
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
-    return {"adapter": os.path.join(args.path, "adapter.safetensors"), "fingerprint": adapter.fingerprint,
-            "steps": cfg.steps, "log": os.path.join(args.path, "log.jsonl")}
+    return {
+        "adapter": os.path.join(args.path, "adapter.safetensors"),
+        "fingerprint": adapter.fingerprint,
+        "steps": cfg.steps,
+        "log": os.path.join(args.path, "log.jsonl"),
+    }
 
 
 def _layers(text):
@@ -239,8 +324,9 @@ _RECALL_ARGS = [
 ]
 
 
-@command("recall", "find the memories nearest a text", "m3db recall kb.m3db \"capital of France\" -k 3",
-         arguments=_RECALL_ARGS)
+@command(
+    "recall", "find the memories nearest a text", 'm3db recall kb.m3db "capital of France" -k 3', arguments=_RECALL_ARGS
+)
 def cmd_recall(args):
     with connect(args.path, read_only=True) as db:
         matches = db.recall(args.text, k=args.k, where=args.where)
@@ -249,22 +335,40 @@ def cmd_recall(args):
     return {"columns": ["id", "score", "document", "text"], "rows": rows}
 
 
-@command("ask", "answer a question from the knowledge base, and show the memories used",
-         "m3db ask kb.m3db \"Who directed 2001: A Space Odyssey?\"",
-         arguments=[
-             (("question",), dict(help="the question")),
-             (("--memory",), dict(default="memory", choices=["memory", "rag", "none"],
-                                  help="read memories (default), put the references' text in the prompt (rag), or neither")),
-             (("--max-tokens",), dict(type=int, default=96, dest="max_tokens", help="longest answer in tokens")),
-             (("-k",), dict(type=int, default=None, help="memories per 64-token chunk (default 5)")),
-             (("--where",), dict(help="a SQL filter over the columns of `memories`")),
-         ])
+@command(
+    "ask",
+    "answer a question from the knowledge base, and show the memories used",
+    'm3db ask kb.m3db "Who directed 2001: A Space Odyssey?"',
+    arguments=[
+        (("question",), dict(help="the question")),
+        (
+            ("--memory",),
+            dict(
+                default="memory",
+                choices=["memory", "rag", "none"],
+                help="read memories (default), put the references' text in the prompt (rag), or neither",
+            ),
+        ),
+        (("--max-tokens",), dict(type=int, default=96, dest="max_tokens", help="longest answer in tokens")),
+        (("-k",), dict(type=int, default=None, help="memories per 64-token chunk (default 5)")),
+        (("--where",), dict(help="a SQL filter over the columns of `memories`")),
+    ],
+)
 def cmd_ask(args):
     with connect(args.path, read_only=True) as db:
-        answer = db.generate([{"role": "user", "content": args.question}], max_tokens=args.max_tokens,
-                             memory={"memory": True, "rag": "rag", "none": False}[args.memory], k=args.k, where=args.where)
-    out = {"question": args.question, "answer": answer.text.strip(), "mode": answer.mode,
-           "sources": [{"id": s.id, "document": s.document, "text": s.text} for s in answer.sources]}
+        answer = db.generate(
+            [{"role": "user", "content": args.question}],
+            max_tokens=args.max_tokens,
+            memory={"memory": True, "rag": "rag", "none": False}[args.memory],
+            k=args.k,
+            where=args.where,
+        )
+    out = {
+        "question": args.question,
+        "answer": answer.text.strip(),
+        "mode": answer.mode,
+        "sources": [{"id": s.id, "document": s.document, "text": s.text} for s in answer.sources],
+    }
     if not args.json:
         print(f"Q: {out['question']}\nA: {out['answer']}\n\nmemories used ({answer.mode}):")
         for s in out["sources"]:
@@ -287,8 +391,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (fn, help, example) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}")
-        p.add_argument("path", metavar="PATH", help={"verify": "the package file", "train": "the training directory (checkpoints, "
-                       "log, adapter)"}.get(name, "the database directory (or package file)"))
+        p.add_argument(
+            "path",
+            metavar="PATH",
+            help={"verify": "the package file", "train": "the training directory (checkpoints, log, adapter)"}.get(
+                name, "the database directory (or package file)"
+            ),
+        )
         for flags, keywords in EXTRA_ARGUMENTS.get(name, ()):
             p.add_argument(*flags, **keywords)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -328,4 +437,3 @@ def main(argv=None):
     if out is not None:
         _emit(out, args)
     return 0
-

@@ -50,7 +50,7 @@ def split_statements(text):
     statements, start = [], 0
     for token in tokens:
         if token.token_type == TokenType.SEMICOLON:
-            piece = text[start:token.start].strip()
+            piece = text[start : token.start].strip()
             if piece:
                 statements.append(piece)
             start = token.end + 1
@@ -78,7 +78,9 @@ class Shell:
         self._start_history()
         if self.interactive:
             mode = "read-only" if self.db.read_only else "read-write"
-            self._print(f"m3db shell on {self.db.path} ({mode}, {len(self.db):,} memories). .help for help, .quit to leave.")
+            self._print(
+                f"m3db shell on {self.db.path} ({mode}, {len(self.db):,} memories). .help for help, .quit to leave."
+            )
         buffer = ""
         try:
             while True:

@@ -46,14 +46,26 @@ class Retrieved:
     def __init__(self, match):
         m = match.memory
         self.id, self.text = match.id, match.text
-        self.token_count = (m.token_count if m is not None and m.token_count is not None else 0)
+        self.token_count = m.token_count if m is not None and m.token_count is not None else 0
         self.positions = None if m is None else m.positions
         self.keys = None if m is None else m.keys
         self.values = None if m is None else m.values
 
 
-def generate(db, prompt, *, max_tokens=128, memory=True, k=None, where=None, params=None,
-             temperature=0.0, top_p=1.0, stop_tokens=None, seed=0) -> Answer:
+def generate(
+    db,
+    prompt,
+    *,
+    max_tokens=128,
+    memory=True,
+    k=None,
+    where=None,
+    params=None,
+    temperature=0.0,
+    top_p=1.0,
+    stop_tokens=None,
+    seed=0,
+) -> Answer:
     """See Database.generate."""
     mode = MODES.get(memory)
     if mode is None:
@@ -75,9 +87,16 @@ def generate(db, prompt, *, max_tokens=128, memory=True, k=None, where=None, par
         return [Retrieved(m) for m in matches]
 
     try:
-        g = model.generate(prompt, retriever=None if mode == "none" else retrieve, mode=mode,
-                           max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                           stop_tokens=stop_tokens, seed=seed)
+        g = model.generate(
+            prompt,
+            retriever=None if mode == "none" else retrieve,
+            mode=mode,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_tokens=stop_tokens,
+            seed=seed,
+        )
     except ValueError as e:  # the model's word for bad input (a prompt over its context, ...)
         if isinstance(e, InvalidInputError):
             raise

@@ -70,7 +70,9 @@ def _fit(text, a, b, count_tokens, max_tokens):
     if len(words) > 1:
         out, cur = [], None
         for wa, wb in words:
-            for pa, pb in _fit(text, wa, wb, count_tokens, max_tokens) if count_tokens(text[wa:wb]) > max_tokens else [(wa, wb)]:
+            for pa, pb in (
+                _fit(text, wa, wb, count_tokens, max_tokens) if count_tokens(text[wa:wb]) > max_tokens else [(wa, wb)]
+            ):
                 if cur is not None and count_tokens(text[cur[0] : pb]) <= max_tokens:
                     cur = (cur[0], pb)
                 else:

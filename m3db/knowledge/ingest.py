@@ -64,7 +64,9 @@ def _check_document(doc, position):
     if isinstance(doc, str):
         doc = {"text": doc}
     if not isinstance(doc, dict):
-        raise InvalidInputError(f"document #{position}: expected a dict with 'text' or a string, got {type(doc).__name__}")
+        raise InvalidInputError(
+            f"document #{position}: expected a dict with 'text' or a string, got {type(doc).__name__}"
+        )
     text = doc.get("text")
     if not isinstance(text, str):
         raise InvalidInputError(
@@ -101,15 +103,29 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold):
     encoded = None if cold else model.encode(texts)
     items, i = [], 0
     for doc, pieces in todo:
-        document = {"source": doc["source"], "title": doc["title"], "uri": doc["uri"], "metadata": doc["metadata"] or None}
+        document = {
+            "source": doc["source"],
+            "title": doc["title"],
+            "uri": doc["uri"],
+            "metadata": doc["metadata"] or None,
+        }
         for piece in pieces:
-            item = dict(embedding=vectors[i], text=piece.text, document=document, ordinal=piece.ordinal,
-                        char_start=piece.start, char_end=piece.end, metadata=dict(doc["metadata"]))
+            item = dict(
+                embedding=vectors[i],
+                text=piece.text,
+                document=document,
+                ordinal=piece.ordinal,
+                char_start=piece.start,
+                char_end=piece.end,
+                metadata=dict(doc["metadata"]),
+            )
             if cold:
                 item.update(cold=True, token_count=piece.tokens)
             else:
                 e = encoded[i]
-                item.update(keys=e["keys"], values=e["values"], positions=e["positions"], token_count=int(e["token_count"]))
+                item.update(
+                    keys=e["keys"], values=e["values"], positions=e["positions"], token_count=int(e["token_count"])
+                )
             items.append(item)
             i += 1
     ids = db.add_memories(items)

@@ -26,5 +26,6 @@ class Embedder(Protocol):
 
 def spec_fields(model: MemoryModel, embedder: Embedder, codec: str) -> dict:
     """The memory spec (as MemorySpec's fields) of a database bound to `model` and `embedder`."""
-    return dict(model.memory_spec_fields(), embedding_dim=embedder.dim,
-                embedder_fingerprint=embedder.fingerprint, codec=codec)
+    return dict(
+        model.memory_spec_fields(), embedding_dim=embedder.dim, embedder_fingerprint=embedder.fingerprint, codec=codec
+    )

@@ -61,7 +61,9 @@ def files(paths):
         path = os.fspath(path)
         if os.path.isdir(path):
             inner = sorted(
-                os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs
+                os.path.join(dp, f)
+                for dp, _, fs in os.walk(path)
+                for f in fs
                 if f.endswith(TEXT_SUFFIXES + (".jsonl",))
             )
             yield from files(inner)

@@ -30,8 +30,9 @@ def warm(db, memories, *, cache=True) -> dict:
         keys, values, positions = store.spec.check_arrays(e["keys"], e["values"], e["positions"])
         store.codec.check(keys), store.codec.check(values)
         token_count = m.token_count if m.token_count is not None else int(e["token_count"])
-        blob = encode_record(m.id, store.codec, keys, values, positions, m.text, m.metadata, m.document_id,
-                             m.ordinal, token_count)
+        blob = encode_record(
+            m.id, store.codec, keys, values, positions, m.text, m.metadata, m.document_id, m.ordinal, token_count
+        )
         blobs.append(blob)
         warmed[m.id] = decode_record(blob, f"memory {m.id}")
     if not store.read_only and not db.writer.depth:

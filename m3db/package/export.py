@@ -37,16 +37,36 @@ META_KEYS = ("commit_seq", "format_version", "next_id", "spec")
 METADATA_TYPES = ("BIGINT", "BOOLEAN", "DOUBLE", "JSON", "VARCHAR")
 # (DuckDB type, nullable) of each built-in column of `memories`, in table order
 BUILTIN_TYPES = {
-    "id": ("BIGINT", False), "document_id": ("BIGINT", True), "ordinal": ("INTEGER", True),
-    "char_start": ("INTEGER", True), "char_end": ("INTEGER", True), "text": ("VARCHAR", False),
-    "token_count": ("INTEGER", True), "embedding": ("FLOAT[]", False), "segment": ("INTEGER", False),
-    "offset": ("BIGINT", False), "length": ("INTEGER", False), "checksum": ("UBIGINT", False),
-    "codec": ("VARCHAR", False), "commit_seq": ("BIGINT", False), "created_at": ("TIMESTAMP", False),
+    "id": ("BIGINT", False),
+    "document_id": ("BIGINT", True),
+    "ordinal": ("INTEGER", True),
+    "char_start": ("INTEGER", True),
+    "char_end": ("INTEGER", True),
+    "text": ("VARCHAR", False),
+    "token_count": ("INTEGER", True),
+    "embedding": ("FLOAT[]", False),
+    "segment": ("INTEGER", False),
+    "offset": ("BIGINT", False),
+    "length": ("INTEGER", False),
+    "checksum": ("UBIGINT", False),
+    "codec": ("VARCHAR", False),
+    "commit_seq": ("BIGINT", False),
+    "created_at": ("TIMESTAMP", False),
 }
-DOCUMENT_COLUMNS = (("id", "BIGINT", False), ("source", "VARCHAR", False), ("title", "VARCHAR", True),
-                    ("uri", "VARCHAR", True), ("metadata", "JSON", True), ("created_at", "TIMESTAMP", False))
-_RANGES = {"BIGINT": (-(2**63), 2**63 - 1), "INTEGER": (-(2**31), 2**31 - 1), "UBIGINT": (0, 2**64 - 1),
-           "TIMESTAMP": (-(2**62), 2**62)}
+DOCUMENT_COLUMNS = (
+    ("id", "BIGINT", False),
+    ("source", "VARCHAR", False),
+    ("title", "VARCHAR", True),
+    ("uri", "VARCHAR", True),
+    ("metadata", "JSON", True),
+    ("created_at", "TIMESTAMP", False),
+)
+_RANGES = {
+    "BIGINT": (-(2**63), 2**63 - 1),
+    "INTEGER": (-(2**31), 2**31 - 1),
+    "UBIGINT": (0, 2**64 - 1),
+    "TIMESTAMP": (-(2**62), 2**62),
+}
 
 
 def read_catalog(chunks, where, manifest):
@@ -57,8 +77,14 @@ def read_catalog(chunks, where, manifest):
     equal to the head's and the manifest's. Raises FormatError naming the first problem.
     """
     unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=True, max_buffer_size=MAX_CHUNK, max_bin_len=MAX_CHUNK, max_str_len=MAX_CHUNK,
-        max_array_len=MAX_CHUNK // 8, max_map_len=1024, max_ext_len=0,
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=MAX_CHUNK,
+        max_bin_len=MAX_CHUNK,
+        max_str_len=MAX_CHUNK,
+        max_array_len=MAX_CHUNK // 8,
+        max_map_len=1024,
+        max_ext_len=0,
     )
     objects = _objects(unpacker, chunks, where)
     head = next(objects, None)
@@ -88,9 +114,13 @@ def read_catalog(chunks, where, manifest):
             raise FormatError(f"{where}: a catalog chunk declares {str(n)[:40]} rows; chunks hold 1..{CHUNK_ROWS}")
         if kind == "documents":
             if seen_mem or seen_docs + n > head["documents"]:
-                raise FormatError(f"{where}: the catalog has more documents than its head declares ({head['documents']}), or they come late")
+                raise FormatError(
+                    f"{where}: the catalog has more documents than its head declares ({head['documents']}), or they come late"
+                )
             if len(cols) != len(DOCUMENT_COLUMNS):
-                raise FormatError(f"{where}: a documents chunk has {len(cols)} columns, expected {len(DOCUMENT_COLUMNS)}")
+                raise FormatError(
+                    f"{where}: a documents chunk has {len(cols)} columns, expected {len(DOCUMENT_COLUMNS)}"
+                )
             out = {}
             for (name, sql_type, nullable), values in zip(DOCUMENT_COLUMNS, cols):
                 out[name] = check_column(values, n, sql_type, nullable, f"{where}: documents.{name}")
@@ -99,7 +129,9 @@ def read_catalog(chunks, where, manifest):
             yield "documents", out
         else:
             if seen_docs != head["documents"] or seen_mem + n > head["memories"]:
-                raise FormatError(f"{where}: the catalog has more memories than its head declares ({head['memories']}), or documents are missing")
+                raise FormatError(
+                    f"{where}: the catalog has more memories than its head declares ({head['memories']}), or documents are missing"
+                )
             if len(cols) != len(names):
                 raise FormatError(f"{where}: a memories chunk has {len(cols)} columns, its head declares {len(names)}")
             out = {}
@@ -108,12 +140,18 @@ def read_catalog(chunks, where, manifest):
                 out[name] = check_column(values, n, sql_type, nullable, f"{where}: memories.{name}")
             emb = obj.get("embedding")
             if not isinstance(emb, bytes) or len(emb) != n * dim * 4:
-                raise FormatError(f"{where}: a memories chunk's embeddings are {len(emb) if isinstance(emb, bytes) else emb!r} bytes, expected {n * dim * 4}")
+                raise FormatError(
+                    f"{where}: a memories chunk's embeddings are {len(emb) if isinstance(emb, bytes) else emb!r} bytes, expected {n * dim * 4}"
+                )
             vectors = np.frombuffer(emb, dtype="<f4").reshape(n, dim)
             if not np.isfinite(vectors).all():
                 raise FormatError(f"{where}: embeddings hold NaN or infinite values")
             last_mem = _ascending(out["id"], last_mem, f"{where}: memories.id")
-            if (out["id"] < 0).any() or (out["length"] < RECORD_HEADER).any() or (out["offset"] < SEG_HEADER_SIZE).any():
+            if (
+                (out["id"] < 0).any()
+                or (out["length"] < RECORD_HEADER).any()
+                or (out["offset"] < SEG_HEADER_SIZE).any()
+            ):
                 raise FormatError(f"{where}: a memory has a negative id, or a location inside a segment header")
             seen_mem += n
             yield "memories", out, vectors
@@ -138,18 +176,28 @@ def check_head(head, where, manifest):
     if not isinstance(head, dict) or head.get("format") != STREAM_NAME:
         raise FormatError(f"{where}: the catalog section does not start with an m3db catalog head")
     if head.get("version") != STREAM_VERSION:
-        raise FormatError(f"{where}: catalog stream version {head.get('version')!r}; this m3db reads version {STREAM_VERSION}")
+        raise FormatError(
+            f"{where}: catalog stream version {head.get('version')!r}; this m3db reads version {STREAM_VERSION}"
+        )
     expected = {"format", "version", "meta", "codecs", "memory_columns", "documents", "memories", "embedding_dim"}
     if set(head) != expected:
         raise FormatError(f"{where}: the catalog head's fields are {sorted(head)}, expected {sorted(expected)}")
     meta = head["meta"]
-    if not isinstance(meta, dict) or sorted(meta) != list(META_KEYS) or not all(isinstance(v, str) for v in meta.values()):
+    if (
+        not isinstance(meta, dict)
+        or sorted(meta) != list(META_KEYS)
+        or not all(isinstance(v, str) for v in meta.values())
+    ):
         raise FormatError(f"{where}: the catalog's meta must hold strings {', '.join(META_KEYS)}")
     if meta["format_version"] != str(CATALOG_VERSION):
-        raise FormatError(f"{where}: catalog format version {meta['format_version'][:20]!r}; this m3db reads version {CATALOG_VERSION}")
+        raise FormatError(
+            f"{where}: catalog format version {meta['format_version'][:20]!r}; this m3db reads version {CATALOG_VERSION}"
+        )
     for key in ("commit_seq", "next_id"):
         if not meta[key].isdigit() or len(meta[key]) > 19:
-            raise FormatError(f"{where}: the catalog's meta {key} is {meta[key][:30]!r}, expected a non-negative integer")
+            raise FormatError(
+                f"{where}: the catalog's meta {key} is {meta[key][:30]!r}, expected a non-negative integer"
+            )
     try:
         spec = MemorySpec.from_json(meta["spec"])
     except (M3DBError, ValueError, TypeError, RecursionError) as e:
@@ -166,43 +214,69 @@ def check_head(head, where, manifest):
             f"counts {manifest['counts']['memories']} and {manifest['counts']['documents']}"
         )
     if head["embedding_dim"] != spec.embedding_dim:
-        raise FormatError(f"{where}: the catalog's embedding_dim {head['embedding_dim']} differs from the spec's {spec.embedding_dim}")
+        raise FormatError(
+            f"{where}: the catalog's embedding_dim {head['embedding_dim']} differs from the spec's {spec.embedding_dim}"
+        )
     codecs = head["codecs"]
-    if not isinstance(codecs, list) or len(codecs) > 64 or not all(
-        isinstance(c, list) and len(c) == 3 and isinstance(c[0], str) and isinstance(c[1], int) and isinstance(c[2], (bytes, type(None)))
-        for c in codecs
+    if (
+        not isinstance(codecs, list)
+        or len(codecs) > 64
+        or not all(
+            isinstance(c, list)
+            and len(c) == 3
+            and isinstance(c[0], str)
+            and isinstance(c[1], int)
+            and isinstance(c[2], (bytes, type(None)))
+            for c in codecs
+        )
     ):
         raise FormatError(f"{where}: the catalog's codecs table is malformed")
     codec = manifest["codec"]
     params = next((c[2] for c in codecs if c[0] == codec["name"] and c[1] == codec["version"]), None)
     if hashlib.sha256(params or b"").hexdigest() != codec["params_sha256"] or codec["name"] != spec.codec:
-        raise FormatError(f"{where}: the codec parameters in the catalog do not match the manifest's codec {codec['name']} v{codec['version']}")
+        raise FormatError(
+            f"{where}: the codec parameters in the catalog do not match the manifest's codec {codec['name']} v{codec['version']}"
+        )
     columns = head["memory_columns"]
-    if not isinstance(columns, list) or len(columns) > 4096 or not all(
-        isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], str) for c in columns
+    if (
+        not isinstance(columns, list)
+        or len(columns) > 4096
+        or not all(
+            isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], str) for c in columns
+        )
     ):
         raise FormatError(f"{where}: the catalog's column list is malformed")
     names = [c[0] for c in columns]
     if tuple(names[: len(BUILTIN_COLUMNS)]) != BUILTIN_COLUMNS or len(set(names)) != len(names):
-        raise FormatError(f"{where}: the catalog's columns {names[:20]} do not start with m3db's built-in columns {list(BUILTIN_COLUMNS)}")
+        raise FormatError(
+            f"{where}: the catalog's columns {names[:20]} do not start with m3db's built-in columns {list(BUILTIN_COLUMNS)}"
+        )
     for name, sql_type in columns:
         if name in BUILTIN_TYPES:
             if sql_type.split("[")[0] != BUILTIN_TYPES[name][0].split("[")[0]:
-                raise FormatError(f"{where}: built-in column {name} has type {sql_type[:40]!r}, expected {BUILTIN_TYPES[name][0]}")
+                raise FormatError(
+                    f"{where}: built-in column {name} has type {sql_type[:40]!r}, expected {BUILTIN_TYPES[name][0]}"
+                )
             continue
         try:
             check_metadata_key(name)  # a column name from a file becomes SQL: only plain identifiers
         except InvalidInputError:
-            raise FormatError(f"{where}: the catalog has a column named {name[:80]!r}; column names are plain identifiers") from None
+            raise FormatError(
+                f"{where}: the catalog has a column named {name[:80]!r}; column names are plain identifiers"
+            ) from None
         if sql_type not in METADATA_TYPES:
-            raise FormatError(f"{where}: metadata column {name} has type {sql_type[:40]!r}; allowed: {', '.join(METADATA_TYPES)}")
+            raise FormatError(
+                f"{where}: metadata column {name} has type {sql_type[:40]!r}; allowed: {', '.join(METADATA_TYPES)}"
+            )
     return head
 
 
 def check_column(values, n, sql_type, nullable, where):
     """A list of `n` decoded values of one column, checked; numpy for numbers, lists otherwise."""
     if not isinstance(values, list) or len(values) != n:
-        raise FormatError(f"{where}: the column has {len(values) if isinstance(values, list) else 'no'} values, the chunk {n} rows")
+        raise FormatError(
+            f"{where}: the column has {len(values) if isinstance(values, list) else 'no'} values, the chunk {n} rows"
+        )
     if not nullable and any(v is None for v in values):
         raise FormatError(f"{where}: NULL in a column that cannot hold one")
     if sql_type in _RANGES:

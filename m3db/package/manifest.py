@@ -23,7 +23,8 @@ import struct
 import zlib
 
 from ..errors import FormatError
-from ..storage.segment import HEADER_SIZE as SEGMENT_HEADER_SIZE, check_segment_header
+from ..storage.segment import HEADER_SIZE as SEGMENT_HEADER_SIZE
+from ..storage.segment import check_segment_header
 
 MAGIC = b"M3KB\r\n\x1a\n"  # like PNG's: a text-mode transfer or a truncation to 7 bits shows
 FORMAT_VERSION = 1
@@ -50,14 +51,18 @@ def align(n):
 
 
 def pack_header(manifest_offset, manifest_bytes):
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, 0, manifest_offset, len(manifest_bytes), hashlib.sha256(manifest_bytes).digest())
+    head = HEADER.pack(
+        MAGIC, FORMAT_VERSION, 0, 0, manifest_offset, len(manifest_bytes), hashlib.sha256(manifest_bytes).digest()
+    )
     head += HEADER_CRC.pack(zlib.crc32(head))
     return head + bytes(HEADER_PAGE - len(head))
 
 
 def dump_manifest(manifest):
     """Canonical bytes of a manifest: the same manifest always gives the same bytes."""
-    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
+        "ascii"
+    )
 
 
 def is_package(path):
@@ -84,28 +89,40 @@ class Frame:
         f.seek(0)
         head = f.read(HEADER_PAGE)
         if head[: len(MAGIC)] != MAGIC[: len(head)] or not head:
-            raise FormatError(f"{where}: not an m3db package (it starts {head[:8]!r}); make one with `m3db pack DB OUT.m3kb`")
+            raise FormatError(
+                f"{where}: not an m3db package (it starts {head[:8]!r}); make one with `m3db pack DB OUT.m3kb`"
+            )
         if len(head) < HEADER.size + HEADER_CRC.size:
-            raise FormatError(f"{where}: {size} bytes is too short for an m3db package (the header alone is {HEADER_PAGE}); the file is truncated")
+            raise FormatError(
+                f"{where}: {size} bytes is too short for an m3db package (the header alone is {HEADER_PAGE}); the file is truncated"
+            )
         magic, version, flags, reserved, m_off, m_len, m_hash = HEADER.unpack_from(head)
         if magic != MAGIC:
-            raise FormatError(f"{where}: not an m3db package (magic {magic!r}, expected {MAGIC!r}); make one with `m3db pack DB OUT.m3kb`")
+            raise FormatError(
+                f"{where}: not an m3db package (magic {magic!r}, expected {MAGIC!r}); make one with `m3db pack DB OUT.m3kb`"
+            )
         (crc,) = HEADER_CRC.unpack_from(head, HEADER.size)
         if zlib.crc32(head[: HEADER.size]) != crc:
-            raise FormatError(f"{where}: the package header is corrupt (checksum mismatch); the file is damaged, get a fresh copy")
+            raise FormatError(
+                f"{where}: the package header is corrupt (checksum mismatch); the file is damaged, get a fresh copy"
+            )
         if version != FORMAT_VERSION:
             raise FormatError(
                 f"{where}: package format version {version}; this m3db reads version {FORMAT_VERSION}. "
                 "Upgrade m3db, or re-pack the knowledge base with this version"
             )
         if flags or reserved:
-            raise FormatError(f"{where}: header flags {flags} / reserved {reserved} are set; version {FORMAT_VERSION} defines none")
+            raise FormatError(
+                f"{where}: header flags {flags} / reserved {reserved} are set; version {FORMAT_VERSION} defines none"
+            )
         if len(head) < HEADER_PAGE:
             raise FormatError(f"{where}: {size} bytes is too short for an m3db package; the file is truncated")
         if any(head[HEADER.size + HEADER_CRC.size :]):
             raise FormatError(f"{where}: the header page has stray bytes after the header; the file is damaged")
         if m_len > MAX_MANIFEST or m_len == 0:
-            raise FormatError(f"{where}: the header declares a {m_len}-byte manifest; the limit is {MAX_MANIFEST} bytes")
+            raise FormatError(
+                f"{where}: the header declares a {m_len}-byte manifest; the limit is {MAX_MANIFEST} bytes"
+            )
         if m_off < HEADER_PAGE or m_off % ALIGN or m_off + m_len != size:
             raise FormatError(
                 f"{where}: the manifest is declared at [{m_off}, {m_off + m_len}) but the file is {size} bytes "
@@ -114,9 +131,13 @@ class Frame:
         f.seek(m_off)
         raw = f.read(m_len)
         if len(raw) != m_len:
-            raise FormatError(f"{where}: the manifest is cut short ({len(raw)} of {m_len} bytes); the file is truncated")
+            raise FormatError(
+                f"{where}: the manifest is cut short ({len(raw)} of {m_len} bytes); the file is truncated"
+            )
         if hashlib.sha256(raw).digest() != m_hash:
-            raise FormatError(f"{where}: the manifest's sha256 does not match the header; the file is damaged, get a fresh copy")
+            raise FormatError(
+                f"{where}: the manifest's sha256 does not match the header; the file is damaged, get a fresh copy"
+            )
         self.manifest_offset = m_off
         self.manifest_bytes = raw
         self.manifest_sha256 = m_hash.hex()
@@ -132,13 +153,17 @@ def parse_manifest(raw, where):
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{where}: the manifest is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if raw != dump_manifest(m):
-        raise FormatError(f"{where}: the manifest is not in canonical form (sorted keys, no spaces); it was not written by m3db pack")
+        raise FormatError(
+            f"{where}: the manifest is not in canonical form (sorted keys, no spaces); it was not written by m3db pack"
+        )
     if not isinstance(m, dict):
         raise FormatError(f"{where}: the manifest is a {type(m).__name__}, expected an object")
     if m.get("format") != FORMAT_NAME:
         raise FormatError(f"{where}: the manifest's format is {m.get('format')!r}, expected {FORMAT_NAME!r}")
     if m.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{where}: manifest format version {m.get('format_version')!r}; this m3db reads version {FORMAT_VERSION}")
+        raise FormatError(
+            f"{where}: manifest format version {m.get('format_version')!r}; this m3db reads version {FORMAT_VERSION}"
+        )
     fields = set(m)
     if fields != MANIFEST_FIELDS:
         raise FormatError(
@@ -149,15 +174,26 @@ def parse_manifest(raw, where):
         if key not in ABOUT_FIELDS:
             raise FormatError(f"{where}: unknown manifest field about.{key}; known: {', '.join(ABOUT_FIELDS)}")
         if not isinstance(value, str) or len(value) > MAX_TEXT_FIELD:
-            raise FormatError(f"{where}: manifest field about.{key} must be a string of at most {MAX_TEXT_FIELD} characters")
+            raise FormatError(
+                f"{where}: manifest field about.{key} must be a string of at most {MAX_TEXT_FIELD} characters"
+            )
     _obj(m, "spec", where)
     codec = _obj(m, "codec", where)
-    if set(codec) != CODEC_FIELDS or not isinstance(codec["name"], str) or not _is_int(codec["version"]) \
-            or not isinstance(codec["params_sha256"], str) or not _HEX64.match(codec["params_sha256"]):
-        raise FormatError(f"{where}: manifest field codec must be {{name: str, version: int, params_sha256: hex}}, got {str(codec)[:200]}")
+    if (
+        set(codec) != CODEC_FIELDS
+        or not isinstance(codec["name"], str)
+        or not _is_int(codec["version"])
+        or not isinstance(codec["params_sha256"], str)
+        or not _HEX64.match(codec["params_sha256"])
+    ):
+        raise FormatError(
+            f"{where}: manifest field codec must be {{name: str, version: int, params_sha256: hex}}, got {str(codec)[:200]}"
+        )
     counts = _obj(m, "counts", where)
     if set(counts) != set(COUNT_FIELDS) or not all(_is_int(v) and 0 <= v <= MAX_COUNT for v in counts.values()):
-        raise FormatError(f"{where}: manifest field counts must hold integers {', '.join(COUNT_FIELDS)} in [0, 2^40], got {str(counts)[:200]}")
+        raise FormatError(
+            f"{where}: manifest field counts must hold integers {', '.join(COUNT_FIELDS)} in [0, 2^40], got {str(counts)[:200]}"
+        )
     build = _obj(m, "build", where)
     for key, value in build.items():
         if not isinstance(value, (str, int)) or isinstance(value, bool):
@@ -191,14 +227,18 @@ def check_sections(sections, manifest_offset, where):
             raise FormatError(f"{where}: section {name!r} appears twice in the manifest")
         off, length, digest = s["offset"], s["length"], s["sha256"]
         if not (_is_int(off) and _is_int(length)) or off < 0 or length < 0:
-            raise FormatError(f"{where}: section {name!r} has offset {off!r} and length {length!r}; both must be non-negative integers")
+            raise FormatError(
+                f"{where}: section {name!r} has offset {off!r} and length {length!r}; both must be non-negative integers"
+            )
         if off % ALIGN or off < HEADER_PAGE or off + length > manifest_offset:
             raise FormatError(
                 f"{where}: section {name!r} is declared at [{off}, {off + length}), outside the file's section area "
                 f"[{HEADER_PAGE}, {manifest_offset}) or not aligned to {ALIGN}; the manifest is wrong or the file truncated"
             )
         if not isinstance(digest, str) or not _HEX64.match(digest):
-            raise FormatError(f"{where}: section {name!r} has sha256 {str(digest)[:80]!r}; expected 64 lowercase hex digits")
+            raise FormatError(
+                f"{where}: section {name!r} has sha256 {str(digest)[:80]!r}; expected 64 lowercase hex digits"
+            )
         out[name] = (off, length, digest)
     for required in ("catalog", "index"):
         if required not in out:
@@ -209,7 +249,9 @@ def check_sections(sections, manifest_offset, where):
             raise FormatError(f"{where}: sections {an!r} [{a0}, {a1}) and {bn!r} [{b0}, {b1}) overlap")
     numbers = sorted(int(n.split("/")[1]) for n in out if n.startswith("segment/"))
     if numbers != list(range(1, len(numbers) + 1)):
-        raise FormatError(f"{where}: segment sections must be numbered 1..{len(numbers)} without gaps, got {numbers[:10]}")
+        raise FormatError(
+            f"{where}: segment sections must be numbered 1..{len(numbers)} without gaps, got {numbers[:10]}"
+        )
     return out
 
 
@@ -217,7 +259,9 @@ def check_counts(manifest, sections, where):
     counts = manifest["counts"]
     segments = [n for n in sections if n.startswith("segment/")]
     if counts["segments"] != len(segments):
-        raise FormatError(f"{where}: the manifest counts {counts['segments']} segments but lists {len(segments)} segment sections")
+        raise FormatError(
+            f"{where}: the manifest counts {counts['segments']} segments but lists {len(segments)} segment sections"
+        )
     seg_bytes = sum(sections[n][1] for n in segments)
     # every record is at least a 20-byte frame: a count the segments cannot hold is a lie,
     # refused before anything is sized by it
@@ -238,14 +282,20 @@ def describe(path):
     with open(path, "rb") as f:
         frame = Frame(f, path)
     m = frame.manifest
-    out = {"path": path, "package": f"m3db package format {m['format_version']}", "bytes": frame.size,
-           "manifest_sha256": frame.manifest_sha256}
+    out = {
+        "path": path,
+        "package": f"m3db package format {m['format_version']}",
+        "bytes": frame.size,
+        "manifest_sha256": frame.manifest_sha256,
+    }
     out.update({k: m["about"][k] for k in ABOUT_FIELDS if k in m["about"]})
     out.update(m["counts"])
     out["codec"] = f"{m['codec']['name']} v{m['codec']['version']}"
     out["spec"] = m["spec"]
     out["build"] = m["build"]
-    out["sections"] = [f"{s['name']} @ {s['offset']} ({s['length']} bytes) sha256 {s['sha256'][:16]}..." for s in m["sections"]]
+    out["sections"] = [
+        f"{s['name']} @ {s['offset']} ({s['length']} bytes) sha256 {s['sha256'][:16]}..." for s in m["sections"]
+    ]
     return out
 
 

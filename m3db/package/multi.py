@@ -64,7 +64,14 @@ class PackageSet:
                 raise type(e)(f"package {name!r}: {str(e).split('] ', 1)[-1]}") from e
             plans[name] = matches.plan
             for m in matches:
-                found.append((-m.score, rank, m.id, PackageMatch(m.id, m.score, m.text, m.metadata, m.document_id, m.memory, name)))
+                found.append(
+                    (
+                        -m.score,
+                        rank,
+                        m.id,
+                        PackageMatch(m.id, m.score, m.text, m.metadata, m.document_id, m.memory, name),
+                    )
+                )
         found.sort(key=lambda t: t[:3])
         return PackageMatches([t[3] for t in found[:k]], {"strategy": "merge", "packages": plans})
 

@@ -22,15 +22,35 @@ import zlib
 import msgpack
 import numpy as np
 
-from ..version import __version__
 from ..errors import FormatError, InvalidInputError
 from ..progress import progress_bar
 from ..storage.catalog import CATALOG_VERSION
 from ..storage.index import CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH, VectorIndex
-from ..storage.record import FORMAT_VERSION as RECORD_VERSION, HEADER_SIZE as RECORD_HEADER, read_header
-from ..storage.segment import DEFAULT_SEGMENT_SIZE, HEADER_SIZE as SEG_HEADER_SIZE, VERSION as SEG_VERSION, segment_header
+from ..storage.record import FORMAT_VERSION as RECORD_VERSION
+from ..storage.record import HEADER_SIZE as RECORD_HEADER
+from ..storage.record import read_header
+from ..storage.segment import (
+    DEFAULT_SEGMENT_SIZE,
+    segment_header,
+)
+from ..storage.segment import (
+    HEADER_SIZE as SEG_HEADER_SIZE,
+)
+from ..storage.segment import (
+    VERSION as SEG_VERSION,
+)
+from ..version import __version__
 from .export import CHUNK_BYTES, CHUNK_ROWS, DOCUMENT_COLUMNS, MAX_CHUNK, META_KEYS, STREAM_NAME, STREAM_VERSION
-from .manifest import ALIGN, FORMAT_NAME, FORMAT_VERSION, HEADER_PAGE, MAX_TEXT_FIELD, align, dump_manifest, pack_header, section_name
+from .manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HEADER_PAGE,
+    MAX_TEXT_FIELD,
+    align,
+    dump_manifest,
+    pack_header,
+    section_name,
+)
 
 PACKAGE_SEGMENT_SIZE = DEFAULT_SEGMENT_SIZE
 # -- pack ----------------------------------------------------------------------------------------
@@ -54,8 +74,19 @@ class _Section:
         return {"name": self.name, "offset": self.offset, "length": self.length, "sha256": self.hash.hexdigest()}
 
 
-def pack(store, path, *, source, name=None, description=None, version=None, license=None, attribution=None, overwrite=False,
-         progress=False):
+def pack(
+    store,
+    path,
+    *,
+    source,
+    name=None,
+    description=None,
+    version=None,
+    license=None,
+    attribution=None,
+    overwrite=False,
+    progress=False,
+):
     """Write the store of a database as one package file at `path`; return its manifest (a dict).
 
     source: the database's path (the default name, and where errors say the problem is).
@@ -64,12 +95,19 @@ def pack(store, path, *, source, name=None, description=None, version=None, lice
     temporary name beside `path` and renamed when complete. progress=True draws a bar on stderr.
     """
     about = {"name": name if name is not None else _default_name(source)}
-    for key, value in (("description", description), ("version", version), ("license", license), ("attribution", attribution)):
+    for key, value in (
+        ("description", description),
+        ("version", version),
+        ("license", license),
+        ("attribution", attribution),
+    ):
         if value is not None:
             about[key] = value
     for key, value in about.items():
         if not isinstance(value, str) or len(value) > MAX_TEXT_FIELD:
-            raise InvalidInputError(f"pack(): {key} must be a string of at most {MAX_TEXT_FIELD} characters, got {str(value)[:80]!r}")
+            raise InvalidInputError(
+                f"pack(): {key} must be a string of at most {MAX_TEXT_FIELD} characters, got {str(value)[:80]!r}"
+            )
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise InvalidInputError(f"{path!r} exists; pass overwrite=True (or --force) to replace it")
@@ -126,13 +164,21 @@ def _write_sections(store, source, f, about, bar):
         "about": about,
         "spec": store.spec.to_dict(),
         "codec": {"name": store.codec.name, "version": store.codec.version, "params_sha256": codec_hash},
-        "counts": {"memories": len(ids), "documents": counts["documents"],
-                   "segments": sum(1 for s in sections if s["name"].startswith("segment/")), "record_bytes": record_bytes},
+        "counts": {
+            "memories": len(ids),
+            "documents": counts["documents"],
+            "segments": sum(1 for s in sections if s["name"].startswith("segment/")),
+            "record_bytes": record_bytes,
+        },
         "build": {
-            "m3db_version": __version__, "record_format": RECORD_VERSION, "segment_format": SEG_VERSION,
-            "catalog_format": CATALOG_VERSION, "catalog_stream": STREAM_VERSION, "source_commit": int(meta["commit_seq"]),
+            "m3db_version": __version__,
+            "record_format": RECORD_VERSION,
+            "segment_format": SEG_VERSION,
+            "catalog_format": CATALOG_VERSION,
+            "catalog_stream": STREAM_VERSION,
+            "source_commit": int(meta["commit_seq"]),
             "index": f"usearch hnsw cos f16 connectivity={CONNECTIVITY} expansion_add={EXPANSION_ADD} "
-                     f"expansion_search={EXPANSION_SEARCH} single-threaded, id order",
+            f"expansion_search={EXPANSION_SEARCH} single-threaded, id order",
         },
         "sections": sorted(sections, key=lambda s: s["offset"]),
     }
@@ -149,7 +195,9 @@ def _write_segments(store, source, f, ids, cols, sections, bar):
         where = f"{source!r}: memory {mid} (segment {seg} @ {off})"
         read_header(blob, where)
         if zlib.crc32(blob[RECORD_HEADER:]) != crc:
-            raise FormatError(f"{where}: record checksum mismatch; run `m3db check` and repair the database before packing")
+            raise FormatError(
+                f"{where}: record checksum mismatch; run `m3db check` and repair the database before packing"
+            )
         if current is None or (current.length + length > PACKAGE_SEGMENT_SIZE and current.length > SEG_HEADER_SIZE):
             if current is not None:
                 sections.append(current.entry())
@@ -174,11 +222,14 @@ def _write_catalog(store, source, out, ids, new_seg, new_off, index, bar):
     params = next((p for n, v, p in codecs if n == store.codec.name and v == store.codec.version), None)
     n_docs = catalog.document_count()
     head = {
-        "format": STREAM_NAME, "version": STREAM_VERSION,
+        "format": STREAM_NAME,
+        "version": STREAM_VERSION,
         "meta": {k: str(meta[k]) for k in META_KEYS},
         "codecs": codecs,
         "memory_columns": [[n, "FLOAT[]" if n == "embedding" else t] for n, t in columns],
-        "documents": int(n_docs), "memories": len(ids), "embedding_dim": store.spec.embedding_dim,
+        "documents": int(n_docs),
+        "memories": len(ids),
+        "embedding_dim": store.spec.embedding_dim,
     }
     out.write(msgpack.packb(head, use_bin_type=True))
     # documents, in id order
@@ -193,11 +244,17 @@ def _write_catalog(store, source, out, ids, new_seg, new_off, index, bar):
         lo, hi = int(ids[i]), int(ids[j - 1])
         rows, emb = catalog.memory_rows(scalar, lo, hi)
         if len(rows) != j - i or [r[0] for r in rows] != ids[i:j].tolist():
-            raise FormatError(f"{source!r}: the catalog and the location table disagree between ids {lo} and {hi}; run `m3db check`")
+            raise FormatError(
+                f"{source!r}: the catalog and the location table disagree between ids {lo} and {hi}; run `m3db check`"
+            )
         cols = [list(c) for c in zip(*rows)]
         cols[seg_col] = new_seg[i:j].tolist()
         cols[off_col] = new_off[i:j].tolist()
-        vectors = np.ascontiguousarray(np.stack(list(emb)), dtype="<f4") if len(emb) else np.zeros((0, store.spec.embedding_dim), "<f4")
+        vectors = (
+            np.ascontiguousarray(np.stack(list(emb)), dtype="<f4")
+            if len(emb)
+            else np.zeros((0, store.spec.embedding_dim), "<f4")
+        )
         _write_chunk(out, "memories", cols, vectors, source)
         # single-threaded, in id order: HNSW's graph (and so the file) is then the same every time
         index.add(ids[i:j], vectors, threads=1)

@@ -23,7 +23,6 @@ Imports: storage's public names, and this package's manifest, export and pack mo
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import mmap
@@ -71,8 +70,11 @@ class PackageSegments:
             self._file.close()
             raise FormatError(f"{path!r} changed size while it was being opened ({frame.size} -> {size} bytes)")
         self.map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ)
-        self._sections = {int(n.split("/")[1]): (off, length) for n, (off, length, _) in frame.sections.items()
-                          if n.startswith("segment/")}
+        self._sections = {
+            int(n.split("/")[1]): (off, length)
+            for n, (off, length, _) in frame.sections.items()
+            if n.startswith("segment/")
+        }
         self._checked = set()
 
     def numbers(self):
@@ -85,7 +87,9 @@ class PackageSegments:
         """The bytes [offset, offset+length) of segment `number`, copied out of the package's mmap."""
         name = section_name(number) if number in self._sections else f"segment {number}"
         if number not in self._sections:
-            raise FormatError(f"{self.path!r}: the catalog points into {name}, which the package does not have; run `m3db verify`")
+            raise FormatError(
+                f"{self.path!r}: the catalog points into {name}, which the package does not have; run `m3db verify`"
+            )
         base, size = self._sections[number]
         if number not in self._checked:
             check_segment_section(self.map, base, size, number, f"{self.path!r} section {name!r}")
@@ -108,9 +112,7 @@ class PackageCatalog(Catalog):
     """The catalog extracted from a package: read-only, with an error that says why."""
 
     def require_writable(self):
-        raise ReadOnlyError(
-            "a package (.m3kb) is read-only; make changes in a database directory and pack it again"
-        )
+        raise ReadOnlyError("a package (.m3kb) is read-only; make changes in a database directory and pack it again")
 
 
 class Package:
@@ -134,11 +136,14 @@ class Package:
         if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
             raise InvalidInputError(f"config 'cache_dir' must be a path, got {cache_dir!r}")
         if "segment_size" in config or "index_save_every" in config:
-            raise InvalidInputError("config 'segment_size' and 'index_save_every' are for writing; a package is read-only")
+            raise InvalidInputError(
+                "config 'segment_size' and 'index_save_every' are for writing; a package is read-only"
+            )
         config = check_config(config)
         # keyed by content, and by the catalog format this m3db materializes it in
-        entry = os.path.join(cache_root({"cache_dir": cache_dir}),
-                             f"{self.frame.manifest_sha256}-catalog{CATALOG_VERSION}")
+        entry = os.path.join(
+            cache_root({"cache_dir": cache_dir}), f"{self.frame.manifest_sha256}-catalog{CATALOG_VERSION}"
+        )
         segments = PackageSegments(os.path.abspath(self.path), self.frame)
         try:
             if not os.path.isdir(entry):
@@ -149,7 +154,9 @@ class Package:
         store = Store(entry, read_only=True, config=config, segments=segments, catalog_class=PackageCatalog, lock=False)
         if store.spec != self.spec or len(store.locations) != self.manifest["counts"]["memories"]:
             store.close()
-            raise FormatError(f"the cache entry {entry!r} does not match {self.path!r}; delete the entry and open again")
+            raise FormatError(
+                f"the cache entry {entry!r} does not match {self.path!r}; delete the entry and open again"
+            )
         return store
 
 
@@ -168,7 +175,9 @@ def _extract(where, mm, frame, entry):
             out.flush()
             os.fsync(out.fileno())
         if h.hexdigest() != digest:
-            raise FormatError(f"{where}: section 'index' fails its sha256; the package is damaged, run `m3db verify {where}`")
+            raise FormatError(
+                f"{where}: section 'index' fails its sha256; the package is damaged, run `m3db verify {where}`"
+            )
         ids, seq = _materialize_catalog(where, mm, frame, os.path.join(tmp, CATALOG_FILE))
         with open(os.path.join(tmp, STATE_FILE), "w") as out:
             json.dump({"seq": seq, "count": len(ids), "bytes": length}, out)
@@ -237,7 +246,9 @@ def _materialize_catalog(where, mm, frame, target):
     finally:
         cat.close()
     if h.hexdigest() != digest:
-        raise FormatError(f"{where}: section 'catalog' fails its sha256; the package is damaged, run `m3db verify {where}`")
+        raise FormatError(
+            f"{where}: section 'catalog' fails its sha256; the package is damaged, run `m3db verify {where}`"
+        )
     return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), seq
 
 

@@ -15,7 +15,16 @@ from ..storage.index import VectorIndex
 from ..storage.record import decode_record
 from ..storage.segment import HEADER_SIZE as SEG_HEADER_SIZE
 from .export import read_catalog
-from .manifest import ALIGN, HEADER_PAGE, Frame, check_segment_section, open_map, section_name, section_pieces, segment_number
+from .manifest import (
+    ALIGN,
+    HEADER_PAGE,
+    Frame,
+    check_segment_section,
+    open_map,
+    section_name,
+    section_pieces,
+    segment_number,
+)
 
 MAX_PROBLEMS = 100
 
@@ -33,8 +42,14 @@ class VerifyReport:
         self.bytes_read = bytes_read
 
     def to_dict(self):
-        return {"path": self.path, "ok": self.ok, "problems": self.problems, "sections": self.sections,
-                "memories_checked": self.memories_checked, "bytes_read": self.bytes_read}
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "problems": self.problems,
+            "sections": self.sections,
+            "memories_checked": self.memories_checked,
+            "bytes_read": self.bytes_read,
+        }
 
     def __repr__(self):
         return f"<VerifyReport ok={self.ok} problems={len(self.problems)} memories={self.memories_checked}>"
@@ -77,7 +92,9 @@ def _verify_sections(path, frame, mm, problem, problems, arrays, bar):
     pos = HEADER_PAGE
     for off, length, name in placed + [(frame.manifest_offset, 0, "manifest")]:
         if off - pos >= ALIGN:
-            problem(f"bytes [{pos}, {off}) before section {name!r} are a gap of {off - pos} bytes; pack leaves less than {ALIGN}")
+            problem(
+                f"bytes [{pos}, {off}) before section {name!r} are a gap of {off - pos} bytes; pack leaves less than {ALIGN}"
+            )
         if any(any(piece) for piece in section_pieces(mm, pos, off - pos)):  # (in pieces: a gap may be large)
             problem(f"bytes [{pos}, {off}) before section {name!r} should be zero padding; the file is damaged")
         pos = off + length
@@ -117,7 +134,9 @@ def _verify_sections(path, frame, mm, problem, problems, arrays, bar):
         loc = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in loc.items()}
         checked = _verify_records(mm, sections, loc, problem, arrays, bar)
         if int(loc["length"].sum()) != manifest["counts"]["record_bytes"]:
-            problem(f"the manifest counts {manifest['counts']['record_bytes']} record bytes; the catalog's records take {int(loc['length'].sum())}")
+            problem(
+                f"the manifest counts {manifest['counts']['record_bytes']} record bytes; the catalog's records take {int(loc['length'].sum())}"
+            )
         if intact.get("index"):
             _verify_index(mm, sections["index"], loc["id"], head["spec"].embedding_dim, problem)
     return VerifyReport(path, problems, manifest, sections=summary, memories_checked=checked, bytes_read=bytes_read)
@@ -138,7 +157,9 @@ def _verify_records(mm, sections, loc, problem, arrays, bar):
         base, size, _ = sections[name]
         expected = ends.get(seg, SEG_HEADER_SIZE)
         if off != expected:
-            problem(f"{where}: records of {name} should follow each other; expected offset {expected} (a gap or an overlap)")
+            problem(
+                f"{where}: records of {name} should follow each other; expected offset {expected} (a gap or an overlap)"
+            )
         ends[seg] = off + length
         if off + length > size:
             problem(f"{where}: bytes [{off}, {off + length}) lie outside the {size}-byte segment")
@@ -151,7 +172,9 @@ def _verify_records(mm, sections, loc, problem, arrays, bar):
         bar.update(1)
     for name, (base, size, _) in sections.items():
         if name.startswith("segment/") and ends.get(segment_number(name), SEG_HEADER_SIZE) != size:
-            problem(f"section {name!r}: its records end at {ends.get(segment_number(name), SEG_HEADER_SIZE)}, the section at {size}")
+            problem(
+                f"section {name!r}: its records end at {ends.get(segment_number(name), SEG_HEADER_SIZE)}, the section at {size}"
+            )
     return checked
 
 
@@ -162,8 +185,9 @@ def _verify_index(mm, section, ids, dim, problem):
         problem("section 'index': USearch cannot load it")
         return
     if index.dim != dim or len(index) != len(ids):
-        problem(f"section 'index': holds {len(index)} vectors of dimension {index.dim}; the catalog has {len(ids)} of dimension {dim}")
+        problem(
+            f"section 'index': holds {len(index)} vectors of dimension {index.dim}; the catalog has {len(ids)} of dimension {dim}"
+        )
         return
     if not np.array_equal(np.sort(index.keys()), np.sort(ids)):
         problem("section 'index': its keys differ from the catalog's memory ids")
-

@@ -40,17 +40,45 @@ DENIED_FUNCTIONS = ("write_log", "json_execute_serialized_sql", "setseed", "curr
 # the views of DuckDB's information_schema (duckdb_views() WHERE schema_name =
 # 'information_schema'); any other name there would be read as a file name
 INFORMATION_SCHEMA_VIEWS = (
-    "character_sets", "check_constraints", "columns", "constraint_column_usage", "constraint_table_usage",
-    "key_column_usage", "referential_constraints", "schemata", "table_constraints", "tables", "views",
+    "character_sets",
+    "check_constraints",
+    "columns",
+    "constraint_column_usage",
+    "constraint_table_usage",
+    "key_column_usage",
+    "referential_constraints",
+    "schemata",
+    "table_constraints",
+    "tables",
+    "views",
 )
 # a condition using one of these cannot be a recall filter: filters are cached per commit
-VOLATILE_FUNCTIONS = frozenset((
-    "random", "rand", "uuid", "gen_random_uuid", "uuidv4", "uuidv7", "now", "current_timestamp",
-    "current_date", "current_time", "get_current_time", "get_current_timestamp", "today",
-    "localtimestamp", "localtime", "transaction_timestamp", "nextval", "currval",
-))
-ALLOWED = ("SELECT (WITH, VALUES, FROM-first), DESCRIBE, SUMMARIZE, SHOW, PIVOT, EXPLAIN, "
-           "INSERT INTO documents, DELETE FROM memories")
+VOLATILE_FUNCTIONS = frozenset(
+    (
+        "random",
+        "rand",
+        "uuid",
+        "gen_random_uuid",
+        "uuidv4",
+        "uuidv7",
+        "now",
+        "current_timestamp",
+        "current_date",
+        "current_time",
+        "get_current_time",
+        "get_current_timestamp",
+        "today",
+        "localtimestamp",
+        "localtime",
+        "transaction_timestamp",
+        "nextval",
+        "currval",
+    )
+)
+ALLOWED = (
+    "SELECT (WITH, VALUES, FROM-first), DESCRIBE, SUMMARIZE, SHOW, PIVOT, EXPLAIN, "
+    "INSERT INTO documents, DELETE FROM memories"
+)
 
 _DUCKDB = DuckDB()
 
@@ -121,8 +149,11 @@ def _readable(description):
     """sqlglot's message with its token reprs turned into the text they stand for."""
     description = re.sub(r"<Token token_type: TokenType\.SENTINEL[^>]*>", "the end of the statement", description)
     description = re.sub(r"<Token token_type: TokenType\.\w+, text: (.*?), line: \d+[^>]*>", r"'\1'", description)
-    description = re.sub(r"Required keyword: '(\w+)' missing for <class 'sqlglot\.expressions\.(?:\w+\.)*(\w+)'>",
-                         r"incomplete \2 (its \1 is missing)", description)
+    description = re.sub(
+        r"Required keyword: '(\w+)' missing for <class 'sqlglot\.expressions\.(?:\w+\.)*(\w+)'>",
+        r"incomplete \2 (its \1 is missing)",
+        description,
+    )
     return description
 
 
@@ -152,14 +183,17 @@ def parse_statement(db, text):
         # sqlglot itself failed on odd text: DuckDB's parser says where the text is wrong; if
         # DuckDB reads it, it is SQL sqlglot cannot read, and m3db cannot check or plan it
         _duckdb_parse(db, body)
-        raise QueryError(f"m3db cannot read this statement (its SQL parser, sqlglot, failed: {e}); "
-                         "write it another way, e.g. without unusual syntax") from e
+        raise QueryError(
+            f"m3db cannot read this statement (its SQL parser, sqlglot, failed: {e}); "
+            "write it another way, e.g. without unusual syntax"
+        ) from e
     trees = [t for t in trees if t is not None]
     if not trees:
         raise QueryError("the statement is empty: write one SQL statement, e.g. SELECT count(*) FROM memories")
     if len(trees) > 1:
-        raise QueryError(f"db.sql() runs one statement at a time, got {len(trees)}: "
-                         "run them one by one (the shell runs each)")
+        raise QueryError(
+            f"db.sql() runs one statement at a time, got {len(trees)}: run them one by one (the shell runs each)"
+        )
     # sqlglot accepts some text that DuckDB does not: DuckDB's own parser (it only parses here)
     # has the last word on syntax, with its position in the user's text
     _duckdb_parse(db, body)
@@ -192,19 +226,24 @@ def function_name(fn):
 def check_tree(tree):
     """Refuse what must not run: files, the network, other databases, side effects."""
     for node in tree.walk():
-        if isinstance(node, (exp.Describe, exp.Summarize)) \
-                and not isinstance(node.this, (exp.Table, exp.Query, exp.Subquery)):
+        if isinstance(node, (exp.Describe, exp.Summarize)) and not isinstance(
+            node.this, (exp.Table, exp.Query, exp.Subquery)
+        ):
             what = "SUMMARIZE" if isinstance(node, exp.Summarize) else "DESCRIBE"
-            raise QueryError(f"{what} {node.this.sql(dialect='duckdb')}: {what} takes a catalog table or a query "
-                             f"({what} memories, {what} SELECT ...), never a file or a URL")
+            raise QueryError(
+                f"{what} {node.this.sql(dialect='duckdb')}: {what} takes a catalog table or a query "
+                f"({what} memories, {what} SELECT ...), never a file or a URL"
+            )
         if isinstance(node, exp.Table) and not isinstance(node.this, exp.Func):
             _check_table(node)
         elif isinstance(node, exp.Func):
             name = function_name(node)
             if isinstance(node.parent, (exp.Table, exp.Lateral)) and node.arg_key == "this":
                 if isinstance(node.parent, exp.Lateral) and name in MEMORY_FUNCTIONS:
-                    raise QueryError(f"{name}() cannot be LATERAL: its arguments are constants or parameters; "
-                                     f"join its rows instead, e.g. FROM {name}('...') r JOIN documents d ON ...")
+                    raise QueryError(
+                        f"{name}() cannot be LATERAL: its arguments are constants or parameters; "
+                        f"join its rows instead, e.g. FROM {name}('...') r JOIN documents d ON ..."
+                    )
                 functions = MEMORY_FUNCTIONS + SAFE_TABLE_FUNCTIONS
                 if name not in functions:
                     raise QueryError(
@@ -213,11 +252,15 @@ def check_tree(tree):
                         f"{name_list(functions)}"
                     )
             elif name in MEMORY_FUNCTIONS:
-                raise QueryError(f"{name}() is a table function: use it in FROM, e.g. SELECT * FROM {name}('...')"
-                                 + (" r WHERE r.lang = 'en' ORDER BY r.score DESC" if name == "recall" else ""))
+                raise QueryError(
+                    f"{name}() is a table function: use it in FROM, e.g. SELECT * FROM {name}('...')"
+                    + (" r WHERE r.lang = 'en' ORDER BY r.score DESC" if name == "recall" else "")
+                )
             elif name in DENIED_FUNCTIONS:
-                raise QueryError(f"{name}() acts outside the query or reads the connection's settings, "
-                                 "and is not available in m3db SQL")
+                raise QueryError(
+                    f"{name}() acts outside the query or reads the connection's settings, "
+                    "and is not available in m3db SQL"
+                )
 
 
 def _check_table(node):
@@ -228,16 +271,20 @@ def _check_table(node):
     if schema == "information_schema":
         if name.lower() in INFORMATION_SCHEMA_VIEWS:
             return
-        raise QueryError(f"information_schema.{name} is not a view of information_schema"
-                         f"{did_you_mean(name, INFORMATION_SCHEMA_VIEWS)}; "
-                         f"its views: {name_list(INFORMATION_SCHEMA_VIEWS)}")
+        raise QueryError(
+            f"information_schema.{name} is not a view of information_schema"
+            f"{did_you_mean(name, INFORMATION_SCHEMA_VIEWS)}; "
+            f"its views: {name_list(INFORMATION_SCHEMA_VIEWS)}"
+        )
     if not schema and _cte_visible(node):
         return
     if schema in ("", "main") and name.lower() in CATALOG_TABLES:
         return
     if any(c in name for c in "./\\:") or schema not in ("", "main"):
-        raise QueryError(f"{name!r} is not a catalog table: m3db SQL reads only the catalog "
-                         f"({name_list(CATALOG_TABLES)}), never files, URLs or other databases")
+        raise QueryError(
+            f"{name!r} is not a catalog table: m3db SQL reads only the catalog "
+            f"({name_list(CATALOG_TABLES)}), never files, URLs or other databases"
+        )
     raise QueryError(
         f"unknown table {name!r}{did_you_mean(name, CATALOG_TABLES + MEMORY_FUNCTIONS)}. "
         f"Tables: {name_list(CATALOG_TABLES)} (and information_schema); "
@@ -303,9 +350,11 @@ def checked_filter(text, *, what="the filter", parameters=True):
     for table in condition.find_all(exp.Table):
         if isinstance(table.this, exp.Func) and function_name(table.this) in MEMORY_FUNCTIONS:
             name = function_name(table.this)
-            raise QueryError(f"{what} {text!r} calls {name}(): a filter is SQL over the columns of memories, run "
-                             f"inside a search, and cannot call a memory function; use db.sql() for that, e.g. "
-                             f"SELECT ... FROM recall(...) r WHERE r.id IN (SELECT id FROM {name}(...))")
+            raise QueryError(
+                f"{what} {text!r} calls {name}(): a filter is SQL over the columns of memories, run "
+                f"inside a search, and cannot call a memory function; use db.sql() for that, e.g. "
+                f"SELECT ... FROM recall(...) r WHERE r.id IN (SELECT id FROM {name}(...))"
+            )
     if not parameters and condition.find(exp.Placeholder):
         raise QueryError(f"{what} cannot hold parameters; write the values in it")
     volatile = any(function_name(f) in VOLATILE_FUNCTIONS for f in condition.find_all(exp.Func))

@@ -25,12 +25,29 @@ from sqlglot import exp
 from ..errors import QueryError
 from ..storage.catalog import BUILTIN_COLUMNS
 from .check import (
-    ALLOWED, MEMORY_FUNCTIONS, VOLATILE_FUNCTIONS, check_document_columns, check_tree, checked_filter, did_you_mean,
-    function_name, name_list, parse_statement, visible_cte,
+    ALLOWED,
+    MEMORY_FUNCTIONS,
+    VOLATILE_FUNCTIONS,
+    check_document_columns,
+    check_tree,
+    checked_filter,
+    did_you_mean,
+    function_name,
+    name_list,
+    parse_statement,
+    visible_cte,
 )
 from .tree import (
-    conjuncts, enclosing_select, inside_query, number, output_names, placeholders, simple_limit, unnested_relation,
-    used_columns, within,
+    conjuncts,
+    enclosing_select,
+    inside_query,
+    number,
+    output_names,
+    placeholders,
+    simple_limit,
+    unnested_relation,
+    used_columns,
+    within,
 )
 
 # the columns of the catalog tables other than memories, fixed by the catalog format
@@ -62,8 +79,10 @@ class RecallColumn(NamedTuple):
 # the columns every recall has, in this order at the front of its relation (SELECT * shows
 # them so); the memories' metadata columns follow (Planner._recall_columns)
 MATCH_COLUMNS = (
-    RecallColumn("id", "BIGINT", True), RecallColumn("score", "DOUBLE", True),
-    RecallColumn("text", "VARCHAR", True), RecallColumn("document_id", "BIGINT", True),
+    RecallColumn("id", "BIGINT", True),
+    RecallColumn("score", "DOUBLE", True),
+    RecallColumn("text", "VARCHAR", True),
+    RecallColumn("document_id", "BIGINT", True),
 )
 # bound even where the statement reads neither: the relation needs a column to carry its rows
 # (SELECT count(*) FROM recall(...)), and these two are small numbers
@@ -159,7 +178,8 @@ class Planner:
         tree, explain = parse_statement(self.db, self.text)
         self.explain = explain
         read = isinstance(tree, (exp.Query, exp.Values, exp.Describe, exp.Summarize, exp.Pivot)) or (
-            isinstance(tree, exp.Show) and tree.name.upper() in ("TABLES", "ALL TABLES"))
+            isinstance(tree, exp.Show) and tree.name.upper() in ("TABLES", "ALL TABLES")
+        )
         if read or isinstance(tree, (exp.Insert, exp.Delete)):
             check_tree(tree)
             self._rename_parameters(tree)
@@ -170,8 +190,10 @@ class Planner:
             return Plan("read", self._read(tree), explain, self.style, self.user_params)
         kind = tree.key.upper() if not isinstance(tree, exp.Command) else tree.name.upper()
         if isinstance(tree, (exp.Update, exp.Create, exp.Drop, exp.Alter, exp.Merge, exp.TruncateTable)):
-            raise QueryError(f"{kind} is not available in m3db SQL: it would change the catalog behind the engine's "
-                             f"back. It runs {ALLOWED}; other changes go through the API (add, forget, compact)")
+            raise QueryError(
+                f"{kind} is not available in m3db SQL: it would change the catalog behind the engine's "
+                f"back. It runs {ALLOWED}; other changes go through the API (add, forget, compact)"
+            )
         raise QueryError(f"{kind} statements are not available in m3db SQL; it runs {ALLOWED}")
 
     # -- parameters: every placeholder becomes a named DuckDB parameter ($p1, $n_name)
@@ -221,18 +243,24 @@ class Planner:
                 positional = False
                 name = arg.this.name.lower()
                 if name not in names:
-                    raise QueryError(f"{fn.name}() has no argument {name!r}{did_you_mean(name, names)}; "
-                                     f"its arguments: {name_list(names)}")
+                    raise QueryError(
+                        f"{fn.name}() has no argument {name!r}{did_you_mean(name, names)}; "
+                        f"its arguments: {name_list(names)}"
+                    )
                 if name in out:
                     raise QueryError(f"{fn.name}(): {name} is given twice")
                 out[name] = arg.expression
             else:
                 if not positional:
-                    raise QueryError(f"{fn.name}(): a positional argument follows a named one; "
-                                     f"name it ({names[min(i, len(names) - 1)]} => ...)")
+                    raise QueryError(
+                        f"{fn.name}(): a positional argument follows a named one; "
+                        f"name it ({names[min(i, len(names) - 1)]} => ...)"
+                    )
                 if i >= len(names):
-                    raise QueryError(f"{fn.name}() takes at most {len(names)} arguments ({name_list(names)}), "
-                                     f"got {len(fn.expressions)}")
+                    raise QueryError(
+                        f"{fn.name}() takes at most {len(names)} arguments ({name_list(names)}), "
+                        f"got {len(fn.expressions)}"
+                    )
                 out[names[i]] = arg
         if names[0] not in out:
             raise QueryError(f"{fn.name}() needs its {names[0]}, e.g. {fn.name}('capital of France')")
@@ -251,16 +279,19 @@ class Planner:
             return Value("param", node.name)
         bad = node.find(exp.Column, exp.Query, exp.AggFunc, exp.Window, exp.Star)
         if bad is not None:
-            raise QueryError(f"{fn.name}()'s {name} must be a constant or a parameter, "
-                             f"not {bad.sql(dialect='duckdb')!r}: "
-                             f"{fn.name}() runs once per statement, before the rows around it exist")
+            raise QueryError(
+                f"{fn.name}()'s {name} must be a constant or a parameter, "
+                f"not {bad.sql(dialect='duckdb')!r}: "
+                f"{fn.name}() runs once per statement, before the rows around it exist"
+            )
         return Value("sql", node.sql(dialect="duckdb"), placeholders(node))
 
     def _alias(self, table, name):
         alias = table.args.get("alias")
         if alias is not None and alias.columns:
-            raise QueryError(f"{name}()'s columns cannot be renamed in its alias; "
-                             "rename them in the SELECT list (r.text AS t)")
+            raise QueryError(
+                f"{name}()'s columns cannot be renamed in its alias; rename them in the SELECT list (r.text AS t)"
+            )
         if alias is None:
             table.set("alias", exp.TableAlias(this=exp.to_identifier(name)))
         return table.alias
@@ -284,8 +315,10 @@ class Planner:
         limit = None
         if k is None and bounds is not None:
             limit_node, offset_node = bounds
-            limit = LimitOffset(self._value(fn, "LIMIT", limit_node),
-                                None if offset_node is None else self._value(fn, "OFFSET", offset_node))
+            limit = LimitOffset(
+                self._value(fn, "LIMIT", limit_node),
+                None if offset_node is None else self._value(fn, "OFFSET", offset_node),
+            )
         # bind only the columns the statement reads: every bound list costs DuckDB time
         used = used_columns(select, table, alias)
         bound = [i for i, c in enumerate(columns) if used is None or c.name in ALWAYS_BOUND or c.name.lower() in used]
@@ -334,8 +367,10 @@ class Planner:
         if not recall_columns:
             return ""
         if len(recall_columns) != len(columns) or any(c.args.get("db") for c in recall_columns):
-            return ("it also reads names that are not the recall's columns "
-                    "(another table's, a SELECT alias, an outer query's)")
+            return (
+                "it also reads names that are not the recall's columns "
+                "(another table's, a SELECT alias, an outer query's)"
+            )
         if outer:
             return "the recall is joined by an outer join, so WHERE applies after it"
         for c in recall_columns:
@@ -343,8 +378,10 @@ class Planner:
                 return "score exists only after the search"
             if c.name.lower() not in own:
                 return f"{c.name} is not a column of the recall"
-        if any(isinstance(t.this, exp.Func) and function_name(t.this) in MEMORY_FUNCTIONS
-               for t in condition.find_all(exp.Table)):
+        if any(
+            isinstance(t.this, exp.Func) and function_name(t.this) in MEMORY_FUNCTIONS
+            for t in condition.find_all(exp.Table)
+        ):
             return "it holds a memory function"
         for q in condition.find_all(exp.Query):
             if any(c.table.lower() == alias.lower() for c in q.find_all(exp.Column)):
@@ -434,8 +471,11 @@ class Planner:
     def _recall_columns(self):
         """The RecallColumns of a recall's relation: MATCH_COLUMNS, then the metadata columns
         (a metadata column named score is hidden: score is the similarity)."""
-        return list(MATCH_COLUMNS) + [RecallColumn(name, sql_type) for low, (name, sql_type) in self.columns.items()
-                                      if low not in BUILTIN_COLUMNS and low != "score"]
+        return list(MATCH_COLUMNS) + [
+            RecallColumn(name, sql_type)
+            for low, (name, sql_type) in self.columns.items()
+            if low not in BUILTIN_COLUMNS and low != "score"
+        ]
 
     def _as_filter(self, condition, alias):
         """The condition as SQL over `memories`: the recall's qualifier dropped."""
@@ -454,15 +494,19 @@ class Planner:
         if "filter" in args:  # (DuckDB reserves `where`, even as an argument name)
             node = args.pop("filter")
             if not (isinstance(node, exp.Literal) and node.is_string):
-                raise QueryError("generate()'s filter => must be SQL text written in the statement, e.g. "
-                                 "filter => 'lang = ''en''' (a parameter is a value, never SQL)")
+                raise QueryError(
+                    "generate()'s filter => must be SQL text written in the statement, e.g. "
+                    "filter => 'lang = ''en''' (a parameter is a value, never SQL)"
+                )
             where, _ = checked_filter(node.this, what="generate()'s filter =>", parameters=False)
         options = {name: self._value(fn, name, node) for name, node in args.items()}
         prefix = f"g{self.calls}_"
         self.calls += 1
         relation = sqlglot.parse_one(
             f"SELECT ${prefix}text::VARCHAR AS text, ${prefix}finish::VARCHAR AS finish_reason, "
-            f"${prefix}mode::VARCHAR AS mode, ${prefix}sources::{SOURCE_TYPE} AS sources", dialect="duckdb")
+            f"${prefix}mode::VARCHAR AS mode, ${prefix}sources::{SOURCE_TYPE} AS sources",
+            dialect="duckdb",
+        )
         table.replace(exp.Subquery(this=relation, alias=exp.TableAlias(this=exp.to_identifier(alias))))
         return Generate(alias, prefix, prompt, options, where)
 
@@ -471,16 +515,27 @@ class Planner:
     def _insert(self, tree, explain):
         target = tree.this
         table = target.this if isinstance(target, exp.Schema) else target
-        if not isinstance(table, exp.Table) or table.name.lower() != "documents" \
-                or table.text("db").lower() not in ("", "main"):
+        if (
+            not isinstance(table, exp.Table)
+            or table.name.lower() != "documents"
+            or table.text("db").lower() not in ("", "main")
+        ):
             name = table.sql(dialect="duckdb") if isinstance(table, exp.Expression) else str(table)
-            hint = (" Memories are made from documents: INSERT INTO documents (text, source, title) VALUES (...); "
-                    "precomputed memories go through db.add_memory()") if table.name.lower() == "memories" else ""
+            hint = (
+                (
+                    " Memories are made from documents: INSERT INTO documents (text, source, title) VALUES (...); "
+                    "precomputed memories go through db.add_memory()"
+                )
+                if table.name.lower() == "memories"
+                else ""
+            )
             raise QueryError(f"INSERT INTO {name} is not available: m3db SQL inserts only into documents.{hint}")
         for arg in ("conflict", "returning", "alternative", "overwrite", "ignore", "where", "partition"):
             if tree.args.get(arg):
-                raise QueryError(f"INSERT INTO documents does not take {arg.upper().replace('_', ' ')}: "
-                                 "write INSERT INTO documents (text, source, ...) VALUES (...) or SELECT ...")
+                raise QueryError(
+                    f"INSERT INTO documents does not take {arg.upper().replace('_', ' ')}: "
+                    "write INSERT INTO documents (text, source, ...) VALUES (...) or SELECT ..."
+                )
         source = tree.expression
         if not isinstance(source, (exp.Query, exp.Values)):
             raise QueryError("INSERT INTO documents takes VALUES (...) or a SELECT")
@@ -491,16 +546,20 @@ class Planner:
         elif tree.args.get("by_name"):
             columns = None  # the source's column names
         else:
-            raise QueryError("name the columns: INSERT INTO documents (text, source, title, uri, <metadata keys>) "
-                             "VALUES (...), or INSERT INTO documents BY NAME SELECT ...")
+            raise QueryError(
+                "name the columns: INSERT INTO documents (text, source, title, uri, <metadata keys>) "
+                "VALUES (...), or INSERT INTO documents BY NAME SELECT ..."
+            )
         if columns is not None:
             check_document_columns(columns)
             if isinstance(source, exp.Values):
                 for row in source.expressions:
                     width = len(row.expressions) if isinstance(row, exp.Tuple) else 1
                     if width != len(columns):
-                        raise QueryError(f"INSERT INTO documents names {len(columns)} columns ({name_list(columns)}) "
-                                         f"but a VALUES row has {width} values")
+                        raise QueryError(
+                            f"INSERT INTO documents names {len(columns)} columns ({name_list(columns)}) "
+                            f"but a VALUES row has {width} values"
+                        )
         kind = "VALUES" if isinstance(source, exp.Values) else "SELECT"
         if isinstance(source, exp.Values):
             source = exp.select("*").from_(exp.Subquery(this=source, alias=exp.TableAlias(this=exp.to_identifier("v"))))
@@ -508,17 +567,30 @@ class Planner:
 
     def _delete(self, tree, explain):
         table = tree.this
-        if not isinstance(table, exp.Table) or table.name.lower() != "memories" \
-                or table.text("db").lower() not in ("", "main"):
+        if (
+            not isinstance(table, exp.Table)
+            or table.name.lower() != "memories"
+            or table.text("db").lower() not in ("", "main")
+        ):
             name = table.name if isinstance(table, exp.Table) else table.sql(dialect="duckdb")
-            hint = (" To remove a document's memories: DELETE FROM memories WHERE document_id IN "
-                    "(SELECT id FROM documents WHERE source = '...')") if name.lower() == "documents" else ""
-            raise QueryError(f"DELETE FROM {name} is not available: m3db SQL deletes only from memories "
-                             f"(they are forgotten, as db.forget does).{hint}")
+            hint = (
+                (
+                    " To remove a document's memories: DELETE FROM memories WHERE document_id IN "
+                    "(SELECT id FROM documents WHERE source = '...')"
+                )
+                if name.lower() == "documents"
+                else ""
+            )
+            raise QueryError(
+                f"DELETE FROM {name} is not available: m3db SQL deletes only from memories "
+                f"(they are forgotten, as db.forget does).{hint}"
+            )
         for arg in ("returning", "limit", "order", "cluster"):
             if tree.args.get(arg):
-                raise QueryError(f"DELETE FROM memories does not take {arg.upper()}; "
-                                 "write DELETE FROM memories [USING ...] WHERE ...")
+                raise QueryError(
+                    f"DELETE FROM memories does not take {arg.upper()}; "
+                    "write DELETE FROM memories [USING ...] WHERE ..."
+                )
         qualifier = table.alias_or_name
         select = exp.select(exp.column("id", table=qualifier)).from_(table.copy())
         for other in tree.args.get("using") or []:
@@ -556,13 +628,24 @@ def _direct(tree, read, value):
         if isinstance(e, exp.Alias) and isinstance(e.this, exp.Column):
             name, e = e.alias, e.this
         if isinstance(e, exp.Star) or (isinstance(e, exp.Column) and isinstance(e.this, exp.Star)):
-            if isinstance(e, exp.Column) and e.table.lower() != rc.alias.lower() or len(bound) != len(rc.columns) \
-                    or e.args.get("except") or e.args.get("replace") or e.args.get("rename"):
+            if (
+                isinstance(e, exp.Column)
+                and e.table.lower() != rc.alias.lower()
+                or len(bound) != len(rc.columns)
+                or e.args.get("except")
+                or e.args.get("replace")
+                or e.args.get("rename")
+            ):
                 return
             out += [DirectColumn(n, key) for n, key, _ in bound.values()]
             continue
-        if not isinstance(e, exp.Column) or e.table.lower() not in ("", rc.alias.lower()) or e.args.get("db") \
-                or not isinstance(e.this, exp.Identifier) or e.name.lower() not in bound:
+        if (
+            not isinstance(e, exp.Column)
+            or e.table.lower() not in ("", rc.alias.lower())
+            or e.args.get("db")
+            or not isinstance(e.this, exp.Identifier)
+            or e.name.lower() not in bound
+        ):
             return
         column, key, _ = bound[e.name.lower()]
         out.append(DirectColumn(name or column, key))
@@ -572,8 +655,12 @@ def _direct(tree, read, value):
     if order is not None:
         # score is never NULL, so where NULLs sort does not matter
         key = order.expressions[0].this if len(order.expressions) == 1 else None
-        if not isinstance(key, exp.Column) or key.name.lower() != "score" or not order.expressions[0].args.get("desc") \
-                or key.table.lower() not in ("", rc.alias.lower()):
+        if (
+            not isinstance(key, exp.Column)
+            or key.name.lower() != "score"
+            or not order.expressions[0].args.get("desc")
+            or key.table.lower() not in ("", rc.alias.lower())
+        ):
             return
         score = bound["score"][1]  # (always bound)
         if not key.table and any(c.name.lower() == "score" and c.key != score for c in out):
@@ -582,5 +669,7 @@ def _direct(tree, read, value):
     if not simple_limit(limit, offset):
         return
     read.direct = out
-    read.direct_limit = LimitOffset(None if limit is None else value(None, "LIMIT", limit.expression),
-                                    None if offset is None else value(None, "OFFSET", offset.expression))
+    read.direct_limit = LimitOffset(
+        None if limit is None else value(None, "LIMIT", limit.expression),
+        None if offset is None else value(None, "OFFSET", offset.expression),
+    )

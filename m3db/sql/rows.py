@@ -56,5 +56,6 @@ def _optional(package, what):
     try:
         return __import__(package)
     except ImportError as e:
-        raise DependencyError(f"{what} needs the {package} package, which is not installed: "
-                              f"pip install {package}") from e
+        raise DependencyError(
+            f"{what} needs the {package} package, which is not installed: pip install {package}"
+        ) from e

@@ -74,8 +74,9 @@ def run(db, text, params=None):
     if not isinstance(text, str):
         raise InvalidInputError(f"a SQL statement must be a string, got {type(text).__name__}")
     if params is not None and not isinstance(params, (list, tuple, dict)):
-        raise InvalidInputError("params must be a list (for ? and $1) or a dict (for $name), "
-                                f"got {type(params).__name__}")
+        raise InvalidInputError(
+            f"params must be a list (for ? and $1) or a dict (for $name), got {type(params).__name__}"
+        )
     plan = _plan(db, text)
     values = _bind(plan, params)
     if plan.kind != "read" and db.read_only and not plan.explain:
@@ -126,17 +127,22 @@ def _bind(plan, params):
             raise QueryError("the statement uses positional parameters (?, $1): pass params as a list")
         need = max(wanted.values()) + 1
         if len(given) != need:
-            raise QueryError(f"the statement has {need} positional parameter{'s' if need != 1 else ''}, "
-                             f"got {len(given)} value{'s' if len(given) != 1 else ''}")
+            raise QueryError(
+                f"the statement has {need} positional parameter{'s' if need != 1 else ''}, "
+                f"got {len(given)} value{'s' if len(given) != 1 else ''}"
+            )
         return {internal: given[user] for internal, user in wanted.items()}
     if not isinstance(given, dict):
-        raise QueryError(f"the statement uses named parameters (${', $'.join(sorted(wanted.values()))}): "
-                         "pass params as a dict")
+        raise QueryError(
+            f"the statement uses named parameters (${', $'.join(sorted(wanted.values()))}): pass params as a dict"
+        )
     missing = sorted(set(wanted.values()) - set(given))
     extra = sorted(map(str, set(given) - set(wanted.values())))
     if missing or extra:
-        raise QueryError(f"parameters: missing {missing}, unexpected {extra}; "
-                         f"the statement uses ${', $'.join(sorted(wanted.values()))}")
+        raise QueryError(
+            f"parameters: missing {missing}, unexpected {extra}; "
+            f"the statement uses ${', $'.join(sorted(wanted.values()))}"
+        )
     return {internal: given[user] for internal, user in wanted.items()}
 
 
@@ -168,7 +174,7 @@ def _direct_rows(db, read, values):
     limit, offset = bounds
     rows = list(zip(*[values[c.key] for c in read.direct])) if read.direct else []
     start = offset or 0
-    return rows[start:] if limit is None else rows[start:start + limit]
+    return rows[start:] if limit is None else rows[start : start + limit]
 
 
 def _duckdb(db, sql, values, read=None):
@@ -188,15 +194,18 @@ def _duckdb_message(e, read):
         message = message.split("\n\nLINE ")[0]
         for rc in read.recalls:
             if f'"{rc.alias}" does not have a column' in message or f'"{rc.alias}.' in message:
-                message += (f"\nrecall() {rc.alias} has the columns {name_list(c.name for c in rc.columns)}; "
-                            f"JOIN memories m ON m.id = {rc.alias}.id for the others")
+                message += (
+                    f"\nrecall() {rc.alias} has the columns {name_list(c.name for c in rc.columns)}; "
+                    f"JOIN memories m ON m.id = {rc.alias}.id for the others"
+                )
         for g in read.generates:
             if f'"{g.alias}" does not have a column' in message:
                 message += f"\ngenerate() {g.alias} has the columns text, finish_reason, mode, sources"
     unknown = re.search(r"Function with name \"?(\w+)\"? does not exist", message)
     if unknown and difflib.get_close_matches(unknown.group(1).lower(), MEMORY_FUNCTIONS + ("similarity",), cutoff=0.6):
-        message += ("\n(the memory functions are table functions used in FROM: "
-                    "recall(query, k => 5), generate(prompt, ...))")
+        message += (
+            "\n(the memory functions are table functions used in FROM: recall(query, k => 5), generate(prompt, ...))"
+        )
     return message
 
 
@@ -211,25 +220,30 @@ def _evaluate(db, value, values):
 def _run_recall(db, rc, values):
     query = _evaluate(db, rc.query, values)
     if isinstance(query, (list, tuple)):
-        if not query or not all(isinstance(x, (int, float, decimal.Decimal)) and not isinstance(x, bool)
-                                for x in query):
+        if not query or not all(
+            isinstance(x, (int, float, decimal.Decimal)) and not isinstance(x, bool) for x in query
+        ):
             raise InvalidInputError("recall()'s query must be a text or a vector (a list of numbers)")
         query = np.asarray(query, dtype=np.float32)
     elif not isinstance(query, (str, np.ndarray)):
-        raise InvalidInputError("recall()'s query must be a text or a vector (a list of numbers), "
-                                f"got {type(query).__name__} {query!r}")
+        raise InvalidInputError(
+            f"recall()'s query must be a text or a vector (a list of numbers), got {type(query).__name__} {query!r}"
+        )
     if rc.k is not None:
         k = _evaluate(db, rc.k, values)
     elif rc.limit is not None:
         limit = _evaluate(db, rc.limit.limit, values)
         offset = 0 if rc.limit.offset is None else _evaluate(db, rc.limit.offset, values)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (limit, offset)):
-            raise InvalidInputError(f"LIMIT {limit!r} OFFSET {offset!r}: recall() takes its k from them, "
-                                    "so they must be non-negative integers")
+            raise InvalidInputError(
+                f"LIMIT {limit!r} OFFSET {offset!r}: recall() takes its k from them, "
+                "so they must be non-negative integers"
+            )
         k = limit + offset
         if k > MAX_K:
-            raise InvalidInputError(f"recall() takes k from LIMIT + OFFSET = {k}, over the {MAX_K} maximum: "
-                                    "pass k => explicitly")
+            raise InvalidInputError(
+                f"recall() takes k from LIMIT + OFFSET = {k}, over the {MAX_K} maximum: pass k => explicitly"
+            )
     else:
         k = DEFAULT_K
     if rc.k is None and k == 0:  # LIMIT 0: nothing to search for
@@ -264,8 +278,9 @@ def _run_generate(db, g, values, *, dry):
         answer = db.generate(prompt, where=g.where, **kwargs)
         text, finish, mode = answer.text, answer.finish_reason, answer.mode
         sources = [{"id": s.id, "text": s.text, "document": s.document, "title": s.title} for s in answer.sources]
-    values.update({f"{g.prefix}text": text, f"{g.prefix}finish": finish, f"{g.prefix}mode": mode,
-                   f"{g.prefix}sources": sources})
+    values.update(
+        {f"{g.prefix}text": text, f"{g.prefix}finish": finish, f"{g.prefix}mode": mode, f"{g.prefix}sources": sources}
+    )
     return _GenerateNote(g, prompt, kwargs)
 
 
@@ -288,8 +303,13 @@ def _generate_options(options):
             v = options[name]
             if isinstance(v, decimal.Decimal):
                 v = float(v)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not low <= v <= high \
-                    or (name == "top_p" and v == 0):
+            if (
+                not isinstance(v, (int, float))
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or not low <= v <= high
+                or (name == "top_p" and v == 0)
+            ):
                 interval = "(0, 1]" if name == "top_p" else "[0, 100]"
                 raise InvalidInputError(f"generate()'s {name} must be a number in {interval}, got {v!r}")
             out[name] = float(v)
@@ -300,8 +320,10 @@ def _insert(db, plan, values):
     columns, rows, _ = _execute(db, plan.read, values)
     names = plan.columns or columns
     if plan.columns and len(columns) != len(plan.columns):
-        raise QueryError(f"INSERT INTO documents names {len(plan.columns)} columns ({name_list(plan.columns)}) "
-                         f"but the SELECT gives {len(columns)}")
+        raise QueryError(
+            f"INSERT INTO documents names {len(plan.columns)} columns ({name_list(plan.columns)}) "
+            f"but the SELECT gives {len(columns)}"
+        )
     if not plan.columns:
         check_document_columns(names)
     documents = [_document(names, row, i) for i, row in enumerate(rows)]
@@ -310,8 +332,10 @@ def _insert(db, plan, values):
     # one transaction: a statement adds all its documents or none
     with db.transaction():
         report = db.add_documents(documents, batch_size=len(documents), progress=False)
-    return Rows(["documents_added", "documents_skipped", "documents_empty", "memories_added"],
-                [(report.documents_added, report.documents_skipped, report.documents_empty, report.memories_added)])
+    return Rows(
+        ["documents_added", "documents_skipped", "documents_empty", "memories_added"],
+        [(report.documents_added, report.documents_skipped, report.documents_empty, report.memories_added)],
+    )
 
 
 _DOCUMENT_FIELDS = ("text", "source", "title", "uri", "metadata")
@@ -330,13 +354,15 @@ def _document(names, row, position):
                 except ValueError as e:
                     raise InvalidInputError(f"row {position + 1}: metadata must be a JSON object, got {value!r}") from e
             if value is not None and not isinstance(value, dict):
-                raise InvalidInputError(f"row {position + 1}: metadata must be a JSON object or a STRUCT, "
-                                        f"got {value!r}")
+                raise InvalidInputError(
+                    f"row {position + 1}: metadata must be a JSON object or a STRUCT, got {value!r}"
+                )
             doc["metadata"].update(value or {})
         elif low in _DOCUMENT_FIELDS:
             if value is not None and not isinstance(value, str):
-                raise InvalidInputError(f"row {position + 1}: {low} must be text, "
-                                        f"got {type(value).__name__} {value!r} (CAST it AS VARCHAR)")
+                raise InvalidInputError(
+                    f"row {position + 1}: {low} must be text, got {type(value).__name__} {value!r} (CAST it AS VARCHAR)"
+                )
             doc[low] = value
         else:
             doc["metadata"][name] = value
@@ -369,13 +395,20 @@ def _explain(db, plan, values):
     columns, rows, notes = _execute(db, read, values, explain=plan.explain)
     steps = []
     if plan.kind == "insert":
-        steps.append(("insert", f"documents from {plan.source}; each is chunked, embedded, encoded, and all are "
-                                "committed in one transaction (add_documents). Nothing is written by EXPLAIN"))
+        steps.append(
+            (
+                "insert",
+                f"documents from {plan.source}; each is chunked, embedded, encoded, and all are "
+                "committed in one transaction (add_documents). Nothing is written by EXPLAIN",
+            )
+        )
     elif plan.kind == "delete":
         # counted from the recalls already run: EXPLAIN never runs the decoder nor searches twice
         if read.generates:
-            which = ("the memories the WHERE matches "
-                     "(not counted: it reads generate(), and EXPLAIN does not run the decoder)")
+            which = (
+                "the memories the WHERE matches "
+                "(not counted: it reads generate(), and EXPLAIN does not run the decoder)"
+            )
         else:
             ids = _duckdb(db, read.sql, {name: values[name] for name in read.sql_params}, read)[1]
             which = f"the {len({r[0] for r in ids}):,} memories the WHERE matches"
@@ -397,25 +430,34 @@ def _describe(db, note):
         if rc.filter:
             lines.append(f"filter (pushed down from WHERE): {rc.filter}")
             if "allowed" in p:
-                lines.append(f"  allows {p['allowed']:,} of {p['total']:,} memories "
-                             f"(selectivity {p['selectivity']:.2%})")
+                lines.append(
+                    f"  allows {p['allowed']:,} of {p['total']:,} memories (selectivity {p['selectivity']:.2%})"
+                )
         else:
             lines.append(f"filter: none (all {p.get('total', 0):,} memories)")
         for condition, why in rc.kept:
             lines.append(f"after the recall (not pushed down): {condition} - {why}")
-        lines.append(f"search: {_STRATEGIES.get(p.get('strategy'), p.get('strategy'))}"
-                     + (f" ({p['reason']})" if p.get("reason") else ""))
+        lines.append(
+            f"search: {_STRATEGIES.get(p.get('strategy'), p.get('strategy'))}"
+            + (f" ({p['reason']})" if p.get("reason") else "")
+        )
         lines.append(f"candidates fetched: {p.get('candidates', 0):,}; returned: {note.returned}")
         return (f"recall {rc.alias}", "\n".join(lines))
     g, kwargs = note.generate, note.options
-    lines = [f"prompt: {excerpt(note.prompt, 60)!r}",
-             f"mode: {MODE_NAMES[kwargs['memory']]}, max_tokens: {kwargs['max_tokens']}, "
-             f"k per 64-token chunk: {kwargs.get('k', 'the model default')}"]
+    lines = [
+        f"prompt: {excerpt(note.prompt, 60)!r}",
+        f"mode: {MODE_NAMES[kwargs['memory']]}, max_tokens: {kwargs['max_tokens']}, "
+        f"k per 64-token chunk: {kwargs.get('k', 'the model default')}",
+    ]
     if g.where:
         total = len(db)
         allowed = _duckdb(db, f"SELECT count(*) FROM memories WHERE ({g.where})", {})[1][0][0]
-        lines.append(f"filter: {g.where}\n  allows {allowed:,} of {total:,} memories"
-                     + (f" (selectivity {allowed / total:.2%})" if total else ""))
-    lines.append("recall: once per 64-token chunk of the prompt and of the answer, planned as above; "
-                 "EXPLAIN does not run the decoder")
+        lines.append(
+            f"filter: {g.where}\n  allows {allowed:,} of {total:,} memories"
+            + (f" (selectivity {allowed / total:.2%})" if total else "")
+        )
+    lines.append(
+        "recall: once per 64-token chunk of the prompt and of the answer, planned as above; "
+        "EXPLAIN does not run the decoder"
+    )
     return (f"generate {g.alias}", "\n".join(lines))

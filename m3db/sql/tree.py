@@ -77,8 +77,9 @@ def enclosing_select(table):
     if not isinstance(parent, exp.Select):
         return None, None
     sole = sole and not parent.args.get("joins")
-    grouped = parent.args.get("group") or parent.args.get("distinct") or any(
-        e.find(exp.AggFunc) for e in parent.expressions)
+    grouped = (
+        parent.args.get("group") or parent.args.get("distinct") or any(e.find(exp.AggFunc) for e in parent.expressions)
+    )
     limit, offset = parent.args.get("limit"), parent.args.get("offset")
     if not sole or grouped or not simple_limit(limit, offset) or limit is None:
         return parent, None
@@ -89,12 +90,17 @@ def simple_limit(limit, offset):
     """Are LIMIT and OFFSET (either may be None) plain row counts: a constant or a parameter,
     no PERCENT, WITH TIES or FETCH? Only those say how many rows a recall must give."""
     simple = (exp.Literal, exp.Placeholder)
-    if limit is not None and (not isinstance(limit, exp.Limit) or limit.args.get("limit_options") is not None
-                              or limit.args.get("offset") is not None or limit.args.get("expressions")
-                              or not isinstance(limit.expression, simple)):
+    if limit is not None and (
+        not isinstance(limit, exp.Limit)
+        or limit.args.get("limit_options") is not None
+        or limit.args.get("offset") is not None
+        or limit.args.get("expressions")
+        or not isinstance(limit.expression, simple)
+    ):
         return False
-    return offset is None or (isinstance(offset, exp.Offset) and isinstance(offset.expression, simple)
-                              and not offset.args.get("expressions"))
+    return offset is None or (
+        isinstance(offset, exp.Offset) and isinstance(offset.expression, simple) and not offset.args.get("expressions")
+    )
 
 
 def used_columns(select, table, alias):
@@ -129,5 +135,6 @@ def _unnest_lists(prefix, columns):
     # shared, so unnested_relation copies it before it is changed
     items = ", ".join(
         f"UNNEST(${prefix}{i}::{sql_type}[]) AS {exp.to_identifier(name, quoted=True).sql(dialect='duckdb')}"
-        for i, name, sql_type in columns)
+        for i, name, sql_type in columns
+    )
     return sqlglot.parse_one(f"SELECT {items}", dialect="duckdb")

@@ -30,8 +30,21 @@ from ..errors import FormatError, InvalidInputError, LockedError, QueryError, Re
 CATALOG_VERSION = 2  # 2: char_start, char_end
 
 BUILTIN_COLUMNS = (
-    "id", "document_id", "ordinal", "char_start", "char_end", "text", "token_count", "embedding", "segment", "offset",
-    "length", "checksum", "codec", "commit_seq", "created_at",
+    "id",
+    "document_id",
+    "ordinal",
+    "char_start",
+    "char_end",
+    "text",
+    "token_count",
+    "embedding",
+    "segment",
+    "offset",
+    "length",
+    "checksum",
+    "codec",
+    "commit_seq",
+    "created_at",
 )
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # metadata value type -> DuckDB column type
@@ -40,8 +53,12 @@ _READ_STATEMENTS = {"SELECT", "EXPLAIN"}
 # The catalog connection runs users' SQL (db.sql, recall filters): DuckDB itself refuses files,
 # URLs, other databases and extension downloads, and no statement may change that. The SQL
 # checks in m3db.sql.check come on top of this, not instead of it.
-LOCKED_DOWN = {"enable_external_access": False, "autoinstall_known_extensions": False,
-               "autoload_known_extensions": False, "lock_configuration": True}
+LOCKED_DOWN = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
 
 
 def metadata_sql_type(key, value):
@@ -210,7 +227,11 @@ class Catalog:
             self.con.unregister("_m3db_forget")
 
     def move_memories(self, ids, segments, offsets):
-        batch = {"id": np.asarray(ids, np.int64), "segment": np.asarray(segments, np.int32), "offset": np.asarray(offsets, np.int64)}
+        batch = {
+            "id": np.asarray(ids, np.int64),
+            "segment": np.asarray(segments, np.int32),
+            "offset": np.asarray(offsets, np.int64),
+        }
         self.con.register("_m3db_move", batch)
         try:
             self.con.execute(
@@ -221,14 +242,19 @@ class Catalog:
 
     def relocate_memories(self, ids, segments, offsets, lengths, checksums, codec):
         """Point memories at new records (a cold memory's first encoding)."""
-        batch = {"id": np.asarray(ids, np.int64), "segment": np.asarray(segments, np.int32),
-                 "offset": np.asarray(offsets, np.int64), "length": np.asarray(lengths, np.int32),
-                 "checksum": np.asarray(checksums, np.uint64)}
+        batch = {
+            "id": np.asarray(ids, np.int64),
+            "segment": np.asarray(segments, np.int32),
+            "offset": np.asarray(offsets, np.int64),
+            "length": np.asarray(lengths, np.int32),
+            "checksum": np.asarray(checksums, np.uint64),
+        }
         self.con.register("_m3db_relocate", batch)
         try:
             self.con.execute(
                 'UPDATE memories SET segment = b.segment, "offset" = b."offset", length = b.length, '
-                "checksum = b.checksum, codec = ? FROM _m3db_relocate b WHERE memories.id = b.id", [codec]
+                "checksum = b.checksum, codec = ? FROM _m3db_relocate b WHERE memories.id = b.id",
+                [codec],
             )
         finally:
             self.con.unregister("_m3db_relocate")
@@ -257,7 +283,13 @@ class Catalog:
         metadata = doc.get("metadata")
         self.con.execute(
             "INSERT INTO documents(id, source, title, uri, metadata) VALUES (?, ?, ?, ?, ?)",
-            [doc["id"], doc["source"], doc.get("title"), doc.get("uri"), None if metadata is None else json.dumps(metadata)],
+            [
+                doc["id"],
+                doc["source"],
+                doc.get("title"),
+                doc.get("uri"),
+                None if metadata is None else json.dumps(metadata),
+            ],
         )
 
     def has_document(self, document_id):
@@ -295,7 +327,9 @@ class Catalog:
 
     def segment_ends(self):
         """{segment number: end of its last committed record}."""
-        return dict(self.con.execute('SELECT segment, max("offset" + length) FROM memories GROUP BY segment').fetchall())
+        return dict(
+            self.con.execute('SELECT segment, max("offset" + length) FROM memories GROUP BY segment').fetchall()
+        )
 
     def count(self):
         return self.con.execute("SELECT count(*) FROM memories").fetchone()[0]
@@ -308,7 +342,9 @@ class Catalog:
         ids = sorted({int(i) for i in ids if i is not None})
         if not ids:
             return {}
-        rows = self.con.execute("SELECT id, source, title FROM documents WHERE id IN (SELECT UNNEST(?))", [ids]).fetchall()
+        rows = self.con.execute(
+            "SELECT id, source, title FROM documents WHERE id IN (SELECT UNNEST(?))", [ids]
+        ).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
     def codec_rows(self):
@@ -328,7 +364,9 @@ class Catalog:
         """(rows, embeddings) of the memories with ids in [lo, hi], in id order: `columns`
         (created_at as epoch microseconds) as tuples, and the embedding lists."""
         select = ", ".join("epoch_us(created_at)" if c == "created_at" else f'"{c}"' for c in columns)
-        rows = self.con.execute(f"SELECT {select} FROM memories WHERE id BETWEEN ? AND ? ORDER BY id", [lo, hi]).fetchall()
+        rows = self.con.execute(
+            f"SELECT {select} FROM memories WHERE id BETWEEN ? AND ? ORDER BY id", [lo, hi]
+        ).fetchall()
         emb = self.con.execute("SELECT embedding FROM memories WHERE id BETWEEN ? AND ? ORDER BY id", [lo, hi])
         return rows, emb.fetchnumpy()["embedding"]
 

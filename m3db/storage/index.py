@@ -38,8 +38,12 @@ class VectorIndex:
 
     def _empty(self):
         return Index(
-            ndim=self.dim, metric="cos", dtype="f16",
-            connectivity=CONNECTIVITY, expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH,
+            ndim=self.dim,
+            metric="cos",
+            dtype="f16",
+            connectivity=CONNECTIVITY,
+            expansion_add=EXPANSION_ADD,
+            expansion_search=EXPANSION_SEARCH,
         )
 
     # -- files -------------------------------------------------------------------------------
@@ -186,4 +190,3 @@ class VectorIndex:
 
     def close(self):
         self.index = None
-

@@ -24,8 +24,8 @@ import msgpack
 import numpy as np
 import zstandard
 
-from .codec import codec_class
 from ..errors import FormatError
+from .codec import codec_class
 
 MAGIC = b"M3MR"
 FORMAT_VERSION = 1
@@ -81,9 +81,14 @@ def encode_record(memory_id, codec, keys, values, positions, text, metadata, doc
     if keys is None:
         fields["cold"] = True
     else:
-        fields.update(codec=codec.name, codec_version=codec.version, shape=list(keys.shape),
-                      positions=positions.astype(np.uint8).tobytes(), keys=codec.encode(keys),
-                      values=codec.encode(values))
+        fields.update(
+            codec=codec.name,
+            codec_version=codec.version,
+            shape=list(keys.shape),
+            positions=positions.astype(np.uint8).tobytes(),
+            keys=codec.encode(keys),
+            values=codec.encode(values),
+        )
     fields.update(text=text, metadata=metadata, document_id=document_id, ordinal=ordinal, token_count=token_count)
     payload = msgpack.packb(fields, use_bin_type=True)
     flags = 0
@@ -107,7 +112,9 @@ def read_header(buf, where):
         raise FormatError(f"{where}: truncated record header ({len(buf)} of {HEADER_SIZE} bytes)")
     magic, version, flags, length, crc, head_crc = HEADER.unpack_from(buf)
     if zlib.crc32(bytes(buf[:16])) != head_crc:
-        raise FormatError(f"{where}: record header checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)")
+        raise FormatError(
+            f"{where}: record header checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)"
+        )
     if magic != MAGIC:
         raise FormatError(f"{where}: bad record magic {magic!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -124,7 +131,9 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
         raise FormatError(f"{where}: record is {len(buf)} bytes, its header says {HEADER_SIZE + length}")
     payload = bytes(buf[HEADER_SIZE:])
     if zlib.crc32(payload) != crc or (expect_crc is not None and crc != expect_crc):
-        raise FormatError(f"{where}: record checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)")
+        raise FormatError(
+            f"{where}: record checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)"
+        )
     if flags & FLAG_ZSTD:
         try:
             payload = _zstd().decompressor.decompress(payload, max_output_size=MAX_PAYLOAD)
@@ -136,13 +145,25 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
         if expect_id is not None and mid != expect_id:
             raise FormatError(f"{where}: record holds memory {mid}, the catalog expected {expect_id}")
         if d.get("cold") is True:
-            return Memory(mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"],
-                          d.get("token_count"), cold=True)
+            return Memory(
+                mid,
+                d["text"],
+                None,
+                None,
+                None,
+                d["metadata"],
+                d["document_id"],
+                d["ordinal"],
+                d.get("token_count"),
+                cold=True,
+            )
         shape = tuple(int(x) for x in d["shape"])
         if len(shape) != 4:
             raise FormatError(f"{where}: record shape {shape} is not (layers, heads, n, head_dim)")
         if not arrays:
-            return Memory(mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"], d.get("token_count"))
+            return Memory(
+                mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"], d.get("token_count")
+            )
         codec = codec_class(d["codec"], d["codec_version"])()
         positions = np.frombuffer(d["positions"], dtype=np.uint8)
         if positions.size != shape[0] * shape[1] * shape[2]:
@@ -153,5 +174,14 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
         if isinstance(e, FormatError):
             raise
         raise FormatError(f"{where}: record payload is malformed ({type(e).__name__}: {e})") from e
-    return Memory(mid, d["text"], keys, values, positions.reshape(shape[:3]).copy(), d["metadata"], d["document_id"],
-                  d["ordinal"], d.get("token_count"))
+    return Memory(
+        mid,
+        d["text"],
+        keys,
+        values,
+        positions.reshape(shape[:3]).copy(),
+        d["metadata"],
+        d["document_id"],
+        d["ordinal"],
+        d.get("token_count"),
+    )

@@ -16,8 +16,8 @@ import os
 import struct
 import zlib
 
-from .durable import fsync_path
 from ..errors import FormatError
+from .durable import fsync_path
 
 MAGIC = b"M3SG"
 VERSION = 1
@@ -235,4 +235,3 @@ class SegmentStore:
         self._seal()
         for number in list(self._maps):
             self._unmap(number)
-

@@ -10,8 +10,8 @@ import json
 
 import numpy as np
 
-from .codec import codec_class
 from ..errors import InvalidInputError, SpecMismatchError
+from .codec import codec_class
 
 # positions are stored as uint8, so a reference can hold at most 256 tokens
 MAX_REFERENCE_LENGTH = 256
@@ -47,16 +47,28 @@ class MemorySpec:
         problems = []
         if not isinstance(self.model_fingerprint, str) or not self.model_fingerprint:
             problems.append("model_fingerprint must be a non-empty string")
-        if not self.memory_layers or min(self.memory_layers) < 0 or len(set(self.memory_layers)) != len(self.memory_layers):
+        if (
+            not self.memory_layers
+            or min(self.memory_layers) < 0
+            or len(set(self.memory_layers)) != len(self.memory_layers)
+        ):
             problems.append(f"memory_layers must be distinct non-negative layer numbers, got {self.memory_layers}")
         for name in ("kv_heads", "head_dim", "tokens_per_head", "embedding_dim", "reference_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.reference_length, int) and self.reference_length > MAX_REFERENCE_LENGTH:
-            problems.append(f"reference_length must be <= {MAX_REFERENCE_LENGTH} (positions are uint8), got {self.reference_length}")
-        if isinstance(self.tokens_per_head, int) and isinstance(self.reference_length, int) and self.tokens_per_head > self.reference_length:
-            problems.append(f"tokens_per_head ({self.tokens_per_head}) cannot exceed reference_length ({self.reference_length})")
+            problems.append(
+                f"reference_length must be <= {MAX_REFERENCE_LENGTH} (positions are uint8), got {self.reference_length}"
+            )
+        if (
+            isinstance(self.tokens_per_head, int)
+            and isinstance(self.reference_length, int)
+            and self.tokens_per_head > self.reference_length
+        ):
+            problems.append(
+                f"tokens_per_head ({self.tokens_per_head}) cannot exceed reference_length ({self.reference_length})"
+            )
         if problems:
             raise InvalidInputError("invalid memory spec: " + "; ".join(problems))
         codec_class(self.codec)  # raises on an unknown codec name
@@ -130,7 +142,9 @@ class MemorySpec:
         if values.shape != keys.shape:
             raise InvalidInputError(f"values has shape {values.shape}; it must equal the keys' shape {keys.shape}")
         if positions.shape != (L, H, n):
-            raise InvalidInputError(f"positions has shape {positions.shape}; expected {(L, H, n)} (layers, kv_heads, n)")
+            raise InvalidInputError(
+                f"positions has shape {positions.shape}; expected {(L, H, n)} (layers, kv_heads, n)"
+            )
         if positions.dtype.kind not in "ui":
             raise InvalidInputError(f"positions has dtype {positions.dtype}; it must be an integer array (uint8)")
         if positions.size and (positions.min() < 0 or positions.max() >= self.reference_length):

@@ -53,8 +53,9 @@ class Store:
     immutable). On any failure the store closes what it opened and re-raises.
     """
 
-    def __init__(self, directory, *, spec=None, read_only=False, config=None, segments=None, catalog_class=Catalog,
-                 lock=True):
+    def __init__(
+        self, directory, *, spec=None, read_only=False, config=None, segments=None, catalog_class=Catalog, lock=True
+    ):
         self.directory = directory
         self.read_only = read_only
         self.config = dict(config or {})
@@ -72,7 +73,9 @@ class Store:
         self.catalog = catalog_class(os.path.join(self.directory, CATALOG_FILE), read_only=self.read_only)
         if self.catalog.is_new():
             if spec is None:
-                raise InvalidInputError(f"{self.directory!r} holds no m3db catalog; pass spec= or a model to create one")
+                raise InvalidInputError(
+                    f"{self.directory!r} holds no m3db catalog; pass spec= or a model to create one"
+                )
             self.catalog.create(spec.to_json(), spec.embedding_dim)
         meta = self.catalog.meta()
         stored = MemorySpec.from_json(meta["spec"])

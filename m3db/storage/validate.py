@@ -18,8 +18,21 @@ from .segment import DEFAULT_SEGMENT_SIZE
 
 # connect(config=...): key -> type; all are positive integers
 CONFIG_KEYS = {"segment_size": int, "exact_limit": int, "index_save_every": int, "cache_bytes": int}
-MEMORY_FIELDS = ("keys", "values", "positions", "embedding", "text", "metadata", "document", "ordinal", "token_count", "id",
-                 "char_start", "char_end", "cold")
+MEMORY_FIELDS = (
+    "keys",
+    "values",
+    "positions",
+    "embedding",
+    "text",
+    "metadata",
+    "document",
+    "ordinal",
+    "token_count",
+    "id",
+    "char_start",
+    "char_end",
+    "cold",
+)
 DOCUMENT_FIELDS = ("source", "title", "uri", "metadata")
 
 
@@ -57,7 +70,9 @@ def check_memory(position: int, item: object, spec, codec) -> CheckedMemory:
         raise InvalidInputError(f"{where}: cold must be True or False, got {cold!r}")
     arrays = ("keys", "values", "positions")
     if cold and any(item.get(k) is not None for k in arrays):
-        raise InvalidInputError(f"{where}: a cold memory is stored as text only; drop keys, values and positions or cold=True")
+        raise InvalidInputError(
+            f"{where}: a cold memory is stored as text only; drop keys, values and positions or cold=True"
+        )
     missing = [k for k in ("embedding", "text") + (() if cold else arrays) if item.get(k) is None]
     if missing:
         raise InvalidInputError(f"{where}: missing {missing}")
@@ -88,16 +103,30 @@ def check_memory(position: int, item: object, spec, codec) -> CheckedMemory:
             raise InvalidInputError(f"{where}: {name} must be a non-negative 32-bit integer, got {v!r}")
     span = (item.get("char_start"), item.get("char_end"))
     if (span[0] is None) != (span[1] is None) or (span[0] is not None and span[0] > span[1]):
-        raise InvalidInputError(f"{where}: char_start and char_end go together, with char_start <= char_end; got {span}")
+        raise InvalidInputError(
+            f"{where}: char_start and char_end go together, with char_start <= char_end; got {span}"
+        )
     document = item.get("document")
     if isinstance(document, dict):
         check_document(where, document)
     elif document is not None and (not isinstance(document, (str, int, np.integer)) or isinstance(document, bool)):
         raise InvalidInputError(f"{where}: document must be a source string, a dict or a document id, got {document!r}")
-    return CheckedMemory(keys=keys, values=values, positions=positions, embedding=embedding, text=text,
-                         metadata=metadata, types=types, document=document, id=None if mid is None else int(mid),
-                         ordinal=item.get("ordinal"), token_count=item.get("token_count"),
-                         char_start=span[0], char_end=span[1], cold=cold)
+    return CheckedMemory(
+        keys=keys,
+        values=values,
+        positions=positions,
+        embedding=embedding,
+        text=text,
+        metadata=metadata,
+        types=types,
+        document=document,
+        id=None if mid is None else int(mid),
+        ordinal=item.get("ordinal"),
+        token_count=item.get("token_count"),
+        char_start=span[0],
+        char_end=span[1],
+        cold=cold,
+    )
 
 
 def check_document(where: str, doc: dict) -> None:

@@ -101,10 +101,14 @@ class Writer:
         """Explicit ids are free, and each metadata key keeps one column type."""
         explicit = [c.id for c in checked if c.id is not None]
         if len(set(explicit)) != len(explicit):
-            raise DuplicateIdError(f"ids repeat within the batch: {sorted(i for i in set(explicit) if explicit.count(i) > 1)}")
+            raise DuplicateIdError(
+                f"ids repeat within the batch: {sorted(i for i in set(explicit) if explicit.count(i) > 1)}"
+            )
         taken = [i for i in explicit if i in self.store.locations or i in self.pending.ids]
         if taken:
-            raise DuplicateIdError(f"ids already in the database: {taken[:10]}; forget them first or omit id= to get new ones")
+            raise DuplicateIdError(
+                f"ids already in the database: {taken[:10]}; forget them first or omit id= to get new ones"
+            )
         columns = dict(self.store.catalog.columns())
         for r in self.pending.rows:  # earlier adds of this transaction fix their keys' types too
             for key, sql_type in r.types.items():
@@ -122,7 +126,9 @@ class Writer:
                         "Use one type per metadata key"
                     )
             if isinstance(c.document, (int, np.integer)) and not self.document_exists(int(c.document)):
-                raise NotFoundError(f"memory #{position}: no document with id {c.document}; pass its source string to create it")
+                raise NotFoundError(
+                    f"memory #{position}: no document with id {c.document}; pass its source string to create it"
+                )
 
     def document_exists(self, document_id: int) -> bool:
         pending = self.pending.documents if self.pending else []
@@ -159,16 +165,33 @@ class Writer:
             pending.ids.add(mid)
             ids.append(mid)
             documents.append(self._document_id(c.document))
-        blobs = [encode_record(mid, store.codec, c.keys, c.values, c.positions, c.text, c.metadata, doc, c.ordinal,
-                               c.token_count) for mid, doc, c in zip(ids, documents, checked)]
+        blobs = [
+            encode_record(
+                mid, store.codec, c.keys, c.values, c.positions, c.text, c.metadata, doc, c.ordinal, c.token_count
+            )
+            for mid, doc, c in zip(ids, documents, checked)
+        ]
         for mid, doc, c, blob in zip(ids, documents, checked, blobs):
             segment, offset = store.segments.append(blob)
-            pending.rows.append(MemoryRow(
-                id=mid, document_id=doc, ordinal=c.ordinal, text=c.text, char_start=c.char_start, char_end=c.char_end,
-                codec=COLD if c.cold else store.codec.name, token_count=c.token_count, embedding=c.embedding,
-                segment=segment, offset=offset, length=len(blob), checksum=payload_crc(blob), metadata=c.metadata,
-                types=c.types,
-            ))
+            pending.rows.append(
+                MemoryRow(
+                    id=mid,
+                    document_id=doc,
+                    ordinal=c.ordinal,
+                    text=c.text,
+                    char_start=c.char_start,
+                    char_end=c.char_end,
+                    codec=COLD if c.cold else store.codec.name,
+                    token_count=c.token_count,
+                    embedding=c.embedding,
+                    segment=segment,
+                    offset=offset,
+                    length=len(blob),
+                    checksum=payload_crc(blob),
+                    metadata=c.metadata,
+                    types=c.types,
+                )
+            )
         return ids
 
     def _allocate_id(self):
@@ -225,8 +248,13 @@ class Writer:
         store.commit_seq = seq
         if p.rows:
             ids = np.array([r.id for r in p.rows], dtype=np.int64)
-            store.locations.insert(ids, [r.segment for r in p.rows], [r.offset for r in p.rows],
-                                   [r.length for r in p.rows], [r.checksum for r in p.rows])
+            store.locations.insert(
+                ids,
+                [r.segment for r in p.rows],
+                [r.offset for r in p.rows],
+                [r.length for r in p.rows],
+                [r.checksum for r in p.rows],
+            )
             store.index.add(ids, np.stack([r.embedding for r in p.rows]))
         if p.forget:
             store.locations.delete(p.forget)

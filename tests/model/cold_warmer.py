@@ -10,9 +10,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from test_knowledge import HashEmbedder  # noqa: E402
+
 import m3db  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
-from test_knowledge import HashEmbedder  # noqa: E402
 
 
 def main(path):

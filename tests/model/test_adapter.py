@@ -15,6 +15,7 @@ from m3db.model.memory_model import MemoryModel, trained_for  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
 from m3db.model.train_data import TrainingData, eval_facts, held_out, overlap_ratio  # noqa: E402
 
+
 def chunk(text):
     return [text]  # the tiny summaries are one reference each
 
@@ -22,8 +23,12 @@ def chunk(text):
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETTINGS = MemorySettings(memory_layers=(0, 1), tokens_per_head=8, reference_length=256)
 WIKI = {
-    f"Article {i}": {"title": f"Article {i}", "text": f"Article {i} is a small town in the north. It has {i} bridges and a market. "
-                     f"The town of Article {i} was founded by traders.", "metadata": {"description": "small town in the north"}}
+    f"Article {i}": {
+        "title": f"Article {i}",
+        "text": f"Article {i} is a small town in the north. It has {i} bridges and a market. "
+        f"The town of Article {i} was founded by traders.",
+        "metadata": {"description": "small town in the north"},
+    }
     for i in range(40)
 }
 
@@ -34,7 +39,9 @@ def tiny():
 
 
 def perturbed(model, seed=1):
-    a = ReaderAdapter(model.decoder.cfg, base_fingerprint=model.fingerprint, rank=4, settings=trained_for(model.settings))
+    a = ReaderAdapter(
+        model.decoder.cfg, base_fingerprint=model.fingerprint, rank=4, settings=trained_for(model.settings)
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in a.parameters():
@@ -49,7 +56,9 @@ def test_an_untrained_adapter_changes_nothing(tiny):
 
 
 def test_the_adapter_changes_reading_but_never_the_memories_written(tiny):
-    with_adapter = MemoryModel(tiny.decoder, tiny.tokenizer, fingerprint=tiny.fingerprint, settings=SETTINGS, adapter=perturbed(tiny))
+    with_adapter = MemoryModel(
+        tiny.decoder, tiny.tokenizer, fingerprint=tiny.fingerprint, settings=SETTINGS, adapter=perturbed(tiny)
+    )
     ids = torch.tensor([tiny.tokenizer.encode("Where was Ada born?")])
     assert not torch.allclose(tiny.decoder(ids), tiny.decoder(ids, adapter=with_adapter.adapter))
     a, b = tiny.encode(["Ada was born in Tarsk."])[0], with_adapter.encode(["Ada was born in Tarsk."])[0]
@@ -125,8 +134,19 @@ def test_gradients_reach_the_adapter_only_and_lower_the_loss(tiny):
 
 
 def test_training_is_deterministic_and_resumes_exactly(tiny, tmp_path, monkeypatch):
-    cfg = train_mod.TrainConfig(steps=4, batch_size=2, text_batch=1, lr=5e-3, warmup=1, rank=4, distractors=1,
-                                eval_every=2, eval_questions=2, eval_texts=1, checkpoint_every=2)
+    cfg = train_mod.TrainConfig(
+        steps=4,
+        batch_size=2,
+        text_batch=1,
+        lr=5e-3,
+        warmup=1,
+        rank=4,
+        distractors=1,
+        eval_every=2,
+        eval_questions=2,
+        eval_texts=1,
+        checkpoint_every=2,
+    )
     whole = train_mod.train(tiny, tmp_path / "whole", cfg, progress=False, wiki=WIKI, chunk=chunk, say=lambda m: None)
     log = [json.loads(line) for line in open(tmp_path / "whole" / "log.jsonl")]
     assert [r["step"] for r in log] == [0, 1, 2, 3, 4] and "eval" in log[0] and "eval" in log[-1]
@@ -145,13 +165,22 @@ def test_training_is_deterministic_and_resumes_exactly(tiny, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(tiny, tmp_path / "resumed", cfg, progress=False, wiki=WIKI, chunk=chunk, say=lambda m: None)
     monkeypatch.setattr(train_mod, "batch_loss", real)
-    resumed = train_mod.train(tiny, tmp_path / "resumed", cfg, progress=False, wiki=WIKI, chunk=chunk, say=lambda m: None)
+    resumed = train_mod.train(
+        tiny, tmp_path / "resumed", cfg, progress=False, wiki=WIKI, chunk=chunk, say=lambda m: None
+    )
     assert resumed.fingerprint == whole.fingerprint
     assert open(tmp_path / "resumed" / "log.jsonl").read().count('"step": 3') == 1
-    loaded = ReaderAdapter.load(tmp_path / "resumed" / "adapter.safetensors", tiny.decoder.cfg, base_fingerprint=tiny.fingerprint)
+    loaded = ReaderAdapter.load(
+        tmp_path / "resumed" / "adapter.safetensors", tiny.decoder.cfg, base_fingerprint=tiny.fingerprint
+    )
     assert loaded.fingerprint == whole.fingerprint and loaded.settings == trained_for(tiny.settings)
     with pytest.raises(ValueError, match="another configuration"):
-        train_mod.train(tiny, tmp_path / "resumed", train_mod.TrainConfig(steps=5), progress=False, wiki=WIKI, chunk=chunk)
-    plot = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "plot_training.py"), str(tmp_path / "whole")],
-                          capture_output=True, text=True)
+        train_mod.train(
+            tiny, tmp_path / "resumed", train_mod.TrainConfig(steps=5), progress=False, wiki=WIKI, chunk=chunk
+        )
+    plot = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "plot_training.py"), str(tmp_path / "whole")],
+        capture_output=True,
+        text=True,
+    )
     assert plot.returncode == 0 and os.path.getsize(tmp_path / "whole" / "curve.png") > 1000, plot.stderr

@@ -11,7 +11,9 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
 def m3db(*args):
-    return subprocess.run([sys.executable, "-m", "m3db.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "m3db.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_build_recall_ask(tmp_path):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
+from test_knowledge import DOCS, HashEmbedder  # noqa: E402
+
 import m3db  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
-
-from test_knowledge import DOCS, HashEmbedder  # noqa: E402
 
 LONG = {"text": "Paris is the capital of France. " * 12 + "The Seine flows through it.", "source": "wiki/Paris-long"}
 WARMER = os.path.join(os.path.dirname(__file__), "cold_warmer.py")
@@ -65,17 +65,21 @@ def same_as_warm(memory, warm_arrays):
     """Equal up to two int8 steps: a reference encoded alone and the same reference encoded
     in a padded batch differ by ~1e-7 in fp32, which can move a value across a rounding edge."""
     keys, values, positions = warm_arrays[memory.text]
-    return (np.array_equal(memory.positions, positions)
-            and np.abs(memory.keys - keys).max() <= 2 * np.abs(keys).max() / 127
-            and np.abs(memory.values - values).max() <= 2 * np.abs(values).max() / 127)
+    return (
+        np.array_equal(memory.positions, positions)
+        and np.abs(memory.keys - keys).max() <= 2 * np.abs(keys).max() / 127
+        and np.abs(memory.values - values).max() <= 2 * np.abs(values).max() / 127
+    )
 
 
 def test_cold_ingest_stores_text_spans_and_no_arrays(tiny, tmp_path):
     n = build_cold(tmp_path / "kb", tiny)
     with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder(), codec="int8") as db:
         assert set(codecs(db).values()) == {"cold"} and n > len(DOCS)
-        rows = db.sql("SELECT m.text, m.char_start, m.char_end, m.token_count, d.source FROM memories m "
-                      "JOIN documents d ON d.id = m.document_id")
+        rows = db.sql(
+            "SELECT m.text, m.char_start, m.char_end, m.token_count, d.source FROM memories m "
+            "JOIN documents d ON d.id = m.document_id"
+        )
         texts = {d["source"]: d["text"] for d in DOCS + [LONG]}
         for text, start, end, tokens, source in rows:
             assert texts[source][start:end] == text and tokens == tiny.count_tokens(text)
@@ -127,7 +131,10 @@ def test_read_only_and_transactions_encode_in_ram_only(tiny, tmp_path, warm_arra
         assert set(codecs(db).values()) == {"cold"}
         with pytest.raises(m3db.ReadOnlyError):
             db.warm_up()
-    assert (sorted(os.listdir(tmp_path / "kb" / "segments")), os.path.getsize(tmp_path / "kb" / "catalog.duckdb")) == before
+    assert (
+        sorted(os.listdir(tmp_path / "kb" / "segments")),
+        os.path.getsize(tmp_path / "kb" / "catalog.duckdb"),
+    ) == before
     with m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder(), codec="int8") as db:
         with db.transaction():
             assert same_as_warm(db.get(1), warm_arrays)

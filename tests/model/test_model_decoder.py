@@ -99,7 +99,13 @@ def test_memory_in_cache_equals_cacheless_memory(dec):
     """Memories written into the cache's front slots read the same as memories concatenated."""
     g = torch.Generator().manual_seed(3)
     M = 6
-    mem = {i: (torch.randn(1, CFG.n_kv_head, M, CFG.head_dim, generator=g), torch.randn(1, CFG.n_kv_head, M, CFG.head_dim, generator=g)) for i in (1, 3)}
+    mem = {
+        i: (
+            torch.randn(1, CFG.n_kv_head, M, CFG.head_dim, generator=g),
+            torch.randn(1, CFG.n_kv_head, M, CFG.head_dim, generator=g),
+        )
+        for i in (1, 3)
+    }
     valid = torch.tensor([[True] * 5 + [False]])
     x = ids(8)
     with torch.no_grad():
@@ -132,7 +138,10 @@ def test_non_memory_layers_never_see_memory(dec):
     q/k/v every earlier layer computes are identical with and without memory."""
     g = torch.Generator().manual_seed(5)
     last = CFG.n_layer - 1
-    mem = (torch.randn(1, CFG.n_kv_head, 4, CFG.head_dim, generator=g), torch.randn(1, CFG.n_kv_head, 4, CFG.head_dim, generator=g))
+    mem = (
+        torch.randn(1, CFG.n_kv_head, 4, CFG.head_dim, generator=g),
+        torch.randn(1, CFG.n_kv_head, 4, CFG.head_dim, generator=g),
+    )
     x = ids(6)
     with torch.no_grad():
         cache_a = KVCache(1, CFG.n_layer, CFG.n_kv_head, CFG.head_dim, capacity=8, memory_layers=(last,))

@@ -74,7 +74,7 @@ def test_topk_matches_brute_force(model):
                 dropped = [j for j in range(len(scores)) if j not in kept]
                 if dropped:  # every kept token scores at least as high as every dropped one, up to
                     # the encoder's rounding of log-scores to 2^-10 (ties broken by position)
-                    assert min(scores[list(kept)]) >= max(scores[dropped]) * math.exp(-2.0**-10) * (1 - 1e-6)
+                    assert min(scores[list(kept)]) >= max(scores[dropped]) * math.exp(-(2.0**-10)) * (1 - 1e-6)
 
 
 def test_different_heads_keep_different_tokens(model):
@@ -137,8 +137,16 @@ def test_too_long_reference_is_refused():
 def test_spec_fields(model):
     spec = model.memory_spec_fields()
     assert set(spec) == {
-        "model_fingerprint", "memory_layers", "kv_heads", "head_dim", "tokens_per_head", "rope_base",
-        "rope_scaling", "reference_length", "reference_prefix", "position_policy",
+        "model_fingerprint",
+        "memory_layers",
+        "kv_heads",
+        "head_dim",
+        "tokens_per_head",
+        "rope_base",
+        "rope_scaling",
+        "reference_length",
+        "reference_prefix",
+        "position_policy",
     }
     assert spec["memory_layers"] == [0, 2] and spec["tokens_per_head"] == 8 and spec["kv_heads"] == 2
     assert spec["model_fingerprint"] == MemoryModel.tiny(seed=0).memory_spec_fields()["model_fingerprint"]

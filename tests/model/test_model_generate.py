@@ -156,7 +156,9 @@ def test_rag_prepends_reference_text_and_reprefills(model, memories):
     plain = model.generate(model.tokenizer.decode(ids), mode="none", max_tokens=64, stop_tokens=())
     assert model.tokenizer.encode(model.tokenizer.decode(ids)) == ids
     assert g.tokens[:64] == plain.tokens
-    assert [c.memory_ids for c in g.chunks] == [tuple(m.id for m in first)] * 2 + [tuple(m.id for m in r.pick(r.queries[1], 2))]
+    assert [c.memory_ids for c in g.chunks] == [tuple(m.id for m in first)] * 2 + [
+        tuple(m.id for m in r.pick(r.queries[1], 2))
+    ]
 
 
 def test_memory_mode_needs_a_retriever(model):
@@ -183,7 +185,10 @@ def test_interleaved_generations_do_not_disturb_each_other_or_grad_mode(model, m
     assert torch.is_grad_enabled()
     s = Sampling(max_tokens=70, stop_tokens=())
     ids = model.tokenizer.encode("the town")
-    loops = {mode: run(model, [ids], mode=mode, retriever=Recorder(memories), sampling=s) for mode in ("memory", "rag", "none")}
+    loops = {
+        mode: run(model, [ids], mode=mode, retriever=Recorder(memories), sampling=s)
+        for mode in ("memory", "rag", "none")
+    }
     live = list(loops)
     while live:
         for mode in list(live):

@@ -23,8 +23,12 @@ def imported_roots(path: Path):
 
 @pytest.mark.parametrize("path", sorted(MODEL_DIR.glob("*.py")), ids=lambda p: p.name)
 def test_model_imports_only_allowed_packages(path):
-    bad = {r for r in imported_roots(path) if r not in ALLOWED and r not in sys.stdlib_module_names and r != "__future__"}
-    assert not bad, f"{path.name} imports {sorted(bad)}; model/ may import only {sorted(ALLOWED)}, the stdlib and itself"
+    bad = {
+        r for r in imported_roots(path) if r not in ALLOWED and r not in sys.stdlib_module_names and r != "__future__"
+    }
+    assert not bad, (
+        f"{path.name} imports {sorted(bad)}; model/ may import only {sorted(ALLOWED)}, the stdlib and itself"
+    )
 
 
 def test_finding_the_weights_does_not_import_their_package():

@@ -17,7 +17,9 @@ REF = "The Zorblax festival is held every March in the town of Quimby."
 CTX = "Question: when is the Zorblax festival? Answer:"
 
 # every layer a memory layer, every token kept, memories laid end to end before the context
-FULL = MemorySettings(memory_layers=None, tokens_per_head=256, position_policy="sequential", memories_per_chunk=1, reference_length=256)
+FULL = MemorySettings(
+    memory_layers=None, tokens_per_head=256, position_policy="sequential", memories_per_chunk=1, reference_length=256
+)
 
 
 def read_logits(m, items, ctx_ids):
@@ -62,12 +64,16 @@ def test_two_memories_sequential_equal_prefilling_both():
     assert (got - swapped).abs().max() > 1e-5
     for it in items:
         ids = m.prefix_ids + m.tokenizer.encode(it.text) + ctx_ids
-        torch.testing.assert_close(read_logits(m, [it], ctx_ids), prefill_logits(m, ids, len(ctx_ids)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            read_logits(m, [it], ctx_ids), prefill_logits(m, ids, len(ctx_ids)), atol=1e-4, rtol=1e-4
+        )
 
 
 def test_parallel_policy_with_a_full_length_reference_equals_prefill():
     ref_ids_len = len(MemoryModel.tiny().tokenizer.encode(REF))
-    s = MemorySettings(memory_layers=None, tokens_per_head=256, position_policy="parallel", reference_length=ref_ids_len)
+    s = MemorySettings(
+        memory_layers=None, tokens_per_head=256, position_policy="parallel", reference_length=ref_ids_len
+    )
     m = MemoryModel.tiny(settings=s, seed=3)
     item = Memory.from_encoded(1, REF, m.encode([REF])[0])
     ctx_ids = m.tokenizer.encode(CTX)

