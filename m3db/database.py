@@ -151,7 +151,8 @@ class Database:
     ):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(
-                f"path must be a string or path-like (a directory, a .m3kb file or ':memory:'), got {type(path).__name__}"
+                "path must be a string or path-like (a directory, a .m3kb file or ':memory:'), got "
+                f"{type(path).__name__}"
             )
         if memory_mode is not None and (model is not None or spec is not None):
             raise InvalidInputError(

@@ -12,7 +12,7 @@ import sys
 
 from ..database import connect
 from ..errors import InvalidInputError, M3DBError
-from .table import format_table
+from .table import format_cell, format_table
 
 COMMANDS = {}
 
@@ -372,7 +372,7 @@ def cmd_ask(args):
     if not args.json:
         print(f"Q: {out['question']}\nA: {out['answer']}\n\nmemories used ({answer.mode}):")
         for s in out["sources"]:
-            print(f"  #{s['id']}  [{s['document']}]  {_cell(s['text'], 110)}")
+            print(f"  #{s['id']}  [{s['document']}]  {format_cell(s['text'], 110)}")
         return None
     return out
 

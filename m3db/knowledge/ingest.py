@@ -75,7 +75,8 @@ def _check_document(doc, position):
         )
     if len(text) > MAX_DOCUMENT_CHARS:
         raise InvalidInputError(
-            f"document #{position} has {len(text):,} characters, over the {MAX_DOCUMENT_CHARS:,} limit; split it into several documents"
+            f"document #{position} has {len(text):,} characters, over the {MAX_DOCUMENT_CHARS:,} limit; split it "
+            "into several documents"
         )
     source = doc.get("source") or "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     metadata = {k: v for k, v in (doc.get("metadata") or {}).items() if v is not None}

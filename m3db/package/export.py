@@ -115,7 +115,8 @@ def read_catalog(chunks, where, manifest):
         if kind == "documents":
             if seen_mem or seen_docs + n > head["documents"]:
                 raise FormatError(
-                    f"{where}: the catalog has more documents than its head declares ({head['documents']}), or they come late"
+                    f"{where}: the catalog has more documents than its head declares ({head['documents']}), or they "
+                    "come late"
                 )
             if len(cols) != len(DOCUMENT_COLUMNS):
                 raise FormatError(
@@ -130,7 +131,8 @@ def read_catalog(chunks, where, manifest):
         else:
             if seen_docs != head["documents"] or seen_mem + n > head["memories"]:
                 raise FormatError(
-                    f"{where}: the catalog has more memories than its head declares ({head['memories']}), or documents are missing"
+                    f"{where}: the catalog has more memories than its head declares ({head['memories']}), or "
+                    "documents are missing"
                 )
             if len(cols) != len(names):
                 raise FormatError(f"{where}: a memories chunk has {len(cols)} columns, its head declares {len(names)}")
@@ -141,7 +143,8 @@ def read_catalog(chunks, where, manifest):
             emb = obj.get("embedding")
             if not isinstance(emb, bytes) or len(emb) != n * dim * 4:
                 raise FormatError(
-                    f"{where}: a memories chunk's embeddings are {len(emb) if isinstance(emb, bytes) else emb!r} bytes, expected {n * dim * 4}"
+                    f"{where}: a memories chunk's embeddings are {len(emb) if isinstance(emb, bytes) else emb!r} "
+                    f"bytes, expected {n * dim * 4}"
                 )
             vectors = np.frombuffer(emb, dtype="<f4").reshape(n, dim)
             if not np.isfinite(vectors).all():
@@ -191,7 +194,8 @@ def check_head(head, where, manifest):
         raise FormatError(f"{where}: the catalog's meta must hold strings {', '.join(META_KEYS)}")
     if meta["format_version"] != str(CATALOG_VERSION):
         raise FormatError(
-            f"{where}: catalog format version {meta['format_version'][:20]!r}; this m3db reads version {CATALOG_VERSION}"
+            f"{where}: catalog format version {meta['format_version'][:20]!r}; this m3db reads version "
+            f"{CATALOG_VERSION}"
         )
     for key in ("commit_seq", "next_id"):
         if not meta[key].isdigit() or len(meta[key]) > 19:
@@ -210,7 +214,8 @@ def check_head(head, where, manifest):
             raise FormatError(f"{where}: the catalog head's {key} is {head[key]!r}, expected a non-negative integer")
     if head["memories"] != manifest["counts"]["memories"] or head["documents"] != manifest["counts"]["documents"]:
         raise FormatError(
-            f"{where}: the catalog declares {head['memories']} memories and {head['documents']} documents; the manifest "
+            f"{where}: the catalog declares {head['memories']} memories and {head['documents']} documents; the "
+            "manifest "
             f"counts {manifest['counts']['memories']} and {manifest['counts']['documents']}"
         )
     if head["embedding_dim"] != spec.embedding_dim:
@@ -235,7 +240,8 @@ def check_head(head, where, manifest):
     params = next((c[2] for c in codecs if c[0] == codec["name"] and c[1] == codec["version"]), None)
     if hashlib.sha256(params or b"").hexdigest() != codec["params_sha256"] or codec["name"] != spec.codec:
         raise FormatError(
-            f"{where}: the codec parameters in the catalog do not match the manifest's codec {codec['name']} v{codec['version']}"
+            f"{where}: the codec parameters in the catalog do not match the manifest's codec {codec['name']} "
+            f"v{codec['version']}"
         )
     columns = head["memory_columns"]
     if (
@@ -249,7 +255,8 @@ def check_head(head, where, manifest):
     names = [c[0] for c in columns]
     if tuple(names[: len(BUILTIN_COLUMNS)]) != BUILTIN_COLUMNS or len(set(names)) != len(names):
         raise FormatError(
-            f"{where}: the catalog's columns {names[:20]} do not start with m3db's built-in columns {list(BUILTIN_COLUMNS)}"
+            f"{where}: the catalog's columns {names[:20]} do not start with m3db's built-in columns "
+            f"{list(BUILTIN_COLUMNS)}"
         )
     for name, sql_type in columns:
         if name in BUILTIN_TYPES:

@@ -94,12 +94,14 @@ class Frame:
             )
         if len(head) < HEADER.size + HEADER_CRC.size:
             raise FormatError(
-                f"{where}: {size} bytes is too short for an m3db package (the header alone is {HEADER_PAGE}); the file is truncated"
+                f"{where}: {size} bytes is too short for an m3db package (the header alone is {HEADER_PAGE}); the "
+                "file is truncated"
             )
         magic, version, flags, reserved, m_off, m_len, m_hash = HEADER.unpack_from(head)
         if magic != MAGIC:
             raise FormatError(
-                f"{where}: not an m3db package (magic {magic!r}, expected {MAGIC!r}); make one with `m3db pack DB OUT.m3kb`"
+                f"{where}: not an m3db package (magic {magic!r}, expected {MAGIC!r}); make one with `m3db pack DB "
+                "OUT.m3kb`"
             )
         (crc,) = HEADER_CRC.unpack_from(head, HEADER.size)
         if zlib.crc32(head[: HEADER.size]) != crc:
@@ -167,7 +169,8 @@ def parse_manifest(raw, where):
     fields = set(m)
     if fields != MANIFEST_FIELDS:
         raise FormatError(
-            f"{where}: the manifest's fields are wrong: missing {sorted(MANIFEST_FIELDS - fields)}, unknown {sorted(fields - MANIFEST_FIELDS)}"
+            f"{where}: the manifest's fields are wrong: missing {sorted(MANIFEST_FIELDS - fields)}, unknown "
+            f"{sorted(fields - MANIFEST_FIELDS)}"
         )
     about = _obj(m, "about", where)
     for key, value in about.items():
@@ -187,12 +190,14 @@ def parse_manifest(raw, where):
         or not _HEX64.match(codec["params_sha256"])
     ):
         raise FormatError(
-            f"{where}: manifest field codec must be {{name: str, version: int, params_sha256: hex}}, got {str(codec)[:200]}"
+            f"{where}: manifest field codec must be {{name: str, version: int, params_sha256: hex}}, got "
+            f"{str(codec)[:200]}"
         )
     counts = _obj(m, "counts", where)
     if set(counts) != set(COUNT_FIELDS) or not all(_is_int(v) and 0 <= v <= MAX_COUNT for v in counts.values()):
         raise FormatError(
-            f"{where}: manifest field counts must hold integers {', '.join(COUNT_FIELDS)} in [0, 2^40], got {str(counts)[:200]}"
+            f"{where}: manifest field counts must hold integers {', '.join(COUNT_FIELDS)} in [0, 2^40], got "
+            f"{str(counts)[:200]}"
         )
     build = _obj(m, "build", where)
     for key, value in build.items():
@@ -228,12 +233,14 @@ def check_sections(sections, manifest_offset, where):
         off, length, digest = s["offset"], s["length"], s["sha256"]
         if not (_is_int(off) and _is_int(length)) or off < 0 or length < 0:
             raise FormatError(
-                f"{where}: section {name!r} has offset {off!r} and length {length!r}; both must be non-negative integers"
+                f"{where}: section {name!r} has offset {off!r} and length {length!r}; both must be non-negative "
+                "integers"
             )
         if off % ALIGN or off < HEADER_PAGE or off + length > manifest_offset:
             raise FormatError(
                 f"{where}: section {name!r} is declared at [{off}, {off + length}), outside the file's section area "
-                f"[{HEADER_PAGE}, {manifest_offset}) or not aligned to {ALIGN}; the manifest is wrong or the file truncated"
+                f"[{HEADER_PAGE}, {manifest_offset}) or not aligned to {ALIGN}; the manifest is wrong or the file "
+                "truncated"
             )
         if not isinstance(digest, str) or not _HEX64.match(digest):
             raise FormatError(

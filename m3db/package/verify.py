@@ -93,7 +93,8 @@ def _verify_sections(path, frame, mm, problem, problems, arrays, bar):
     for off, length, name in placed + [(frame.manifest_offset, 0, "manifest")]:
         if off - pos >= ALIGN:
             problem(
-                f"bytes [{pos}, {off}) before section {name!r} are a gap of {off - pos} bytes; pack leaves less than {ALIGN}"
+                f"bytes [{pos}, {off}) before section {name!r} are a gap of {off - pos} bytes; pack leaves less "
+                f"than {ALIGN}"
             )
         if any(any(piece) for piece in section_pieces(mm, pos, off - pos)):  # (in pieces: a gap may be large)
             problem(f"bytes [{pos}, {off}) before section {name!r} should be zero padding; the file is damaged")
@@ -135,7 +136,8 @@ def _verify_sections(path, frame, mm, problem, problems, arrays, bar):
         checked = _verify_records(mm, sections, loc, problem, arrays, bar)
         if int(loc["length"].sum()) != manifest["counts"]["record_bytes"]:
             problem(
-                f"the manifest counts {manifest['counts']['record_bytes']} record bytes; the catalog's records take {int(loc['length'].sum())}"
+                f"the manifest counts {manifest['counts']['record_bytes']} record bytes; the catalog's records take "
+                f"{int(loc['length'].sum())}"
             )
         if intact.get("index"):
             _verify_index(mm, sections["index"], loc["id"], head["spec"].embedding_dim, problem)
@@ -173,7 +175,8 @@ def _verify_records(mm, sections, loc, problem, arrays, bar):
     for name, (base, size, _) in sections.items():
         if name.startswith("segment/") and ends.get(segment_number(name), SEG_HEADER_SIZE) != size:
             problem(
-                f"section {name!r}: its records end at {ends.get(segment_number(name), SEG_HEADER_SIZE)}, the section at {size}"
+                f"section {name!r}: its records end at {ends.get(segment_number(name), SEG_HEADER_SIZE)}, the "
+                f"section at {size}"
             )
     return checked
 
@@ -186,7 +189,8 @@ def _verify_index(mm, section, ids, dim, problem):
         return
     if index.dim != dim or len(index) != len(ids):
         problem(
-            f"section 'index': holds {len(index)} vectors of dimension {index.dim}; the catalog has {len(ids)} of dimension {dim}"
+            f"section 'index': holds {len(index)} vectors of dimension {index.dim}; the catalog has {len(ids)} of "
+            f"dimension {dim}"
         )
         return
     if not np.array_equal(np.sort(index.keys()), np.sort(ids)):

@@ -96,7 +96,8 @@ def check_metadata_key(key):
         )
     if key.lower() in BUILTIN_COLUMNS:
         raise InvalidInputError(
-            f"metadata key {key!r} collides with a built-in column of `memories` ({', '.join(BUILTIN_COLUMNS)}); rename it"
+            f"metadata key {key!r} collides with a built-in column of `memories` ({', '.join(BUILTIN_COLUMNS)}); "
+            "rename it"
         )
 
 
@@ -167,7 +168,8 @@ class Catalog:
         """{column name: DuckDB type} of `memories` (built-in and metadata columns)."""
         if self._columns is None:
             rows = self.con.execute(
-                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'memories' ORDER BY ordinal_position"
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'memories' ORDER "
+                "BY ordinal_position"
             ).fetchall()
             self._columns = dict(rows)
         return self._columns
@@ -235,7 +237,8 @@ class Catalog:
         self.con.register("_m3db_move", batch)
         try:
             self.con.execute(
-                'UPDATE memories SET segment = b.segment, "offset" = b."offset" FROM _m3db_move b WHERE memories.id = b.id'
+                'UPDATE memories SET segment = b.segment, "offset" = b."offset" FROM _m3db_move b WHERE '
+                "memories.id = b.id"
             )
         finally:
             self.con.unregister("_m3db_move")

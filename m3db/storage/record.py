@@ -8,7 +8,8 @@ length is caught before anything is allocated.
 
 Payload: a msgpack map with the memory's id, codec name and version, shape (L, H, n, D),
 the positions (uint8 bytes), the encoded keys and values, and the text, metadata, document
-id, ordinal and token count (absent in the earliest v1 records: read as None): a blob alone is enough to rebuild its catalog row. Never pickle.
+id, ordinal and token count (absent in the earliest v1 records: read as None): a blob alone
+is enough to rebuild its catalog row. Never pickle.
 
 A cold record (`"cold": true`, written by cold-start ingest) holds the text and the rest but
 no shape, positions, keys or values: the memory is encoded the first time it is read, and a
@@ -113,7 +114,8 @@ def read_header(buf, where):
     magic, version, flags, length, crc, head_crc = HEADER.unpack_from(buf)
     if zlib.crc32(bytes(buf[:16])) != head_crc:
         raise FormatError(
-            f"{where}: record header checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)"
+            f"{where}: record header checksum mismatch (corrupt bytes); list the damage with `m3db check` (a "
+            "database) or `m3db verify` (a package)"
         )
     if magic != MAGIC:
         raise FormatError(f"{where}: bad record magic {magic!r}, expected {MAGIC!r}")
@@ -132,7 +134,8 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
     payload = bytes(buf[HEADER_SIZE:])
     if zlib.crc32(payload) != crc or (expect_crc is not None and crc != expect_crc):
         raise FormatError(
-            f"{where}: record checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or `m3db verify` (a package)"
+            f"{where}: record checksum mismatch (corrupt bytes); list the damage with `m3db check` (a database) or "
+            "`m3db verify` (a package)"
         )
     if flags & FLAG_ZSTD:
         try:
