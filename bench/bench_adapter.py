@@ -5,9 +5,10 @@
 Same weights, same questions, one run: no memory; text RAG (the same 5 references as text);
 dense memory (all 30 layers, 32 tokens per head, the training-free default); the paper's
 sparse memory (layers 0-14, 8 tokens per head) read by the base weights; the sparse memory the
-adapter was trained for (its header's settings), read by the base weights and through it. Each question is about an invented person (no model can
-know the answer) from the evaluation stream that training never sees, and reads its
-reference among 4 invented distractors, in random order. Prints, per condition: answer
+adapter was trained for (its header's settings), read by the base weights and through it.
+Each question is about an invented person (no model can know the answer) from the
+evaluation stream that training never sees, and reads its reference among 4 invented
+distractors, in random order. Prints, per condition: answer
 log-prob (teacher-forced through the generation loop, m3db.model.score), exact match of a
 greedy reply (the gold answer among its words), bytes per memory (fp16 arrays, before any
 codec), and no-memory perplexity on held-out Wikipedia summaries with and without the adapter.
@@ -107,7 +108,8 @@ def main():
         (f"adapter's settings + adapter: {layers}", base.with_settings(trained, adapter=adapter), "memory"),
     ]
     print(
-        f"{args.n} held-out invented-fact questions, 5 references each (1 answers); adapter {adapter.fingerprint[:19]}..."
+        f"{args.n} held-out invented-fact questions, 5 references each (1 answers); "
+        f"adapter {adapter.fingerprint[:19]}..."
         f" trained {adapter.training_info.get('steps', '?')} steps"
     )
     print("| condition | bytes/memory (fp16) | answer logprob | exact match |\n|---|---|---|---|")

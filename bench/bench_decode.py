@@ -106,8 +106,10 @@ def main() -> None:
     retriever = hash_retriever(memories)
     mem_bytes = sum(m.keys.nbytes + m.values.nbytes + m.positions.nbytes for m in memories.values()) / len(memories)
     print(
-        f"settings={args.settings} memory_layers={len(model.settings.memory_layers)} tokens_per_head={model.settings.tokens_per_head} "
-        f"memories_per_chunk={model.settings.memories_per_chunk} chunk={model.settings.chunk_length} ({mem_bytes / 1024:.0f} KiB fp32 per memory)"
+        f"settings={args.settings} memory_layers={len(model.settings.memory_layers)} "
+        f"tokens_per_head={model.settings.tokens_per_head} "
+        f"memories_per_chunk={model.settings.memories_per_chunk} chunk={model.settings.chunk_length} "
+        f"({mem_bytes / 1024:.0f} KiB fp32 per memory)"
     )
     print(
         f"torch threads={torch.get_num_threads()}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; "

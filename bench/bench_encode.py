@@ -85,10 +85,12 @@ def main() -> None:
     model = MemoryModel(base.decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
     texts = references(model, args.n, args.tokens)
     print(
-        f"settings={args.settings} memory_layers={list(model.settings.memory_layers)} tokens_per_head={model.settings.tokens_per_head}"
+        f"settings={args.settings} memory_layers={list(model.settings.memory_layers)} "
+        f"tokens_per_head={model.settings.tokens_per_head}"
     )
     print(
-        f"torch threads={torch.get_num_threads()} references={args.n} x {args.tokens} tokens (+{len(model.prefix_ids)} prefix)"
+        f"torch threads={torch.get_num_threads()} references={args.n} x {args.tokens} tokens "
+        f"(+{len(model.prefix_ids)} prefix)"
     )
     model.encode(texts[:2])  # warm-up
     for bs in args.batch_sizes:
@@ -114,7 +116,8 @@ def main() -> None:
         enc = args.n / sum(best["encode"])
         fwd = args.n / sum(best["forward"])
         print(
-            f"batch {bs:3d}: encode {enc:6.2f} refs/s, plain forward {fwd:6.2f} refs/s, ratio {enc / fwd:.3f} (target >= 0.90); "
+            f"batch {bs:3d}: encode {enc:6.2f} refs/s, plain forward {fwd:6.2f} refs/s, "
+            f"ratio {enc / fwd:.3f} (target >= 0.90); "
             f"per-round ratios {', '.join(f'{x:.3f}' for x in ratios)} (median {statistics.median(ratios):.3f})"
         )
 

@@ -4,8 +4,8 @@ SmolLM2-shaped spec (15 memory layers, 3 KV heads, 8 tokens per head, head dim 6
 384-dim embeddings (all-MiniLM-L6-v2's width). Memories and embeddings are random Gaussian:
 the hardest case for HNSW (no cluster structure) and realistic for the codecs.
 Embeddings are synthetic with topic structure (see embeddings()); the i.i.d. Gaussian worst
-case is measured too, on a separate small index. Every figure is printed next to a baseline measured in the same run, because this machine
-is shared and noisy:
+case is measured too, on a separate small index. Every figure is printed next to a baseline
+measured in the same run, because this machine is shared and noisy:
 - add throughput vs writing the same bytes to a plain file with one fsync per batch;
 - recall latency vs an exact numpy scan over all embeddings held in RAM.
 
@@ -131,7 +131,8 @@ def main():
         results["bytes_per_memory"] = bytes_per_memory()
         for row in results["bytes_per_memory"]:
             print(
-                f"bytes/memory {row['codec']:>5}: {row['bytes']:>7}  (full fp16 KV {row['full_fp16_kv_bytes']} -> {row['ratio']}x smaller)"
+                f"bytes/memory {row['codec']:>5}: {row['bytes']:>7}  "
+                f"(full fp16 KV {row['full_fp16_kv_bytes']} -> {row['ratio']}x smaller)"
             )
 
         rng = np.random.default_rng(1)
@@ -226,7 +227,8 @@ def main():
         print(f"ANN recall@5 on i.i.d. Gaussian vectors (no structure, 20k): {results['recall_at_5_iid_gaussian_20k']}")
         results["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(
-            f"open (read-only): {results['open_s']} s, disk {results['disk_bytes'] / 1e6:.0f} MB, max RSS {results['max_rss_mb']} MB"
+            f"open (read-only): {results['open_s']} s, disk {results['disk_bytes'] / 1e6:.0f} MB, "
+            f"max RSS {results['max_rss_mb']} MB"
         )
         db.close()
     finally:

@@ -228,23 +228,30 @@ def main():
         json.dump(r, f, indent=2)
     print(f"{'memories':<34}{args.n:,} ({args.codec}), package {r['package_bytes'] / MB:,.0f} MB")
     print(
-        f"{'pack':<34}{r['pack_MBps']:8.0f} MB/s   copy baseline {r['copy_MBps']:.0f} MB/s   ratio {r['pack_vs_copy']:.2f}"
+        f"{'pack':<34}{r['pack_MBps']:8.0f} MB/s   copy baseline {r['copy_MBps']:.0f} MB/s   "
+        f"ratio {r['pack_vs_copy']:.2f}"
     )
     print(
-        f"{'verify (decodes every record)':<34}{r['verify_MBps']:8.0f} MB/s   sha256 baseline {r['sha256_MBps']:.0f} MB/s   ratio {r['verify_vs_sha256']:.2f}"
+        f"{'verify (decodes every record)':<34}{r['verify_MBps']:8.0f} MB/s   "
+        f"sha256 baseline {r['sha256_MBps']:.0f} MB/s   ratio {r['verify_vs_sha256']:.2f}"
     )
     print(f"{'verify (arrays=False)':<34}{r['verify_no_arrays_MBps']:8.0f} MB/s")
     print(
-        f"{'attach, cold cache':<34}{r['attach_cold_s'] * 1000:8.0f} ms   (extracts {r['cache_entry_bytes'] / MB:.0f} MB of catalog + index)"
+        f"{'attach, cold cache':<34}{r['attach_cold_s'] * 1000:8.0f} ms   "
+        f"(extracts {r['cache_entry_bytes'] / MB:.0f} MB of catalog + index)"
     )
     print(
-        f"{'attach, warm cache':<34}{r['attach_warm_s'] * 1000:8.0f} ms   open directory baseline {r['open_directory_s'] * 1000:.0f} ms   ratio {r['attach_warm_vs_open_directory']:.2f}"
+        f"{'attach, warm cache':<34}{r['attach_warm_s'] * 1000:8.0f} ms   "
+        f"open directory baseline {r['open_directory_s'] * 1000:.0f} ms   "
+        f"ratio {r['attach_warm_vs_open_directory']:.2f}"
     )
     print(
-        f"{'recall p50 (k=5)':<34}{r['recall_p50_ms_package']:8.2f} ms   directory {r['recall_p50_ms_directory']:.2f} ms   ratio {r['recall_package_vs_directory']:.2f}"
+        f"{'recall p50 (k=5)':<34}{r['recall_p50_ms_package']:8.2f} ms   "
+        f"directory {r['recall_p50_ms_directory']:.2f} ms   ratio {r['recall_package_vs_directory']:.2f}"
     )
     print(
-        f"{'package pages resident, attach':<34}{r['package_resident_after_attach_MB']:8.2f} MB   of {r['segments_MB']:.0f} MB of segments "
+        f"{'package pages resident, attach':<34}{r['package_resident_after_attach_MB']:8.2f} MB   "
+        f"of {r['segments_MB']:.0f} MB of segments "
         f"(whole process RSS grew {r['rss_after_attach_MB']:.0f} MB: DuckDB, the index view)"
     )
     print(f"{'... after 200 decoded recalls':<34}{r['package_resident_after_recalls_MB']:8.2f} MB")

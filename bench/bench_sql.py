@@ -82,7 +82,10 @@ def main():
             # the plain filtered recall (m3db answers it without a DuckDB round trip), and the same
             # recall with an expression DuckDB must compute (the rows go through DuckDB)
             sql = f"SELECT id, score, text FROM recall(?, k => {args.k}) WHERE {condition} ORDER BY score DESC"
-            sql_duckdb = f"SELECT id, score, upper(text) AS t FROM recall(?, k => {args.k}) WHERE {condition} ORDER BY score DESC"
+            sql_duckdb = (
+                f"SELECT id, score, upper(text) AS t FROM recall(?, k => {args.k}) "
+                f"WHERE {condition} ORDER BY score DESC"
+            )
             python_ms, sql_ms, duckdb_ms = [], [], []
             for q in queries[:5]:  # warm every path (filter cache, plan cache, DuckDB)
                 db.recall(q, k=args.k, where=condition, params=params)

@@ -195,7 +195,10 @@ def blank_questions(wiki, exclude, count_tokens, rng, limit):
             continue
         m = rng.choice(cands)
         masked = sentence[: m.start()] + "____" + sentence[m.end() :]
-        question = f'Fill in the blank in this sentence from the Wikipedia article "{title}": "{masked}" What is the missing word?'
+        question = (
+            f'Fill in the blank in this sentence from the Wikipedia article "{title}": "{masked}" '
+            "What is the missing word?"
+        )
         # the question quotes its source: when the reference holding that sentence is little
         # more than the sentence, the leakage filter would drop it, and the question could not
         # be answered from memory by construction; such questions are not asked
@@ -454,7 +457,8 @@ def evaluate(cond, model, retriever, questions, batch_size, say):
                 "hit": hit,
             }
         say(
-            f"  {cond.name}: {min(s + batch_size, len(order))}/{len(order)} questions, {time.perf_counter() - t0:.0f} s "
+            f"  {cond.name}: {min(s + batch_size, len(order))}/{len(order)} questions, "
+            f"{time.perf_counter() - t0:.0f} s "
             f"(scoring {t_score:.0f} s, generating {t_gen:.0f} s)"
         )
     return out
@@ -754,7 +758,8 @@ def main():
     questions, docs, skipped = build_questions(args.per_task, args.distractors, base.count_tokens, args.seed)
     say(
         f"{len(questions)} questions ({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}; "
-        f"{skipped} blank questions not asked: their source reference would leak), {len(docs)} articles in the knowledge base"
+        f"{skipped} blank questions not asked: their source reference would leak), "
+        f"{len(docs)} articles in the knowledge base"
     )
 
     tmp = tempfile.TemporaryDirectory(prefix="m3db-quality-")
@@ -779,7 +784,8 @@ def main():
         ingest = db.add_documents(docs, progress=False)
         dbs[cond.settings, cond.codec] = db
         say(
-            f"built {cond.settings} {cond.codec}: {ingest.memories_added} memories from {ingest.documents_added} articles "
+            f"built {cond.settings} {cond.codec}: {ingest.memories_added} memories "
+            f"from {ingest.documents_added} articles "
             f"in {time.perf_counter() - t:.0f} s"
         )
     stores.clear()  # the databases hold the memories now
@@ -833,7 +839,8 @@ def main():
         say(f"perplexity without memory, base -> adapter: {ppl}")
 
     header = (
-        f"\n{'reader adapter ' + adapter.fingerprint[:19] + '...; ' if adapter else ''}{len(questions)} questions ({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}), "
+        f"\n{'reader adapter ' + adapter.fingerprint[:19] + '...; ' if adapter else ''}{len(questions)} questions "
+        f"({', '.join(f'{t} {sum(q.task == t for q in questions)}' for t in TASKS)}), "
         f"{len(docs)} articles, {results[DEFAULT]['bytes']['memories']} memories; "
         f"leakage filter: {sum(r.get('dropped', 0) for r in results.values())} references dropped in "
         f"{sum(r.get('recalls', 0) for r in results.values())} recalls; torch threads {torch.get_num_threads()}; "

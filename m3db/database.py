@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from .search.filters import FilterCache
 from .search.plan import EXACT_LIMIT, MAX_K, plan_search
 from .search.results import Match, Matches
 from .sql.check import checked_filter
+from .sql.rows import Rows
 from .sql.run import run as run_sql
 from .storage import maintenance
 from .storage.maintenance import CheckReport
@@ -46,7 +48,7 @@ __all__ = ["CheckReport", "Database", "attach", "connect"]
 
 def connect(
     path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec=DEFAULT_CODEC, memory_mode=None
-):
+) -> "Database | PackageSet":
     """Open (or create) the m3db database at `path` (a directory), or ":memory:".
 
     spec: a MemorySpec (or its dict) for a database of precomputed memories. Without it, a new
@@ -128,7 +130,7 @@ def _guarded(method):
     """Run a public method under the database mutex, refusing a closed database."""
 
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self, *args, **kwargs) -> object:
         with self._mutex:
             self._require_open()
             return method(self, *args, **kwargs)
@@ -251,7 +253,7 @@ class Database:
     # -- writing -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self) -> Iterator["Database"]:
         """Group adds and forgets into one atomic commit: all of them land, or none."""
         with self._mutex:
             self._require_open()
@@ -464,7 +466,7 @@ class Database:
         )
 
     @_guarded
-    def sql(self, query, params=None):
+    def sql(self, query, params=None) -> Rows:
         """Run one SQL statement; return Rows (tuples with .columns; .arrow(), .df(), .numpy()).
 
         DuckDB SQL over the catalog tables plus memory operations (docs/sql.md):

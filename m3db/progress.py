@@ -4,16 +4,20 @@ Every layer may import this module (like errors.py): it imports nothing of m3db.
 """
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 class _NoBar:
-    def update(self, n):
+    def update(self, n) -> None:
         pass
 
-    def set_postfix(self, **kw):
+    def set_postfix(self, **kw) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         pass
 
     def __enter__(self):
@@ -23,7 +27,7 @@ class _NoBar:
         pass
 
 
-def progress_bar(enabled: bool, unit: str, total: int | None = None, desc: str | None = None):
+def progress_bar(enabled: bool, unit: str, total: int | None = None, desc: str | None = None) -> "_NoBar | tqdm":
     """A tqdm bar counting `unit`s (with a total and an ETA when `total` is known), or a bar
     that shows nothing when not `enabled`."""
     if not enabled:

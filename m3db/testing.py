@@ -21,7 +21,7 @@ from .storage.spec import MemorySpec
 DIM = 256
 
 
-def hashed_embedding(text, dim=DIM):
+def hashed_embedding(text, dim=DIM) -> np.ndarray:
     """Feature hashing of lowercase words and word bigrams (signed), L2-normalised."""
     words = re.findall(r"[a-z0-9]+", text.lower())
     grams = words + [a + " " + b for a, b in zip(words, words[1:])]
@@ -38,11 +38,11 @@ class HashEmbedder:
 
     dim, fingerprint = DIM, f"feature-hashing-{DIM}"
 
-    def embed(self, texts):
+    def embed(self, texts) -> np.ndarray:
         return np.stack([hashed_embedding(t) for t in texts])
 
 
-def small_spec(*, codec="int8"):
+def small_spec(*, codec="int8") -> MemorySpec:
     """A memory spec of SmolLM2's shape in the sparse mode (15 layers, 3 KV heads of 64, 8 tokens
     per head) with HashEmbedder's vectors, for databases of precomputed memories."""
     return MemorySpec(
@@ -57,7 +57,7 @@ def small_spec(*, codec="int8"):
     )
 
 
-def random_memory(spec, text, *, seed=0, **fields):
+def random_memory(spec, text, *, seed=0, **fields) -> dict[str, object]:
     """add_memory()'s arguments for `text`: random keys and values of the spec's shape, positions
     0..n-1, and the text's hashed embedding; `fields` (metadata=, document=, ...) pass through."""
     rng = np.random.default_rng(seed)

@@ -157,11 +157,13 @@ class ReaderAdapter(nn.Module):
             head = json.loads(meta["m3db_adapter"])
             if head.get("format") != FORMAT or head.get("version") != VERSION:
                 raise AdapterError(
-                    f"{path}: not an m3db reader adapter of version {VERSION} ({head.get('format')!r} v{head.get('version')!r})"
+                    f"{path}: not an m3db reader adapter of version {VERSION} "
+                    f"({head.get('format')!r} v{head.get('version')!r})"
                 )
             if head["base_fingerprint"] != base_fingerprint:
                 raise AdapterError(
-                    f"{path}: this adapter was trained on the model {head['base_fingerprint'][:23]}..., not on the loaded "
+                    f"{path}: this adapter was trained on the model {head['base_fingerprint'][:23]}..., "
+                    "not on the loaded "
                     f"{base_fingerprint[:23]}...: train one for this model (m3db train)"
                 )
             adapter = cls(
@@ -177,7 +179,8 @@ class ReaderAdapter(nn.Module):
         want = adapter.state_dict()
         if set(tensors) != set(want) or any(tensors[k].shape != want[k].shape for k in want):
             raise AdapterError(
-                f"{path}: the adapter's tensors do not fit this decoder (rank {adapter.rank}, targets {adapter.targets})"
+                f"{path}: the adapter's tensors do not fit this decoder "
+                f"(rank {adapter.rank}, targets {adapter.targets})"
             )
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             raise AdapterError(f"{path}: the adapter holds NaN or infinite values")

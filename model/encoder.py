@@ -76,7 +76,8 @@ def encode(
     for j, ids in enumerate(token_ids):
         if not 1 <= len(ids) <= settings.reference_length:
             raise ReferenceTooLong(
-                f"reference {j} has {len(ids)} tokens; expected 1..{settings.reference_length}: chunk references to at most "
+                f"reference {j} has {len(ids)} tokens; expected 1..{settings.reference_length}: "
+                "chunk references to at most "
                 f"{settings.reference_length} tokens"
             )
     p = len(prefix_ids)

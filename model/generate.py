@@ -195,7 +195,8 @@ class GenerationLoop:
         need = max(len(r) + self.s.max_tokens - len(g) for r, g in zip(rows, self.gen))
         if need > self.cfg.max_seq_len:
             raise ContextTooLong(
-                f"the {len(self.items[0])} references, the prompt and the tokens still to generate need {need} positions, "
+                f"the {len(self.items[0])} references, the prompt and the tokens still to generate "
+                f"need {need} positions, "
                 f"over the model's context of {self.cfg.max_seq_len} tokens: use fewer references (k), a shorter "
                 "prompt or a lower max_tokens"
             )

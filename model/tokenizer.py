@@ -41,7 +41,8 @@ def tiny_tokenizer_data() -> TokenizerData:
     SmolLM2's special tokens and chat template: the tokenizer of the tiny test config."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     template = (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+        "{% for message in messages %}"
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
     return TokenizerData(

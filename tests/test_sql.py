@@ -158,7 +158,10 @@ def test_only_the_recalls_own_columns_are_pushed(db):
     ):
         db.sql("SELECT id FROM recall(?, k => 3) r WHERE r.codec = 'int8'", [q])
     # unqualified and a column of no other table of the SELECT: pushed; a name both have: not
-    sql = "SELECT r.id FROM recall(?, k => 3) r JOIN documents d ON d.id = r.document_id WHERE lang = 'fr' ORDER BY r.score DESC"
+    sql = (
+        "SELECT r.id FROM recall(?, k => 3) r JOIN documents d ON d.id = r.document_id "
+        "WHERE lang = 'fr' ORDER BY r.score DESC"
+    )
     assert recall_filter(db, sql) == "(lang = 'fr')"
     assert ids(db.sql(sql, [q])) == db.recall(q, k=3, where="lang = 'fr'").ids
     sql = "SELECT r.id FROM recall(?, k => 3) r JOIN documents d ON d.id = r.document_id WHERE id > 3"
@@ -191,7 +194,10 @@ def test_subqueries_that_read_the_statement_are_not_pushed(db):
     )
     assert recall_filter(db, sql) is None
     assert ids(db.sql(sql, [q])) == [m.id for m in top if m.document_id in title2]
-    sql = "WITH documents AS (SELECT -1 AS id) SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT documents.id FROM documents)"
+    sql = (
+        "WITH documents AS (SELECT -1 AS id) SELECT id FROM recall(?, k => 3) "
+        "WHERE document_id IN (SELECT documents.id FROM documents)"
+    )
     assert recall_filter(db, sql) is None and db.sql(sql, [q]) == []
     rows = db.sql(
         "EXPLAIN SELECT id FROM recall(?, k => 3) WHERE document_id IN (SELECT id FROM documents WHERE title = lang)",
@@ -259,7 +265,7 @@ def test_recall_in_ctes_subqueries_unions_and_aggregates(db):
     )
     nine = db.recall(q, k=9)
     assert [(r[0], r[1]) for r in rows] == sorted(
-        {(l, sum(m.metadata["lang"] == l for m in nine)) for l in {m.metadata["lang"] for m in nine}}
+        {(lang, sum(m.metadata["lang"] == lang for m in nine)) for lang in {m.metadata["lang"] for m in nine}}
     )
 
 

@@ -48,7 +48,8 @@ def test_insert_documents_chunks_embeds_and_encodes(kb):
 
 def test_insert_from_select_by_name_and_metadata_json(kb):
     kb.sql(
-        "INSERT INTO documents (text, source, metadata) VALUES ('Rome is in Italy.', 'r', '{\"lang\": \"it\", \"year\": 2024}')"
+        "INSERT INTO documents (text, source, metadata) "
+        "VALUES ('Rome is in Italy.', 'r', '{\"lang\": \"it\", \"year\": 2024}')"
     )
     kb.sql("INSERT INTO documents BY NAME SELECT 'Madrid is in Spain.' AS text, 's' AS source, 1.5 AS weight")
     rows = kb.sql(

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from ..database import connect
 from ..errors import InvalidInputError, M3DBError
@@ -17,10 +18,10 @@ from .table import format_cell, format_table
 COMMANDS = {}
 
 
-def command(name, help, example, arguments=()):
+def command(name, help, example, arguments=()) -> Callable[[Callable], Callable]:
     """Register a command; `arguments`: extra (flags, argparse keywords) pairs after PATH."""
 
-    def register(fn):
+    def register(fn) -> Callable:
         COMMANDS[name] = (fn, help, example)
         EXTRA_ARGUMENTS[name] = arguments
         return fn
@@ -32,7 +33,7 @@ EXTRA_ARGUMENTS = {}
 
 
 @command("info", "show a database's (or a package's) memory spec, counts and files", "m3db info kb.m3db")
-def cmd_info(args):
+def cmd_info(args) -> dict[str, object]:
     if os.path.isfile(args.path):  # a package: its manifest, read without attaching
         from ..package.manifest import describe
 
@@ -53,7 +54,7 @@ def cmd_info(args):
 
 
 @command("check", "verify every checksum, and the index against the catalog", "m3db check kb.m3db")
-def cmd_check(args):
+def cmd_check(args) -> dict[str, object]:
     with connect(args.path, read_only=True) as db:
         report = db.check()
     out = {"ok": report.ok, "checked": report.checked, "problems": report.problems}
@@ -82,7 +83,7 @@ def cmd_check(args):
         (("--write",), dict(action="store_true", help="open the database for writing (INSERT, DELETE)")),
     ],
 )
-def cmd_sql(args):
+def cmd_sql(args) -> dict[str, object] | None:
     params = [_param(v) for v in args.param] or None
     with connect(args.path, read_only=not args.write) as db:
         rows = db.sql(args.query, params)
@@ -106,7 +107,7 @@ def _param(text):
     "m3db shell kb.m3db",
     [(("--write",), dict(action="store_true", help="open the database for writing (INSERT, DELETE)"))],
 )
-def cmd_shell(args):
+def cmd_shell(args) -> None:
     from .shell import Shell
 
     with connect(args.path, read_only=not args.write) as db:
@@ -117,7 +118,7 @@ def cmd_shell(args):
 
 
 @command("compact", "rewrite segments to reclaim the space of forgotten memories", "m3db compact kb.m3db")
-def cmd_compact(args):
+def cmd_compact(args) -> dict[str, int]:
     with connect(args.path) as db:
         return db.compact()
 
@@ -136,7 +137,7 @@ def cmd_compact(args):
         (("--force",), dict(action="store_true", help="replace OUT if it exists")),
     ],
 )
-def cmd_pack(args):
+def cmd_pack(args) -> dict[str, object]:
     with connect(args.path, read_only=True) as db:
         manifest = db.pack(
             args.out,
@@ -152,7 +153,7 @@ def cmd_pack(args):
 
 
 @command("verify", "check every hash and structure of a package; exit 0 only if it is intact", "m3db verify kb.m3kb")
-def cmd_verify(args):
+def cmd_verify(args) -> dict[str, object]:
     from ..package.verify import verify
 
     report = verify(args.path, progress=sys.stderr.isatty())
@@ -211,7 +212,7 @@ def cmd_verify(args):
         ),
     ],
 )
-def cmd_build(args):
+def cmd_build(args) -> dict[str, int]:
     import itertools
 
     from ..knowledge import sources
@@ -259,7 +260,7 @@ def cmd_build(args):
         ),
     ],
 )
-def cmd_train(args):
+def cmd_train(args) -> dict[str, object]:
     from ..knowledge import sources
     from ..knowledge.bundled import bundled
     from ..knowledge.chunk import chunk_text
@@ -286,7 +287,7 @@ def cmd_train(args):
         raise InvalidInputError(str(e)) from e
     wiki = {d["title"]: d for d in sources.wikipedia()}
 
-    def chunk(text):  # the references ingest would make
+    def chunk(text) -> list[str]:  # the references ingest would make
         return [c.text for c in chunk_text(text, model.count_tokens, settings.reference_length)]
 
     _say(
@@ -327,7 +328,7 @@ _RECALL_ARGS = [
 @command(
     "recall", "find the memories nearest a text", 'm3db recall kb.m3db "capital of France" -k 3', arguments=_RECALL_ARGS
 )
-def cmd_recall(args):
+def cmd_recall(args) -> dict[str, list[object]]:
     with connect(args.path, read_only=True) as db:
         matches = db.recall(args.text, k=args.k, where=args.where)
         names = db.catalog.document_names([m.document_id for m in matches])
@@ -354,7 +355,7 @@ def cmd_recall(args):
         (("--where",), dict(help="a SQL filter over the columns of `memories`")),
     ],
 )
-def cmd_ask(args):
+def cmd_ask(args) -> dict[str, object] | None:
     with connect(args.path, read_only=True) as db:
         answer = db.generate(
             [{"role": "user", "content": args.question}],
@@ -381,7 +382,7 @@ def _say(text):
     print(text, file=sys.stderr, flush=True)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m3db",
         description="m3db: an embedded database for the explicit memory of language models.",
@@ -419,7 +420,7 @@ def _emit(out, args):
             print(f"{key:>18}: {value}")
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

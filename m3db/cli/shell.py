@@ -39,7 +39,7 @@ The language: docs/sql.md."""
 _DUCKDB = DuckDB()
 
 
-def split_statements(text):
+def split_statements(text) -> tuple[list[str], str]:
     """(complete statements, the rest): the statements that end with `;` in `text`, and what
     follows the last one. A `;` inside a string, quoted name or comment does not count; text
     that ends inside one is all 'rest' (the statement goes on on the next line)."""
@@ -72,7 +72,7 @@ class Shell:
         self.failed = False
         self.readline = None
 
-    def run(self):
+    def run(self) -> int:
         """Read and run statements until .quit or the end of input. Returns the exit status:
         0, or 1 when input came from a pipe or file and a statement failed."""
         self._start_history()

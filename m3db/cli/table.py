@@ -2,7 +2,7 @@
 Imports nothing of m3db."""
 
 
-def format_table(columns, rows, max_width=60):
+def format_table(columns, rows, max_width=60) -> str:
     cells = [[format_cell(v, max_width) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
@@ -12,7 +12,7 @@ def format_table(columns, rows, max_width=60):
     return "\n".join(out)
 
 
-def format_cell(value, max_width):
+def format_cell(value, max_width) -> str:
     """One value as table text: NULL for None, on one line, cut to max_width with '...'."""
     text = "NULL" if value is None else str(value).replace("\n", " ")
     return text if len(text) <= max_width else text[: max_width - 3] + "..."

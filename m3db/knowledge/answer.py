@@ -77,7 +77,7 @@ def generate(
     model, _ = db._models()
     used = {}
 
-    def retrieve(query_text, count):
+    def retrieve(query_text, count) -> list[Retrieved]:
         n = count if k is None else k
         if n <= 0 or not query_text.strip():
             return []

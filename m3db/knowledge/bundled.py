@@ -10,7 +10,7 @@ here lazily, never at module level.
 import threading
 
 from ..errors import DependencyError, InvalidInputError, SpecMismatchError
-from .protocols import spec_fields
+from .protocols import Embedder, MemoryModel, spec_fields
 
 _BUNDLED = {}
 _BUNDLED_LOCK = threading.Lock()
@@ -33,7 +33,7 @@ def check_memory_mode(mode) -> None:
         raise InvalidInputError(f"memory_mode={mode!r}: expected one of {', '.join(map(repr, modes))}")
 
 
-def bundled(memory=None):
+def bundled(memory=None) -> tuple[MemoryModel, Embedder]:
     """(model, embedder): the bundled decoder and sentence embedder, loaded once per process.
 
     memory: which memory settings the model writes and reads with: None or "dense" (every
@@ -83,7 +83,7 @@ def _settings(memory, base, settings_cls):
         return None  # settings this model cannot have: binding reports the mismatch
 
 
-def bind(spec, model=None, embedder=None, *, memory_mode=None):
+def bind(spec, model=None, embedder=None, *, memory_mode=None) -> tuple[MemoryModel, Embedder]:
     """(model, embedder) checked against a database's stored `spec`: the ones given, the
     bundled ones for what is missing (with the settings `memory_mode` names, else those the
     spec records). A difference is a SpecMismatchError naming each field on both sides."""

@@ -26,7 +26,7 @@ class Chunk:
     ordinal: int
 
 
-def split_sentences(text):
+def split_sentences(text) -> list[tuple[int, int]]:
     """[(start, end)] spans of sentences (trailing whitespace excluded)."""
     spans, pos = [], 0
     for m in _SENTENCE_END.finditer(text):
@@ -38,7 +38,7 @@ def split_sentences(text):
     return [(a, b) for a, b in (_strip(text, a, b) for a, b in spans) if b > a]
 
 
-def chunk_text(text, count_tokens, max_tokens=128):
+def chunk_text(text, count_tokens, max_tokens=128) -> list[Chunk]:
     """Split `text` into Chunks of at most `max_tokens` tokens each."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a string, got {type(text).__name__}")

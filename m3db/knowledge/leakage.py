@@ -26,12 +26,12 @@ LIMIT = 2 / 3  # the paper's threshold
 _WORD = re.compile(r"\w+")
 
 
-def words(text):
+def words(text) -> list[str]:
     """The words the filter compares: `\\w+` runs, casefolded (so "Straße" meets "STRASSE")."""
     return _WORD.findall(text.casefold())
 
 
-def lcs_length(a, b):
+def lcs_length(a, b) -> int:
     """Length of the longest common subsequence of sequences a and b (any hashable items).
 
     Bit-parallel: bit i of `s` is 0 where the LCS of a[:i+1] and the prefix of b read so far
@@ -53,7 +53,7 @@ def lcs_length(a, b):
     return len(a) - bin(s).count("1")
 
 
-def overlap(question, reference):
+def overlap(question, reference) -> float:
     """LCS(question, reference) / len(reference), counted in words (see the module docstring).
 
     0.0 when the reference has no words; at most 1.0.
@@ -64,6 +64,6 @@ def overlap(question, reference):
     return lcs_length(words(question), ref) / len(ref)
 
 
-def leaks(question, reference, limit=LIMIT):
+def leaks(question, reference, limit=LIMIT) -> bool:
     """True when the reference overlaps the question by more than `limit` (paper: 2/3)."""
     return overlap(question, reference) > limit

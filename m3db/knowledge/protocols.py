@@ -9,19 +9,21 @@ Imports nothing of m3db.
 
 from typing import Protocol
 
+import numpy as np
+
 
 class MemoryModel(Protocol):
     def memory_spec_fields(self) -> dict: ...
     def count_tokens(self, text: str) -> int: ...
     def encode(self, texts: list) -> list: ...
-    def generate(self, prompt, *, retriever=None, mode="memory", **sampling): ...
+    def generate(self, prompt, *, retriever=None, mode="memory", **sampling) -> object: ...
 
 
 class Embedder(Protocol):
     dim: int
     fingerprint: str
 
-    def embed(self, texts: list): ...
+    def embed(self, texts: list) -> np.ndarray: ...
 
 
 def spec_fields(model: MemoryModel, embedder: Embedder, codec: str) -> dict:

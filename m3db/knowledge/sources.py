@@ -13,6 +13,7 @@ Bytes that are not UTF-8 are an error naming the file and the byte offset, never
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 
 from ..errors import DependencyError, InvalidInputError, NotFoundError
 
@@ -21,7 +22,7 @@ WIKI_FILE = os.path.join("data", "summaries_en-us.json")
 TEXT_SUFFIXES = (".txt", ".md")
 
 
-def wikipedia_path():
+def wikipedia_path() -> str:
     spec = importlib.util.find_spec(WIKI_PACKAGE)
     if spec is None or spec.origin is None:
         raise DependencyError(
@@ -30,7 +31,7 @@ def wikipedia_path():
     return os.path.join(os.path.dirname(spec.origin), WIKI_FILE)
 
 
-def wikipedia(limit=None):
+def wikipedia(limit=None) -> Iterator[dict[str, object]]:
     """Wikipedia summaries in title order: {text, source 'wikipedia/<title>', title, uri, metadata}."""
     with open(wikipedia_path(), encoding="utf-8") as f:
         data = json.load(f)
@@ -53,7 +54,7 @@ def wikipedia(limit=None):
             return
 
 
-def files(paths):
+def files(paths) -> Iterator[dict[str, object]]:
     """Documents from files and directories (sorted, so a build is reproducible)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]

@@ -18,6 +18,7 @@ column types come from a fixed list. This module never talks to DuckDB.
 
 import hashlib
 import json
+from collections.abc import Iterator
 
 import msgpack
 import numpy as np
@@ -69,7 +70,9 @@ _RANGES = {
 }
 
 
-def read_catalog(chunks, where, manifest):
+def read_catalog(
+    chunks, where, manifest
+) -> Iterator[tuple[str, dict[str, object]] | tuple[str, dict[str, object], np.ndarray]]:
     """Parse a catalog stream (an iterable of bytes pieces) with every object bounded.
 
     Yields ("head", dict), then ("documents", columns) and ("memories", columns, embeddings)
@@ -175,7 +178,7 @@ def _objects(unpacker, chunks, where):
         raise FormatError(f"{where}: the catalog stream is malformed ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def check_head(head, where, manifest):
+def check_head(head, where, manifest) -> dict[str, object]:
     if not isinstance(head, dict) or head.get("format") != STREAM_NAME:
         raise FormatError(f"{where}: the catalog section does not start with an m3db catalog head")
     if head.get("version") != STREAM_VERSION:
@@ -278,7 +281,7 @@ def check_head(head, where, manifest):
     return head
 
 
-def check_column(values, n, sql_type, nullable, where):
+def check_column(values, n, sql_type, nullable, where) -> np.ndarray | list[object]:
     """A list of `n` decoded values of one column, checked; numpy for numbers, lists otherwise."""
     if not isinstance(values, list) or len(values) != n:
         raise FormatError(

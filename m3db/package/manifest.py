@@ -21,6 +21,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 
 from ..errors import FormatError
 from ..storage.segment import HEADER_SIZE as SEGMENT_HEADER_SIZE
@@ -46,11 +47,11 @@ SECTION_FIELDS = {"name", "offset", "length", "sha256"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def align(n):
+def align(n) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def pack_header(manifest_offset, manifest_bytes):
+def pack_header(manifest_offset, manifest_bytes) -> bytes:
     head = HEADER.pack(
         MAGIC, FORMAT_VERSION, 0, 0, manifest_offset, len(manifest_bytes), hashlib.sha256(manifest_bytes).digest()
     )
@@ -58,14 +59,14 @@ def pack_header(manifest_offset, manifest_bytes):
     return head + bytes(HEADER_PAGE - len(head))
 
 
-def dump_manifest(manifest):
+def dump_manifest(manifest) -> bytes:
     """Canonical bytes of a manifest: the same manifest always gives the same bytes."""
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
         "ascii"
     )
 
 
-def is_package(path):
+def is_package(path) -> bool:
     """Does the file at `path` start with the package magic? (False for directories.)"""
     try:
         with open(path, "rb") as f:
@@ -148,7 +149,7 @@ class Frame:
         check_counts(self.manifest, self.sections, where)
 
 
-def parse_manifest(raw, where):
+def parse_manifest(raw, where) -> dict[str, object]:
     """Decode and check a manifest's fields and types (not its sections' placement)."""
     try:
         m = json.loads(raw.decode("ascii"))
@@ -211,7 +212,7 @@ def parse_manifest(raw, where):
     return m
 
 
-def check_sections(sections, manifest_offset, where):
+def check_sections(sections, manifest_offset, where) -> dict[str, tuple[int, int, str]]:
     """Check the section table against the file's layout; return {name: (offset, length, sha256)}.
 
     Every section must have a known name (catalog, index, segment/NNNNNN; nothing is ever
@@ -262,7 +263,7 @@ def check_sections(sections, manifest_offset, where):
     return out
 
 
-def check_counts(manifest, sections, where):
+def check_counts(manifest, sections, where) -> None:
     counts = manifest["counts"]
     segments = [n for n in sections if n.startswith("segment/")]
     if counts["segments"] != len(segments):
@@ -282,7 +283,7 @@ def check_counts(manifest, sections, where):
 # -- describe ------------------------------------------------------------------------------------
 
 
-def describe(path):
+def describe(path) -> dict[str, object]:
     """A package's manifest as a flat, readable dict (for `m3db info FILE`). Reads only the
     header and the manifest; checks them, not the sections (that is verify's job)."""
     path = os.fspath(path)
@@ -306,11 +307,11 @@ def describe(path):
     return out
 
 
-def segment_number(name):
+def segment_number(name) -> int:
     return int(name.split("/")[1])
 
 
-def section_name(number):
+def section_name(number) -> str:
     return f"segment/{number:06d}"
 
 
@@ -328,7 +329,7 @@ def _is_int(v):
 READ_STEP = 8 << 20  # sections are read in pieces of this size: bounded memory for any section
 
 
-def section_pieces(mm, offset, length, hasher=None):
+def section_pieces(mm, offset, length, hasher=None) -> Iterator[bytes]:
     """The bytes of a section in READ_STEP pieces (bounded memory), hashing them on the way."""
     end = offset + length
     for pos in range(offset, end, READ_STEP):
@@ -338,13 +339,13 @@ def section_pieces(mm, offset, length, hasher=None):
         yield piece
 
 
-def open_map(f):
+def open_map(f) -> mmap.mmap | None:
     """A read-only mmap of the open file `f`, or None when it is empty."""
     size = os.fstat(f.fileno()).st_size
     return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
 
 
-def check_segment_section(mm, offset, length, number, where):
+def check_segment_section(mm, offset, length, number, where) -> None:
     """A segment section starts with segment `number`'s header (storage's segment format)."""
     if length < SEGMENT_HEADER_SIZE:
         raise FormatError(f"{where}: segment section is {length} bytes, shorter than a segment header")

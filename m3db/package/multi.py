@@ -7,6 +7,7 @@ import dataclasses
 
 from ..errors import M3DBError, NotFoundError
 from ..search.results import Match, Matches
+from ..storage.record import Memory
 
 
 @dataclasses.dataclass(repr=False)
@@ -24,10 +25,10 @@ class PackageMatches(Matches):
     """Matches from several packages, best first; each names its package."""
 
     @property
-    def keys(self):
+    def keys(self) -> list[tuple[str, int]]:
         return [(m.package, m.id) for m in self]
 
-    def to_list(self):
+    def to_list(self) -> list[dict[str, object]]:
         return [dict(d, package=m.package) for d, m in zip(super().to_list(), self)]
 
     def __repr__(self):
@@ -46,10 +47,10 @@ class PackageSet:
         self.spec = first[1].spec if first else None
 
     @property
-    def names(self):
+    def names(self) -> list[str]:
         return list(self.packages)
 
-    def recall(self, vector, k=5, where=None, params=None, *, decode=False):
+    def recall(self, vector, k=5, where=None, params=None, *, decode=False) -> PackageMatches:
         """The k memories nearest `vector` across every package, best first (PackageMatches).
 
         Each package is recalled with the same k and filter (see Database.recall), then the
@@ -75,11 +76,11 @@ class PackageSet:
         found.sort(key=lambda t: t[:3])
         return PackageMatches([t[3] for t in found[:k]], {"strategy": "merge", "packages": plans})
 
-    def get(self, package, memory_id):
+    def get(self, package, memory_id) -> Memory:
         """The memory `memory_id` of the package named `package`, decoded."""
         return self._package(package).get(memory_id)
 
-    def sql(self, package, query, params=None):
+    def sql(self, package, query, params=None) -> list[tuple[object, ...]]:
         """One read-only SQL statement over the catalog of the package named `package`."""
         return self._package(package).sql(query, params)
 
@@ -91,7 +92,7 @@ class PackageSet:
     def __len__(self):
         return sum(len(db) for db in self.packages.values())
 
-    def close(self):
+    def close(self) -> None:
         for db in self.packages.values():
             if not db.closed:
                 db.close()

@@ -65,12 +65,12 @@ class _Section:
         self.f, self.name, self.offset, self.length = f, name, align(pos), 0
         self.hash = hashlib.sha256()
 
-    def write(self, data):
+    def write(self, data) -> None:
         self.f.write(data)
         self.hash.update(data)
         self.length += len(data)
 
-    def entry(self):
+    def entry(self) -> dict[str, str | int]:
         return {"name": self.name, "offset": self.offset, "length": self.length, "sha256": self.hash.hexdigest()}
 
 
@@ -86,7 +86,7 @@ def pack(
     attribution=None,
     overwrite=False,
     progress=False,
-):
+) -> dict[str, object]:
     """Write the store of a database as one package file at `path`; return its manifest (a dict).
 
     source: the database's path (the default name, and where errors say the problem is).

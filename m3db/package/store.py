@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import NoReturn
 
 import numpy as np
 
@@ -47,7 +48,7 @@ CACHE_ENV = "M3DB_CACHE_DIR"
 STALE_SECONDS = 24 * 3600
 
 
-def cache_root(config=None):
+def cache_root(config=None) -> str:
     """The directory package extractions live in (see the module docstring)."""
     base = (config or {}).get("cache_dir") or os.environ.get(CACHE_ENV)
     if not base:
@@ -77,13 +78,13 @@ class PackageSegments:
         }
         self._checked = set()
 
-    def numbers(self):
+    def numbers(self) -> list[int]:
         return sorted(self._sections)
 
-    def size(self, number):
+    def size(self, number) -> int:
         return self._sections[number][1]
 
-    def read(self, number, offset, length):
+    def read(self, number, offset, length) -> bytes:
         """The bytes [offset, offset+length) of segment `number`, copied out of the package's mmap."""
         name = section_name(number) if number in self._sections else f"segment {number}"
         if number not in self._sections:
@@ -101,7 +102,7 @@ class PackageSegments:
             )
         return self.map[base + offset : base + offset + length]
 
-    def close(self):
+    def close(self) -> None:
         if self.map is not None:
             self.map.close()
             self._file.close()
@@ -111,7 +112,7 @@ class PackageSegments:
 class PackageCatalog(Catalog):
     """The catalog extracted from a package: read-only, with an error that says why."""
 
-    def require_writable(self):
+    def require_writable(self) -> NoReturn:
         raise ReadOnlyError("a package (.m3kb) is read-only; make changes in a database directory and pack it again")
 
 

@@ -41,7 +41,7 @@ class VerifyReport:
         self.memories_checked = memories_checked
         self.bytes_read = bytes_read
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, object]:
         return {
             "path": self.path,
             "ok": self.ok,
@@ -55,7 +55,7 @@ class VerifyReport:
         return f"<VerifyReport ok={self.ok} problems={len(self.problems)} memories={self.memories_checked}>"
 
 
-def verify(path, *, arrays=True, progress=False):
+def verify(path, *, arrays=True, progress=False) -> VerifyReport:
     """Check a package: the header, the manifest, every section's sha256, the layout (sections
     inside the file, aligned, not overlapping, zeros between them), the catalog's contents and
     counts, every record (decoded; arrays=False skips decoding tensors), and the index against
@@ -66,7 +66,7 @@ def verify(path, *, arrays=True, progress=False):
         raise NotFoundError(f"no package file at {path!r}")
     problems = []
 
-    def problem(text):
+    def problem(text) -> None:
         if len(problems) < MAX_PROBLEMS:
             problems.append(text)
         elif len(problems) == MAX_PROBLEMS:

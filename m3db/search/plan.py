@@ -23,7 +23,9 @@ OVERFETCH = 1.5
 GRAPH_COST = 10  # distance computations per HNSW candidate, roughly: connectivity-bound
 
 
-def plan_search(index, vector, k, allowed, total, *, exact_limit=EXACT_LIMIT):
+def plan_search(
+    index, vector, k, allowed, total, *, exact_limit=EXACT_LIMIT
+) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
     """Return (ids, scores, plan). `allowed` is None (no filter) or a sorted int64 array of ids."""
     if allowed is None:
         ids, scores = index.search(vector, k)

@@ -30,14 +30,14 @@ class Matches(list):
         self.plan = plan or {}
 
     @property
-    def ids(self):
+    def ids(self) -> list[int]:
         return [m.id for m in self]
 
     @property
-    def scores(self):
+    def scores(self) -> list[float]:
         return [m.score for m in self]
 
-    def to_list(self):
+    def to_list(self) -> list[dict[str, object]]:
         return [
             {"id": m.id, "score": m.score, "text": m.text, "metadata": m.metadata, "document_id": m.document_id}
             for m in self

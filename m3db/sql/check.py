@@ -87,7 +87,7 @@ class _QuietFallback(logging.Filter):
     """sqlglot logs a warning for each statement it reads as an opaque command (CALL, VACUUM,
     ...); m3db refuses those with its own error, so the warning would only repeat it."""
 
-    def filter(self, record):
+    def filter(self, record) -> bool:
         return "Falling back to parsing as a 'Command'" not in record.getMessage()
 
 
@@ -165,13 +165,13 @@ def _pointer(text, line, col, width):
     return f"  {source}\n  {' ' * (col - 1)}{'^' * max(1, width)}"
 
 
-def excerpt(text, limit=80):
+def excerpt(text, limit=80) -> str:
     """`text` on one line, cut to `limit` characters: a statement quoted in a message."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def parse_statement(db, text):
+def parse_statement(db, text) -> tuple[exp.Expression, str | None]:
     """(the one statement in `text` as a sqlglot tree, "EXPLAIN"/"EXPLAIN ANALYZE"/None), or a
     QueryError that says where the text is wrong. Nothing is checked yet (check_tree)."""
     body, explain, tokens = _split_explain(text)
@@ -207,23 +207,23 @@ def _duckdb_parse(db, text):
         raise QueryError(str(e).strip()) from e
 
 
-def name_list(nodes):
+def name_list(nodes) -> str:
     """Names as a message lists them: comma-separated."""
     return ", ".join(nodes)
 
 
-def did_you_mean(name, candidates):
+def did_you_mean(name, candidates) -> str:
     """The hint ' (did you mean X?)' for a misspelt name, or '' when nothing is close."""
     close = difflib.get_close_matches(name.lower(), candidates, n=2, cutoff=0.6)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
-def function_name(fn):
+def function_name(fn) -> str:
     """The lower-case name of a function call, as m3db's lists spell it."""
     return (fn.name if isinstance(fn, exp.Anonymous) else fn.sql_name()).lower()
 
 
-def check_tree(tree):
+def check_tree(tree) -> None:
     """Refuse what must not run: files, the network, other databases, side effects."""
     for node in tree.walk():
         if isinstance(node, (exp.Describe, exp.Summarize)) and not isinstance(
@@ -292,7 +292,7 @@ def _check_table(node):
     )
 
 
-def visible_cte(table):
+def visible_cte(table) -> exp.CTE | None:
     """The CTE that `table` (an unqualified name) names where it sits, or None. A WITH's CTEs
     are visible in its query (subqueries included) and each to the CTEs after it in the same
     WITH, and to itself under WITH RECURSIVE: DuckDB's rules. Any other name is not a CTE,
@@ -323,7 +323,7 @@ def _cte_visible(table):
     return visible_cte(table) is not None
 
 
-def check_document_columns(columns):
+def check_document_columns(columns) -> None:
     """Refuse INSERT INTO documents columns that repeat, lack text or name what m3db assigns."""
     low = [c.lower() for c in columns]
     if len(set(low)) != len(low):
@@ -335,7 +335,7 @@ def check_document_columns(columns):
             raise QueryError(f"INSERT INTO documents: {name} is assigned by m3db; leave it out")
 
 
-def checked_filter(text, *, what="the filter", parameters=True):
+def checked_filter(text, *, what="the filter", parameters=True) -> tuple[str, bool]:
     """A recall filter (`db.recall(where=...)`, generate()'s `filter =>`), parsed and checked
     like a statement (catalog tables only: no files, network or side effects; no memory
     functions, since a filter runs inside a search) and written back by sqlglot: what runs is

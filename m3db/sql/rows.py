@@ -5,9 +5,15 @@ This module owns the result type of SQL statements. It imports numpy and m3db's 
 (pyarrow and pandas when asked for, as optional packages), and never torch.
 """
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..errors import DependencyError, InvalidInputError
+
+if TYPE_CHECKING:
+    import pandas
+    import pyarrow
 
 
 class Rows(list):
@@ -19,21 +25,21 @@ class Rows(list):
         self.columns = columns
         self.explain = explain
 
-    def dicts(self):
+    def dicts(self) -> list[dict[str, object]]:
         return [dict(zip(self.columns, r)) for r in self]
 
-    def arrow(self):
+    def arrow(self) -> "pyarrow.Table":
         """A pyarrow.Table (needs pyarrow)."""
         pa = _optional("pyarrow", "Rows.arrow()")
         arrays = [pa.array([r[i] for r in self]) for i in range(len(self.columns))]
         return pa.Table.from_arrays(arrays, names=list(self.columns))
 
-    def df(self):
+    def df(self) -> "pandas.DataFrame":
         """A pandas.DataFrame (needs pandas)."""
         pd = _optional("pandas", "Rows.df()")
         return pd.DataFrame.from_records(list(self), columns=list(self.columns))
 
-    def numpy(self):
+    def numpy(self) -> dict[str, np.ndarray]:
         """{column: 1-D numpy array}; columns of numbers or booleans without NULLs get their
         numeric dtype, any other column an object array."""
         dupes = sorted({c for c in self.columns if list(self.columns).count(c) > 1})

@@ -38,8 +38,9 @@ import numpy as np
 from ..errors import InvalidInputError, QueryError, ReadOnlyError
 from ..search.plan import MAX_K
 from .check import MEMORY_FUNCTIONS, check_document_columns, excerpt, name_list
-from .plan import Generate, Planner, Recall
+from .plan import Planner
 from .rows import Rows
+from .statement import Generate, Recall
 
 DEFAULT_K = 5  # as db.recall
 MAX_GENERATE_TOKENS = 4096  # a statement cannot ask the decoder for an unbounded KV cache
@@ -69,7 +70,7 @@ _CACHE = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
-def run(db, text, params=None):
+def run(db, text, params=None) -> Rows:
     """Run one SQL statement on `db`; return Rows. The entry point of Database.sql()."""
     if not isinstance(text, str):
         raise InvalidInputError(f"a SQL statement must be a string, got {type(text).__name__}")

@@ -12,7 +12,7 @@ import sqlglot
 from sqlglot import exp
 
 
-def number(text):
+def number(text) -> int | float:
     """A numeric literal's text as an int when it is one, else a float."""
     try:
         return int(text)
@@ -20,12 +20,12 @@ def number(text):
         return float(text)
 
 
-def placeholders(node):
+def placeholders(node) -> tuple[str, ...]:
     """The sorted names of the parameters in `node`: what it reads when it runs."""
     return tuple(sorted({h.name for h in node.find_all(exp.Placeholder)}))
 
 
-def inside_query(node, top):
+def inside_query(node, top) -> bool:
     """Is `node` inside a subquery of `top`?"""
     parent = node.parent
     while parent is not None and parent is not top:
@@ -35,7 +35,7 @@ def inside_query(node, top):
     return False
 
 
-def within(node, top):
+def within(node, top) -> bool:
     """Is `node` `top` or under it?"""
     while node is not None:
         if node is top:
@@ -44,7 +44,7 @@ def within(node, top):
     return False
 
 
-def output_names(query):
+def output_names(query) -> set[str] | None:
     """Lower-case column names of a SELECT's rows, or None where they are not all named here
     (a star, an unnamed expression, a UNION)."""
     if not isinstance(query, exp.Select):
@@ -53,7 +53,7 @@ def output_names(query):
     return {n.lower() for n in names} if all(n and n != "*" for n in names) else None
 
 
-def conjuncts(condition):
+def conjuncts(condition) -> list[exp.Expression]:
     """The AND-ed parts of a condition, each of which can be pushed down on its own."""
     if isinstance(condition, exp.And):
         return conjuncts(condition.this) + conjuncts(condition.expression)
@@ -62,7 +62,7 @@ def conjuncts(condition):
     return [condition]
 
 
-def enclosing_select(table):
+def enclosing_select(table) -> tuple[exp.Select | None, tuple[exp.Expression, exp.Expression | None] | None]:
     """(the SELECT whose FROM or JOIN holds `table`, (LIMIT, OFFSET) nodes when `table` is that
     SELECT's only source and nothing groups its rows) or (None, None)."""
     parent = table.parent
@@ -86,7 +86,7 @@ def enclosing_select(table):
     return parent, (limit.expression, offset.expression if offset is not None else None)
 
 
-def simple_limit(limit, offset):
+def simple_limit(limit, offset) -> bool:
     """Are LIMIT and OFFSET (either may be None) plain row counts: a constant or a parameter,
     no PERCENT, WITH TIES or FETCH? Only those say how many rows a recall must give."""
     simple = (exp.Literal, exp.Placeholder)
@@ -103,7 +103,7 @@ def simple_limit(limit, offset):
     )
 
 
-def used_columns(select, table, alias):
+def used_columns(select, table, alias) -> set[str] | None:
     """Lower-case names of the recall's columns that `select` may read, or None for all of
     them (a star, a whole-row reference, USING or NATURAL, or no enclosing SELECT)."""
     if select is None:
@@ -122,7 +122,7 @@ def used_columns(select, table, alias):
     return used
 
 
-def unnested_relation(prefix, columns, alias):
+def unnested_relation(prefix, columns, alias) -> exp.Subquery:
     """The rows of one recall as DuckDB sees them: bound lists, unnested side by side.
     `columns`: (index, name, DuckDB type) of each bound column; its list is $<prefix><index>."""
     select = _unnest_lists(prefix, tuple(columns)).copy()

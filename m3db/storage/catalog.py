@@ -20,6 +20,7 @@ DuckDB key: an ART key slows bulk inserts and m3db already holds an id map in me
 
 import json
 import re
+from collections.abc import Iterator
 
 import duckdb
 import msgpack
@@ -61,7 +62,7 @@ LOCKED_DOWN = {
 }
 
 
-def metadata_sql_type(key, value):
+def metadata_sql_type(key, value) -> str | None:
     """The DuckDB column type a metadata value is stored as, or an InvalidInputError."""
     if value is None:
         return None
@@ -89,7 +90,7 @@ def metadata_sql_type(key, value):
     )
 
 
-def check_metadata_key(key):
+def check_metadata_key(key) -> None:
     if not isinstance(key, str) or not _IDENT.match(key):
         raise InvalidInputError(
             f"metadata key {key!r} is not a plain identifier (letters, digits, _; not starting with a digit)"
@@ -120,12 +121,12 @@ class Catalog:
 
     # -- schema ----------------------------------------------------------------------------
 
-    def is_new(self):
+    def is_new(self) -> bool:
         return not self.con.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
         ).fetchone()[0]
 
-    def create(self, spec_json, embedding_dim):
+    def create(self, spec_json, embedding_dim) -> None:
         c = self.con
         c.execute("BEGIN")
         c.execute("CREATE TABLE meta(key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
@@ -148,7 +149,7 @@ class Catalog:
             c.execute("INSERT INTO meta VALUES (?, ?)", [key, str(value)])
         c.execute("COMMIT")
 
-    def meta(self):
+    def meta(self) -> dict[str, str]:
         try:
             rows = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
         except duckdb.Error as e:
@@ -161,10 +162,10 @@ class Catalog:
             )
         return rows
 
-    def set_meta(self, key, value):
+    def set_meta(self, key, value) -> None:
         self.con.execute("UPDATE meta SET value = ? WHERE key = ?", [str(value), key])
 
-    def columns(self):
+    def columns(self) -> dict[str, str]:
         """{column name: DuckDB type} of `memories` (built-in and metadata columns)."""
         if self._columns is None:
             rows = self.con.execute(
@@ -174,37 +175,37 @@ class Catalog:
             self._columns = dict(rows)
         return self._columns
 
-    def metadata_columns(self):
+    def metadata_columns(self) -> dict[str, str]:
         return {k: v for k, v in self.columns().items() if k not in BUILTIN_COLUMNS}
 
-    def add_metadata_column(self, key, sql_type):
+    def add_metadata_column(self, key, sql_type) -> None:
         self.con.execute(f'ALTER TABLE memories ADD COLUMN "{key}" {sql_type}')
         self._columns = None
 
     # -- transactions ----------------------------------------------------------------------
 
-    def begin(self):
+    def begin(self) -> None:
         self.require_writable()
         self.con.execute("BEGIN")
 
-    def commit(self):
+    def commit(self) -> None:
         self.con.execute("COMMIT")
 
-    def rollback(self):
+    def rollback(self) -> None:
         try:
             self.con.execute("ROLLBACK")
         except duckdb.TransactionException:
             pass  # nothing was open
         self._columns = None  # an ALTER may have been rolled back
 
-    def require_writable(self):
+    def require_writable(self) -> None:
         """Raise ReadOnlyError unless this catalog may be written."""
         if self.read_only:
             raise ReadOnlyError("the database was opened with read_only=True; open it without read_only to write")
 
     # -- writing (inside begin/commit) -----------------------------------------------------
 
-    def insert_memories(self, batch):
+    def insert_memories(self, batch) -> None:
         """batch: {column: numpy array or object array}; built-in columns plus metadata columns."""
         names = list(batch)
         cols = ", ".join(f'"{n}"' for n in names)
@@ -218,7 +219,7 @@ class Catalog:
         finally:
             self.con.unregister("_m3db_batch")
 
-    def delete_memories(self, ids, commit_seq):
+    def delete_memories(self, ids, commit_seq) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         batch = {"id": ids, "commit_seq": np.full(len(ids), commit_seq, dtype=np.int64)}
         self.con.register("_m3db_forget", batch)
@@ -228,7 +229,7 @@ class Catalog:
         finally:
             self.con.unregister("_m3db_forget")
 
-    def move_memories(self, ids, segments, offsets):
+    def move_memories(self, ids, segments, offsets) -> None:
         batch = {
             "id": np.asarray(ids, np.int64),
             "segment": np.asarray(segments, np.int32),
@@ -243,7 +244,7 @@ class Catalog:
         finally:
             self.con.unregister("_m3db_move")
 
-    def relocate_memories(self, ids, segments, offsets, lengths, checksums, codec):
+    def relocate_memories(self, ids, segments, offsets, lengths, checksums, codec) -> None:
         """Point memories at new records (a cold memory's first encoding)."""
         batch = {
             "id": np.asarray(ids, np.int64),
@@ -262,17 +263,17 @@ class Catalog:
         finally:
             self.con.unregister("_m3db_relocate")
 
-    def cold_ids(self):
+    def cold_ids(self) -> np.ndarray:
         """Ids of the memories not encoded yet (codec 'cold'), ascending."""
         r = self.con.execute("SELECT id FROM memories WHERE codec = 'cold' ORDER BY id").fetchnumpy()
         return np.asarray(r["id"], dtype=np.int64)
 
-    def document_id(self, source):
+    def document_id(self, source) -> int | None:
         """The id of the document with this source, or None."""
         row = self.con.execute("SELECT id FROM documents WHERE source = ?", [source]).fetchone()
         return None if row is None else row[0]
 
-    def codec_params(self, name, version):
+    def codec_params(self, name, version) -> dict[str, object]:
         """The stored parameters of a trained codec (msgpack-decoded), or {}."""
         row = self.con.execute("SELECT params FROM codecs WHERE name = ? AND version = ?", [name, version]).fetchone()
         if row is None or row[0] is None:
@@ -282,7 +283,7 @@ class Catalog:
         except (ValueError, msgpack.UnpackException) as e:
             raise FormatError(f"the parameters of codec {name} v{version} in the catalog are damaged: {e}") from e
 
-    def insert_document(self, doc):
+    def insert_document(self, doc) -> None:
         metadata = doc.get("metadata")
         self.con.execute(
             "INSERT INTO documents(id, source, title, uri, metadata) VALUES (?, ?, ?, ?, ?)",
@@ -295,14 +296,14 @@ class Catalog:
             ],
         )
 
-    def has_document(self, document_id):
+    def has_document(self, document_id) -> bool:
         return self.con.execute("SELECT count(*) FROM documents WHERE id = ?", [document_id]).fetchone()[0] > 0
 
-    def next_document_id(self):
+    def next_document_id(self) -> int:
         """The id the next new document gets."""
         return self.con.execute("SELECT coalesce(max(id), 0) + 1 FROM documents").fetchone()[0]
 
-    def insert_documents(self, batch):
+    def insert_documents(self, batch) -> None:
         """Insert documents given as columns {id, source, title, uri, metadata (JSON text), created_at}."""
         self.con.register("_m3db_docs", batch)
         try:
@@ -313,34 +314,34 @@ class Catalog:
         finally:
             self.con.unregister("_m3db_docs")
 
-    def insert_codec(self, name, version, params):
+    def insert_codec(self, name, version, params) -> None:
         """Store a trained codec's parameters (msgpack bytes, or None)."""
         self.con.execute("INSERT INTO codecs VALUES (?, ?, ?)", [name, version, params])
 
-    def checkpoint(self):
+    def checkpoint(self) -> None:
         """Write DuckDB's WAL into the database file (a finished catalog then is one file)."""
         self.con.execute("CHECKPOINT")
 
     # -- reading ---------------------------------------------------------------------------
 
-    def locations(self):
+    def locations(self) -> dict[str, np.ndarray]:
         """All memories' (id, segment, offset, length, checksum) as numpy arrays."""
         r = self.con.execute('SELECT id, segment, "offset", length, checksum FROM memories').fetchnumpy()
         return {k: np.asarray(v) for k, v in r.items()}
 
-    def segment_ends(self):
+    def segment_ends(self) -> dict[int, int]:
         """{segment number: end of its last committed record}."""
         return dict(
             self.con.execute('SELECT segment, max("offset" + length) FROM memories GROUP BY segment').fetchall()
         )
 
-    def count(self):
+    def count(self) -> int:
         return self.con.execute("SELECT count(*) FROM memories").fetchone()[0]
 
-    def document_count(self):
+    def document_count(self) -> int:
         return self.con.execute("SELECT count(*) FROM documents").fetchone()[0]
 
-    def document_names(self, ids):
+    def document_names(self, ids) -> dict[int, tuple[str, str | None]]:
         """{document id: (source, title)} for the given ids (missing ones left out)."""
         ids = sorted({int(i) for i in ids if i is not None})
         if not ids:
@@ -350,12 +351,12 @@ class Catalog:
         ).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
-    def codec_rows(self):
+    def codec_rows(self) -> list[list[str | int | bytes | None]]:
         """Every stored codec as [name, version, params bytes or None], in name and version order."""
         rows = self.con.execute("SELECT name, version, params FROM codecs ORDER BY name, version").fetchall()
         return [[n, int(v), None if p is None else bytes(p)] for n, v, p in rows]
 
-    def document_rows(self, columns, batch_rows):
+    def document_rows(self, columns, batch_rows) -> Iterator[list[tuple[object, ...]]]:
         """Every document's `columns` (created_at as epoch microseconds), in id order, as lists
         of at most `batch_rows` row tuples."""
         select = ", ".join("epoch_us(created_at)" if c == "created_at" else f'"{c}"' for c in columns)
@@ -363,7 +364,7 @@ class Catalog:
         while rows := cursor.fetchmany(batch_rows):
             yield rows
 
-    def memory_rows(self, columns, lo, hi):
+    def memory_rows(self, columns, lo, hi) -> tuple[list[tuple[object, ...]], np.ndarray]:
         """(rows, embeddings) of the memories with ids in [lo, hi], in id order: `columns`
         (created_at as epoch microseconds) as tuples, and the embedding lists."""
         select = ", ".join("epoch_us(created_at)" if c == "created_at" else f'"{c}"' for c in columns)
@@ -373,7 +374,7 @@ class Catalog:
         emb = self.con.execute("SELECT embedding FROM memories WHERE id BETWEEN ? AND ? ORDER BY id", [lo, hi])
         return rows, emb.fetchnumpy()["embedding"]
 
-    def embeddings(self, ids=None, *, after_seq=None):
+    def embeddings(self, ids=None, *, after_seq=None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, float32 embeddings) for the given ids, or those committed after `after_seq`, or all."""
         if ids is not None:
             self.con.register("_m3db_ids", {"id": np.asarray(ids, dtype=np.int64)})
@@ -389,13 +390,13 @@ class Catalog:
         emb = np.stack(list(r["embedding"])).astype(np.float32) if len(ids_out) else np.zeros((0, 0), np.float32)
         return ids_out, emb
 
-    def forgotten_after(self, seq):
+    def forgotten_after(self, seq) -> np.ndarray:
         return np.asarray(
             self.con.execute("SELECT DISTINCT id FROM forgotten WHERE commit_seq > ?", [seq]).fetchnumpy()["id"],
             dtype=np.int64,
         )
 
-    def ids_where(self, where, params=None):
+    def ids_where(self, where, params=None) -> np.ndarray:
         """Ids of the memories matching a SQL boolean expression over `memories`' columns."""
         query = f"SELECT id FROM memories WHERE ({where})"
         self.require_read_only_statement(query, what="a recall filter")
@@ -408,7 +409,7 @@ class Catalog:
             ) from e
         return np.asarray(r["id"], dtype=np.int64)
 
-    def require_read_only_statement(self, query, *, what="db.sql()"):
+    def require_read_only_statement(self, query, *, what="db.sql()") -> None:
         try:
             statements = self.con.extract_statements(query)
         except duckdb.Error as e:
@@ -422,7 +423,7 @@ class Catalog:
                 "API (add_memory, forget, compact)"
             )
 
-    def close(self):
+    def close(self) -> None:
         self.con.close()
 
 

@@ -14,6 +14,8 @@ Error bounds (checked by tests/test_codec.py on random and adversarial inputs):
 - int4: per group of 32 values g, scale s = max|g| / 7; |x - x'| <= s / 2 + max|g| * 2**-22.
 """
 
+from typing import Self
+
 import numpy as np
 
 from ..errors import FormatError, InvalidInputError
@@ -28,31 +30,31 @@ class Codec:
     version = 0
     trained = False
 
-    def encode(self, x):
+    def encode(self, x) -> bytes:
         """float32 array (..., D) -> bytes."""
         raise NotImplementedError
 
-    def check(self, x):
+    def check(self, x) -> None:
         """Raise InvalidInputError if `x` holds values this codec cannot represent."""
 
-    def decode(self, data, shape):
+    def decode(self, data, shape) -> np.ndarray:
         """bytes -> float32 array of `shape`; raises FormatError if the size is wrong."""
         raise NotImplementedError
 
-    def bound(self, x):
+    def bound(self, x) -> np.ndarray:
         """Per-element worst-case |x - decode(encode(x))|, as a float64 array shaped like x."""
         raise NotImplementedError
 
-    def encoded_size(self, shape):
+    def encoded_size(self, shape) -> int:
         """How many bytes encode() returns for an array of `shape`."""
         raise NotImplementedError
 
-    def params(self):
+    def params(self) -> dict[str, object]:
         """Parameters to store in the catalog (plain msgpack-able values); none for untrained codecs."""
         return {}
 
     @classmethod
-    def from_params(cls, params):
+    def from_params(cls, params) -> Self:
         if params:
             raise FormatError(f"codec {cls.name!r} takes no parameters, got {sorted(params)}")
         return cls()
@@ -72,24 +74,24 @@ class Codec:
 class F32Codec(Codec):
     name, version = "f32", 1
 
-    def encode(self, x):
+    def encode(self, x) -> bytes:
         return np.ascontiguousarray(x, dtype="<f4").tobytes()
 
-    def decode(self, data, shape):
+    def decode(self, data, shape) -> np.ndarray:
         self._check_size(data, shape)
         return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32, copy=True)
 
-    def bound(self, x):
+    def bound(self, x) -> np.ndarray:
         return np.zeros(np.shape(x))
 
-    def encoded_size(self, shape):
+    def encoded_size(self, shape) -> int:
         return int(np.prod(shape)) * 4
 
 
 class F16Codec(Codec):
     name, version = "f16", 1
 
-    def check(self, x):
+    def check(self, x) -> None:
         peak = max(float(x.max(initial=0.0)), -float(x.min(initial=0.0)))
         if peak > F16_MAX:
             raise InvalidInputError(
@@ -97,20 +99,20 @@ class F16Codec(Codec):
                 "use codec 'int8' (scaled) or 'f32' for this database"
             )
 
-    def encode(self, x):
+    def encode(self, x) -> bytes:
         self.check(x)
         return np.ascontiguousarray(x, dtype="<f2").tobytes()
 
-    def decode(self, data, shape):
+    def decode(self, data, shape) -> np.ndarray:
         self._check_size(data, shape)
         return np.frombuffer(data, dtype="<f2").reshape(shape).astype(np.float32)
 
-    def bound(self, x):
+    def bound(self, x) -> np.ndarray:
         # half a unit in the last place: 11 significant bits in the normal range,
         # a fixed 2**-25 in the subnormal range below 2**-14
         return np.maximum(np.abs(np.asarray(x, dtype=np.float64)) * 2.0**-11, 2.0**-25)
 
-    def encoded_size(self, shape):
+    def encoded_size(self, shape) -> int:
         return int(np.prod(shape)) * 2
 
 
@@ -144,7 +146,7 @@ class _ScaledIntCodec(Codec):
         g, ngroups = self._groups(shape)
         return (q.reshape(ngroups, g).astype(np.float32) * scale[:, None]).reshape(shape)
 
-    def bound(self, x):
+    def bound(self, x) -> np.ndarray:
         g, ngroups = self._groups(np.shape(x))
         xg = np.abs(np.asarray(x, dtype=np.float64)).reshape(ngroups, g)
         peak = xg.max(axis=1, keepdims=True)
@@ -156,18 +158,18 @@ class Int8Codec(_ScaledIntCodec):
     name, version = "int8", 1
     levels, group = 127, None
 
-    def encode(self, x):
+    def encode(self, x) -> bytes:
         q, scale = self._quantize(x)
         return scale.tobytes() + q.tobytes()
 
-    def decode(self, data, shape):
+    def decode(self, data, shape) -> np.ndarray:
         self._check_size(data, shape)
         _, ngroups = self._groups(shape)
         scale = np.frombuffer(data, dtype="<f4", count=ngroups)
         q = np.frombuffer(data, dtype=np.int8, offset=4 * ngroups)
         return self._dequantize(q, scale, shape)
 
-    def encoded_size(self, shape):
+    def encoded_size(self, shape) -> int:
         _, ngroups = self._groups(shape)
         return 4 * ngroups + int(np.prod(shape))
 
@@ -183,13 +185,13 @@ class Int4Codec(_ScaledIntCodec):
             raise InvalidInputError(f"codec int4 needs an even head dim divisible by {g}, got {d}")
         return g, int(np.prod(shape[:-1])) * (d // g)
 
-    def encode(self, x):
+    def encode(self, x) -> bytes:
         q, scale = self._quantize(x)
         u = (q.reshape(-1) + 8).astype(np.uint8)  # 1..15: two values per byte
         packed = (u[0::2] << 4) | u[1::2]
         return scale.tobytes() + packed.tobytes()
 
-    def decode(self, data, shape):
+    def decode(self, data, shape) -> np.ndarray:
         self._check_size(data, shape)
         _, ngroups = self._groups(shape)
         scale = np.frombuffer(data, dtype="<f4", count=ngroups)
@@ -201,7 +203,7 @@ class Int4Codec(_ScaledIntCodec):
             raise FormatError("codec int4: a nibble is 0, which no encoder writes; the blob is corrupt")
         return self._dequantize(u - 8, scale, shape)
 
-    def encoded_size(self, shape):
+    def encoded_size(self, shape) -> int:
         _, ngroups = self._groups(shape)
         return 4 * ngroups + int(np.prod(shape)) // 2
 
@@ -209,7 +211,7 @@ class Int4Codec(_ScaledIntCodec):
 CODECS = {c.name: c for c in (F32Codec, F16Codec, Int8Codec, Int4Codec)}
 
 
-def codec_class(name, version=None):
+def codec_class(name, version=None) -> type[Codec]:
     """The codec class registered as `name` (and `version`, when given)."""
     cls = CODECS.get(name)
     if cls is None:

@@ -3,7 +3,7 @@
 import os
 
 
-def fsync_path(path):
+def fsync_path(path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -13,6 +13,7 @@ read-only and is copied into memory before any change.
 
 import json
 import os
+from typing import Self
 
 import numpy as np
 from usearch.index import Index
@@ -51,7 +52,7 @@ class VectorIndex:
     def _path(self, name):
         return os.path.join(self.directory, name)
 
-    def load(self):
+    def load(self) -> int:
         """Load the saved index if it is intact; return the commit it holds (-1 if none)."""
         if self.directory is None:
             return -1
@@ -83,7 +84,7 @@ class VectorIndex:
         self.saved_seq = int(state["seq"])
         return self.saved_seq
 
-    def save(self, seq):
+    def save(self, seq) -> None:
         """Write temp, fsync, rename; then the state file the same way."""
         if self.directory is None or self.read_only:
             return
@@ -113,7 +114,7 @@ class VectorIndex:
 
     # -- changes ---------------------------------------------------------------------------
 
-    def add(self, ids, vectors, *, threads=0):
+    def add(self, ids, vectors, *, threads=0) -> None:
         """Add (or replace) vectors. threads=1 inserts in the given order on one thread, so
         the same ids and vectors always build the same graph (packages are byte-identical);
         0 uses every core."""
@@ -126,18 +127,18 @@ class VectorIndex:
             self.index.remove(keys[present])
         self.index.add(keys, np.asarray(vectors, dtype=np.float32), threads=threads)
 
-    def remove(self, ids):
+    def remove(self, ids) -> None:
         if len(ids) == 0:
             return
         self._materialize()
         self.index.remove(np.asarray(ids, dtype=np.uint64))
 
-    def to_bytes(self):
+    def to_bytes(self) -> bytes:
         """The index serialized as USearch saves it (a package's index section)."""
         return bytes(self.index.save())
 
     @classmethod
-    def from_bytes(cls, buffer):
+    def from_bytes(cls, buffer) -> Self | None:
         """The index held in `buffer` (any dimension: compare `.dim`), or None when USearch
         cannot read it. Hand it only bytes whose checksum was verified."""
         try:
@@ -150,7 +151,7 @@ class VectorIndex:
         out.index = index
         return out
 
-    def keys(self):
+    def keys(self) -> np.ndarray:
         return np.asarray(self.index.keys, dtype=np.uint64).astype(np.int64)
 
     def __len__(self):
@@ -158,21 +159,21 @@ class VectorIndex:
 
     # -- search ----------------------------------------------------------------------------
 
-    def search(self, vector, count):
+    def search(self, vector, count) -> tuple[np.ndarray, np.ndarray]:
         """Approximate nearest neighbours: (ids int64, cosine similarities), best first."""
         if len(self.index) == 0 or count <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         m = self.index.search(np.asarray(vector, dtype=np.float32), count=min(count, len(self.index)))
         return np.asarray(m.keys, dtype=np.int64), (1.0 - np.asarray(m.distances, dtype=np.float32))
 
-    def vectors(self, ids):
+    def vectors(self, ids) -> np.ndarray:
         """The stored (f16-rounded) vectors of `ids`, float32 (n, dim)."""
         if len(ids) == 0:
             return np.zeros((0, self.dim), np.float32)
         got = self.index.get(np.asarray(ids, dtype=np.uint64), dtype=np.float32)
         return np.stack(got) if isinstance(got, tuple) else np.asarray(got).reshape(len(ids), self.dim)
 
-    def exact(self, vector, ids, count):
+    def exact(self, vector, ids, count) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosine top-`count` over the given ids: (ids, similarities), best first."""
         if len(ids) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -188,5 +189,5 @@ class VectorIndex:
         top = top[np.lexsort((ids[top], -key[top]))]
         return ids[top], sims[top].astype(np.float32)
 
-    def close(self):
+    def close(self) -> None:
         self.index = None

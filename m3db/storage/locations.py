@@ -26,14 +26,14 @@ class LocationTable:
         i = np.searchsorted(self.ids, memory_id)
         return i < len(self.ids) and self.ids[i] == memory_id
 
-    def find(self, memory_id):
+    def find(self, memory_id) -> tuple[int, int, int, int] | None:
         """(segment, offset, length, checksum) or None."""
         i = np.searchsorted(self.ids, memory_id)
         if i < len(self.ids) and self.ids[i] == memory_id:
             return tuple(int(self.cols[name][i]) for name, _ in _FIELDS)
         return None
 
-    def insert(self, ids, segment, offset, length, checksum):
+    def insert(self, ids, segment, offset, length, checksum) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         new = {"segment": segment, "offset": offset, "length": length, "checksum": checksum}
         if len(self.ids) == 0 or (ids.min() > self.ids[-1] and np.all(np.diff(ids) > 0)):
@@ -48,13 +48,13 @@ class LocationTable:
         for name, dt in _FIELDS:
             self.cols[name] = np.concatenate([self.cols[name], np.asarray(new[name], dtype=dt)])[order]
 
-    def delete(self, ids):
+    def delete(self, ids) -> None:
         keep = ~np.isin(self.ids, np.asarray(ids, dtype=np.int64))
         self.ids = self.ids[keep]
         for name, _ in _FIELDS:
             self.cols[name] = self.cols[name][keep]
 
-    def move(self, ids, segment, offset, length=None, checksum=None):
+    def move(self, ids, segment, offset, length=None, checksum=None) -> None:
         """Point ids at new places (compaction), or at new records (length and checksum too)."""
         i = np.searchsorted(self.ids, np.asarray(ids, dtype=np.int64))
         self.cols["segment"][i] = segment
@@ -63,5 +63,5 @@ class LocationTable:
             self.cols["length"][i] = length
             self.cols["checksum"][i] = checksum
 
-    def max_id(self):
+    def max_id(self) -> int:
         return int(self.ids[-1]) if len(self.ids) else -1

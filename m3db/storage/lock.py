@@ -33,7 +33,7 @@ class DatabaseLock:
                 "read_only=True processes. Close the other process, or open with read_only=True"
             ) from e
 
-    def release(self):
+    def release(self) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)

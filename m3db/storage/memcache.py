@@ -9,6 +9,8 @@ reader shares them. The database drops an entry the moment its memory is forgott
 import collections
 import threading
 
+from .record import Memory
+
 
 class MemoryCache:
     def __init__(self, max_bytes):
@@ -18,7 +20,7 @@ class MemoryCache:
         self._items = collections.OrderedDict()  # id -> (Memory, bytes)
         self._lock = threading.Lock()
 
-    def get(self, memory_id):
+    def get(self, memory_id) -> Memory | None:
         with self._lock:
             entry = self._items.get(memory_id)
             if entry is None:
@@ -28,7 +30,7 @@ class MemoryCache:
             self.hits += 1
             return entry[0]
 
-    def put(self, memory):
+    def put(self, memory) -> None:
         size = memory.keys.nbytes + memory.values.nbytes + memory.positions.nbytes + len(memory.text) + 200
         if size > self.max_bytes:
             return
@@ -44,7 +46,7 @@ class MemoryCache:
                 _, (_, evicted) = self._items.popitem(last=False)
                 self.nbytes -= evicted
 
-    def discard(self, ids):
+    def discard(self, ids) -> None:
         with self._lock:
             for i in ids:
                 entry = self._items.pop(int(i), None)

@@ -75,7 +75,9 @@ class Memory:
         return f"<Memory id={self.id} shape={shape} text={text!r}>"
 
 
-def encode_record(memory_id, codec, keys, values, positions, text, metadata, document_id, ordinal, token_count=None):
+def encode_record(
+    memory_id, codec, keys, values, positions, text, metadata, document_id, ordinal, token_count=None
+) -> bytes:
     """Build the framed bytes of one memory (arrays already checked against the spec; all
     three None for a cold record)."""
     fields = {"id": int(memory_id)}
@@ -102,12 +104,12 @@ def encode_record(memory_id, codec, keys, values, positions, text, metadata, doc
     return frame(payload, flags)
 
 
-def frame(payload, flags=0):
+def frame(payload, flags=0) -> bytes:
     head = struct.pack("<4sHHII", MAGIC, FORMAT_VERSION, flags, len(payload), zlib.crc32(payload))
     return head + struct.pack("<I", zlib.crc32(head)) + payload
 
 
-def read_header(buf, where):
+def read_header(buf, where) -> tuple[int, int, int]:
     """Parse and check a frame header; return (flags, payload length, payload crc)."""
     if len(buf) < HEADER_SIZE:
         raise FormatError(f"{where}: truncated record header ({len(buf)} of {HEADER_SIZE} bytes)")
@@ -126,7 +128,7 @@ def read_header(buf, where):
     return flags, length, crc
 
 
-def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True):
+def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True) -> Memory:
     """Check a whole frame and decode it to a Memory (arrays=False: skip the tensors)."""
     flags, length, crc = read_header(buf, where)
     if len(buf) != HEADER_SIZE + length:

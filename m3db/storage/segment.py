@@ -26,7 +26,7 @@ HEADER_SIZE = HEADER.size + 4  # 16
 DEFAULT_SEGMENT_SIZE = 256 << 20
 
 
-def segment_name(number):
+def segment_name(number) -> str:
     return f"{number:06d}.seg"
 
 
@@ -64,7 +64,7 @@ class SegmentStore:
 
     # -- listing ---------------------------------------------------------------------------
 
-    def numbers(self):
+    def numbers(self) -> list[int]:
         if not os.path.isdir(self.directory):
             return []
         out = []
@@ -73,15 +73,15 @@ class SegmentStore:
                 out.append(int(name[:-4]))
         return sorted(out)
 
-    def path(self, number):
+    def path(self, number) -> str:
         return os.path.join(self.directory, segment_name(number))
 
-    def size(self, number):
+    def size(self, number) -> int:
         return os.path.getsize(self.path(number))
 
     # -- writing ---------------------------------------------------------------------------
 
-    def append(self, blob):
+    def append(self, blob) -> tuple[int, int]:
         """Append one framed record; return (segment number, offset). Not durable until sync()."""
         number, f = self._active_for(len(blob))
         offset = f.seek(0, os.SEEK_END)
@@ -117,7 +117,7 @@ class SegmentStore:
         fsync_path(self.directory)
         return self._active
 
-    def new_segment(self):
+    def new_segment(self) -> int:
         """Seal the active segment and start a fresh one (compaction writes into these)."""
         self._seal()
         numbers = self.numbers()
@@ -133,7 +133,7 @@ class SegmentStore:
             f.close()
             self._active = None
 
-    def sync(self):
+    def sync(self) -> None:
         """Make every append so far durable."""
         if self._active is not None:
             number, f = self._active
@@ -141,7 +141,7 @@ class SegmentStore:
             os.fsync(f.fileno())
         self._dirty.clear()
 
-    def tail(self):
+    def tail(self) -> tuple[int, int] | None:
         """(active segment number, its size) or None: where a rollback must cut back to."""
         if self._active is None:
             return None
@@ -149,14 +149,14 @@ class SegmentStore:
         f.flush()
         return number, f.seek(0, os.SEEK_END)
 
-    def mark(self):
+    def mark(self) -> tuple[int, int]:
         """(segment number, size) of the newest segment now: what rollback_to() returns to."""
         if self._active is not None:
             return self.tail()
         numbers = self.numbers()
         return (numbers[-1], self.size(numbers[-1])) if numbers else (0, 0)
 
-    def rollback_to(self, mark):
+    def rollback_to(self, mark) -> None:
         """Drop every byte appended since `mark` (segments created since are removed)."""
         number, size = mark
         for n in self.numbers():
@@ -165,7 +165,7 @@ class SegmentStore:
         if number:
             self.truncate(number, size)
 
-    def truncate(self, number, size):
+    def truncate(self, number, size) -> None:
         """Cut segment `number` back to `size` bytes (uncommitted garbage after it)."""
         self._unmap(number)
         if self._active is not None and self._active[0] == number:
@@ -178,7 +178,7 @@ class SegmentStore:
                 f.truncate(size)
                 os.fsync(f.fileno())
 
-    def remove(self, number):
+    def remove(self, number) -> None:
         self._unmap(number)
         if self._active is not None and self._active[0] == number:
             self._active[1].close()
@@ -188,7 +188,7 @@ class SegmentStore:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def read(self, number, offset, length):
+    def read(self, number, offset, length) -> bytes:
         """The bytes [offset, offset+length) of a segment, copied out of its mmap."""
         if self._active is not None and self._active[0] == number:
             self._active[1].flush()
@@ -231,7 +231,7 @@ class SegmentStore:
         if f is not None:
             f.close()
 
-    def close(self):
+    def close(self) -> None:
         self._seal()
         for number in list(self._maps):
             self._unmap(number)

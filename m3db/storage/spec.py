@@ -7,6 +7,7 @@ against it. Opening with a different spec is refused with a message naming both 
 
 import dataclasses
 import json
+from typing import Self
 
 import numpy as np
 
@@ -75,16 +76,16 @@ class MemorySpec:
 
     # -- persistence ---------------------------------------------------------------------
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)
         d["memory_layers"] = list(self.memory_layers)
         return d
 
-    def to_json(self):
+    def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d) -> Self:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -92,17 +93,17 @@ class MemorySpec:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text):
+    def from_json(cls, text) -> Self:
         return cls.from_dict(json.loads(text))
 
     # -- comparison ----------------------------------------------------------------------
 
-    def differences(self, other):
+    def differences(self, other) -> list[tuple[str, object, object]]:
         """[(field, this value, other value)] for every field that differs."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [(k, mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]]
 
-    def require_same(self, other, *, this="the database", that="the given spec"):
+    def require_same(self, other, *, this="the database", that="the given spec") -> None:
         diffs = self.differences(other)
         if diffs:
             lines = "; ".join(f"{k}: {this} has {a!r}, {that} has {b!r}" for k, a, b in diffs)
@@ -114,15 +115,15 @@ class MemorySpec:
     # -- checking one memory -------------------------------------------------------------
 
     @property
-    def layers(self):
+    def layers(self) -> int:
         return len(self.memory_layers)
 
-    def bytes_full_kv_fp16(self, total_layers):
+    def bytes_full_kv_fp16(self, total_layers) -> int:
         """Bytes of the full fp16 KV cache of one reference of reference_length tokens,
         over `total_layers` layers: the baseline every compression ratio is against."""
         return total_layers * 2 * self.kv_heads * self.reference_length * self.head_dim * 2
 
-    def check_arrays(self, keys, values, positions):
+    def check_arrays(self, keys, values, positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Validate one memory's arrays against the spec; return (keys, values, positions)
         as float32, float32, uint8, or raise InvalidInputError naming the problem."""
         keys = _float_array("keys", keys)
@@ -161,7 +162,7 @@ class MemorySpec:
                 raise InvalidInputError(f"{name} holds {bad} NaN or infinite values; memories must be finite")
         return keys, values, positions.astype(np.uint8)
 
-    def check_embedding(self, embedding):
+    def check_embedding(self, embedding) -> np.ndarray:
         e = _float_array("embedding", embedding)
         if e.shape != (self.embedding_dim,):
             raise InvalidInputError(f"embedding has shape {e.shape}; this database expects ({self.embedding_dim},)")

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class Writer:
         self._next_doc_id = None  # read from the catalog on first use
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self) -> Iterator[None]:
         """Group adds and forgets into one atomic commit: all of them land, or none."""
         self.depth += 1
         try:

@@ -87,9 +87,9 @@ def test_tokenizer_matches_transformers(model, hf_tokenizer):
 
 def test_chat_template_renders_smollm_format(model):
     text = model.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
-    assert (
-        text
-        == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
     assert model.tokenizer.encode("<|im_start|>")[0] == 1
 
