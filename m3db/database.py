@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .errors import ClosedError, InvalidInputError, NotFoundError
+from .errors import ClosedError, InvalidInputError, M3DBError, NotFoundError, storage_error
 from .knowledge import answer, ingest, warm
 from .knowledge.bundled import bind, bundled, check_memory_mode
 from .knowledge.protocols import spec_fields
@@ -35,7 +35,7 @@ from .storage import maintenance
 from .storage.maintenance import CheckReport
 from .storage.record import Memory
 from .storage.spec import MemorySpec
-from .storage.store import Store, holds_catalog
+from .storage.store import Store, holds_catalog, require_catalog_if_data
 from .storage.validate import check_config, check_memory
 from .storage.writer import Writer
 
@@ -126,6 +126,33 @@ def attach(paths, *, spec=None, config=None, model=None, embedder=None) -> Packa
     return PackageSet(opened)
 
 
+def _checked_path(path) -> str:
+    """connect()'s path as a string, refusing what cannot name a database: an empty path (it
+    would create the database in the working directory) and a NUL byte."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        raise InvalidInputError(f"path must be text, got bytes {text!r}; decode it first")
+    if not text.strip():
+        raise InvalidInputError("path is empty; name a database directory, a .m3kb package, or ':memory:'")
+    if "\x00" in text:
+        raise InvalidInputError(f"path {text!r} holds a NUL byte, which no file name can; check where it came from")
+    return text
+
+
+def _named_package(path) -> bool:
+    return path.endswith(".m3kb")
+
+
+def _existing_parent(directory) -> str:
+    """The nearest existing ancestor of `directory` (itself when it exists)."""
+    while not os.path.exists(directory):
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    return directory
+
+
 def _guarded(method):
     """Run a public method under the database mutex, refusing a closed database."""
 
@@ -133,7 +160,12 @@ def _guarded(method):
     def wrapper(self, *args, **kwargs) -> object:
         with self._mutex:
             self._require_open()
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except OSError as e:  # the I/O under any verb: an m3db error that keeps the errno
+                if isinstance(e, M3DBError):
+                    raise
+                raise storage_error(e, f"{method.__name__}() on {self.path!r}") from e
 
     return wrapper
 
@@ -166,26 +198,39 @@ class Database:
             spec = MemorySpec.from_dict(spec)
         if spec is not None and not isinstance(spec, MemorySpec):
             raise InvalidInputError(f"spec must be a MemorySpec or a dict, got {type(spec).__name__}")
-        self.path = os.fspath(path)
+        self.path = _checked_path(path)
         self._model = self._embedder = None  # bound on first use of a text verb
         self._model_arg, self._embedder_arg, self._memory_mode = model, embedder, memory_mode
         self._mutex = threading.RLock()
         self._closed = True
         self._tempdir = None
         self.manifest = None  # a package's
-        if (
-            self.path != ":memory:"
-            and os.path.isfile(self.path)
-            and (is_package(self.path) or self.path.endswith(".m3kb"))
-        ):
-            self._open_package(spec, config)
-        else:
-            self._open_directory(spec, bool(read_only), config, codec)
+        try:
+            self._open(spec, read_only, config, codec)
+        except OSError as e:
+            if isinstance(e, M3DBError):
+                raise
+            raise storage_error(e, f"opening {self.path!r}") from e
         self.read_only = self.store.read_only
         self._config = self.store.config
         self.writer = None if self.read_only else Writer(self.store)
         self._filter_cache = FilterCache(self.store.catalog, checked_filter)
         self._closed = False
+
+    def _open(self, spec, read_only, config, codec):
+        if (
+            self.path != ":memory:"
+            and os.path.isfile(self.path)
+            and (is_package(self.path) or _named_package(self.path))
+        ):
+            self._open_package(spec, config)
+        elif _named_package(self.path) and not os.path.exists(self.path):
+            # a .m3kb name is a package to open, never a database to create: a typo must not make one
+            raise NotFoundError(
+                f"no package file at {self.path!r}; check the path (make one with `m3db pack DB OUT.m3kb`)"
+            )
+        else:
+            self._open_directory(spec, bool(read_only), config, codec)
 
     def _open_package(self, spec, config):
         """A packed knowledge base (.m3kb): read-only, segments read in place (package/store.py).
@@ -211,6 +256,13 @@ class Database:
             directory = os.path.abspath(self.path)
             if os.path.exists(directory) and not os.path.isdir(directory):
                 raise InvalidInputError(f"{self.path!r} is a file; an m3db database is a directory")
+            parent = _existing_parent(directory)
+            if not os.path.isdir(parent):
+                raise InvalidInputError(
+                    f"{parent!r} is a file, so {self.path!r} cannot be a database directory under it; "
+                    "choose another path"
+                )
+            require_catalog_if_data(directory)
             if read_only and not holds_catalog(directory):
                 raise NotFoundError(f"no m3db database at {self.path!r}; create it with a writable connect(path)")
             created = not os.path.exists(directory)
@@ -326,24 +378,30 @@ class Database:
         with self.writer.transaction():
             self.writer.forget([int(i) for i in ids])
 
-    def add(self, text, *, source=None, title=None, uri=None, cold=False, **metadata) -> list[int]:
+    def add(self, text, *, source=None, title=None, uri=None, cold=False, replace=False, **metadata) -> list[int]:
         """Chunk, embed, encode and commit one document; return its memory ids.
 
         source: a unique name for the document (default: a hash of the text, so adding the
-        same text twice adds nothing the second time). Keyword arguments become metadata
-        columns of its memories (`lang="en"` -> filter with where="lang = 'en'").
-        cold: see add_documents.
+        same text twice adds nothing the second time). The same source with the same text is
+        skipped (returns []); with other text it is an error, unless replace=True, which
+        forgets the stored document's memories and adds the new text in one commit. Keyword
+        arguments become metadata columns of its memories (`lang="en"` -> filter with
+        where="lang = 'en'"). cold: see add_documents.
         """
         doc = {"text": text, "source": source, "title": title, "uri": uri, "metadata": metadata}
         ids = []
-        ingest.add_documents(self, [doc], progress=False, cold=cold, ids_out=ids)
+        ingest.add_documents(self, [doc], progress=False, cold=cold, replace=replace, ids_out=ids)
         return ids
 
-    def add_documents(self, documents, *, batch_size=16, progress=True, cold=False) -> ingest.IngestReport:
+    def add_documents(
+        self, documents, *, batch_size=16, progress=True, cold=False, replace=False
+    ) -> ingest.IngestReport:
         """Add many documents (dicts with `text` and optional `source`, `title`, `uri`,
-        `metadata`, or plain strings), committing every `batch_size` documents. Documents
-        whose source is already committed are skipped, so re-running after an interruption
-        resumes where it stopped. Returns an IngestReport.
+        `metadata`, or plain strings), committing every `batch_size` documents. A document
+        whose source is already committed with the same text is skipped, so re-running after
+        an interruption resumes where it stopped; with other text it is an error naming the
+        source, unless replace=True (its old memories are forgotten in the commit that adds
+        the new ones). Returns an IngestReport.
 
         cold=False (warm start) encodes each memory now. cold=True (cold start, as in the
         paper) stores only the text and its embedding (ingest costs chunking and embedding,
@@ -351,7 +409,9 @@ class Database:
         recall(decode=True), get) and then kept, so later reads cost the same as warm ones.
         `db.warm_up()` encodes the rest.
         """
-        return ingest.add_documents(self, documents, batch_size=batch_size, progress=progress, cold=cold)
+        return ingest.add_documents(
+            self, documents, batch_size=batch_size, progress=progress, cold=cold, replace=replace
+        )
 
     @_guarded
     def warm_up(self, *, batch_size=16, progress=True) -> int:
@@ -379,7 +439,8 @@ class Database:
         if cold:
             warmed = warm.warm(self, list({m.id: m for m in cold}.values()))
             out = [warmed.get(m.id, m) if m.cold else m for m in out]
-        return out
+        # the cache shares these objects: a caller gets its own metadata and read-only arrays
+        return [m.detached() for m in out]
 
     @_guarded
     def recall(self, vector, k=5, where=None, params=None, *, decode=False) -> Matches:

@@ -83,3 +83,16 @@ class StorageError(M3DBError, OSError):
     the operation was rolled back; `errno` is the operating system's, when it gave one."""
 
     code = "storage"
+
+    def __str__(self):
+        # OSError's own text would be "[Errno N] None: file" once errno is set: keep the message
+        return f"[{self.code}] {self.args[0] if self.args else ''}"
+
+
+def storage_error(e: OSError, what: str) -> StorageError:
+    """An operating system's I/O error as a StorageError naming what failed and the file, with
+    the errno kept (ENOSPC: the disk is full; EACCES: a permission; EIO: the device)."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    error = StorageError(f"{what} failed{where}: {e.strerror or e}; the database is as its last commit left it")
+    error.errno, error.filename = e.errno, e.filename
+    return error

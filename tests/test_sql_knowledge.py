@@ -42,7 +42,11 @@ def test_insert_documents_chunks_embeds_and_encodes(kb):
         ("de", 1),
         ("en", 2),
     ]
-    assert kb.sql(INSERT, ["again"])[0][:2] == (0, 3)  # sources already committed are skipped
+    paris = "Paris is the capital of France. " * 12
+    assert kb.sql(INSERT, [paris])[0][:2] == (0, 3)  # committed with the same text: skipped (a rerun resumes)
+    with pytest.raises(m3db.InvalidInputError, match="source 'wiki/Paris' is already in the database with other text"):
+        kb.sql(INSERT, ["again"])  # the same source with other text: refused, nothing written
+    assert kb.sql("SELECT count(*) FROM memories")[0][0] == memories
     assert kb.check().ok
 
 

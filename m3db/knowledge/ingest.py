@@ -27,11 +27,14 @@ class IngestReport:
     memories_added: int = 0
 
 
-def add_documents(db, documents, *, batch_size=16, progress=True, cold=False, ids_out=None) -> IngestReport:
+def add_documents(
+    db, documents, *, batch_size=16, progress=True, cold=False, replace=False, ids_out=None
+) -> IngestReport:
     """See Database.add_documents. `ids_out`, a list, receives the new memory ids."""
     db.require_writable()
-    if not isinstance(cold, bool):
-        raise InvalidInputError(f"cold must be True or False, got {cold!r}")
+    for name, value in (("cold", cold), ("replace", replace)):
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"{name} must be True or False, got {value!r}")
     model, embedder = db._models()
     report = IngestReport()
     bar = progress_bar(progress, "documents", total=_known_length(documents))
@@ -40,16 +43,24 @@ def add_documents(db, documents, *, batch_size=16, progress=True, cold=False, id
         for doc in documents:
             batch.append(_check_document(doc, len(batch)))
             if len(batch) >= batch_size:
-                _ingest(db, batch, model, embedder, report, ids_out, cold)
+                _ingest(db, batch, model, embedder, report, ids_out, cold, replace)
                 bar.update(len(batch))
                 bar.set_postfix(memories=report.memories_added, refresh=False)
                 batch = []
         if batch:
-            _ingest(db, batch, model, embedder, report, ids_out, cold)
+            _ingest(db, batch, model, embedder, report, ids_out, cold, replace)
             bar.update(len(batch))
     finally:
         bar.close()
     return report
+
+
+def _conflict(source, where):
+    return (
+        f"a document with source {source!r} is already {where} with other text. A source names one document: "
+        "pass a unique source= for a new document, or replace=True to forget the stored document's memories and "
+        "add the new text in the same commit (the same text again is skipped, so a rerun resumes)"
+    )
 
 
 def _known_length(documents):
@@ -83,25 +94,37 @@ def _check_document(doc, position):
     return {"text": text, "source": source, "title": doc.get("title"), "uri": doc.get("uri"), "metadata": metadata}
 
 
-def _ingest(db, batch, model, embedder, report, ids_out, cold):
-    todo, chunks = [], []
-    seen = set()
+def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
+    todo, chunks, stale = [], [], []
+    seen = {}  # source -> text, within this batch
     for doc in batch:
-        if doc["source"] in seen or db.catalog.document_id(doc["source"]) is not None:
+        source = doc["source"]
+        if source in seen:
+            if seen[source] != doc["text"]:
+                raise InvalidInputError(_conflict(source, "twice in this call"))
             report.documents_skipped += 1
             continue
-        seen.add(doc["source"])
+        seen[source] = doc["text"]
         pieces = chunk_text(doc["text"], model.count_tokens, db.spec.reference_length)
+        existing = db.catalog.document_id(source)
+        if existing is not None:
+            stored = db.catalog.document_chunks(existing)
+            if [(p.start, p.end, p.text) for p in pieces] == [(a, b, t) for _, a, b, t in stored]:
+                report.documents_skipped += 1  # committed before: a rerun resumes past it
+                continue
+            if not replace:
+                raise InvalidInputError(_conflict(source, "in the database"))
+            stale.extend(mid for mid, *_ in stored)
         if not pieces:
             report.documents_empty += 1
             continue
         todo.append((doc, pieces))
         chunks.extend(pieces)
-    if not chunks:
+    if not chunks and not stale:
         return
     texts = [c.text for c in chunks]
-    vectors = embedder.embed(texts)
-    encoded = None if cold else model.encode(texts)
+    vectors = embedder.embed(texts) if texts else []
+    encoded = None if cold or not texts else model.encode(texts)
     items, i = [], 0
     for doc, pieces in todo:
         document = {
@@ -129,7 +152,10 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold):
                 )
             items.append(item)
             i += 1
-    ids = db.add_memories(items)
+    with db.transaction():  # replaced documents: their old memories go in the same commit
+        if stale:
+            db.forget(stale)
+        ids = db.add_memories(items) if items else []
     if ids_out is not None:
         ids_out.extend(ids)
     report.documents_added += len(todo)

@@ -15,6 +15,7 @@ Verify reads every byte with bounded memory (sections are hashed in READ_STEP pi
 never writes; nothing in a package is unpickled or executed.
 """
 
+import contextlib
 import hashlib
 import os
 import zlib
@@ -22,7 +23,7 @@ import zlib
 import msgpack
 import numpy as np
 
-from ..errors import FormatError, InvalidInputError
+from ..errors import FormatError, InvalidInputError, NotFoundError
 from ..progress import progress_bar
 from ..storage.catalog import CATALOG_VERSION
 from ..storage.index import CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH, VectorIndex
@@ -108,9 +109,8 @@ def pack(
             raise InvalidInputError(
                 f"pack(): {key} must be a string of at most {MAX_TEXT_FIELD} characters, got {str(value)[:80]!r}"
             )
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise InvalidInputError(f"{path!r} exists; pass overwrite=True (or --force) to replace it")
+    path = _check_target(os.fspath(path), store.directory, overwrite)
+    remove_dead_temporaries(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w+b") as f:
@@ -132,6 +132,52 @@ def pack(
             os.remove(tmp)
         raise
     return manifest
+
+
+def _check_target(path, home, overwrite) -> str:
+    """The package path, refused when writing it would harm the database or cannot work: inside
+    the database's own directory, an existing directory, a folder that does not exist, or an
+    existing file without overwrite."""
+    if not path or "\x00" in path:
+        raise InvalidInputError(f"pack(): {path!r} is not a usable file name")
+    target, home = os.path.realpath(path), os.path.realpath(home)
+    if target == home or target.startswith(home + os.sep):
+        raise InvalidInputError(
+            f"pack(): {path!r} is inside the database directory {home!r}: a package there would overwrite or "
+            "litter the database's own files. Pack to a path outside it"
+        )
+    if os.path.isdir(path):
+        raise InvalidInputError(f"pack(): {path!r} is a directory; name the package file, e.g. {path}/kb.m3kb")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise NotFoundError(f"pack(): the folder {folder!r} does not exist; create it first")
+    if os.path.exists(path) and not overwrite:
+        raise InvalidInputError(f"{path!r} exists; pass overwrite=True (or --force) to replace it")
+    return path
+
+
+def remove_dead_temporaries(path) -> list[str]:
+    """Remove `path.tmp-<pid>` files that packs killed mid-write left behind (their process is
+    gone); a live pack's file is kept. Returns the names removed."""
+    folder, base = os.path.split(os.path.abspath(path))
+    removed = []
+    for name in os.listdir(folder):
+        pid = name[len(base) + 5 :] if name.startswith(base + ".tmp-") else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+    return removed
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _default_name(source):

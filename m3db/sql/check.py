@@ -336,6 +336,16 @@ def check_document_columns(columns) -> None:
 
 
 def checked_filter(text, *, what="the filter", parameters=True) -> tuple[str, bool]:
+    """See _checked_filter; deep nesting is a QueryError, not a RecursionError."""
+    try:
+        return _checked_filter(text, what=what, parameters=parameters)
+    except RecursionError:
+        # the parser, the checks and the writer recurse over the expression: deep nesting
+        # exhausts the stack
+        raise QueryError(f"{what} {excerpt(text)!r} nests too deeply to check; simplify its parentheses") from None
+
+
+def _checked_filter(text, *, what, parameters) -> tuple[str, bool]:
     """A recall filter (`db.recall(where=...)`, generate()'s `filter =>`), parsed and checked
     like a statement (catalog tables only: no files, network or side effects; no memory
     functions, since a filter runs inside a search) and written back by sqlglot: what runs is
@@ -344,9 +354,9 @@ def checked_filter(text, *, what="the filter", parameters=True) -> tuple[str, bo
     result must not be cached). Raises QueryError."""
     try:
         condition = sqlglot.parse_one(text, dialect="duckdb", into=exp.Condition)
+        check_tree(exp.select("id").from_("memories").where(condition))
     except SqlglotError as e:
         raise QueryError(f"{what} {text!r} is not a SQL condition: {_readable(str(e).splitlines()[0])}") from e
-    check_tree(exp.select("id").from_("memories").where(condition))
     for table in condition.find_all(exp.Table):
         if isinstance(table.this, exp.Func) and function_name(table.this) in MEMORY_FUNCTIONS:
             name = function_name(table.this)

@@ -62,32 +62,73 @@ LOCKED_DOWN = {
 }
 
 
+MAX_JSON_DEPTH = 64  # nesting of a metadata value: deeper is a mistake, and readers recurse
+
+
 def metadata_sql_type(key, value) -> str | None:
-    """The DuckDB column type a metadata value is stored as, or an InvalidInputError."""
+    """The DuckDB column type a metadata value is stored as, or an InvalidInputError. A value is
+    accepted only when reading it back gives an equal value (see check_json_value)."""
+    check_json_value(f"metadata {key!r}", value)
     if value is None:
         return None
     if isinstance(value, bool):
         return "BOOLEAN"
     if isinstance(value, int):
-        if not -(2**63) <= value < 2**63:
-            raise InvalidInputError(f"metadata {key!r}: integer {value} does not fit in 64 bits")
         return "BIGINT"
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise InvalidInputError(f"metadata {key!r}: {value} is not a finite number")
         return "DOUBLE"
     if isinstance(value, str):
         return "VARCHAR"
-    if isinstance(value, (list, dict)):
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise InvalidInputError(f"metadata {key!r}: lists and dicts must hold only JSON values ({e})") from e
-        return "JSON"
-    raise InvalidInputError(
-        f"metadata {key!r} has type {type(value).__name__}; metadata values may be str, int, float, "
-        "bool, None, or lists/dicts of those: convert it first (e.g. str(value) or value.isoformat())"
-    )
+    return "JSON"
+
+
+def check_json_value(what, value) -> None:
+    """Refuse what would not read back equal: types other than str, int, float, bool, None and
+    lists and dicts of them (a tuple reads back as a list), dict keys that are not strings (JSON
+    and msgpack readers turn them into strings or refuse them), integers past 64 bits, NaN and
+    infinities, strings that are not UTF-8 (lone surrogates), nesting past MAX_JSON_DEPTH."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            if not -(2**63) <= v < 2**63:
+                raise InvalidInputError(f"{what}: integer {v} does not fit in 64 bits")
+        elif isinstance(v, float):
+            if v != v or v in (float("inf"), float("-inf")):
+                raise InvalidInputError(f"{what}: {v} is not a finite number")
+        elif isinstance(v, str):
+            check_text(what, v)
+        elif isinstance(v, (list, dict)):
+            if depth >= MAX_JSON_DEPTH:
+                raise InvalidInputError(f"{what}: lists and dicts nest deeper than {MAX_JSON_DEPTH} levels; flatten it")
+            if isinstance(v, dict):
+                for k in v:
+                    if not isinstance(k, str):
+                        raise InvalidInputError(
+                            f"{what}: dict key {k!r} is a {type(k).__name__}; keys must be strings (use str(key))"
+                        )
+                    check_text(what, k)
+                stack.extend((item, depth + 1) for item in v.values())
+            else:
+                stack.extend((item, depth + 1) for item in v)
+        else:
+            raise InvalidInputError(
+                f"{what} holds a {type(v).__name__}; metadata values may be str, int, float, bool, None, or "
+                "lists/dicts of those: convert it first (e.g. str(value), list(value) or value.isoformat())"
+            )
+
+
+def check_text(what, text) -> None:
+    """A string must be storable as UTF-8 (a lone surrogate, say from a bad decode, is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(
+            f"{what}: the text holds {text[e.start : e.end]!r} at position {e.start}, which is not valid Unicode "
+            "(a lone surrogate, often from decoding bytes with errors='surrogateescape'); fix the decoding"
+        ) from None
 
 
 def check_metadata_key(key) -> None:
@@ -295,6 +336,13 @@ class Catalog:
                 None if metadata is None else json.dumps(metadata),
             ],
         )
+
+    def document_chunks(self, document_id) -> list[tuple[int, int | None, int | None, str]]:
+        """[(memory id, char_start, char_end, text)] of a document's memories, in ordinal order."""
+        return self.con.execute(
+            "SELECT id, char_start, char_end, text FROM memories WHERE document_id = ? ORDER BY ordinal, id",
+            [document_id],
+        ).fetchall()
 
     def has_document(self, document_id) -> bool:
         return self.con.execute("SELECT count(*) FROM documents WHERE id = ?", [document_id]).fetchone()[0] > 0

@@ -125,7 +125,7 @@ class VectorIndex:
         present = self.index.contains(keys) if len(self.index) else np.zeros(len(keys), bool)
         if np.any(present):  # re-adding after a crash, or an id forgotten and reused
             self.index.remove(keys[present])
-        self.index.add(keys, np.asarray(vectors, dtype=np.float32), threads=threads)
+        self.index.add(keys, unit_rows(vectors), threads=threads)
 
     def remove(self, ids) -> None:
         if len(ids) == 0:
@@ -163,7 +163,7 @@ class VectorIndex:
         """Approximate nearest neighbours: (ids int64, cosine similarities), best first."""
         if len(self.index) == 0 or count <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        m = self.index.search(np.asarray(vector, dtype=np.float32), count=min(count, len(self.index)))
+        m = self.index.search(unit_rows(vector), count=min(count, len(self.index)))
         return np.asarray(m.keys, dtype=np.int64), (1.0 - np.asarray(m.distances, dtype=np.float32))
 
     def vectors(self, ids) -> np.ndarray:
@@ -191,3 +191,12 @@ class VectorIndex:
 
     def close(self) -> None:
         self.index = None
+
+
+def unit_rows(vectors) -> np.ndarray:
+    """Vectors scaled to unit length (float32), as they are stored: the index keeps float16, and
+    a vector finite in float32 but past float16's range (65504) would become inf, then NaN
+    scores. Cosine similarity does not change with scale; all-zero rows stay zero."""
+    v = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True)
+    return (v / np.where(norms > 0, norms, 1.0)).astype(np.float32)

@@ -7,7 +7,7 @@ what happened in m3db's words, and covers the segment files, which DuckDB knows 
 import fcntl
 import os
 
-from ..errors import LockedError
+from ..errors import FormatError, LockedError
 
 LOCK_FILE = "lock"
 
@@ -15,8 +15,16 @@ LOCK_FILE = "lock"
 class DatabaseLock:
     def __init__(self, directory, *, read_only):
         path = os.path.join(directory, LOCK_FILE)
-        # a reader never creates files; if the lock file is missing the directory is not a database yet
-        self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT, 0o644)
+        # a reader never creates files
+        try:
+            self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            if not read_only:
+                raise
+            raise FormatError(
+                f"{path!r} is missing: the database directory was damaged or copied without it. Open it once "
+                "without read_only=True to make it again (no data is in it)"
+            ) from None
         mode = fcntl.LOCK_SH if read_only else fcntl.LOCK_EX
         try:
             fcntl.flock(self.fd, mode | fcntl.LOCK_NB)

@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-from ..errors import FormatError
+from ..errors import FormatError, InvalidInputError
 from .codec import codec_class
 
 MAGIC = b"M3MR"
@@ -69,6 +69,17 @@ class Memory:
     token_count: int | None = None
     cold: bool = False  # stored as text only: keys, values and positions are None
 
+    def detached(self) -> "Memory":
+        """A copy to hand a caller: metadata of its own, and the arrays as read-only views that
+        cannot be made writable (the RAM cache and every other reader share the arrays)."""
+        return dataclasses.replace(
+            self,
+            metadata=_copy_json(self.metadata),
+            keys=_read_only_view(self.keys),
+            values=_read_only_view(self.values),
+            positions=_read_only_view(self.positions),
+        )
+
     def __repr__(self):
         text = self.text if len(self.text) <= 40 else self.text[:37] + "..."
         shape = "cold" if self.cold else (None if self.keys is None else tuple(self.keys.shape))
@@ -94,6 +105,11 @@ def encode_record(
         )
     fields.update(text=text, metadata=metadata, document_id=document_id, ordinal=ordinal, token_count=token_count)
     payload = msgpack.packb(fields, use_bin_type=True)
+    if len(payload) > MAX_PAYLOAD:  # a reader refuses it: never write what cannot be read back
+        raise InvalidInputError(
+            f"memory {memory_id}: its record would take {len(payload):,} bytes, over the {MAX_PAYLOAD:,} a reader "
+            "accepts; split its text (a reference is meant to be a short passage) or shrink its metadata"
+        )
     flags = 0
     middle = len(payload) // 2
     probe = payload[middle : middle + ZSTD_PROBE]  # the middle: tensor bytes, the bulk of a payload
@@ -190,3 +206,26 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True) -
         d["ordinal"],
         d.get("token_count"),
     )
+
+
+def _copy_json(value):
+    """A deep copy of JSON-shaped metadata (dicts, lists, scalars): faster than copy.deepcopy."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
+def _read_only_view(array):
+    """A view numpy refuses to make writable: its base is marked read-only first."""
+    if array is None:
+        return None
+    owner = array
+    while isinstance(owner.base, np.ndarray):  # a view's base is the array that owns the memory
+        owner = owner.base
+    owner.flags.writeable = False
+    array.flags.writeable = False
+    view = array.view()
+    view.flags.writeable = False
+    return view

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from ..errors import InvalidInputError, NotFoundError
+from ..errors import FormatError, InvalidInputError, NotFoundError
 from .catalog import Catalog
 from .codec import codec_class
 from .index import INDEX_FILE, STATE_FILE, VectorIndex
@@ -43,6 +43,21 @@ def holds_catalog(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, CATALOG_FILE))
 
 
+def require_catalog_if_data(directory: str) -> None:
+    """Refuse a directory whose segments outlived its catalog: opening it would make a new, empty
+    catalog and recovery would then delete every segment as unreferenced. Nothing is changed."""
+    if holds_catalog(directory):
+        return
+    segments = os.path.join(directory, SEGMENTS_DIR)
+    found = sorted(n for n in os.listdir(segments) if n.endswith(".seg")) if os.path.isdir(segments) else []
+    if found:
+        raise FormatError(
+            f"{os.path.join(directory, CATALOG_FILE)} is missing, but {SEGMENTS_DIR}/ holds {len(found)} segment "
+            "file(s) of memories. Nothing was changed: restore catalog.duckdb from a backup or a package, or move "
+            f"the directory away to start a new database there"
+        )
+
+
 class Store:
     """The storage of one open database.
 
@@ -60,6 +75,7 @@ class Store:
         self.read_only = read_only
         self.config = dict(config or {})
         self.catalog = self.segments = self.index = None
+        require_catalog_if_data(directory)
         self.lock = DatabaseLock(directory, read_only=read_only) if lock else None
         try:
             self._open(spec, segments, catalog_class)
@@ -162,7 +178,11 @@ class Store:
         self.unsaved += n
         every = self.config.get("index_save_every", INDEX_SAVE_EVERY)
         if self.unsaved >= max(every, len(self.index) // 4):
-            self.save_index()
+            # this runs after a commit: the commit stands whatever happens here. A failed save
+            # (a full disk, a permission) leaves the saved index behind, and the next save or
+            # the next open catches it up from the catalog
+            with contextlib.suppress(OSError):
+                self.save_index()
 
     def save_index(self) -> None:
         self.index.save(self.commit_seq)

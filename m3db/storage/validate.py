@@ -8,12 +8,11 @@ Imports: errors and the storage nouns it checks against (spec, codec, catalog's 
 """
 
 import dataclasses
-import json
 
 import numpy as np
 
 from ..errors import InvalidInputError
-from .catalog import check_metadata_key, metadata_sql_type
+from .catalog import check_json_value, check_metadata_key, check_text, metadata_sql_type
 from .segment import DEFAULT_SEGMENT_SIZE
 
 # connect(config=...): key -> type; all are positive integers
@@ -87,6 +86,7 @@ def check_memory(position: int, item: object, spec, codec) -> CheckedMemory:
     text = item["text"]
     if not isinstance(text, str) or not text.strip():
         raise InvalidInputError(f"{where}: text must be a non-empty string (the reference the memory was made from)")
+    check_text(f"{where}: text", text)
     metadata = item.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise InvalidInputError(f"{where}: metadata must be a dict, got {type(metadata).__name__}")
@@ -139,10 +139,10 @@ def check_document(where: str, doc: dict) -> None:
     for key in ("title", "uri"):
         if doc.get(key) is not None and not isinstance(doc[key], str):
             raise InvalidInputError(f"{where}: document {key} must be a string")
-    try:
-        json.dumps(doc.get("metadata"), allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise InvalidInputError(f"{where}: document metadata must be JSON values ({e})") from e
+    for key in ("source", "title", "uri"):
+        if doc.get(key) is not None:
+            check_text(f"{where}: document {key}", doc[key])
+    check_json_value(f"{where}: document metadata", doc.get("metadata"))
 
 
 def check_config(config: dict | None) -> dict:

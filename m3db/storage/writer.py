@@ -289,7 +289,9 @@ class Writer:
             "codec": np.array([r.codec for r in rows], dtype=object),
             "commit_seq": np.full(len(rows), seq, dtype=np.int64),
         }
-        for key in sorted({k for r in rows for k in r.metadata}):
+        # a key whose values are all None so far has no column yet (no type to give it): its
+        # Nones live in the records; the column comes with the key's first typed value
+        for key in sorted({k for r in rows for k in r.metadata} & set(columns)):
             values = [r.metadata.get(key) for r in rows]
             if columns.get(key) == "JSON":
                 values = [None if v is None else json.dumps(v) for v in values]

@@ -150,3 +150,20 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(kb, tiny):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(m3db.InvalidInputError, match="max_tokens must be a positive integer"):
             kb.generate("hi", max_tokens=bad)
+
+
+def test_the_same_source_twice(kb):
+    first = kb.add("Paris is the capital of France.", source="notes")
+    assert first and kb.add("Paris is the capital of France.", source="notes") == []  # same text: a resume
+    with pytest.raises(m3db.InvalidInputError, match="source 'notes' is already in the database with other text"):
+        kb.add("Rome is the capital of Italy.", source="notes")
+    assert sorted(kb.locations.ids.tolist()) == first
+    second = kb.add("Rome is the capital of Italy.", source="notes", replace=True)  # one commit: forget, then add
+    assert second and not set(first) & set(second) and sorted(kb.locations.ids.tolist()) == second
+    assert kb.recall("capital of Italy", k=1)[0].text == "Rome is the capital of Italy."
+    assert kb.sql("SELECT count(*) FROM documents WHERE source = 'notes'")[0][0] == 1
+    with pytest.raises(m3db.InvalidInputError, match="twice in this call"):
+        kb.add_documents([{"text": "a b c.", "source": "x"}, {"text": "d e f.", "source": "x"}], progress=False)
+    with pytest.raises(m3db.InvalidInputError, match="replace must be True or False"):
+        kb.add("text", replace="yes")
+    assert kb.check().ok
