@@ -32,6 +32,7 @@ from .sql.check import checked_filter
 from .sql.rows import Rows
 from .sql.run import run as run_sql
 from .storage import maintenance
+from .storage.catalog import CATALOG_ERRORS, damaged
 from .storage.maintenance import CheckReport
 from .storage.record import Memory
 from .storage.spec import MemorySpec
@@ -166,6 +167,8 @@ def _guarded(method):
                 if isinstance(e, M3DBError):
                     raise
                 raise storage_error(e, f"{method.__name__}() on {self.path!r}") from e
+            except CATALOG_ERRORS as e:  # m3db's own catalog queries failing: the file is damaged
+                raise damaged(self.store.catalog.path, e) from e
 
     return wrapper
 

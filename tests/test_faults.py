@@ -137,8 +137,14 @@ def test_damaged_index_is_rebuilt(tmp_path, damage):
         open(os.path.join(path, "index.state"), "w").write("{not json")
     for read_only in (True, False):
         with m3db.connect(path, read_only=read_only) as db:
-            assert db.recall(make_memory(3)["embedding"], k=1).ids == [3]
-            assert db.check().ok
+            assert db.recall(make_memory(3)["embedding"], k=1).ids == [3]  # rebuilt in RAM from the catalog
+            report = db.check()
+            if read_only:  # a reader cannot mend the file: check says so
+                assert [p for p in report.problems if "index.usearch does not match" in p]
+            else:  # a writable open saved the rebuilt index
+                assert report.ok
+    with m3db.connect(path, read_only=True) as db:
+        assert db.check().ok
 
 
 def test_stale_index_catches_up(tmp_path):

@@ -9,9 +9,10 @@ read; `verify` checks the section hashes). The catalog and the index cannot be u
 (DuckDB wants a database file, USearch a file of its own), so the first open extracts them
 into a cache directory keyed by the manifest's sha256 (which covers every section's hash):
 
-    <cache>/packages/<manifest sha256>-catalog<N>/catalog.duckdb, index.usearch, index.state
+    <cache>/packages/<manifest sha256>-catalog<N>-index<M>/catalog.duckdb, index.usearch, index.state
 
-(N: the catalog format version this m3db writes, so an upgrade never reads an old entry).
+(N: the catalog format version this m3db writes, M the index state's, so an upgrade never
+reads an old entry).
 
 <cache> is config["cache_dir"], else $M3DB_CACHE_DIR, else $XDG_CACHE_HOME/m3db, else
 ~/.cache/m3db. Extraction writes a temporary directory there and renames it into place, so
@@ -36,7 +37,7 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError, M3DBError, ReadOnlyError
 from ..storage.catalog import CATALOG_VERSION, Catalog
-from ..storage.index import INDEX_FILE, STATE_FILE, VectorIndex
+from ..storage.index import INDEX_FILE, STATE_FILE, VectorIndex, file_crc32
 from ..storage.segment import HEADER_SIZE as SEG_HEADER_SIZE
 from ..storage.spec import MemorySpec
 from ..storage.store import CATALOG_FILE, Store
@@ -45,6 +46,9 @@ from .export import BUILTIN_TYPES, read_catalog
 from .manifest import Frame, check_segment_section, section_name, section_pieces
 
 CACHE_ENV = "M3DB_CACHE_DIR"
+# entries made before the index state held a checksum would rebuild the index in RAM on every
+# open: a new version gives them a new name, so they are extracted afresh once
+INDEX_STATE_VERSION = 2
 STALE_SECONDS = 24 * 3600
 
 
@@ -143,7 +147,8 @@ class Package:
         config = check_config(config)
         # keyed by content, and by the catalog format this m3db materializes it in
         entry = os.path.join(
-            cache_root({"cache_dir": cache_dir}), f"{self.frame.manifest_sha256}-catalog{CATALOG_VERSION}"
+            cache_root({"cache_dir": cache_dir}),
+            f"{self.frame.manifest_sha256}-catalog{CATALOG_VERSION}-index{INDEX_STATE_VERSION}",
         )
         segments = PackageSegments(os.path.abspath(self.path), self.frame)
         try:
@@ -170,7 +175,8 @@ def _extract(where, mm, frame, entry):
     try:
         off, length, digest = frame.sections["index"]
         h = hashlib.sha256()
-        with open(os.path.join(tmp, INDEX_FILE), "wb") as out:
+        index_path = os.path.join(tmp, INDEX_FILE)
+        with open(index_path, "wb") as out:
             for piece in section_pieces(mm, off, length, h):
                 out.write(piece)
             out.flush()
@@ -181,7 +187,7 @@ def _extract(where, mm, frame, entry):
             )
         ids, seq = _materialize_catalog(where, mm, frame, os.path.join(tmp, CATALOG_FILE))
         with open(os.path.join(tmp, STATE_FILE), "w") as out:
-            json.dump({"seq": seq, "count": len(ids), "bytes": length}, out)
+            json.dump({"seq": seq, "count": len(ids), "bytes": length, "crc32": file_crc32(index_path)}, out)
             out.flush()
             os.fsync(out.fileno())
         _check_index(where, tmp, frame.manifest["spec"]["embedding_dim"], ids)

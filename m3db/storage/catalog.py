@@ -65,6 +65,19 @@ LOCKED_DOWN = {
 MAX_JSON_DEPTH = 64  # nesting of a metadata value: deeper is a mistake, and readers recurse
 
 
+# what DuckDB raises; the layers above catch it by this name (only this module imports duckdb)
+CATALOG_ERRORS = (duckdb.Error,)
+
+
+def damaged(path, e) -> FormatError:
+    """A DuckDB failure on m3db's own queries: the catalog file is damaged (its blocks carry
+    checksums, so a flipped byte fails a read rather than giving a wrong row)."""
+    return FormatError(
+        f"the catalog {path!r} cannot be read ({_first_line(e)}): the file is damaged. Nothing was changed; "
+        "restore catalog.duckdb from a backup, or rebuild the knowledge base from its package or sources"
+    )
+
+
 def metadata_sql_type(key, value) -> str | None:
     """The DuckDB column type a metadata value is stored as, or an InvalidInputError. A value is
     accepted only when reading it back gives an equal value (see check_json_value)."""
@@ -158,6 +171,7 @@ class Catalog:
             raise FormatError(f"cannot open the catalog {path!r}: {msg}") from e
         except duckdb.Error as e:
             raise FormatError(f"cannot open the catalog {path!r}: {e}") from e
+        self.path = path
         self._columns = None
 
     # -- schema ----------------------------------------------------------------------------

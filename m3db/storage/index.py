@@ -2,8 +2,10 @@
 
 Only this module talks to USearch. The index is a cache of the catalog's embeddings: it is
 saved by write-temp-then-rename together with a small state file naming the last commit it
-holds, and on open it is caught up from the catalog (adds after that commit, removals from
-the `forgotten` tombstones), or fully reconciled when the state file does not match.
+holds and the file's crc32; an index file that fails it is never loaded (USearch trusts its
+bytes: a damaged graph can crash the process) but rebuilt from the catalog. On open it is
+caught up from the catalog (adds after that commit, removals from the `forgotten`
+tombstones), or fully reconciled when the state file does not match.
 
 USearch has no predicate filter in Python, so filtered recall (m3db.search.plan) asks this module
 for exact scores over an allowed set or for an over-fetched candidate list.
@@ -13,6 +15,7 @@ read-only and is copied into memory before any change.
 
 import json
 import os
+import zlib
 from typing import Self
 
 import numpy as np
@@ -62,7 +65,9 @@ class VectorIndex:
         try:
             with open(state_path) as f:
                 state = json.load(f)
-            if os.path.getsize(path) != state["bytes"]:
+            if os.path.getsize(path) != state["bytes"] or file_crc32(path) != state.get("crc32"):
+                # damaged, or saved before checksums: never hand USearch bytes it did not write
+                # (a damaged graph can crash the process); the catalog rebuilds it
                 return -1
             meta = Index.metadata(path)
             if meta is None or meta.get("dimensions") != self.dim:
@@ -93,7 +98,8 @@ class VectorIndex:
         self.index.save(tmp)
         fsync_path(tmp)
         os.replace(tmp, self._path(INDEX_FILE))
-        state = {"seq": int(seq), "count": len(self.index), "bytes": os.path.getsize(self._path(INDEX_FILE))}
+        path = self._path(INDEX_FILE)
+        state = {"seq": int(seq), "count": len(self.index), "bytes": os.path.getsize(path), "crc32": file_crc32(path)}
         tmp = self._path(STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -101,6 +107,20 @@ class VectorIndex:
             os.fsync(f.fileno())
         os.replace(tmp, self._path(STATE_FILE))
         self.saved_seq = int(seq)
+
+    def verify_file(self) -> str | None:
+        """None when the saved index file matches the checksum in its state file (or nothing is
+        saved), else what is wrong. The index in RAM was checked when it was loaded."""
+        if self.directory is None or not os.path.exists(self._path(INDEX_FILE)):
+            return None
+        try:
+            with open(self._path(STATE_FILE)) as f:
+                state = json.load(f)
+            if file_crc32(self._path(INDEX_FILE)) == state.get("crc32"):
+                return None
+        except (OSError, ValueError, AttributeError):
+            pass
+        return f"{INDEX_FILE} does not match the checksum in {STATE_FILE}; the next open rebuilds it from the catalog"
 
     def _materialize(self):
         """Copy a view into memory before any change (adding to a view can crash USearch)."""
@@ -200,3 +220,12 @@ def unit_rows(vectors) -> np.ndarray:
     v = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True)
     return (v / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def file_crc32(path, block=8 << 20) -> int:
+    """crc32 of a whole file, read in blocks (about 6 GB/s here: 0.2 s for a 1 GB index)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return crc

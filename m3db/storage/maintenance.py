@@ -42,6 +42,9 @@ def check(store) -> CheckReport:
         missing = np.setdiff1d(uniq, index_keys)
         extra = np.setdiff1d(index_keys, uniq)
         problems.append(f"index differs from catalog: {len(missing)} ids missing from it, {len(extra)} extra")
+    damaged = store.index.verify_file()
+    if damaged:
+        problems.append(damaged)
     if not np.array_equal(store.locations.ids, uniq):
         problems.append("the in-memory location table differs from the catalog")
     return CheckReport(len(ids), problems)

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
-from .catalog import Catalog
+from .catalog import CATALOG_ERRORS, Catalog, damaged
 from .codec import codec_class
 from .index import INDEX_FILE, STATE_FILE, VectorIndex
 from .locations import LocationTable
@@ -78,7 +78,10 @@ class Store:
         require_catalog_if_data(directory)
         self.lock = DatabaseLock(directory, read_only=read_only) if lock else None
         try:
-            self._open(spec, segments, catalog_class)
+            try:
+                self._open(spec, segments, catalog_class)
+            except CATALOG_ERRORS as e:
+                raise damaged(os.path.join(directory, CATALOG_FILE), e) from e
         except BaseException:
             self.close(save=False)
             if segments is not None:
