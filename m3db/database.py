@@ -507,8 +507,11 @@ class Database:
         top_p=1.0,
         stop_tokens=None,
         seed=0,
+        raw=False,
     ) -> answer.Answer:
-        """Answer `prompt` (a string, or chat messages [{"role", "content"}]).
+        """Answer `prompt`: a question (a string, sent as the user's message under the model's
+        chat template), or chat messages [{"role", "content"}]; raw=True sends a string as
+        plain completion text instead.
 
         memory=True reads explicit memories, recalled per 64-token chunk as the paper does;
         memory="rag" puts the same recalled references' text in front of the prompt;
@@ -527,6 +530,7 @@ class Database:
             top_p=top_p,
             stop_tokens=stop_tokens,
             seed=seed,
+            raw=raw,
         )
 
     @_guarded

@@ -65,13 +65,20 @@ def generate(
     top_p=1.0,
     stop_tokens=None,
     seed=0,
+    raw=False,
 ) -> Answer:
     """See Database.generate."""
     mode = MODES.get(memory)
     if mode is None:
         raise InvalidInputError(f"memory must be True, False or 'rag', got {memory!r}")
+    if not isinstance(raw, bool):
+        raise InvalidInputError(f"raw must be True or False, got {raw!r}")
     if isinstance(prompt, str) and not prompt.strip():
         raise InvalidInputError("the prompt is empty")
+    if isinstance(prompt, str) and not raw:
+        # a question typed as a string is a user message: an instruct model handed it as raw
+        # completion text ends at once (an empty answer); raw=True keeps plain completion
+        prompt = [{"role": "user", "content": prompt}]
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise InvalidInputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     model, _ = db._models()

@@ -31,27 +31,33 @@ def wikipedia_path() -> str:
     return os.path.join(os.path.dirname(spec.origin), WIKI_FILE)
 
 
-def wikipedia(limit=None) -> Iterator[dict[str, object]]:
-    """Wikipedia summaries in title order: {text, source 'wikipedia/<title>', title, uri, metadata}."""
+def wikipedia(limit=None) -> list[dict[str, object]]:
+    """Wikipedia summaries in title order: {text, source 'wikipedia/<title>', title, uri, metadata}.
+    A list (the summaries are a few MB), so a build's progress bar knows the total."""
     with open(wikipedia_path(), encoding="utf-8") as f:
         data = json.load(f)
-    count = 0
+    out = []
     for key in sorted(data):
+        if limit is not None and len(out) >= limit:
+            break
         entry = data[key]
         text = (entry.get("extract") or "").strip()
         if not text:
             continue
         title = entry.get("title") or key
-        yield {
-            "text": text,
-            "source": f"wikipedia/{title}",
-            "title": title,
-            "uri": "https://en.wikipedia.org/wiki/" + title.replace(" ", "_"),
-            "metadata": {"topic": entry.get("topic") or None, "description": entry.get("description") or None},
-        }
-        count += 1
-        if limit is not None and count >= limit:
-            return
+        out.append(
+            {
+                "text": text,
+                "source": f"wikipedia/{title}",
+                "title": title,
+                "uri": "https://en.wikipedia.org/wiki/" + title.replace(" ", "_"),
+                "metadata": {
+                    "topic": entry.get("topic") or None,
+                    "description": entry.get("description") or None,
+                },
+            }
+        )
+    return out
 
 
 def files(paths) -> Iterator[dict[str, object]]:

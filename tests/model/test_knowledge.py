@@ -110,8 +110,13 @@ def test_generation_is_deterministic_and_matches_the_model(kb, tiny):
     a = kb.generate("Tell me about Paris.", max_tokens=12)
     b = kb.generate("Tell me about Paris.", max_tokens=12)
     assert a.text == b.text
-    plain = kb.generate("Tell me about Paris.", max_tokens=12, memory=False)
+    plain = kb.generate("Tell me about Paris.", max_tokens=12, memory=False, raw=True)  # completion text
     assert plain.text == tiny.generate("Tell me about Paris.", mode="none", max_tokens=12).text
+    chat = [{"role": "user", "content": "Tell me about Paris."}]  # a plain string is a user message
+    assert (
+        kb.generate("Tell me about Paris.", max_tokens=12, memory=False).text
+        == tiny.generate(chat, mode="none", max_tokens=12).text
+    )
 
 
 def test_database_bound_to_another_model_is_refused(tiny, tmp_path):
@@ -140,11 +145,11 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(kb, tiny):
             kb.generate(long_prompt, max_tokens=4, memory=memory)
     # fits without memories, but not with the positions that memories take
     just = "x" * (context - 8)
-    assert kb.generate(just, max_tokens=4, memory=False).text is not None
+    assert kb.generate(just, max_tokens=4, memory=False, raw=True).text is not None
     with pytest.raises(m3db.InvalidInputError, match="positions for memories"):
-        kb.generate(just, max_tokens=4, memory=True)
+        kb.generate(just, max_tokens=4, memory=True, raw=True)
     with pytest.raises(m3db.InvalidInputError, match="fewer references"):
-        kb.generate(just, max_tokens=4, memory="rag")
+        kb.generate(just, max_tokens=4, memory="rag", raw=True)
     with pytest.raises(m3db.InvalidInputError, match="over the model's context"):
         kb.generate("hi", max_tokens=10**9)  # refused before any cache is allocated
     for bad in (0, -1, 2.5, True):
@@ -167,3 +172,26 @@ def test_the_same_source_twice(kb):
     with pytest.raises(m3db.InvalidInputError, match="replace must be True or False"):
         kb.add("text", replace="yes")
     assert kb.check().ok
+
+
+def test_a_plain_string_is_a_user_message_unless_raw(tiny, tmp_path):
+    seen = []
+
+    class Spy:  # the bundled model's protocol, recording the prompts it is handed
+        def __getattr__(self, name):
+            return getattr(tiny, name)
+
+        def generate(self, prompt, **kw):
+            seen.append(prompt)
+            return tiny.generate(prompt, **kw)
+
+    with m3db.connect(tmp_path / "kb", model=Spy(), embedder=HashEmbedder()) as db:
+        db.add_documents(DOCS, progress=False)
+        db.generate("What is the capital of Japan?", max_tokens=2)
+        db.generate("The capital of Japan is", max_tokens=2, raw=True)
+        db.sql("SELECT text FROM generate('What is the capital of France?', max_tokens => 2)")
+        with pytest.raises(m3db.InvalidInputError, match="raw must be True or False"):
+            db.generate("x", raw="yes")
+    assert seen[0] == [{"role": "user", "content": "What is the capital of Japan?"}]
+    assert seen[1] == "The capital of Japan is"
+    assert seen[2] == [{"role": "user", "content": "What is the capital of France?"}]
