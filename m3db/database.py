@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ClosedError, InvalidInputError, M3DBError, NotFoundError, storage_error
 from .knowledge import answer, ingest, warm
-from .knowledge.bundled import bind, bundled, check_memory_mode
+from .knowledge.bundled import bind, bind_embedder, bundled, check_memory_mode
 from .knowledge.protocols import spec_fields
 from .package.manifest import is_package
 from .package.multi import PackageSet
@@ -491,8 +491,9 @@ class Database:
         """The retrieval vector of a query text."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidInputError("a recall query must be a non-empty string (or a vector)")
-        _, embedder = self._models()
-        return embedder.embed([text])[0]
+        if self._embedder is None:  # the embedder alone: recall by text never builds the decoder
+            self._embedder = bind_embedder(self.spec, self._embedder_arg)
+        return self._embedder.embed([text])[0]
 
     def generate(
         self,
@@ -636,6 +637,6 @@ class Database:
         self._model, self._embedder = bind(spec or self.spec, model, embedder, memory_mode=self._memory_mode)
 
     def _models(self):
-        if self._model is None:
+        if self._model is None:  # (an embedder bound alone for recall is checked again here)
             self._bind_models(self._model_arg, self._embedder_arg)
         return self._model, self._embedder

@@ -54,3 +54,28 @@ def test_fingerprint_is_stable_and_input_checked(embedder):
     assert embedder_mod.Embedder().fingerprint == embedder.fingerprint
     with pytest.raises(TypeError, match="list of strings"):
         embedder.embed("one string")
+
+
+def test_recall_by_text_loads_the_embedder_alone(tmp_path, monkeypatch):
+    import m3db
+    import m3db.knowledge.bundled as bundled_mod
+    from m3db.testing import random_memory, small_spec
+
+    embedder = bundled_mod.bundled_embedder()
+    spec = small_spec().to_dict() | {"embedding_dim": embedder.dim, "embedder_fingerprint": embedder.fingerprint}
+    texts = ["Paris is the capital of France.", "The Akashi Kaikyo Bridge is a suspension bridge in Japan."]
+    with m3db.connect(tmp_path / "kb", spec=spec) as db:
+        for i, text in enumerate(texts):
+            db.add_memory(**random_memory(db.spec, text, seed=i) | {"embedding": embedder.embed([text])[0]})
+
+    def no_decoder(*args, **kwargs):
+        raise AssertionError("recall by text built the decoder")
+
+    monkeypatch.setattr(bundled_mod, "bundled", no_decoder)
+    with m3db.connect(tmp_path / "kb", read_only=True) as db:
+        assert db.recall("suspension bridge", k=1)[0].text == texts[1]
+        assert db.sql("SELECT text FROM recall('capital of France', k => 1)")[0][0] == texts[0]
+    other = small_spec().to_dict() | {"embedding_dim": embedder.dim}  # another embedder's fingerprint
+    with m3db.connect(tmp_path / "other", spec=other) as db:
+        with pytest.raises(m3db.SpecMismatchError, match="embedder_fingerprint"):
+            db.recall("anything")
