@@ -22,7 +22,7 @@ from .knowledge import answer, ingest, warm
 from .knowledge.bundled import bind, bind_embedder, bundled, check_memory_mode
 from .knowledge.protocols import spec_fields
 from .package.manifest import is_package
-from .package.multi import PackageSet
+from .package.multi import PackageSet, open_packages
 from .package.pack import pack
 from .package.store import Package
 from .search.filters import FilterCache
@@ -37,7 +37,7 @@ from .storage.maintenance import CheckReport
 from .storage.record import Memory
 from .storage.spec import MemorySpec
 from .storage.store import Store, holds_catalog, require_catalog_if_data
-from .storage.validate import check_config, check_memory
+from .storage.validate import check_config, check_memory, check_path, existing_parent, names_package
 from .storage.writer import Writer
 
 # a model-bound database's codec: docs/quality.md measured int4 within noise of int8, f16 and
@@ -91,67 +91,7 @@ def attach(paths, *, spec=None, config=None, model=None, embedder=None) -> Packa
     other: a mismatch is a SpecMismatchError naming both sides. model, embedder: as for
     connect(); each package is checked against them.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if isinstance(paths, dict):
-        named = [(str(n), os.fspath(p)) for n, p in paths.items()]
-    elif isinstance(paths, (list, tuple)):
-        named = [(os.path.splitext(os.path.basename(os.fspath(p)))[0], os.fspath(p)) for p in paths]
-        names = [n for n, _ in named]
-        dups = sorted({n for n in names if names.count(n) > 1})
-        if dups:
-            raise InvalidInputError(f"several packages are named {dups}; pass a dict {{name: path}} to name them apart")
-    else:
-        raise InvalidInputError(
-            f"attach() takes a list of package paths or a dict {{name: path}}, got {type(paths).__name__}"
-        )
-    if not named:
-        raise InvalidInputError("attach() needs at least one package")
-    for name, path in named:
-        if not os.path.isfile(path):
-            raise NotFoundError(f"no package file at {path!r}")
-        if not is_package(path):
-            raise InvalidInputError(f"{path!r} is not an m3db package; make one with `m3db pack DB OUT.m3kb`")
-    opened = {}
-    try:
-        for name, path in named:
-            opened[name] = Database(path, spec=spec, config=config, model=model, embedder=embedder)
-        (first, a), *rest = opened.items()
-        for name, b in rest:
-            a.spec.require_same(b.spec, this=f"package {first!r}", that=f"package {name!r}")
-    except BaseException:
-        for db in opened.values():
-            with contextlib.suppress(Exception):
-                db.close()
-        raise
-    return PackageSet(opened)
-
-
-def _checked_path(path) -> str:
-    """connect()'s path as a string, refusing what cannot name a database: an empty path (it
-    would create the database in the working directory) and a NUL byte."""
-    text = os.fspath(path)
-    if isinstance(text, bytes):
-        raise InvalidInputError(f"path must be text, got bytes {text!r}; decode it first")
-    if not text.strip():
-        raise InvalidInputError("path is empty; name a database directory, a .m3kb package, or ':memory:'")
-    if "\x00" in text:
-        raise InvalidInputError(f"path {text!r} holds a NUL byte, which no file name can; check where it came from")
-    return text
-
-
-def _named_package(path) -> bool:
-    return path.endswith(".m3kb")
-
-
-def _existing_parent(directory) -> str:
-    """The nearest existing ancestor of `directory` (itself when it exists)."""
-    while not os.path.exists(directory):
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            break
-        directory = parent
-    return directory
+    return open_packages(paths, lambda path: Database(path, spec=spec, config=config, model=model, embedder=embedder))
 
 
 def _guarded(method):
@@ -201,7 +141,7 @@ class Database:
             spec = MemorySpec.from_dict(spec)
         if spec is not None and not isinstance(spec, MemorySpec):
             raise InvalidInputError(f"spec must be a MemorySpec or a dict, got {type(spec).__name__}")
-        self.path = _checked_path(path)
+        self.path = check_path(path)
         self._model = self._embedder = None  # bound on first use of a text verb
         self._model_arg, self._embedder_arg, self._memory_mode = model, embedder, memory_mode
         self._mutex = threading.RLock()
@@ -224,10 +164,10 @@ class Database:
         if (
             self.path != ":memory:"
             and os.path.isfile(self.path)
-            and (is_package(self.path) or _named_package(self.path))
+            and (is_package(self.path) or names_package(self.path))
         ):
             self._open_package(spec, config)
-        elif _named_package(self.path) and not os.path.exists(self.path):
+        elif names_package(self.path) and not os.path.exists(self.path):
             # a .m3kb name is a package to open, never a database to create: a typo must not make one
             raise NotFoundError(
                 f"no package file at {self.path!r}; check the path (make one with `m3db pack DB OUT.m3kb`)"
@@ -259,7 +199,7 @@ class Database:
             directory = os.path.abspath(self.path)
             if os.path.exists(directory) and not os.path.isdir(directory):
                 raise InvalidInputError(f"{self.path!r} is a file; an m3db database is a directory")
-            parent = _existing_parent(directory)
+            parent = existing_parent(directory)
             if not os.path.isdir(parent):
                 raise InvalidInputError(
                     f"{parent!r} is a file, so {self.path!r} cannot be a database directory under it; "

@@ -3,11 +3,14 @@ its package. Their memory specs must match (m3db.attach checks). Imports: errors
 result nouns; the packages arrive opened (as read-only databases).
 """
 
+import contextlib
 import dataclasses
+import os
 
-from ..errors import M3DBError, NotFoundError
+from ..errors import InvalidInputError, M3DBError, NotFoundError
 from ..search.results import Match, Matches
 from ..storage.record import Memory
+from .manifest import is_package
 
 
 @dataclasses.dataclass(repr=False)
@@ -105,3 +108,43 @@ class PackageSet:
 
     def __repr__(self):
         return f"<m3db.PackageSet {', '.join(f'{n}={len(db)}' for n, db in self.packages.items())}>"
+
+
+def open_packages(paths, open_one) -> PackageSet:
+    """A PackageSet of the packages at `paths` (see m3db.attach), each opened by `open_one(path)`
+    (a read-only database; the caller's, since this layer sits below the database). Names must
+    differ, every path must be a package, and their memory specs must match each other."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if isinstance(paths, dict):
+        named = [(str(n), os.fspath(p)) for n, p in paths.items()]
+    elif isinstance(paths, (list, tuple)):
+        named = [(os.path.splitext(os.path.basename(os.fspath(p)))[0], os.fspath(p)) for p in paths]
+        names = [n for n, _ in named]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise InvalidInputError(f"several packages are named {dups}; pass a dict {{name: path}} to name them apart")
+    else:
+        raise InvalidInputError(
+            f"attach() takes a list of package paths or a dict {{name: path}}, got {type(paths).__name__}"
+        )
+    if not named:
+        raise InvalidInputError("attach() needs at least one package")
+    for name, path in named:
+        if not os.path.isfile(path):
+            raise NotFoundError(f"no package file at {path!r}")
+        if not is_package(path):
+            raise InvalidInputError(f"{path!r} is not an m3db package; make one with `m3db pack DB OUT.m3kb`")
+    opened = {}
+    try:
+        for name, path in named:
+            opened[name] = open_one(path)
+        (first, a), *rest = opened.items()
+        for name, b in rest:
+            a.spec.require_same(b.spec, this=f"package {first!r}", that=f"package {name!r}")
+    except BaseException:
+        for db in opened.values():
+            with contextlib.suppress(Exception):
+                db.close()
+        raise
+    return PackageSet(opened)

@@ -8,6 +8,7 @@ Imports: errors and the storage nouns it checks against (spec, codec, catalog's 
 """
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -175,3 +176,31 @@ def widest(types) -> str:
     if types == {"BIGINT", "DOUBLE"}:
         return "DOUBLE"
     raise InvalidInputError(f"one metadata key holds values of several types in one batch: {sorted(types)}")
+
+
+def check_path(path) -> str:
+    """connect()'s path as a string, refusing what cannot name a database: an empty path (it
+    would create the database in the working directory) and a NUL byte."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        raise InvalidInputError(f"path must be text, got bytes {text!r}; decode it first")
+    if not text.strip():
+        raise InvalidInputError("path is empty; name a database directory, a .m3kb package, or ':memory:'")
+    if "\x00" in text:
+        raise InvalidInputError(f"path {text!r} holds a NUL byte, which no file name can; check where it came from")
+    return text
+
+
+def names_package(path) -> bool:
+    """Does the path name a package file (`.m3kb`)? Such a path is opened, never created."""
+    return path.endswith(".m3kb")
+
+
+def existing_parent(directory) -> str:
+    """The nearest existing ancestor of `directory` (itself when it exists)."""
+    while not os.path.exists(directory):
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    return directory
