@@ -205,7 +205,7 @@ class Database:
                     f"{parent!r} is a file, so {self.path!r} cannot be a database directory under it; "
                     "choose another path"
                 )
-            require_catalog_if_data(directory)
+            require_catalog_if_data(directory)  # (Store checks too; here it fails before a model loads)
             if read_only and not holds_catalog(directory):
                 raise NotFoundError(f"no m3db database at {self.path!r}; create it with a writable connect(path)")
             created = not os.path.exists(directory)
@@ -576,7 +576,10 @@ class Database:
         stored spec (or a package's `spec`, before its store is open)."""
         self._model, self._embedder = bind(spec or self.spec, model, embedder, memory_mode=self._memory_mode)
 
-    def _models(self):
-        if self._model is None:  # (an embedder bound alone for recall is checked again here)
+    def models(self) -> tuple[object, object]:
+        """(model, embedder) this database reads and writes with, bound and checked against its
+        spec on first use (the bundled ones unless connect() named others). The knowledge
+        layer calls this; an embedder bound alone for recall is checked again here."""
+        if self._model is None:
             self._bind_models(self._model_arg, self._embedder_arg)
         return self._model, self._embedder

@@ -81,7 +81,7 @@ def generate(
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise InvalidInputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    model, _ = db._models()
+    model, _ = db.models()
     used = {}
 
     def retrieve(query_text, count) -> list[Retrieved]:

@@ -35,7 +35,7 @@ def add_documents(
     for name, value in (("cold", cold), ("replace", replace)):
         if not isinstance(value, bool):
             raise InvalidInputError(f"{name} must be True or False, got {value!r}")
-    model, embedder = db._models()
+    model, embedder = db.models()
     report = IngestReport()
     bar = progress_bar(progress, "documents", total=_known_length(documents))
     batch = []

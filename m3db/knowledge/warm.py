@@ -17,7 +17,7 @@ def warm(db, memories, *, cache=True) -> dict:
     """Encode cold `memories` with the database's model; return {id: Memory}, read back from the
     encoded records so a warmed memory equals every later read of it."""
     try:
-        model, _ = db._models()
+        model, _ = db.models()
     except SpecMismatchError as e:
         raise SpecMismatchError(
             f"memory {memories[0].id} is cold (stored as text, encoded on first read) and encoding it needs the "

@@ -63,7 +63,7 @@ def test_a_sparse_knowledge_base_reopens_sparse(tmp_path):
         db.add("Quendor is a small moon. Its capital city is Vell, built on ice.", source="quendor")
         assert db.spec.memory_layers == tuple(range(15, 30)) and db.spec.tokens_per_head == 8
     with connect(path) as db:  # no mode named: the one it was built with
-        model, _ = db._models()
+        model, _ = db.models()
         assert model.settings.memory_layers == tuple(range(15, 30)) and model.adapter is not None
         out = db.generate("What is the capital city of Quendor?", max_tokens=8)
         assert out.sources and out.sources[0].text.startswith("Quendor")
