@@ -23,7 +23,7 @@ ALLOWED = {
     "knowledge": {"storage", "model"},
     "testing": {"storage"},
     "database": {"storage", "search", "sql", "package", "knowledge"},
-    "cli": {"storage", "search", "sql", "package", "knowledge", "database", "model"},
+    "cli": {"storage", "search", "sql", "package", "knowledge", "database", "model", "bindings"},
     "init": {"storage", "search", "sql", "package", "knowledge", "database", "cli", "testing"},
 }
 
