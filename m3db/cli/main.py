@@ -367,11 +367,13 @@ def cmd_ask(args) -> dict[str, object] | None:
     out = {
         "question": args.question,
         "answer": answer.text.strip(),
+        "finish_reason": answer.finish_reason,
         "mode": answer.mode,
         "sources": [{"id": s.id, "document": s.document, "text": s.text} for s in answer.sources],
     }
     if not args.json:
-        print(f"Q: {out['question']}\nA: {out['answer']}\n\nmemories used ({answer.mode}):")
+        shown = out["answer"] or f"(no answer: the model ended its turn at once, finish_reason={answer.finish_reason!r})"
+        print(f"Q: {out['question']}\nA: {shown}\n\nmemories used ({answer.mode}):")
         for s in out["sources"]:
             print(f"  #{s['id']}  [{s['document']}]  {format_cell(s['text'], 110)}")
         return None

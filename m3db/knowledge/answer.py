@@ -10,6 +10,9 @@ import dataclasses
 from ..errors import InvalidInputError
 
 MODES = {True: "memory", False: "none", "rag": "rag", "memory": "memory", "none": "none"}  # memory= -> mode
+# the finish reason of an answer with no text: the model's first token ended its turn. An
+# empty answer must say so, not pass as a normal "stop" (docs/knowledge.md lists the causes)
+EMPTY = "empty"
 
 
 @dataclasses.dataclass
@@ -24,7 +27,8 @@ class Source:
 
 @dataclasses.dataclass
 class Answer:
-    """The result of generate(): the text, why it stopped, which memories each chunk read
+    """The result of generate(): the text, why it stopped ("stop", "length", or "empty": the
+    model ended its turn before any text), which memories each chunk read
     (`chunks`: [(kind, start, end, memory ids)]), and `sources`, every memory used, in order
     of first use."""
 
@@ -112,4 +116,5 @@ def generate(
     first_use = [i for i in dict.fromkeys(i for c in chunks for i in c[3]) if i in used]
     docs = db.catalog.document_names([used[i].document_id for i in first_use])
     sources = [Source(i, used[i].text, *docs.get(used[i].document_id, (None, None))) for i in first_use]
-    return Answer(g.text, g.finish_reason, mode, chunks, sources)
+    finish = EMPTY if g.finish_reason == "stop" and not g.text.strip() else g.finish_reason
+    return Answer(g.text, finish, mode, chunks, sources)

@@ -195,3 +195,14 @@ def test_a_plain_string_is_a_user_message_unless_raw(tiny, tmp_path):
     assert seen[0] == [{"role": "user", "content": "What is the capital of Japan?"}]
     assert seen[1] == "The capital of Japan is"
     assert seen[2] == [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_an_empty_answer_says_why(kb):
+    kb.add_documents(DOCS, progress=False)
+    for memory in (True, "rag", False):
+        first = kb.generate("Where is Tokyo?", max_tokens=1, memory=memory)
+        assert first.text and first.finish_reason == "length"
+        # the token the model would write first now ends its turn: nothing was written
+        (token,) = kb.models()[0].tokenizer.encode(first.text)
+        empty = kb.generate("Where is Tokyo?", max_tokens=8, memory=memory, stop_tokens=[token])
+        assert empty.text == "" and empty.finish_reason == "empty"
