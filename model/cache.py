@@ -22,12 +22,24 @@ class LayerCache:
     `model.memory`).
     """
 
-    def __init__(self, batch: int, n_kv: int, head_dim: int, capacity: int, mem_cap: int = 0, *, dtype=torch.float32):
-        self.batch, self.n_kv, self.head_dim, self.dtype = batch, n_kv, head_dim, dtype
+    def __init__(
+        self,
+        batch: int,
+        n_kv: int,
+        head_dim: int,
+        capacity: int,
+        mem_cap: int = 0,
+        *,
+        dtype=torch.float32,
+        device=None,
+    ):
+        self.batch, self.n_kv, self.head_dim, self.dtype, self.device = batch, n_kv, head_dim, dtype, device
         self.mem_cap = mem_cap
         self.length = 0  # context tokens held
         # zeros, not empty: masked slots still meet V in the matmul and 0 * NaN would be NaN
-        self.keys = torch.zeros(batch, n_kv, mem_cap + capacity, head_dim, dtype=dtype)  # (B, kv, M+C, hs)
+        self.keys = torch.zeros(
+            batch, n_kv, mem_cap + capacity, head_dim, dtype=dtype, device=device
+        )  # (B, kv, M+C, hs)
         self.values = torch.zeros_like(self.keys)
 
     @property
@@ -35,7 +47,9 @@ class LayerCache:
         return self.keys.shape[2] - self.mem_cap
 
     def _realloc(self, mem_cap: int, capacity: int) -> None:
-        keys = torch.zeros(self.batch, self.n_kv, mem_cap + capacity, self.head_dim, dtype=self.dtype)
+        keys = torch.zeros(
+            self.batch, self.n_kv, mem_cap + capacity, self.head_dim, dtype=self.dtype, device=self.device
+        )
         values = torch.zeros_like(keys)
         n = self.length
         keys[:, :, mem_cap : mem_cap + n] = self.keys[:, :, self.mem_cap : self.mem_cap + n]
@@ -81,12 +95,25 @@ class KVCache:
     """All layers' caches, plus which context and memory slots are real (not padding).
 
     `ctx_valid` (B, capacity) marks context tokens that may be attended to (left padding of a
-    batch is False); `mem_valid` (B, mem_cap) does the same for memory slots.
+    batch is False); `mem_valid` (B, mem_cap) does the same for memory slots. Both stay on the
+    CPU (masks are built there); dtype and device place the key/value buffers (a transformers
+    model on a GPU keeps its cache there, in its own dtype).
     """
 
-    def __init__(self, batch: int, n_layer: int, n_kv: int, head_dim: int, capacity: int, memory_layers=()):
+    def __init__(
+        self,
+        batch: int,
+        n_layer: int,
+        n_kv: int,
+        head_dim: int,
+        capacity: int,
+        memory_layers=(),
+        *,
+        dtype=torch.float32,
+        device=None,
+    ):
         self.memory_layers = frozenset(memory_layers)
-        self.layers = [LayerCache(batch, n_kv, head_dim, capacity) for _ in range(n_layer)]
+        self.layers = [LayerCache(batch, n_kv, head_dim, capacity, dtype=dtype, device=device) for _ in range(n_layer)]
         self.batch = batch
         self.ctx_valid = torch.zeros(batch, capacity, dtype=torch.bool)
         self.mem_valid = torch.zeros(batch, 0, dtype=torch.bool)

@@ -8,7 +8,10 @@ as the query. Baselines on the same weights and API: "none" (no memory) and "rag
 retrieved references' text prepended, re-prefilled whenever the memories change).
 
 Works on any object with the parts of `model.memory_model.MemoryModel` (decoder, tokenizer,
-settings, sink, prefix ids). Must not import the engine (`m3db`).
+settings, sink, prefix ids). Such an object may also have `rotate_keys` (see `memory.place`'s
+rotate) and `cache_dtype` / `cache_device` (where the KV cache lives): the transformers binding
+(`m3db.bindings.transformers`) runs this same loop over a Hugging Face model that way. Must not
+import the engine (`m3db`).
 """
 
 from __future__ import annotations
@@ -140,12 +143,25 @@ class GenerationLoop:
     def _new_cache(self, length: int, memory: bool) -> KVCache:
         layers = self.set.memory_layers if memory else ()
         return KVCache(
-            self.B, self.cfg.n_layer, self.cfg.n_kv_head, self.cfg.head_dim, length + self.s.max_tokens + 1, layers
+            self.B,
+            self.cfg.n_layer,
+            self.cfg.n_kv_head,
+            self.cfg.head_dim,
+            length + self.s.max_tokens + 1,
+            layers,
+            dtype=getattr(self.m, "cache_dtype", torch.float32),
+            device=getattr(self.m, "cache_device", None),
         )
 
     def _set_memory(self, rows: list[list]) -> None:
         keys, values, valid = place(
-            rows, self.m.sink_keys, self.m.sink_values, self.set, self.cfg.head_dim, self.cfg.rope_base
+            rows,
+            self.m.sink_keys,
+            self.m.sink_values,
+            self.set,
+            self.cfg.head_dim,
+            self.cfg.rope_base,
+            rotate=getattr(self.m, "rotate_keys", None),
         )
         self.cache.set_memory(keys, values, valid)
 

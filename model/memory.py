@@ -110,12 +110,16 @@ def place(
     settings: MemorySettings,
     head_dim: int,
     rope_base: float,
+    rotate=None,
 ):
     """Rotate and pad one chunk's memories for attention.
 
     rows: per batch row, its memories (possibly none). sink_keys/values: (L, H, p, D), the
-    reference prefix's pre-RoPE keys and values at the memory layers. Returns (keys, values,
-    valid): keys[i], values[i] (B, H, M, D) for the i-th memory layer, rotated; valid (B, M).
+    reference prefix's pre-RoPE keys and values at the memory layers. rotate: None (this
+    decoder's RoPE with rope_base), or a callable (keys (B, L, H, M, D), positions (B, L, H, M))
+    -> rotated keys, so another implementation rotates with its own rotary embedding (scaling
+    variants included). Returns (keys, values, valid): keys[i], values[i] (B, H, M, D) for the
+    i-th memory layer, rotated; valid (B, M).
     """
     L, H, p, D = sink_keys.shape
     start = context_start(settings, p)
@@ -149,6 +153,9 @@ def place(
         m = k.shape[2]
         keys[b, :, :, :m], values[b, :, :, :m], pos[b, :, :, :m] = k, v, ps
         valid[b, :m] = True
-    cos, sin = rope_cos_sin(pos, head_dim, rope_base)  # (B, L, H, M, D)
-    keys = apply_rope(keys, cos, sin)
+    if rotate is None:
+        cos, sin = rope_cos_sin(pos, head_dim, rope_base)  # (B, L, H, M, D)
+        keys = apply_rope(keys, cos, sin)
+    else:
+        keys = rotate(keys, pos)
     return [keys[:, i] for i in range(L)], [values[:, i] for i in range(L)], valid

@@ -1,0 +1,248 @@
+"""m3db.bindings.transformers: explicit memories for your own Hugging Face transformers model.
+
+Owns `HFMemoryModel`, the model interface that `m3db.connect(path, model=...)` uses
+(`memory_spec_fields`, `count_tokens`, `encode`, `generate` with none / rag / memory, the
+fingerprint) implemented over a Llama-family transformers causal LM (Llama and SmolLM2,
+Mistral, Qwen2, Qwen3). Writing and reading memories run the bundled decoder's own code paths
+(`m3db.model.encoder`, `m3db.model.memory`, `m3db.model.generate`) over the model's own modules
+(`hf_decoder.HFDecoder`), so the two implementations cannot drift apart. docs/bindings.md.
+
+    from m3db.bindings.transformers import HFMemoryModel
+    model = HFMemoryModel.from_pretrained("path/to/Qwen2.5-0.5B-Instruct", device="cpu")
+    db = m3db.connect("kb.m3db", model=model)
+
+Imports torch and transformers; the engine never imports this module. Must not import the
+engine's internals (only `m3db.model`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from m3db.model import encoder as memory_encoder
+from m3db.model.generate import Generation, Sampling, run, stream_text
+from m3db.model.memory import Retriever
+from m3db.model.settings import MEMORY_MODES, MemorySettings
+
+from .hf_decoder import SUPPORTED_FAMILIES, HFDecoder, UnsupportedModel, family_of
+from .hf_tokenizer import HFTokenizer
+
+__all__ = ["HFMemoryModel", "SUPPORTED_FAMILIES", "SparseModeAbsent", "UnsupportedModel"]
+
+Prompt = str | Sequence[dict]
+
+# The config fields that shape the computation; the weights carry the rest. Loading paths
+# (a checkpoint folder, a GGUF file) fill other fields differently, so only these are hashed.
+FINGERPRINT_CONFIG_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_parameters",
+    "max_position_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "sliding_window",
+    "use_sliding_window",
+    "layer_types",
+)
+
+
+class SparseModeAbsent(NotImplementedError):
+    """Sparse mode for a transformers model is not available yet: it needs a reader adapter
+    trained for that model, and `m3db train --model` does not exist yet. Use memory_mode="dense"."""
+
+
+def model_fingerprint(hf_model, tokenizer: HFTokenizer) -> str:
+    """sha256 over the model's shape-defining config fields, its tokenizer and every weight
+    (names, dtypes, shapes and bytes): two models share it only if they compute the same."""
+    h = hashlib.sha256()
+    cfg = hf_model.config.to_dict()
+    h.update(json.dumps({k: cfg.get(k) for k in FINGERPRINT_CONFIG_KEYS}, sort_keys=True, default=str).encode())
+    h.update(tokenizer.fingerprint_bytes())
+    for name, t in sorted(hf_model.state_dict().items()):
+        t = t.detach().reshape(-1).contiguous()
+        h.update(f"{name}:{t.dtype}:{t.numel()}".encode())
+        h.update(t.cpu().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def check_device(device: str) -> str:
+    """A device name: "cpu", "cuda" or "cuda:N". CUDA is asked about only when named, so a CPU-only machine
+    never initializes it."""
+    name = str(device)
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but torch sees no CUDA GPU here; use device='cpu'")
+        return name
+    raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+
+
+def settings_for(mode: str, n_layer: int, tokenizer: HFTokenizer) -> MemorySettings:
+    """The memory settings of a memory mode for this model (dense: every layer, 32 tokens per
+    head, as for the bundled model), with the model's own reference prefix."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory_mode={mode!r}: expected one of {', '.join(map(repr, MEMORY_MODES))}")
+    if mode == "sparse":
+        raise SparseModeAbsent(SparseModeAbsent.__doc__)
+    return MemorySettings.named(mode, n_layer).with_(reference_prefix=tokenizer.reference_prefix())
+
+
+class HFMemoryModel:
+    """A transformers causal LM that writes and reads explicit memories.
+
+    Build with `HFMemoryModel.from_pretrained(path, ...)` or wrap loaded objects:
+    `HFMemoryModel(hf_model, tokenizer, memory_mode="dense")`. Wrapping sets the model's
+    attention implementation to m3db's ("m3db", registered with transformers'
+    AttentionInterface), which is transformers' sdpa for every call that does not read memory.
+
+    settings: explicit `MemorySettings` instead of a memory mode (tests, experiments).
+    """
+
+    def __init__(self, hf_model, tokenizer, *, memory_mode: str = "dense", settings: MemorySettings | None = None):
+        family_of(hf_model.config)  # refuse an unsupported architecture before touching the model
+        self.tokenizer = HFTokenizer(tokenizer)
+        self.decoder = HFDecoder(hf_model)
+        self.hf_model = hf_model
+        n_layer = self.decoder.cfg.n_layer
+        if settings is None:
+            settings = settings_for(memory_mode, n_layer, self.tokenizer)
+        self.settings = settings.resolve(n_layer)
+        self.fingerprint = model_fingerprint(hf_model, self.tokenizer)
+        self.prefix_ids = self.tokenizer.encode(self.settings.reference_prefix)
+        if not self.prefix_ids:
+            raise ValueError("the reference prefix is empty: give settings a reference_prefix of at least one token")
+        # the sink: the prefix's keys/values are the same in every reference (causal attention)
+        self.sink_keys, self.sink_values = memory_encoder.prefix_states(
+            self.decoder, self.prefix_ids, self.settings.memory_layers
+        )  # (L, H, p, D)
+        eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+        self.default_stop_tokens = self.tokenizer.stop_ids(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.adapter = None  # a reader adapter is for the sparse mode, which is absent here
+        # where the generation loop keeps the KV cache, and how it rotates memory keys
+        self.cache_dtype, self.cache_device = self.decoder.dtype, self.decoder.device
+        self.rotate_keys = self.decoder.rotate_keys
+
+    @classmethod
+    def from_pretrained(
+        cls, path, *, memory_mode: str = "dense", device: str = "cpu", dtype=None, settings=None
+    ) -> "HFMemoryModel":
+        """Load a local model: a checkpoint folder (config, weights, tokenizer) or a GGUF file
+        (transformers' GGUF loading, dequantized). Never downloads.
+
+        device: "cpu" (float32 by default: reduced-precision matmuls are slow on CPUs) or
+        "cuda[:N]" (bfloat16 by default). dtype: a torch dtype to override that."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        device = check_device(device)
+        if dtype is None:
+            dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"no model at {str(path)!r}: give a local checkpoint folder or a .gguf file")
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise ValueError(f"{p.name}: a model file must be a .gguf; otherwise give the checkpoint's folder")
+            where, extra = str(p.parent), {"gguf_file": p.name}
+        else:
+            where, extra = str(p), {}
+        config = AutoConfig.from_pretrained(where, local_files_only=True, **extra)
+        family_of(config)  # refuse before loading weights
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
+        hf = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=dtype, **extra)
+        hf = hf.to(device)
+        return cls(hf, tok, memory_mode=memory_mode, settings=settings)
+
+    # -- the memory spec ---------------------------------------------------------------------
+
+    def memory_spec_fields(self) -> dict:
+        """The model's part of the engine's memory spec (plain JSON values)."""
+        cfg, s = self.decoder.cfg, self.settings
+        return {
+            "model_fingerprint": self.fingerprint,
+            "memory_layers": [int(i) for i in s.memory_layers],
+            "kv_heads": cfg.n_kv_head,
+            "head_dim": cfg.head_dim,
+            "tokens_per_head": s.tokens_per_head,
+            "rope_base": cfg.rope_base,
+            "rope_scaling": cfg.rope_scaling,
+            "reference_length": s.reference_length,
+            "reference_prefix": s.reference_prefix,
+            "position_policy": s.position_policy,
+        }
+
+    def bytes_per_memory(self, bytes_per_number: float = 2.0) -> int:
+        """Bytes of one full memory's keys and values (every kept token), at bytes_per_number
+        (2: fp16; 1: int8; 0.5: int4), before the record's text and positions."""
+        cfg, s = self.decoder.cfg, self.settings
+        n = len(s.memory_layers) * cfg.n_kv_head * min(s.tokens_per_head, s.reference_length) * 2 * cfg.head_dim
+        return int(n * bytes_per_number)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 16) -> list[dict]:
+        """Encode references (each <= reference_length tokens) into memories: dicts of positions
+        uint8 (L, H, n), keys float32 (L, H, n, D) before RoPE, values, token_count."""
+        ids = self.tokenizer.encode_batch(texts)
+        return memory_encoder.encode(self.decoder, ids, self.prefix_ids, self.settings, batch_size=batch_size)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text as is, chat messages through the chat template."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+
+    def generate_many(
+        self, prompts: Sequence[Prompt], *, retriever: Retriever | None = None, mode: str = "memory", **sampling
+    ) -> list[Generation]:
+        """Generate for a batch of prompts (text, or chat messages [{"role", "content"}]).
+
+        mode: "memory" (read retrieved memories, re-retrieved every chunk_length tokens),
+        "none" or "rag" (the retrieved references' text prepended). Sampling options:
+        max_tokens, temperature, top_p, stop_tokens, seed (see `m3db.model.Sampling`)."""
+        loop, steps = run(
+            self, [self.prompt_ids(p) for p in prompts], mode=mode, retriever=retriever, sampling=Sampling(**sampling)
+        )
+        for _ in steps:
+            pass
+        return loop.results()
+
+    def generate(
+        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
+    ) -> Generation:
+        """Generate for one prompt; see `generate_many`."""
+        return self.generate_many([prompt], retriever=retriever, mode=mode, **sampling)[0]
+
+    def stream(
+        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
+    ) -> Iterator[str]:
+        """Like `generate`, yielding text pieces as they are produced."""
+        _, steps = run(self, [self.prompt_ids(prompt)], mode=mode, retriever=retriever, sampling=Sampling(**sampling))
+        yield from stream_text(self.tokenizer, steps)
+
+    def __repr__(self) -> str:
+        name = getattr(self.hf_model.config, "_name_or_path", "") or type(self.hf_model).__name__
+        return (
+            f"HFMemoryModel({os.path.basename(str(name))!r}, family={self.decoder.family!r}, "
+            f"layers={len(self.settings.memory_layers)}, tokens_per_head={self.settings.tokens_per_head})"
+        )
