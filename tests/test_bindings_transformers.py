@@ -390,3 +390,36 @@ def test_smollm2_through_transformers_answers_like_the_bundled_decoder(smollm_pa
     # the memories were read: at least some answers change without them
     none = hf.generate_many(prompts, mode="none", max_tokens=24)
     assert sum(n.tokens != g.tokens for n, g in zip(none, theirs)) >= 5
+
+
+# -- the command line: m3db build / ask --model PATH -----------------------------------------------
+
+
+@pytest.mark.model
+def test_cli_builds_and_asks_with_your_own_model(tmp_path, capsys):
+    from m3db.cli.main import main
+    from m3db.knowledge.bundled import bundled_embedder
+
+    try:
+        bundled_embedder()  # build and ask embed with the bundled MiniLM
+    except m3db.DependencyError:
+        pytest.skip("the bundled embedder's weights are not installed")
+    folder = tmp_path / "qwen2-tiny"
+    hf, tok = tiny_model("qwen2", seed=6), tiny_tokenizer()
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (tmp_path / "quimby.txt").write_text(" ".join(REFS))
+    kb = str(tmp_path / "kb.m3db")
+    assert main(["build", kb, "--from", str(tmp_path / "quimby.txt"), "--model", str(folder), "--json"]) == 0
+    assert '"memories_added": ' in capsys.readouterr().out
+    assert (
+        main(["ask", kb, "When is the Zorblax festival?", "--model", str(folder), "--max-tokens", "4", "--json"]) == 0
+    )
+    assert '"sources": [' in capsys.readouterr().out
+    # the bundled model did not build it: opening without --model is refused, naming both sides
+    assert main(["ask", kb, "When?", "--max-tokens", "2"]) == 1
+    assert "built by another model" in capsys.readouterr().err
+    assert main(["build", kb, "--from", str(tmp_path / "quimby.txt"), "--model", str(tmp_path / "nowhere")]) == 1
+    assert "no model at" in capsys.readouterr().err
+    assert main(["build", str(tmp_path / "s.m3db"), "--from", str(tmp_path), "--model", str(folder), "--sparse"]) == 1
+    assert "sparse mode for a transformers model is not available yet" in capsys.readouterr().err.lower()

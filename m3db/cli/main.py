@@ -31,6 +31,29 @@ def command(name, help, example, arguments=()) -> Callable[[Callable], Callable]
 
 EXTRA_ARGUMENTS = {}
 
+MODEL_ARGUMENT = (
+    ("--model",),
+    dict(
+        help="your own Hugging Face transformers model instead of the bundled one: a local checkpoint "
+        "folder or a .gguf file (Llama, Mistral, Qwen2, Qwen3; CPU, float32; docs/bindings.md)"
+    ),
+)
+
+
+def own_model(path, memory_mode=None):
+    """An HFMemoryModel loaded from a local folder or GGUF file, its errors as m3db's."""
+    from ..errors import DependencyError
+
+    try:
+        from ..bindings.transformers import HFMemoryModel
+    except ImportError as e:
+        raise DependencyError(f"--model needs the transformers extra ({e}): pip install 'm3db[transformers]'") from e
+    _say(f"loading {path} through transformers ...")
+    try:
+        return HFMemoryModel.from_pretrained(path, memory_mode=memory_mode or "dense", device="cpu")
+    except (ValueError, NotImplementedError) as e:
+        raise InvalidInputError(f"--model {path}: {e}") from e
+
 
 @command("info", "show a database's (or a package's) memory spec, counts and files", "m3db info kb.m3db")
 def cmd_info(args) -> dict[str, object]:
@@ -210,6 +233,7 @@ def cmd_verify(args) -> dict[str, object]:
                 "head on half the layers, read through the bundled reader adapter (docs/adapter.md)",
             ),
         ),
+        MODEL_ARGUMENT,
     ],
 )
 def cmd_build(args) -> dict[str, int]:
@@ -226,7 +250,9 @@ def cmd_build(args) -> dict[str, int]:
         if args.limit is not None:
             docs = itertools.islice(docs, args.limit)
     _say(f"loading the model and opening {args.path} ...")
-    with connect(args.path, codec=args.codec, memory_mode="sparse" if args.sparse else None) as db:
+    mode = "sparse" if args.sparse else None
+    model = own_model(args.model, mode) if args.model else None
+    with connect(args.path, codec=args.codec, memory_mode=None if model else mode, model=model) as db:
         _say(
             f"chunking, embedding{'' if args.cold else ' and encoding'} documents into memories "
             f"(commits every {args.batch_size}{'; cold: encoded on first read' if args.cold else ''}) ..."
@@ -353,10 +379,12 @@ def cmd_recall(args) -> dict[str, list[object]]:
         (("--max-tokens",), dict(type=int, default=96, dest="max_tokens", help="longest answer in tokens")),
         (("-k",), dict(type=int, default=None, help="memories per 64-token chunk (default 5)")),
         (("--where",), dict(help="a SQL filter over the columns of `memories`")),
+        MODEL_ARGUMENT,
     ],
 )
 def cmd_ask(args) -> dict[str, object] | None:
-    with connect(args.path, read_only=True) as db:
+    model = own_model(args.model) if args.model else None
+    with connect(args.path, read_only=True, model=model) as db:
         answer = db.generate(
             [{"role": "user", "content": args.question}],
             max_tokens=args.max_tokens,
