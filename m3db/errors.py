@@ -96,3 +96,11 @@ def storage_error(e: OSError, what: str) -> StorageError:
     error = StorageError(f"{what} failed{where}: {e.strerror or e}; the database is as its last commit left it")
     error.errno, error.filename = e.errno, e.filename
     return error
+
+
+def rolled_back(e: Exception, what: str) -> StorageError:
+    """A commit that failed (the disk, a permission, the catalog's writer) and was rolled back:
+    nothing of it was written. The errno and file are kept when the failure had them."""
+    error = StorageError(f"{what} failed and was rolled back, nothing was written: {e}")
+    error.errno, error.filename = getattr(e, "errno", None), getattr(e, "filename", None)
+    return error

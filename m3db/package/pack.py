@@ -128,7 +128,9 @@ def pack(
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        # a temporary file that cannot be removed now (a permission, the device) is overwritten
+        # by this process's next pack of the target, or removed by any pack once we are gone
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     return manifest

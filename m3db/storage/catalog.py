@@ -351,6 +351,20 @@ class Catalog:
             ],
         )
 
+    def document_info(self, document_id) -> dict | None:
+        """{"source", "title", "uri", "metadata"} of a document (what its memories' records carry)."""
+        row = self.con.execute(
+            "SELECT source, title, uri, metadata FROM documents WHERE id = ?", [int(document_id)]
+        ).fetchone()
+        if row is None:
+            return None
+        return {
+            "source": row[0],
+            "title": row[1],
+            "uri": row[2],
+            "metadata": None if row[3] is None else json.loads(row[3]),
+        }
+
     def document_chunks(self, document_id) -> list[tuple[int, int | None, int | None, str]]:
         """[(memory id, char_start, char_end, text)] of a document's memories, in ordinal order."""
         return self.con.execute(

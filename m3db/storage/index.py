@@ -102,7 +102,7 @@ class VectorIndex:
         state = {"seq": int(seq), "count": len(self.index), "bytes": os.path.getsize(path), "crc32": file_crc32(path)}
         tmp = self._path(STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(state, f)
+            f.write(json.dumps(state))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._path(STATE_FILE))

@@ -2,9 +2,11 @@
 of forgotten memories). Imports: storage modules only.
 """
 
+import contextlib
+
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, M3DBError, rolled_back
 from .record import decode_record
 from .segment import segment_name
 
@@ -60,21 +62,27 @@ def compact(store) -> dict:
     mark = segments.mark()
     ids = store.locations.ids.copy()
     new_seg, new_off = np.zeros(len(ids), np.int32), np.zeros(len(ids), np.int64)
-    segments.new_segment()
-    for i, mid in enumerate(ids.tolist()):
-        seg, off, length, _ = store.locations.find(mid)
-        new_seg[i], new_off[i] = segments.append(segments.read(seg, off, length))
-    segments.sync()
     try:
+        segments.new_segment()
+        for i, mid in enumerate(ids.tolist()):
+            seg, off, length, _ = store.locations.find(mid)
+            new_seg[i], new_off[i] = segments.append(segments.read(seg, off, length))
+        segments.sync()
         store.catalog.begin()
         store.catalog.move_memories(ids, new_seg, new_off)
         store.catalog.commit()
-    except BaseException:
+    except BaseException as e:
         store.catalog.rollback()
-        segments.rollback_to(mark)
-        raise
+        with contextlib.suppress(OSError):  # copies it cannot remove point nowhere: the next open removes them
+            segments.rollback_to(mark)
+        if isinstance(e, M3DBError) or not isinstance(e, Exception):
+            raise
+        raise rolled_back(e, "compact()") from e
     store.locations.move(ids, new_seg, new_off)
     for n in old:
-        segments.remove(n)
+        # committed: the old segments are garbage now. One that cannot be removed (a permission,
+        # an I/O error) is harmless and the next writable open removes it: compact still succeeded
+        with contextlib.suppress(OSError):
+            segments.remove(n)
     after = sum(segments.size(n) for n in segments.numbers())
     return {"bytes_before": before, "bytes_after": after}

@@ -8,8 +8,12 @@ length is caught before anything is allocated.
 
 Payload: a msgpack map with the memory's id, codec name and version, shape (L, H, n, D),
 the positions (uint8 bytes), the encoded keys and values, and the text, metadata, document
-id, ordinal and token count (absent in the earliest v1 records: read as None): a blob alone
-is enough to rebuild its catalog row. Never pickle.
+id, ordinal and token count (absent in the earliest v1 records: read as None). Never pickle.
+
+The repair fields (`REPAIR_FIELDS`, absent in records written before m3db 0.1.0's repair):
+the embedding (float32 bytes), the commit number, the character span, and the document's
+source, title, uri and metadata. With them a record alone rebuilds its catalog row, and
+`m3db check --repair` rebuilds a lost catalog from the segments (repair.py).
 
 A cold record (`"cold": true`, written by cold-start ingest) holds the text and the rest but
 no shape, positions, keys or values: the memory is encoded the first time it is read, and a
@@ -34,6 +38,7 @@ HEADER = struct.Struct("<4sHHIII")
 HEADER_SIZE = HEADER.size  # 20
 FLAG_ZSTD = 1
 MAX_PAYLOAD = 64 << 20  # no memory is near this; a larger declared length is corruption
+REPAIR_FIELDS = ("embedding", "seq", "char_start", "char_end", "document")
 # zstd barely shrinks dense quantized tensors; keep the compressed form only when it pays,
 # and decide from a small probe so that incompressible payloads cost little
 ZSTD_MIN_SAVING = 0.9
@@ -87,10 +92,10 @@ class Memory:
 
 
 def encode_record(
-    memory_id, codec, keys, values, positions, text, metadata, document_id, ordinal, token_count=None
+    memory_id, codec, keys, values, positions, text, metadata, document_id, ordinal, token_count=None, repair=None
 ) -> bytes:
     """Build the framed bytes of one memory (arrays already checked against the spec; all
-    three None for a cold record)."""
+    three None for a cold record). `repair`: the REPAIR_FIELDS, as `repair_fields` makes them."""
     fields = {"id": int(memory_id)}
     if keys is None:
         fields["cold"] = True
@@ -104,6 +109,7 @@ def encode_record(
             values=codec.encode(values),
         )
     fields.update(text=text, metadata=metadata, document_id=document_id, ordinal=ordinal, token_count=token_count)
+    fields.update(repair or {})
     payload = msgpack.packb(fields, use_bin_type=True)
     if len(payload) > MAX_PAYLOAD:  # a reader refuses it: never write what cannot be read back
         raise InvalidInputError(
@@ -118,6 +124,17 @@ def encode_record(
         if len(squeezed) < ZSTD_MIN_SAVING * len(payload):
             payload, flags = squeezed, FLAG_ZSTD
     return frame(payload, flags)
+
+
+def repair_fields(embedding, seq, char_start, char_end, document) -> dict:
+    """The REPAIR_FIELDS of a record: `document` is None or {"source", "title", "uri", "metadata"}."""
+    return {
+        "embedding": np.asarray(embedding, dtype="<f4").tobytes(),
+        "seq": int(seq),
+        "char_start": char_start,
+        "char_end": char_end,
+        "document": document,
+    }
 
 
 def frame(payload, flags=0) -> bytes:
@@ -144,8 +161,8 @@ def read_header(buf, where) -> tuple[int, int, int]:
     return flags, length, crc
 
 
-def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True) -> Memory:
-    """Check a whole frame and decode it to a Memory (arrays=False: skip the tensors)."""
+def read_payload(buf, where, *, expect_crc=None) -> dict:
+    """Check a whole frame and return its payload map, decompressed and unpacked."""
     flags, length, crc = read_header(buf, where)
     if len(buf) != HEADER_SIZE + length:
         raise FormatError(f"{where}: record is {len(buf)} bytes, its header says {HEADER_SIZE + length}")
@@ -162,6 +179,17 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True) -
             raise FormatError(f"{where}: record payload does not decompress: {e}") from e
     try:
         d = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=MAX_PAYLOAD, max_str_len=MAX_PAYLOAD)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise FormatError(f"{where}: record payload is malformed ({type(e).__name__}: {e})") from e
+    if not isinstance(d, dict):
+        raise FormatError(f"{where}: record payload is malformed (a {type(d).__name__}, not a map)")
+    return d
+
+
+def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True) -> Memory:
+    """Check a whole frame and decode it to a Memory (arrays=False: skip the tensors)."""
+    d = read_payload(buf, where, expect_crc=expect_crc)
+    try:
         mid = int(d["id"])
         if expect_id is not None and mid != expect_id:
             raise FormatError(f"{where}: record holds memory {mid}, the catalog expected {expect_id}")

@@ -192,10 +192,13 @@ class Store:
         self.unsaved = 0
 
     def close(self, *, save: bool = True) -> None:
-        """Save the index if it is behind (writable stores), then release every file."""
+        """Save the index if it is behind (writable stores), then release every file. A save
+        that fails (a full disk, a permission) does not fail the close: every commit is in the
+        catalog already, and the next open catches the index up from it."""
         try:
             if save and not self.read_only and self.index is not None and self.unsaved:
-                self.save_index()
+                with contextlib.suppress(OSError):
+                    self.save_index()
         finally:
             for part in (self.segments, self.catalog, self.index, self.lock):
                 if part is None:

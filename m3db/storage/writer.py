@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..errors import DuplicateIdError, InvalidInputError, M3DBError, NotFoundError, StorageError
-from .record import HEADER_SIZE, encode_record
+from ..errors import DuplicateIdError, InvalidInputError, M3DBError, NotFoundError, rolled_back, storage_error
+from .record import HEADER_SIZE, encode_record, repair_fields
 from .validate import CheckedMemory, widens, widest
 
 COLD = "cold"  # the codec column of a memory stored as text only, encoded on first read
@@ -55,6 +55,7 @@ class PendingBatch:
     segment mark to roll back to."""
 
     mark: tuple
+    next_id: int  # the store's next automatic id when the batch began: a rollback burns no ids
     rows: list = dataclasses.field(default_factory=list)  # [MemoryRow]
     documents: list = dataclasses.field(default_factory=list)  # [{"id", "source", "title", "uri", "metadata"}]
     forget: list = dataclasses.field(default_factory=list)  # [memory id]
@@ -81,7 +82,11 @@ class Writer:
         self.depth += 1
         try:
             if self.depth == 1:
-                self.pending = PendingBatch(mark=self.store.segments.mark())
+                try:
+                    mark = self.store.segments.mark()
+                except OSError as e:  # the writer's own I/O (a caller's errors in the body pass untouched)
+                    raise storage_error(e, "starting a transaction") from e
+                self.pending = PendingBatch(mark=mark, next_id=self.store.next_id)
             try:
                 yield
             except BaseException:
@@ -166,9 +171,20 @@ class Writer:
             pending.ids.add(mid)
             ids.append(mid)
             documents.append(self._document_id(c.document))
+        seq = store.commit_seq + 1  # the commit these records join (one writer: nothing commits in between)
         blobs = [
             encode_record(
-                mid, store.codec, c.keys, c.values, c.positions, c.text, c.metadata, doc, c.ordinal, c.token_count
+                mid,
+                store.codec,
+                c.keys,
+                c.values,
+                c.positions,
+                c.text,
+                c.metadata,
+                doc,
+                c.ordinal,
+                c.token_count,
+                repair=repair_fields(c.embedding, seq, c.char_start, c.char_end, self.document_info(doc)),
             )
             for mid, doc, c in zip(ids, documents, checked)
         ]
@@ -194,6 +210,15 @@ class Writer:
                 )
             )
         return ids
+
+    def document_info(self, document_id) -> dict | None:
+        """What a record carries of its document (source, title, uri, metadata), for repair."""
+        if document_id is None:
+            return None
+        for doc in self.pending.documents:
+            if doc["id"] == document_id:
+                return {key: doc.get(key) for key in ("source", "title", "uri", "metadata")}
+        return self.store.catalog.document_info(document_id)
 
     def _allocate_id(self):
         store = self.store
@@ -223,7 +248,8 @@ class Writer:
     def commit(self) -> None:
         store, p = self.store, self.pending
         if not (p.rows or p.forget):
-            store.segments.rollback_to(p.mark)  # forgotten-in-transaction adds leave bytes
+            with contextlib.suppress(OSError):  # bytes it cannot cut are harmless, as in abort()
+                store.segments.rollback_to(p.mark)  # forgotten-in-transaction adds leave bytes
             return
         seq = store.commit_seq + 1
         try:
@@ -243,9 +269,7 @@ class Writer:
             if isinstance(e, M3DBError) or not isinstance(e, Exception):
                 raise
             # not the bytes on disk (that is FormatError's meaning): the write itself failed
-            error = StorageError(f"commit failed and was rolled back, nothing was written: {e}")
-            error.errno = getattr(e, "errno", None)
-            raise error from e
+            raise rolled_back(e, "commit") from e
         store.commit_seq = seq
         if p.rows:
             ids = np.array([r.id for r in p.rows], dtype=np.int64)
@@ -299,10 +323,14 @@ class Writer:
         catalog.insert_memories(batch)
 
     def abort(self) -> None:
+        """Undo the open batch. Never raises an I/O error of its own: it runs while another one
+        is on its way out, and bytes it cannot cut are harmless (nothing points at them; the
+        next writable open cuts them, as after a crash)."""
         self.store.catalog.rollback()
-        self.store.segments.rollback_to(self.pending.mark)
+        self.store.next_id = self.pending.next_id
         self._next_doc_id = None
-        self.pending = PendingBatch(mark=self.store.segments.mark())
+        with contextlib.suppress(OSError):
+            self.store.segments.rollback_to(self.pending.mark)
 
     def relocate(self, ids: list[int], blobs: list[bytes], codec_name: str) -> None:
         """Point committed memories at new records (a cold memory's first encoding): append and
@@ -310,18 +338,21 @@ class Writer:
         in between leaves bytes that recovery cuts)."""
         store = self.store
         mark = store.segments.mark()
-        places = [store.segments.append(blob) for blob in blobs]
-        segments, offsets = [p[0] for p in places], [p[1] for p in places]
         lengths, checksums = [len(b) for b in blobs], [payload_crc(b) for b in blobs]
         try:
+            places = [store.segments.append(blob) for blob in blobs]
+            segments, offsets = [p[0] for p in places], [p[1] for p in places]
             store.segments.sync()
             store.catalog.begin()
             store.catalog.relocate_memories(ids, segments, offsets, lengths, checksums, codec_name)
             store.catalog.commit()
-        except BaseException:
+        except BaseException as e:
             store.catalog.rollback()
-            store.segments.rollback_to(mark)
-            raise
+            with contextlib.suppress(OSError):  # as in abort(): uncut bytes are harmless
+                store.segments.rollback_to(mark)
+            if isinstance(e, M3DBError) or not isinstance(e, Exception):
+                raise
+            raise rolled_back(e, "storing the encoded memories") from e
         store.locations.move(ids, segments, offsets, lengths, checksums)
 
 
