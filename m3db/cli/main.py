@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from ..database import connect
 from ..errors import InvalidInputError, M3DBError
+from .serve import ARGUMENTS as SERVE_ARGUMENTS
 from .table import format_cell, format_table
 
 COMMANDS = {}
@@ -406,6 +407,18 @@ def cmd_ask(args) -> dict[str, object] | None:
             print(f"  #{s['id']}  [{s['document']}]  {format_cell(s['text'], 110)}")
         return None
     return out
+
+
+@command(
+    "serve",
+    "serve the knowledge base over HTTP: OpenAI-compatible chat, completions, embeddings, plus memory endpoints",
+    "m3db serve kb.m3db --port 8000",
+    arguments=SERVE_ARGUMENTS,
+)
+def cmd_serve(args) -> None:
+    from .serve import serve  # the server's packages load only for this command
+
+    return serve(args)
 
 
 def _say(text):

@@ -1,0 +1,238 @@
+"""m3db.bindings.server: an OpenAI-compatible HTTP API over a knowledge base, as an ASGI app.
+
+    import m3db
+    from m3db.bindings.server import app
+    application = app(m3db.connect("kb.m3db", read_only=True))   # run it with uvicorn
+
+`app(db)` serves a database (a directory or a `.m3kb` package) or a PackageSet of several
+packages: the OpenAI endpoints (models, chat completions, completions, embeddings) in
+server_openai.py, the memory endpoints (search, get, forget, add documents, SQL) in
+server_memory.py, the batcher that decodes concurrent requests together in server_batch.py,
+request checks in server_fields.py and their OpenAPI document in server_schema.py. This module
+composes them: routes, the API key, errors in OpenAI's shape, and shutdown. `m3db serve`
+(m3db/cli/serve.py) runs it under uvicorn. docs/server.md describes the API.
+
+Starlette (not FastAPI): a small, maintained ASGI toolkit with streaming responses and
+lifespan events and nothing else; request checking and the OpenAPI document come from our own
+field tables, so no pydantic models are needed. Needs the server extra: pip install 'm3db[server]'.
+"""
+
+import contextlib
+import dataclasses
+import hmac
+import logging
+import os
+import time
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import m3db
+from m3db.errors import InvalidInputError, M3DBError
+
+from .server_batch import Batcher
+from .server_errors import ApiError, from_m3db
+from .server_http import error_response
+from .server_kb import KnowledgeBase
+from .server_memory import ADD_FIELDS, SEARCH_FIELDS, SQL_FIELDS, MemoryEndpoints
+from .server_openai import EMBEDDING_FIELDS, OpenAIEndpoints
+from .server_schema import openapi
+
+log = logging.getLogger("m3db.server")
+
+__all__ = ["Limits", "app"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how much generation work may wait.
+
+    max_body_bytes: the largest request body (413 past it). max_tokens: the largest max_tokens
+    a request may ask; default_max_tokens: a chat request's when it names none. max_batch:
+    rows decoded together; max_queue: generation requests queued or running (429 past it).
+    """
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens: int = 1024
+    default_max_tokens: int = 256
+    max_batch: int = 8
+    max_queue: int = 64
+
+    def check(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidInputError(f"{f.name} must be a positive integer, got {v!r}")
+        if self.default_max_tokens > self.max_tokens:
+            raise InvalidInputError(
+                f"default_max_tokens={self.default_max_tokens} is over max_tokens={self.max_tokens}; lower it"
+            )
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request needs `Authorization: Bearer <key>` (constant-time compare)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+        self.state = app.state  # the wrapped app's (its batcher and knowledge base)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            scheme, _, token = header.partition(b" ")
+            # compare even when the scheme is wrong, so the time taken says nothing about the key
+            good = hmac.compare_digest(token.strip(), self.key)
+            if scheme.lower() != b"bearer" or not good:
+                what = "a wrong API key" if header else "no API key"
+                error = ApiError(
+                    401,
+                    f"{what}: send the header `Authorization: Bearer <key>` with the server's key",
+                    "invalid_api_key",
+                )
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class State:
+    """What the endpoints share: the knowledge base, the batcher, the limits."""
+
+    def __init__(self, kb: KnowledgeBase, batcher: Batcher, limits: Limits):
+        self.kb, self.batcher, self.limits = kb, batcher, limits
+        self.started = int(time.time())
+
+
+def app(db, *, name: str | None = None, api_key: str | None = None, write: bool = False, limits: Limits | None = None):
+    """The ASGI app serving `db` (a Database, or a PackageSet from m3db.attach).
+
+    name: the model id clients send (default: the database's file name without extension).
+    api_key: when given, every request needs `Authorization: Bearer <api_key>`.
+    write: accept writes (add documents, forget, writing SQL); the database must be open for
+    writing. limits: see Limits. The app does not close the database: its owner does, after
+    the server stops (the app's shutdown stops generation first).
+    """
+    limits = limits or Limits()
+    limits.check()
+    if api_key is not None and (not isinstance(api_key, str) or len(api_key) < 8):
+        raise InvalidInputError("api_key must be a string of at least 8 characters")
+    kb = KnowledgeBase(db, name=name or default_name(db), writable=write)
+    batcher = Batcher(kb, max_batch=limits.max_batch, max_queue=limits.max_queue)
+    srv = State(kb, batcher, limits)
+    chat, memory = OpenAIEndpoints(srv), MemoryEndpoints(srv)
+    table = [
+        ("/v1/models", "GET", "the served model (the knowledge base)", None, chat.models),
+        ("/v1/models/{model}", "GET", "one served model", None, chat.model),
+        (
+            "/v1/chat/completions",
+            "POST",
+            "chat with memory (OpenAI's API; stream: true for SSE)",
+            chat.chat_fields,
+            chat.chat,
+        ),
+        (
+            "/v1/completions",
+            "POST",
+            "complete text with memory (OpenAI's API)",
+            chat.completion_fields,
+            chat.completions,
+        ),
+        ("/v1/embeddings", "POST", "the knowledge base's retrieval embeddings", EMBEDDING_FIELDS, chat.embeddings),
+        (
+            "/v1/memories/search",
+            "POST",
+            "recall memories by text or vector, with a SQL filter",
+            SEARCH_FIELDS,
+            memory.search,
+        ),
+        ("/v1/memories/{memory_id}", "GET", "one memory: text, document, metadata", None, memory.get),
+        ("/v1/memories/{memory_id}", "DELETE", "forget one memory (--write)", None, memory.forget),
+        ("/v1/documents", "POST", "add documents: chunk, embed, encode, commit (--write)", ADD_FIELDS, memory.add),
+        ("/v1/sql", "POST", "one SQL statement; writing ones only with --write", SQL_FIELDS, memory.sql),
+        ("/v1/server", "GET", "the server's state: knowledge base, limits, queue, batches", None, None),
+        ("/health", "GET", "200 while the server runs", None, None),
+        ("/openapi.json", "GET", "this document", None, None),
+    ]
+    schema = openapi(
+        [(p, m, s, f) for p, m, s, f, _ in table],
+        title=f"m3db: {kb.name}",
+        version=m3db.__version__,
+        auth=bool(api_key),
+    )
+
+    async def server_state(request: Request) -> JSONResponse:
+        size = await run_in_threadpool(len, kb.db)
+        return JSONResponse(
+            {
+                "model": kb.name,
+                "memories": size,
+                "packages": kb.packages,
+                "writable": kb.writable,
+                "limits": dataclasses.asdict(limits),
+                "generation": batcher.stats(),
+            }
+        )
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def schema_doc(request: Request) -> JSONResponse:
+        return JSONResponse(schema)
+
+    extra = {"/v1/server": server_state, "/health": health, "/openapi.json": schema_doc}
+    routes = [Route(p, h or extra[p], methods=[m]) for p, m, _, _, h in table]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        await run_in_threadpool(batcher.stop)  # generation ends before the owner closes the database
+
+    application = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: on_api_error,
+            M3DBError: on_m3db_error,
+            HTTPException: on_http_error,
+            Exception: on_crash,
+        },
+    )
+    application.state.batcher = batcher
+    application.state.kb = kb
+    return BearerAuth(application, api_key) if api_key else application
+
+
+def default_name(db) -> str:
+    if isinstance(db, m3db.PackageSet):
+        return "+".join(db.names)
+    base = os.path.basename(os.path.normpath(str(db.path)))
+    return os.path.splitext(base)[0] or "m3db"
+
+
+async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
+    return error_response(e)
+
+
+async def on_m3db_error(request: Request, e: M3DBError) -> JSONResponse:
+    error = from_m3db(e)
+    if error.status >= 500:
+        log.error("%s %s: %s", request.method, request.url.path, e)
+    return error_response(error)
+
+
+async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {
+        404: f"no endpoint {request.url.path}; see /openapi.json for the endpoints",
+        405: f"{request.method} is not allowed on {request.url.path}; see /openapi.json",
+    }.get(e.status_code, str(e.detail))
+    return error_response(ApiError(e.status_code, message, codes.get(e.status_code, "http_error")))
+
+
+async def on_crash(request: Request, e: Exception) -> JSONResponse:
+    """A bug: the client gets a 500 without a traceback; the log keeps it."""
+    log.exception("%s %s failed", request.method, request.url.path)
+    return error_response(ApiError(500, f"the server failed ({type(e).__name__}); see its log", "server_error"))

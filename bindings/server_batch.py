@@ -1,0 +1,305 @@
+"""The batcher: generation requests that arrive together are decoded together.
+
+The decoder's loop (m3db.model.generate) decodes a batch of prompts in one forward per step,
+left-padded, and gives the same tokens as decoding each alone (tests/model/test_model_generate.py
+checks it). It shares one retriever, one sampling setting and one random stream across its
+rows, and a batch cannot take new rows once started. So requests are grouped by what a batch
+shares (memory mode, k, filter, temperature, top_p), up to `max_batch` per batch: the worker
+thread takes the oldest request's group from the queue, waits `window` seconds for companions
+when the queue is short, and decodes it. Requests arriving meanwhile queue for the next batch
+(static batching: a batch runs until its last row ends). Each row keeps its own max_tokens and
+stop strings: the batch runs to the longest max_tokens and a row that is done is no longer
+read. A sampled request with a `seed` decodes alone, so its seed reproduces its answer.
+
+A full queue answers 429. A client that disconnects cancels its job; a batch whose rows are
+all done or cancelled stops at once. Imports: the model's generation loop (this module is
+only imported by the server, which needs the model extra anyway) and the server's errors.
+"""
+
+import asyncio
+import collections
+import json
+import secrets
+import threading
+import time
+
+from m3db.errors import M3DBError
+from m3db.model.generate import ContextTooLong, Sampling, run
+
+from .server_errors import ApiError, bad_request, from_m3db
+
+
+class Job:
+    """One generation request and what the worker reports back to it.
+
+    Built on the server's event loop. The worker thread pushes (index, kind, value) events onto
+    `events` (an asyncio queue, which several jobs of one request may share): ("delta", text)
+    pieces, then ("done", result) or ("error", ApiError).
+    """
+
+    def __init__(
+        self,
+        events: asyncio.Queue,
+        index: int,
+        prompt_ids,
+        *,
+        mode,
+        k,
+        where,
+        params,
+        max_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
+    ):
+        self.loop, self.events, self.index = asyncio.get_running_loop(), events, index
+        self.prompt_ids, self.mode, self.k, self.where, self.params = list(prompt_ids), mode, k, where, params
+        self.max_tokens, self.temperature, self.top_p, self.seed = max_tokens, temperature, top_p, seed
+        self.stops = tuple(s for s in stop if s)
+        self.cancelled = False
+        self.ids: list[int] = []
+        self.text, self.sent, self.finish = "", 0, None
+        alone = temperature > 0 and seed is not None  # a seeded sample must not share a random stream
+        self.key = (mode, k, json.dumps(where), json.dumps(params), temperature, top_p, id(self) if alone else None)
+
+    def cancel(self) -> None:
+        """The client is gone: the worker stops decoding this row (and the batch, if it was the last)."""
+        self.cancelled = True
+
+    def emit(self, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
+
+    def fail(self, error: ApiError) -> None:
+        self.finish = "error"
+        self.emit("error", error)
+
+    # -- the worker's side -----------------------------------------------------------------------
+
+    def step(self, token, tokenizer) -> None:
+        """Take this row's token of one step (None: the model's stop token ended it)."""
+        if self.finish:
+            return
+        if self.cancelled:
+            self.finish = "cancelled"
+            return
+        if token is None:
+            self.end("stop", tokenizer)
+            return
+        self.ids.append(token)
+        text = tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next token
+            cut = self.stop_at(text)
+            if cut is not None:
+                self.text = text[:cut]
+                self.end("stop", tokenizer, decoded=True)
+                return
+            self.text = text
+            safe = len(text) - held_back(text, self.stops)
+            if safe > self.sent:
+                self.emit("delta", text[self.sent : safe])
+                self.sent = safe
+        if len(self.ids) >= self.max_tokens:
+            self.end("length", tokenizer)
+
+    def stop_at(self, text: str) -> int | None:
+        """Where the first stop string starts in text, or None."""
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+    def end(self, reason: str, tokenizer, *, decoded: bool = False) -> None:
+        if not decoded:
+            text = tokenizer.decode(self.ids)
+            cut = self.stop_at(text)
+            self.text, reason = (text, reason) if cut is None else (text[:cut], "stop")
+        if len(self.text) > self.sent:
+            self.emit("delta", self.text[self.sent :])
+            self.sent = len(self.text)
+        self.finish = reason
+
+
+def held_back(text: str, stops) -> int:
+    """How many characters at the end of text could begin a stop string (not sent yet)."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+class Batcher:
+    """The queue of generation jobs and the worker thread that decodes them in batches."""
+
+    def __init__(self, kb, *, max_batch: int = 8, max_queue: int = 64, window: float = 0.005):
+        self.kb, self.max_batch, self.max_queue, self.window = kb, max_batch, max_queue, window
+        self.cv = threading.Condition()
+        self.pending: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self.stopping = False
+        self.counts = collections.Counter()
+        self.thread = threading.Thread(target=self.work, name="m3db-decoder", daemon=True)
+        self.thread.start()
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs, all or none: a 429 when the queue is full, a 503 when stopping."""
+        with self.cv:
+            if self.stopping:
+                raise ApiError(503, "the server is shutting down; retry against a running server", "shutting_down")
+            if len(self.pending) + len(self.running) + len(jobs) > self.max_queue:
+                self.counts["refused"] += 1
+                raise ApiError(
+                    429,
+                    f"the server is busy: {len(self.pending) + len(self.running)} generation requests are queued "
+                    f"or running, at most {self.max_queue} (m3db serve --max-queue); retry after a moment",
+                    "queue_full",
+                )
+            self.pending.extend(jobs)
+            self.counts["requests"] += len(jobs)
+            self.cv.notify()
+
+    def stats(self) -> dict:
+        with self.cv:
+            return dict(self.counts, queued=len(self.pending), running=len(self.running))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new jobs, fail the queued ones, cancel the running batch, wait for the worker."""
+        with self.cv:
+            self.stopping = True
+            for job in self.pending:
+                job.fail(ApiError(503, "the server is shutting down", "shutting_down"))
+            self.pending.clear()
+            for job in self.running:
+                job.cancel()
+            self.cv.notify_all()
+        self.thread.join(timeout)
+
+    # -- the worker thread -------------------------------------------------------------------------
+
+    def work(self) -> None:
+        while True:
+            with self.cv:
+                while not self.pending and not self.stopping:
+                    self.cv.wait()
+                if self.stopping:
+                    return
+                short = len(self.pending) < self.max_batch
+            if short:
+                time.sleep(self.window)  # let requests sent together arrive together
+            with self.cv:
+                if self.stopping:
+                    return
+                batch = self.take()
+                self.running = batch
+            try:
+                if batch:
+                    self.decode(batch)
+            except Exception as e:  # a bug must fail its requests, not kill the worker
+                for job in batch:
+                    if not job.finish:
+                        job.fail(ApiError(500, f"generation failed: {type(e).__name__}", "server_error"))
+            finally:
+                with self.cv:
+                    self.running = []
+
+    def take(self) -> list[Job]:
+        """The oldest job's group (up to max_batch, oldest first); cancelled jobs are dropped."""
+        while self.pending and self.pending[0].cancelled:
+            self.pending.popleft()
+            self.counts["cancelled"] += 1
+        if not self.pending:
+            return []
+        key = self.pending[0].key
+        batch = [j for j in self.pending if j.key == key and not j.cancelled][: self.max_batch]
+        for job in batch:
+            self.pending.remove(job)
+        return batch
+
+    def decode(self, batch: list[Job]) -> None:
+        first = batch[0]
+        model = self.kb.model()
+        used: dict = {}
+        retriever = None
+        if first.mode != "none":
+            retriever = self.kb.retriever(mode=first.mode, k=first.k, where=first.where, params=first.params, used=used)
+        if first.temperature > 0:
+            seed = first.seed if first.seed is not None else secrets.randbelow(2**31)
+        else:
+            seed = 0
+        sampling = Sampling(
+            max_tokens=max(j.max_tokens for j in batch),
+            temperature=first.temperature,
+            top_p=first.top_p,
+            stop_tokens=None,
+            seed=seed,
+        )
+        try:
+            loop, steps = run(
+                model, [j.prompt_ids for j in batch], mode=first.mode, retriever=retriever, sampling=sampling
+            )
+        except ContextTooLong as e:
+            if len(batch) > 1:  # the longest max_tokens may not fit beside another's prompt: each alone
+                for job in batch:
+                    self.decode([job])
+                return
+            first.fail(bad_request(str(e), "context_length_exceeded"))
+            return
+        self.counts["batches"] += 1
+        self.counts["largest_batch"] = max(self.counts["largest_batch"], len(batch))
+        tokenizer = model.tokenizer
+        try:
+            for out in steps:
+                for job, token in zip(batch, out):
+                    job.step(token, tokenizer)
+                if all(job.finish for job in batch):
+                    break
+        except M3DBError as e:  # a recall failed mid-generation (the filter was checked before)
+            for job in batch:
+                if job.finish != "cancelled":
+                    job.fail(from_m3db(e))
+            return
+        finally:
+            steps.close()
+            self.counts["tokens"] += sum(len(job.ids) for job in batch)
+        for job in batch:
+            if job.finish is None:
+                job.end("length", tokenizer)
+            if job.finish == "cancelled":
+                self.counts["cancelled"] += 1
+        self.report(batch, loop.results(), used)
+
+    def report(self, batch: list[Job], results, used: dict) -> None:
+        """Each finished job's result: its text, finish reason, token counts and the memories it read."""
+        per_job = []
+        for job, gen in zip(batch, results):
+            ids = []
+            for c in gen.chunks:
+                # a row that ended before the batch did took no memories recalled after its end
+                if c.kind == "generated" and c.start > 0 and c.start >= len(job.ids):
+                    continue
+                ids.extend(c.memory_ids)
+            per_job.append([used[i] for i in dict.fromkeys(ids) if i in used])
+        refs = {(self.kb.package_of(m), m.document_id) for ms in per_job for m in ms}
+        names = self.kb.documents(refs) if refs else {}
+        for job, matches in zip(batch, per_job):
+            if job.finish not in ("stop", "length"):
+                continue
+            memories = []
+            for m in matches:
+                package = self.kb.package_of(m)
+                document, title = names.get((package, m.document_id), (None, None))
+                item = {"id": m.id, "document": document, "title": title, "text": m.text}
+                if package is not None:
+                    item["package"] = package
+                memories.append(item)
+            job.emit(
+                "done",
+                {
+                    "text": job.text,
+                    "finish_reason": job.finish,
+                    "prompt_tokens": len(job.prompt_ids),
+                    "completion_tokens": len(job.ids),
+                    "memories": memories,
+                },
+            )

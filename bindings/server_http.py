@@ -1,0 +1,83 @@
+"""HTTP plumbing shared by the server's endpoints: bounded JSON bodies, error responses,
+server-sent events, and noticing a client that went away. Imports: Starlette and the
+server's errors.
+"""
+
+import asyncio
+import json
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+
+from .server_errors import ApiError, bad_request
+
+
+async def read_json(request: Request, max_bytes: int):
+    """The request's JSON body, refusing one over max_bytes (413) before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad_request(f"Content-Length {declared!r} is not a number of bytes", "invalid_header")
+        if int(declared) > max_bytes:
+            raise too_large(int(declared), max_bytes)
+    # the Content-Type is not checked: the body is read as JSON whatever it says (`curl -d` says
+    # form data), and a body that is not JSON is a 400 saying so
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:  # a chunked body has no Content-Length: count as it comes
+                raise too_large(len(body), max_bytes)
+    except ClientDisconnect:
+        raise ApiError(499, "the client closed the connection", "client_closed") from None
+    if not body:
+        raise bad_request("the request body is empty; send a JSON object", "invalid_json")
+    try:
+        return json.loads(body, parse_constant=refuse_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise bad_request(f"the request body is not valid JSON: {e}", "invalid_json") from None
+
+
+def refuse_constant(name):
+    """NaN and Infinity are not JSON (Python's json would accept them)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def too_large(size: int, max_bytes: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is over {size if size > max_bytes else max_bytes} bytes; the limit is {max_bytes} "
+        "(m3db serve --max-body-bytes)",
+        "request_too_large",
+    )
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    if error.status == 429:
+        headers = {"Retry-After": "1"}
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def sse(data) -> bytes:
+    """One server-sent event carrying JSON (or the literal [DONE])."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+async def wait_disconnect(receive) -> None:
+    """Return when the client disconnects (the body has been read: only disconnect comes now)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def next_event(events: asyncio.Queue, gone: asyncio.Future):
+    """The next event, or None when the client disconnected first."""
+    getter = asyncio.ensure_future(events.get())
+    done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    return None

@@ -1,0 +1,184 @@
+"""The knowledge base a server serves: one database (a directory or a package file), or several
+packages attached together, behind one set of verbs.
+
+`KnowledgeBase` owns what differs between the two: a package set's memory ids repeat across
+packages, so a memory is named by (package, id) there; recall by text embeds once and recalls
+every package; the model is the one every package was checked against. It also owns the
+single-writer rule: writes run one at a time (`write`), reads alongside them, each verb under
+the database's own mutex. Imports: the m3db facade and the knowledge layer's public nouns.
+"""
+
+import threading
+
+import numpy as np
+
+import m3db
+from m3db.errors import InvalidInputError, M3DBError, NotFoundError, ReadOnlyError
+from m3db.knowledge.answer import Retrieved
+
+
+class KnowledgeBase:
+    """A Database or a PackageSet, served. `name` is the model id clients send."""
+
+    def __init__(self, db, *, name: str, writable: bool):
+        self.db = db
+        self.name = name
+        self.packages = list(db.packages) if isinstance(db, m3db.PackageSet) else None
+        self.primary = db.packages[self.packages[0]] if self.packages else db
+        if writable and (self.packages or self.primary.read_only):
+            raise InvalidInputError(
+                "this knowledge base is read-only (a package, or opened read-only): serve a database "
+                "directory opened for writing to accept writes"
+            )
+        self.writable = writable
+        self.spec = db.spec
+        self.write_lock = threading.Lock()  # one writer at a time; readers never wait for it
+        self._bind_lock = threading.Lock()
+        self._bind_error = None
+
+    # -- the model ---------------------------------------------------------------------------
+
+    def model(self):
+        """The bound decoder (loaded and checked against the spec on first use; a failure to
+        bind is kept, so a server without a usable model does not retry the load per request)."""
+        return self.models()[0]
+
+    def models(self) -> tuple:
+        with self._bind_lock:
+            if self._bind_error is not None:
+                raise self._bind_error
+            try:
+                return self.primary.models()
+            except M3DBError as e:
+                self._bind_error = e
+                raise
+
+    def embedding_tokens(self, texts: list[str]) -> int:
+        """Tokens the embedder read for texts (its tokenizer's count, special tokens and
+        truncation included), or 0 for an embedder without a tokenizer or without a model."""
+        try:
+            embedder = self.models()[1]
+        except M3DBError:
+            return 0
+        tokenizer = getattr(embedder, "tokenizer", None)
+        if tokenizer is None or not hasattr(tokenizer, "encode_batch"):
+            return 0
+        return sum(len(e.ids) for e in tokenizer.encode_batch(list(texts)))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Retrieval vectors (n, dim) of texts, by the knowledge base's embedder."""
+        return np.stack([self.primary.embed_query(t) for t in texts]).astype(np.float32)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def recall(self, query, *, k: int, where=None, params=None, decode: bool = False):
+        """The k nearest memories (a query text or a vector), best first, as Matches (with the
+        plan that found them); a package set's matches name their `package`."""
+        if self.packages and isinstance(query, str):
+            query = self.primary.embed_query(query)  # once, not once per package
+        if isinstance(query, list):
+            query = np.asarray(query, dtype=np.float32)
+        return self.db.recall(query, k, where, params, decode=decode)
+
+    def check_filter(self, where, params) -> None:
+        """Run a recall filter once, so a bad one is a 400 before generation starts (the filter
+        cache keeps its result for the recalls that follow)."""
+        if where is None and params is None:
+            return
+        probe = np.full(self.spec.embedding_dim, 1.0, np.float32)
+        self.db.recall(probe, 1, where, params)
+
+    def package_of(self, match) -> str | None:
+        return getattr(match, "package", None) if self.packages else None
+
+    def database(self, package):
+        """The database holding a package's memories (the served one when not a package set)."""
+        if not self.packages:
+            if package is not None:
+                raise InvalidInputError("package= names a package of a package set; this server serves one database")
+            return self.db
+        if package is None:
+            raise InvalidInputError(
+                f"this server serves several packages ({', '.join(self.packages)}): name one with package="
+            )
+        if package not in self.packages:
+            raise NotFoundError(f"no package named {package!r} is served; served: {', '.join(self.packages)}")
+        return self.db.packages[package]
+
+    def get(self, memory_id: int, package=None):
+        return self.database(package).get(memory_id)
+
+    def documents(self, refs) -> dict:
+        """{(package, document id): (source, title)} for (package, document id) pairs."""
+        out = {}
+        for package in {p for p, _ in refs}:
+            ids = [d for p, d in refs if p == package and d is not None]
+            for d, names in self.database(package).catalog.document_names(ids).items():
+                out[(package, d)] = names
+        return out
+
+    def sql(self, query: str, params=None, package=None):
+        return self.database(package).sql(query, params)
+
+    def retriever(self, *, mode: str, k, where, params, used: dict):
+        """The decoder's Retriever over this knowledge base. Each memory handed to the decoder
+        gets an id unique within the generation (a package set's ids repeat across packages);
+        `used` maps it to its Match."""
+        keys: dict = {}
+
+        def retrieve(query_text: str, count: int) -> list:
+            n = count if k is None else min(k, count)
+            if n <= 0 or not query_text.strip():
+                return []
+            items = []
+            for match in self.recall(query_text, k=n, where=where, params=params, decode=(mode == "memory")):
+                item = Retrieved(match)
+                if self.packages:
+                    item.id = keys.setdefault((match.package, match.id), len(keys))
+                used.setdefault(item.id, match)
+                items.append(item)
+            return items
+
+        return retrieve
+
+    # -- writing (one writer) ----------------------------------------------------------------
+
+    def require_writable(self) -> None:
+        if not self.writable:
+            raise ReadOnlyError(
+                "this server is read-only: restart it with `m3db serve PATH --write` to add or forget memories"
+            )
+
+    def add_documents(self, documents: list, *, cold: bool, replace: bool) -> list[list[int]]:
+        """Add documents, one commit each; returns each document's new memory ids ([] for one
+        already stored with the same text)."""
+        self.require_writable()
+        with self.write_lock:
+            ids = []
+            for doc in documents:
+                ids.append(
+                    self.db.add(
+                        doc["text"],
+                        source=doc.get("source"),
+                        title=doc.get("title"),
+                        uri=doc.get("uri"),
+                        cold=cold,
+                        replace=replace,
+                        **doc.get("metadata", {}),
+                    )
+                )
+            return ids
+
+    def forget(self, memory_id: int) -> None:
+        self.require_writable()
+        with self.write_lock:
+            self.db.forget(memory_id)
+
+    def write_sql(self, query: str, params=None):
+        """A statement on a writable server, where any may write (INSERT INTO documents, DELETE
+        FROM memories): run by the one writer."""
+        with self.write_lock:
+            return self.db.sql(query, params)
+
+    def close(self) -> None:
+        self.db.close()

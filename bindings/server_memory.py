@@ -1,0 +1,199 @@
+"""The memory endpoints: search, get and forget one memory, add documents, SQL.
+
+Reads run in Starlette's thread pool beside each other (each engine verb under the database's
+mutex); writes run one at a time (`KnowledgeBase.write_lock`) and only on a server started
+with `--write`. `srv` (the app's state: kb, limits) arrives as an argument.
+"""
+
+import base64
+import datetime
+import decimal
+import uuid
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from m3db.search.plan import MAX_K
+
+from .server_errors import bad_request
+from .server_fields import Field, parse
+from .server_http import read_json
+from .server_openai import MEMORY_FIELDS
+
+SEARCH_FIELDS = [
+    Field("query", ("string",), "a text to search for (embedded by the knowledge base's embedder)"),
+    Field("vector", ("array",), "a query vector of the embedder's dimension, instead of query", items="number"),
+    Field("k", ("integer",), "how many memories (default 5)", minimum=1, maximum=min(MAX_K, 1000)),
+    *[f for f in MEMORY_FIELDS if f.name in ("where", "params")],
+]
+
+DOCUMENT_FIELDS = [
+    Field("text", ("string",), "the document's text (chunked into references)", required=True),
+    Field("source", ("string", "null"), "a unique name for the document (default: a hash of its text)"),
+    Field("title", ("string", "null"), "its title"),
+    Field("uri", ("string", "null"), "where it came from"),
+    Field("metadata", ("object",), "metadata columns of its memories: {name: value}"),
+]
+
+ADD_FIELDS = [
+    Field(
+        "documents",
+        ("array",),
+        "documents to add: [{text, source?, title?, uri?, metadata?}]",
+        required=True,
+        minimum=1,
+        maximum=256,
+        items="object",
+    ),
+    Field("cold", ("boolean",), "store text and embeddings only; encode each memory on first read"),
+    Field("replace", ("boolean",), "a source already stored with other text is replaced, not refused"),
+]
+
+SQL_FIELDS = [
+    Field("query", ("string",), "one SQL statement (docs/sql.md)", required=True),
+    Field("params", ("array", "object"), "values for ? (an array) or $name (an object)"),
+    Field("package", ("string",), "the package whose catalog to query (a server of several packages)"),
+]
+
+
+def jsonable(value):
+    """A SQL value or metadata as JSON: arrays as lists, times as ISO text, bytes as base64."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (datetime.date, datetime.time, datetime.datetime)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, (decimal.Decimal, uuid.UUID, datetime.timedelta)):
+        return str(value)
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+class MemoryEndpoints:
+    """The handlers of /v1/memories, /v1/documents and /v1/sql."""
+
+    def __init__(self, srv):
+        self.srv = srv
+
+    async def body(self, request, fields):
+        return parse(await read_json(request, self.srv.limits.max_body_bytes), fields)
+
+    async def search(self, request: Request) -> JSONResponse:
+        """POST /v1/memories/search: recall by text or vector, with a filter."""
+        body = await self.body(request, SEARCH_FIELDS)
+        if ("query" in body) == ("vector" in body):
+            raise bad_request("send either query (a text) or vector (numbers), one of them", param="query")
+        query = body.get("query", body.get("vector"))
+        if isinstance(query, str) and not query.strip():
+            raise bad_request("query is empty; send the text to search for", param="query")
+        kb = self.srv.kb
+        matches = await run_in_threadpool(
+            kb.recall, query, k=body.get("k", 5), where=body.get("where"), params=body.get("params")
+        )
+        data = await run_in_threadpool(self.describe, matches)
+        return JSONResponse({"object": "list", "data": data, "plan": jsonable(matches.plan)})
+
+    def describe(self, matches) -> list[dict]:
+        kb = self.srv.kb
+        names = kb.documents({(kb.package_of(m), m.document_id) for m in matches})
+        out = []
+        for m in matches:
+            package = kb.package_of(m)
+            document, title = names.get((package, m.document_id), (None, None))
+            item = {
+                "id": m.id,
+                "score": m.score,
+                "text": m.text,
+                "document": document,
+                "title": title,
+                "document_id": m.document_id,
+                "metadata": jsonable(m.metadata),
+            }
+            if package is not None:
+                item["package"] = package
+            out.append(item)
+        return out
+
+    def memory_id(self, request) -> int:
+        text = request.path_params["memory_id"]
+        if not text.isdigit() or len(text) > 19:
+            raise bad_request(f"a memory id is a non-negative integer, got {text!r}", param="memory_id")
+        return int(text)
+
+    def package(self, request):
+        package = request.query_params.get("package")
+        unknown = set(request.query_params) - {"package"}
+        if unknown:
+            raise bad_request(f"unknown query parameter {sorted(unknown)[0]!r}; only package= is accepted")
+        return package
+
+    async def get(self, request: Request) -> JSONResponse:
+        """GET /v1/memories/{id}[?package=NAME]: one memory's text, document and metadata."""
+        memory_id, package = self.memory_id(request), self.package(request)
+        kb = self.srv.kb
+
+        def read():
+            m = kb.get(memory_id, package)
+            document, title = kb.documents({(package, m.document_id)}).get((package, m.document_id), (None, None))
+            out = {
+                "id": m.id,
+                "text": m.text,
+                "document": document,
+                "title": title,
+                "document_id": m.document_id,
+                "ordinal": m.ordinal,
+                "token_count": m.token_count,
+                "metadata": jsonable(m.metadata),
+                "shape": None if m.keys is None else list(m.keys.shape),
+            }
+            if package is not None:
+                out["package"] = package
+            return out
+
+        return JSONResponse(await run_in_threadpool(read))
+
+    async def forget(self, request: Request) -> JSONResponse:
+        """DELETE /v1/memories/{id}: forget one memory (a server started with --write)."""
+        memory_id = self.memory_id(request)
+        self.package(request)
+        self.srv.kb.require_writable()
+        await run_in_threadpool(self.srv.kb.forget, memory_id)
+        return JSONResponse({"id": memory_id, "object": "memory", "deleted": True})
+
+    async def add(self, request: Request) -> JSONResponse:
+        """POST /v1/documents: chunk, embed, encode and commit documents (a server started with --write)."""
+        self.srv.kb.require_writable()  # before reading a large body
+        body = await self.body(request, ADD_FIELDS)
+        docs = []
+        for i, doc in enumerate(body["documents"]):
+            docs.append(parse(doc, DOCUMENT_FIELDS, what=f"documents[{i}]"))
+        ids = await run_in_threadpool(
+            self.srv.kb.add_documents, docs, cold=body.get("cold", False), replace=body.get("replace", False)
+        )
+        data = [
+            {"index": i, "source": d.get("source"), "memory_ids": list(m), "added": bool(m)}
+            for i, (d, m) in enumerate(zip(docs, ids))
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def sql(self, request: Request) -> JSONResponse:
+        """POST /v1/sql: one statement; statements that write only on a server started with --write."""
+        body = await self.body(request, SQL_FIELDS)
+        kb = self.srv.kb
+        if not body["query"].strip():
+            raise bad_request("query is empty; send one SQL statement", param="query")
+        if kb.writable:
+            rows = await run_in_threadpool(kb.write_sql, body["query"], body.get("params"))
+        else:
+            rows = await run_in_threadpool(kb.sql, body["query"], body.get("params"), body.get("package"))
+        return JSONResponse({"columns": list(rows.columns), "rows": [jsonable(list(r)) for r in rows]})

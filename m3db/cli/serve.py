@@ -1,0 +1,183 @@
+"""`m3db serve`: run the OpenAI-compatible HTTP server (m3db.bindings.server) under uvicorn.
+
+Opens the knowledge base (a database read-only unless --write, a package, or several packages
+attached together), binds the model (the bundled one, a GGUF file, or a factory), serves until
+SIGINT or SIGTERM, then stops generation and closes the database. The server's modules
+(Starlette, uvicorn, torch) are imported inside `serve`, so `import m3db` stays light.
+"""
+
+import importlib
+import ipaddress
+import os
+import signal
+import sys
+
+from ..database import attach, connect
+from ..errors import DependencyError, InvalidInputError
+
+ARGUMENTS = [
+    (("more",), dict(nargs="*", metavar="PACKAGE", help="more package files, served together with PATH")),
+    (("--host",), dict(default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")),
+    (("--port",), dict(type=int, default=8000, help="the port (default 8000)")),
+    (
+        ("--api-key",),
+        dict(
+            dest="api_key",
+            default=None,
+            help="require `Authorization: Bearer KEY` on every request (default: the M3DB_API_KEY variable)",
+        ),
+    ),
+    (("--write",), dict(action="store_true", help="accept writes: add documents, forget memories, writing SQL")),
+    (
+        ("--model",),
+        dict(
+            default=None,
+            help="the decoder: a GGUF file of a Llama-family model, or MODULE:FUNCTION returning a model "
+            "or (model, embedder) (default: the bundled SmolLM2-135M-Instruct)",
+        ),
+    ),
+    (("--name",), dict(default=None, help="the model id clients send (default: the file name without extension)")),
+    (("--max-tokens",), dict(type=int, default=1024, dest="max_tokens", help="the most tokens one answer may ask")),
+    (("--max-batch",), dict(type=int, default=8, dest="max_batch", help="requests decoded together (default 8)")),
+    (
+        ("--max-queue",),
+        dict(type=int, default=64, dest="max_queue", help="generation requests queued or running; more get 429"),
+    ),
+    (
+        ("--max-body-bytes",),
+        dict(type=int, default=4 * 1024 * 1024, dest="max_body_bytes", help="the largest request body (default 4 MiB)"),
+    ),
+    (
+        ("--grace",),
+        dict(type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default 10)"),
+    ),
+]
+
+
+def say(text) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def load_model(spec_text):
+    """(model, embedder) that --model names; either may be None (the bundled one)."""
+    if spec_text is None:
+        return None, None
+    if os.path.isfile(spec_text):
+        from ..model.memory_model import MemoryModel
+
+        return MemoryModel.load(spec_text), None
+    module_name, sep, attr = spec_text.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidInputError(
+            f"--model {spec_text!r}: no such file; expected a GGUF file or MODULE:FUNCTION (like my_models:load)"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise InvalidInputError(f"--model {spec_text!r}: cannot load {attr} from {module_name}: {e}") from e
+    made = factory()
+    return tuple(made) if isinstance(made, (tuple, list)) else (made, None)
+
+
+def fit_to_spec(model, spec):
+    """The bundled decoder class reads with memory settings; a database records its own (dense
+    or sparse), so a model loaded from a file takes the database's settings when it is the
+    model that built it (otherwise opening reports the mismatch)."""
+    if model is None or not hasattr(model, "with_settings") or model.fingerprint != spec.model_fingerprint:
+        return model
+    from ..model.settings import MemorySettings
+
+    try:
+        return model.with_settings(MemorySettings.from_spec(spec))
+    except ValueError:
+        return model
+
+
+def open_kb(paths, *, write, model, embedder):
+    if len(paths) > 1:
+        if write:
+            raise InvalidInputError("packages are read-only: --write serves one database directory")
+        if model is not None:
+            with attach(paths) as peek:
+                model = fit_to_spec(model, peek.spec)
+        return attach(paths, model=model, embedder=embedder)
+    if model is not None:
+        with connect(paths[0], read_only=True) as peek:
+            model = fit_to_spec(model, peek.spec)
+    return connect(paths[0], read_only=not write, model=model, embedder=embedder)
+
+
+def serve(args) -> None:
+    """The `m3db serve` command."""
+    try:
+        import uvicorn
+
+        from ..bindings.server import Limits, app
+    except ImportError as e:
+        raise DependencyError(f"m3db serve needs the server extra ({e}): pip install 'm3db[server]'") from e
+    limits = Limits(
+        max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
+        default_max_tokens=min(256, args.max_tokens),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+    )
+    limits.check()
+    if not 0 <= args.port <= 65535:
+        raise InvalidInputError(f"--port {args.port}: expected 0-65535")
+    api_key = args.api_key or os.environ.get("M3DB_API_KEY") or None
+    paths = [args.path, *args.more]
+    model, embedder = load_model(args.model)
+    db = open_kb(paths, write=args.write, model=model, embedder=embedder)
+    application = None
+    try:
+        application = app(db, name=args.name, api_key=api_key, write=args.write, limits=limits)
+        name = application.state.kb.name
+        say(
+            f"serving {', '.join(paths)} as model {name!r} at http://{args.host}:{args.port}/v1 "
+            f"({'writable' if args.write else 'read-only'}; {'API key required' if api_key else 'no API key'})"
+        )
+        if not api_key and not loopback(args.host):
+            say(f"warning: listening on {args.host} without an API key: anyone who can reach it may use it")
+        config = uvicorn.Config(
+            application,
+            host=args.host,
+            port=args.port,
+            lifespan="on",
+            timeout_graceful_shutdown=args.grace,
+            log_level="info",
+        )
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
+        # handlers it found: ours turn it into Stopped, so the database is closed below (the
+        # default SIGTERM handler would end the process before it could be)
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            uvicorn.Server(config).run()
+        except Stopped as e:
+            say(f"stopped by {e}")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        if application is not None:
+            application.state.batcher.stop()
+        db.close()
+        say(f"closed {', '.join(paths)}")
+    return None
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived (uvicorn has already shut the server down)."""
+
+
+def on_signal(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

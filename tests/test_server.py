@@ -1,0 +1,472 @@
+"""`m3db serve` as a real process on a free port, through real clients: the official `openai`
+client for the OpenAI endpoints, httpx for the memory endpoints and for bad input. The model is
+the tiny random decoder with the hashing embedder (tests/server_models.py), so this stays fast;
+the bundled model's run is marked slow."""
+
+import concurrent.futures
+import json
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("starlette")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import m3db  # noqa: E402
+from tests.server_models import tiny  # noqa: E402
+from tests.server_process import ServerProcess  # noqa: E402
+
+KEY = "test-key-0123456789"
+TINY = ("--model", "tests.server_models:tiny")
+DOCS = [
+    {
+        "text": "Zorblax is a small moon of the planet Quendor. Its capital city is Vell.",
+        "source": "zorblax.txt",
+        "title": "Zorblax",
+        "metadata": {"lang": "en"},
+    },
+    {"text": "Bread is made from flour, water and yeast.", "source": "bread.txt", "metadata": {"lang": "en"}},
+    {"text": "Berlin ist die Hauptstadt Deutschlands.", "source": "berlin.txt", "metadata": {"lang": "de"}},
+]
+QUESTIONS = [f"Question {i}: where is {w}?" for i, w in enumerate(["Zorblax", "Vell", "Berlin", "the bread"] * 8)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()[0]
+
+
+def build(path, docs=DOCS):
+    m, e = tiny()
+    with m3db.connect(path, model=m, embedder=e) as db:
+        db.add_documents(docs, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def kb(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("kb") / "kb.m3db")
+
+
+@pytest.fixture(scope="module")
+def server(kb):
+    s = ServerProcess([kb], *TINY, api_key=KEY)
+    yield s
+    assert s.stop() == 0, s.output()
+    assert "closed" in s.output()
+    s.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture
+def http(server):
+    with server.client() as c:
+        yield c
+
+
+def ask(client, question, **kw):
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model="kb", messages=[{"role": "user", "content": question}], **kw)
+
+
+def error_of(response, status):
+    """The OpenAI-shaped error of a response that must have `status`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"} and error["message"], error
+    assert "Traceback" not in response.text
+    return error
+
+
+# -- the OpenAI endpoints, with the official client --------------------------------------------
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["kb"]
+    assert client.models.retrieve("kb").id == "kb"
+
+
+def test_chat_answers_with_memories_and_counts_tokens(client, model):
+    messages = [{"role": "user", "content": "Where is Zorblax?"}]
+    r = ask(client, "Where is Zorblax?", max_tokens=24)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    prompt = model.tokenizer.apply_chat_template(messages)
+    assert r.usage.prompt_tokens == len(model.tokenizer.encode(prompt))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    memories = r.model_extra["memories"]
+    assert memories and {"id", "document", "text"} <= set(memories[0])
+    assert {m["document"] for m in memories} <= {"zorblax.txt", "bread.txt", "berlin.txt"}
+    assert r.model_extra["memory"] == "memory"
+    # without memory, the server's answer is the model's own, decoded in this process
+    r = ask(client, "Where is Zorblax?", max_tokens=24, extra_body={"memory": "none"})
+    g = model.generate(messages, mode="none", max_tokens=24)
+    assert r.choices[0].message.content == g.text and r.choices[0].finish_reason == g.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (g.prompt_tokens, len(g.tokens))
+
+
+def test_stream_equals_non_stream_at_temperature_0(client):
+    for question, kw in [("Where is Zorblax?", {}), ("Tell me about bread.", {"stop": ["e", "a"]})]:
+        whole = ask(client, question, max_tokens=40, **kw)
+        pieces, finish, memories, usage = [], None, None, None
+        for chunk in ask(client, question, max_tokens=40, stream=True, stream_options={"include_usage": True}, **kw):
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for c in chunk.choices:
+                pieces.append(c.delta.content or "")
+                finish = c.finish_reason or finish
+                memories = (chunk.model_extra or {}).get("memories", memories)
+        assert "".join(pieces) == whole.choices[0].message.content
+        assert finish == whole.choices[0].finish_reason
+        assert memories == whole.model_extra["memories"]
+        assert usage.completion_tokens == whole.usage.completion_tokens
+        if kw:
+            assert not any(s in whole.choices[0].message.content for s in kw["stop"])
+
+
+def test_stream_ends_with_done(http):
+    with http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "kb", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True},
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_memory_modes_and_filter(client):
+    none = ask(client, "Where is Zorblax?", max_tokens=8, extra_body={"memory": "none"})
+    assert none.model_extra["memories"] == [] and none.model_extra["memory"] == "none"
+    rag = ask(client, "Where is Zorblax?", max_tokens=8, extra_body={"memory": "rag", "k": 1})
+    assert len(rag.model_extra["memories"]) == 1
+    de = ask(client, "Where is Zorblax?", max_tokens=8, extra_body={"where": "lang = ?", "params": ["de"]})
+    assert [m["document"] for m in de.model_extra["memories"]] == ["berlin.txt"]
+
+
+def test_completions_one_and_several_prompts(client, model):
+    one = client.completions.create(model="kb", prompt="The moon Zorblax", max_tokens=12, temperature=0)
+    assert one.object == "text_completion" and len(one.choices) == 1
+    assert one.usage.prompt_tokens == len(model.tokenizer.encode("The moon Zorblax"))
+    both = client.completions.create(model="kb", prompt=["The moon Zorblax", "Bread is"], max_tokens=12, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].text == one.choices[0].text  # batched with another prompt: the same answer
+    assert both.usage.prompt_tokens == one.usage.prompt_tokens + len(model.tokenizer.encode("Bread is"))
+    streamed = client.completions.create(
+        model="kb", prompt="The moon Zorblax", max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == one.choices[0].text
+
+
+def test_embeddings(client):
+    texts = ["capital of Quendor", "flour and yeast"]
+    r = client.embeddings.create(model="kb", input=texts)  # the client asks for base64 by default
+    expected = tiny()[1].embed(texts)
+    assert len(r.data) == 2 and r.model == "kb"
+    np.testing.assert_allclose(np.array([d.embedding for d in r.data]), expected, atol=1e-6)
+    r = client.embeddings.create(model="kb", input="flour and yeast", encoding_format="float")
+    np.testing.assert_allclose(r.data[0].embedding, expected[1], atol=1e-6)
+
+
+def test_unsupported_sampling_fields_are_refused(client):
+    for kw in ({"n": 2}, {"presence_penalty": 0.5}, {"logit_bias": {"5": 1}}, {"tools": [{"type": "function"}]}):
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(client, "hi", max_tokens=4, **kw)
+        assert "not supported" in str(e.value)
+    ask(client, "hi", max_tokens=4, n=1, presence_penalty=0)  # the values meaning "off" are fine
+    with pytest.raises(openai.NotFoundError, match="serves 'kb'"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_seeded_sampling_reproduces(client):
+    a = ask(client, "Say something", max_tokens=16, temperature=1.0, seed=7)
+    b = ask(client, "Say something", max_tokens=16, temperature=1.0, seed=7)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+# -- the memory endpoints, with httpx ----------------------------------------------------------
+
+
+def test_search_get_sql(http):
+    r = http.post("/v1/memories/search", json={"query": "moon of Quendor", "k": 2})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert len(data) == 2 and data[0]["document"] == "zorblax.txt" and data[0]["score"] >= data[1]["score"]
+    r = http.post("/v1/memories/search", json={"query": "moon", "where": "lang = ?", "params": ["de"]})
+    assert [d["document"] for d in r.json()["data"]] == ["berlin.txt"]
+    vector = tiny()[1].embed(["flour water yeast"])[0].tolist()
+    r = http.post("/v1/memories/search", json={"vector": vector, "k": 1})
+    assert r.json()["data"][0]["document"] == "bread.txt"
+    first = data[0]["id"]
+    m = http.get(f"/v1/memories/{first}").json()
+    assert m["text"].startswith("Zorblax") and m["metadata"] == {"lang": "en"} and m["document"] == "zorblax.txt"
+    error_of(http.get("/v1/memories/9999"), 404)
+    rows = http.post("/v1/sql", json={"query": "SELECT lang, count(*) n FROM memories GROUP BY lang ORDER BY lang"})
+    assert rows.json() == {"columns": ["lang", "n"], "rows": [["de", 1], ["en", 2]]}
+    schema = http.get("/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/memories/search", "/v1/sql", "/v1/documents"} <= set(schema["paths"])
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"messages", "memory", "k", "where"} <= set(chat["properties"])
+
+
+def test_writes_refused_on_a_read_only_server(http):
+    assert error_of(http.post("/v1/documents", json={"documents": [{"text": "x"}]}), 403)["code"] == "read_only"
+    assert error_of(http.delete("/v1/memories/0"), 403)["code"] == "read_only"
+    error_of(http.post("/v1/sql", json={"query": "DELETE FROM memories"}), 403)
+    error_of(http.post("/v1/sql", json={"query": "CREATE TABLE t (x INT)"}), 400)
+
+
+def test_api_key(server):
+    with httpx.Client(base_url=server.url) as anon:
+        assert error_of(anon.get("/v1/models"), 401)["code"] == "invalid_api_key"
+        error_of(anon.get("/v1/models", headers={"Authorization": "Bearer wrong-key-xxxxxxxx"}), 401)
+        error_of(anon.get("/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401)
+        error_of(anon.get("/openapi.json"), 401)
+        assert anon.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+BAD_CHAT = [
+    ({"model": "kb"}, "missing_field"),
+    ({"model": "kb", "messages": "hi"}, "invalid_type"),
+    ({"model": "kb", "messages": []}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "wizard", "content": "hi"}]}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": 5}]}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "invalid_value"),
+    ({"model": 5, "messages": [{"role": "user", "content": "hi"}]}, "invalid_type"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}, "invalid_type"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, "invalid_type"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "invalid_type"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "colour": "red"}, "unknown_field"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "memory": "dense"}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "k": 99}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "k": 6}, "invalid_value"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "where": "no_such_column = 1"}, "query"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "where": "lang = ?"}, "query"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "where": "1; DROP TABLE memories"}, "query"),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "memory": "none", "k": 2}, "invalid_value"),
+    (
+        {"model": "kb", "messages": [{"role": "user", "content": "x" * 3000}], "max_tokens": 10},
+        "context_length_exceeded",
+    ),
+    ({"model": "kb", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"x": 1}}, "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("body,code", BAD_CHAT, ids=[c for _, c in BAD_CHAT])
+def test_bad_chat_requests_are_400(http, body, code):
+    assert error_of(http.post("/v1/chat/completions", json=body), 400)["code"] == code
+
+
+def test_malformed_and_oversized_bodies(http, server):
+    for raw in (b"{not json", b"", b"[1, 2]", b'"text"', b'{"model": NaN}', b"\xff\xfe", b"[" * 100_000):
+        error_of(http.post("/v1/chat/completions", content=raw), 400)
+    big = json.dumps({"model": "kb", "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]})
+    assert error_of(http.post("/v1/chat/completions", content=big), 413)["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is counted as the body arrives
+        for _ in range(6):
+            yield b"x" * (1024 * 1024)
+
+    error_of(http.post("/v1/chat/completions", content=chunks()), 413)
+    error_of(http.get("/v1/nothing"), 404)
+    error_of(http.get("/v1/chat/completions"), 405)
+    error_of(http.get("/v1/memories/abc"), 400)
+    error_of(http.get("/v1/memories/1?colour=red"), 400)
+    error_of(http.post("/v1/memories/search", json={"query": "x", "vector": [1.0]}), 400)
+    error_of(http.post("/v1/memories/search", json={"vector": [1.0, 2.0]}), 400)
+    error_of(http.post("/v1/memories/search", json={"vector": ["a"]}), 400)
+    error_of(http.post("/v1/memories/search", json={"query": "x", "k": 0}), 400)
+    error_of(http.post("/v1/sql", json={"query": "SELEC 1"}), 400)
+    error_of(http.post("/v1/sql", json={"query": "SELECT ?", "params": "x"}), 400)
+    error_of(http.post("/v1/embeddings", json={"model": "kb", "input": [1, 2]}), 400)
+    error_of(http.post("/v1/embeddings", json={"model": "kb", "input": "x", "dimensions": 3}), 400)
+    error_of(http.post("/v1/completions", json={"model": "kb", "prompt": "hi", "echo": True}), 400)
+    assert http.get("/health").status_code == 200  # still healthy after all of it
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+def chat_body(question, max_tokens=24):
+    return {"model": "kb", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
+
+
+def post_all(server, bodies, path="/v1/chat/completions"):
+    """POST every body at once, from its own thread; return the responses in order."""
+    barrier = threading.Barrier(len(bodies))
+
+    def one(body):
+        with server.client() as c:
+            barrier.wait()
+            return c.post(path, json=body)
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(one, bodies))
+
+
+def test_32_concurrent_clients_get_the_answers_of_one_at_a_time(server, http):
+    before = http.get("/v1/server").json()["generation"]
+    bodies = [chat_body(q) for q in QUESTIONS]
+    together = post_all(server, bodies)
+    assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200]
+    after = http.get("/v1/server").json()["generation"]
+    assert after["largest_batch"] > 1 and after["batches"] - before.get("batches", 0) < len(bodies)
+    alone = [http.post("/v1/chat/completions", json=b) for b in bodies]
+    for t, a in zip(together, alone):
+        assert t.json()["choices"][0]["message"] == a.json()["choices"][0]["message"]
+        assert t.json()["memories"] == a.json()["memories"] and t.json()["usage"] == a.json()["usage"]
+    assert len({r.json()["choices"][0]["message"]["content"] for r in together}) > 1
+    assert http.get("/health").status_code == 200
+
+
+def test_a_disconnected_client_stops_its_generation(server, http):
+    before = http.get("/v1/server").json()["generation"]
+    with server.client() as c:
+        body = dict(chat_body("Tell me a long story", max_tokens=1000), stream=True)
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+    # the server notices at its next write, and the worker at its next step
+    for _ in range(100):
+        state = http.get("/v1/server").json()["generation"]
+        if state["running"] == 0 and state.get("cancelled", 0) > before.get("cancelled", 0):
+            break
+        time.sleep(0.05)
+    assert state["running"] == 0 and state["cancelled"] > before.get("cancelled", 0), state
+    assert state["tokens"] - before.get("tokens", 0) < 1000
+
+
+def test_full_queue_answers_429_and_sigint_closes(kb):
+    s = ServerProcess([kb], *TINY, "--max-queue", "4", "--max-batch", "2")
+    try:
+        bodies = [chat_body(q, max_tokens=48) for q in QUESTIONS]
+        got = post_all(s, bodies)
+        assert {r.status_code for r in got} <= {200, 429}
+        refused = [r for r in got if r.status_code == 429]
+        assert refused and error_of(refused[0], 429)["type"] == "rate_limit_error"
+        with s.client() as c:
+            for body, r in zip(bodies, got):
+                if r.status_code == 200:
+                    alone = c.post("/v1/chat/completions", json=body).json()
+                    assert r.json()["choices"][0]["message"] == alone["choices"][0]["message"]
+        assert s.stop(signal.SIGINT) == 0, s.output()
+        assert "closed" in s.output()
+    finally:
+        s.close()
+
+
+# -- a writable server -------------------------------------------------------------------------
+
+
+def test_writable_server_adds_forgets_and_closes_cleanly_on_sigterm(tmp_path):
+    path = build(tmp_path / "kb.m3db")  # served as model "kb"
+    s = ServerProcess([path], *TINY, "--write", "--grace", "2")
+    try:
+        with s.client() as c:
+            r = c.post(
+                "/v1/documents",
+                json={
+                    "documents": [
+                        {"text": "Quimby lies on the river Flent.", "source": "quimby", "metadata": {"lang": "en"}}
+                    ]
+                },
+            )
+            assert r.status_code == 200, r.text
+            (added,) = r.json()["data"]
+            assert added["added"] and len(added["memory_ids"]) == 1
+            new_id = added["memory_ids"][0]
+            found = c.post("/v1/memories/search", json={"query": "river Flent", "k": 1}).json()["data"]
+            assert found[0]["id"] == new_id
+            assert (
+                c.post(
+                    "/v1/documents",
+                    json={"documents": [{"text": "Quimby lies on the river Flent.", "source": "quimby"}]},
+                ).json()["data"][0]["added"]
+                is False
+            )
+            error_of(c.post("/v1/documents", json={"documents": [{"text": "other", "source": "quimby"}]}), 400)
+            error_of(c.post("/v1/documents", json={"documents": [{"txt": "x"}]}), 400)
+            assert c.delete(f"/v1/memories/{new_id}").json()["deleted"] is True
+            error_of(c.get(f"/v1/memories/{new_id}"), 404)
+            error_of(c.delete(f"/v1/memories/{new_id}"), 404)
+            r = c.post(
+                "/v1/sql",
+                json={
+                    "query": "INSERT INTO documents (text, source) VALUES (?, ?)",
+                    "params": ["Vell is a city.", "vell"],
+                },
+            )
+            assert r.status_code == 200, r.text
+        # SIGTERM while 16 clients wait for answers: each is answered or cut off, and the database closes
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(post_all, s, [chat_body(q, 200)]) for q in QUESTIONS[:16]]
+            time.sleep(0.5)
+            assert s.stop(signal.SIGTERM) == 0, s.output()
+            for f in futures:
+                try:
+                    assert f.result()[0].status_code in (200, 503)
+                except httpx.TransportError:
+                    pass  # cut off by the shutdown: fine, the server never half-answers
+        assert "closed" in s.output()
+    finally:
+        s.close()
+    with m3db.connect(path, read_only=True) as db:
+        assert db.check().ok
+        sources = {r[0] for r in db.sql("SELECT source FROM documents")}
+        assert {"quimby", "vell"} <= sources and len(db) == 4
+
+
+# -- packages ----------------------------------------------------------------------------------
+
+
+def test_several_packages_serve_together(tmp_path, kb):
+    a = tmp_path / "a.m3kb"
+    b = tmp_path / "b.m3kb"
+    with m3db.connect(kb, read_only=True) as db:
+        db.pack(a)
+    other = build(tmp_path / "other.m3db", [{"text": "Quimby lies on the river Flent.", "source": "quimby"}])
+    with m3db.connect(other, read_only=True) as db:
+        db.pack(b)
+    s = ServerProcess([a, b], *TINY)
+    try:
+        with s.client() as c:
+            assert c.get("/v1/models").json()["data"][0]["id"] == "a+b"
+            found = c.post("/v1/memories/search", json={"query": "river Flent", "k": 4}).json()["data"]
+            assert found[0]["package"] == "b" and found[0]["document"] == "quimby"
+            assert {d["package"] for d in found} == {"a", "b"}
+            m = c.get(f"/v1/memories/{found[0]['id']}", params={"package": "b"}).json()
+            assert m["text"].startswith("Quimby") and m["package"] == "b"
+            error_of(c.get(f"/v1/memories/{found[0]['id']}"), 400)  # which package?
+            error_of(c.get("/v1/memories/0", params={"package": "zzz"}), 404)
+            r = c.post("/v1/chat/completions", json=dict(chat_body("Where is Quimby?", 8), model="a+b"))
+            assert r.status_code == 200, r.text
+            assert {m["package"] for m in r.json()["memories"]} <= {"a", "b"}
+            error_of(c.post("/v1/documents", json={"documents": [{"text": "x"}]}), 403)
+        assert s.stop() == 0
+    finally:
+        s.close()
+    # one package file alone serves too
+    s = ServerProcess([b], *TINY)
+    try:
+        with s.client() as c:
+            r = c.post("/v1/memories/search", json={"query": "river Flent", "k": 1}).json()["data"]
+            assert r[0]["document"] == "quimby" and "package" not in r[0]
+    finally:
+        s.stop()
+        s.close()
