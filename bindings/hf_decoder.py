@@ -101,11 +101,12 @@ class ReadState:
     """What m3db hands its attention function through transformers' kwargs for one forward.
 
     cache: the `KVCache` (None when encoding); plain_mask / memory_mask: bool
-    (B, 1, T, S) and (B, 1, T, M + S), True = may attend; stop_at: the layer after whose
-    q/k/v projections an encoding forward stops (its states are captured by then)."""
+    (B, 1, T, S) and (B, 1, T, M + S), True = may attend; plain_mask None means plain causal
+    attention (sdpa's faster is_causal path); stop_at: the layer after whose q/k/v projections
+    an encoding forward stops (its states are captured by then)."""
 
     cache: object | None
-    plain_mask: torch.Tensor
+    plain_mask: torch.Tensor | None
     memory_mask: torch.Tensor | None = None
     stop_at: int | None = None
 
@@ -133,8 +134,15 @@ def memory_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         key, value = state.cache[i].update(key, value)  # (B, kv, M + S, hs): memory slots, then context
         if i in state.cache.memory_layers and state.memory_mask is not None:
             mask = state.memory_mask
+    causal = mask is None and query.shape[2] > 1
     y = F.scaled_dot_product_attention(
-        query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, scale=scaling, enable_gqa=True
+        query,
+        key.to(query.dtype),
+        value.to(query.dtype),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scaling,
+        enable_gqa=True,
     )  # (B, nh, T, hs)
     return y.transpose(1, 2).contiguous(), None  # (B, T, nh, hs), as transformers' functions return
 
@@ -246,7 +254,10 @@ class HFDecoder:
 
             return hook
 
-        state = ReadState(cache=None, plain_mask=attention_mask(valid, valid, 0).to(self.device), stop_at=layers[-1])
+        # Padding is on the right, so under a causal mask no real token attends to it; what
+        # padding tokens compute is never read (the encoder scores real tokens only). Plain
+        # causal attention is therefore exact here, and sdpa's causal path is the fastest.
+        state = ReadState(cache=None, plain_mask=None, stop_at=layers[-1])
         with self.encode_lock:  # hooks live on shared modules: one encoding at a time
             try:
                 for i in layers:
