@@ -5,11 +5,12 @@ left-padded, and gives the same tokens as decoding each alone (tests/model/test_
 checks it). It shares one retriever, one sampling setting and one random stream across its
 rows, and a batch cannot take new rows once started. So requests are grouped by what a batch
 shares (memory mode, k, filter, temperature, top_p), up to `max_batch` per batch: the worker
-thread takes the oldest request's group from the queue, waits `window` seconds for companions
-when the queue is short, and decodes it. Requests arriving meanwhile queue for the next batch
-(static batching: a batch runs until its last row ends). Each row keeps its own max_tokens and
-stop strings: the batch runs to the longest max_tokens and a row that is done is no longer
-read. A sampled request with a `seed` decodes alone, so its seed reproduces its answer.
+thread takes the oldest request's group from the queue, waiting while more keep arriving (up
+to 0.1 s) when the queue is short, and decodes it. Requests arriving meanwhile queue for the
+next batch (static batching: a batch runs until its last row ends). Each row keeps its own
+max_tokens and stop strings: the batch runs to the longest max_tokens, a row that is done is
+no longer read, and its answer is sent as soon as it ends. A sampled request with a `seed`
+decodes alone, so its seed reproduces its answer.
 
 A full queue answers 429. A client that disconnects cancels its job; a batch whose rows are
 all done or cancelled stops at once. Imports: the model's generation loop (this module is
@@ -60,6 +61,7 @@ class Job:
         self.cancelled = False
         self.ids: list[int] = []
         self.text, self.sent, self.finish = "", 0, None
+        self.reported = False
         alone = temperature > 0 and seed is not None  # a seeded sample must not share a random stream
         self.key = (mode, k, json.dumps(where), json.dumps(params), temperature, top_p, id(self) if alone else None)
 
@@ -132,8 +134,9 @@ def held_back(text: str, stops) -> int:
 class Batcher:
     """The queue of generation jobs and the worker thread that decodes them in batches."""
 
-    def __init__(self, kb, *, max_batch: int = 8, max_queue: int = 64, window: float = 0.005):
-        self.kb, self.max_batch, self.max_queue, self.window = kb, max_batch, max_queue, window
+    def __init__(self, kb, *, max_batch: int = 8, max_queue: int = 64, window: float = 0.01, max_wait: float = 0.1):
+        self.kb, self.max_batch, self.max_queue = kb, max_batch, max_queue
+        self.window, self.max_wait = window, max_wait
         self.cv = threading.Condition()
         self.pending: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
@@ -186,7 +189,7 @@ class Batcher:
                     return
                 short = len(self.pending) < self.max_batch
             if short:
-                time.sleep(self.window)  # let requests sent together arrive together
+                self.gather()
             with self.cv:
                 if self.stopping:
                     return
@@ -202,6 +205,19 @@ class Batcher:
             finally:
                 with self.cv:
                     self.running = []
+
+    def gather(self) -> None:
+        """Let requests sent together arrive together: wait while more keep arriving (each
+        `window` seconds), at most `max_wait`, or until a batch is full. Tens of milliseconds
+        against seconds of decoding."""
+        deadline, seen = time.monotonic() + self.max_wait, -1
+        while time.monotonic() < deadline:
+            with self.cv:
+                n = len(self.pending)
+            if n >= self.max_batch or n == seen:
+                return
+            seen = n
+            time.sleep(self.window)
 
     def take(self) -> list[Job]:
         """The oldest job's group (up to max_batch, oldest first); cancelled jobs are dropped."""
@@ -250,8 +266,10 @@ class Batcher:
         tokenizer = model.tokenizer
         try:
             for out in steps:
-                for job, token in zip(batch, out):
+                for row, (job, token) in enumerate(zip(batch, out)):
                     job.step(token, tokenizer)
+                    if job.finish in ("stop", "length") and not job.reported:
+                        self.report(job, loop.chunks[row], used)
                 if all(job.finish for job in batch):
                     break
         except M3DBError as e:  # a recall failed mid-generation (the filter was checked before)
@@ -262,44 +280,43 @@ class Batcher:
         finally:
             steps.close()
             self.counts["tokens"] += sum(len(job.ids) for job in batch)
-        for job in batch:
+        for row, job in enumerate(batch):
             if job.finish is None:
                 job.end("length", tokenizer)
             if job.finish == "cancelled":
                 self.counts["cancelled"] += 1
-        self.report(batch, loop.results(), used)
+            elif not job.reported:
+                self.report(job, loop.chunks[row], used)
 
-    def report(self, batch: list[Job], results, used: dict) -> None:
-        """Each finished job's result: its text, finish reason, token counts and the memories it read."""
-        per_job = []
-        for job, gen in zip(batch, results):
-            ids = []
-            for c in gen.chunks:
-                # a row that ended before the batch did took no memories recalled after its end
-                if c.kind == "generated" and c.start > 0 and c.start >= len(job.ids):
-                    continue
-                ids.extend(c.memory_ids)
-            per_job.append([used[i] for i in dict.fromkeys(ids) if i in used])
-        refs = {(self.kb.package_of(m), m.document_id) for ms in per_job for m in ms}
-        names = self.kb.documents(refs) if refs else {}
-        for job, matches in zip(batch, per_job):
-            if job.finish not in ("stop", "length"):
+    def report(self, job: Job, chunks, used: dict) -> None:
+        """A finished job's result, sent as soon as its row ends (not when the batch does): its
+        text, finish reason, token counts and the memories it read (`chunks`: its row's
+        ChunkMemories in the loop)."""
+        job.reported = True
+        ids = []
+        for c in chunks:
+            # memories recalled after this row's last token (the batch ran on) were not read by it
+            if c.kind == "generated" and c.start > 0 and c.start >= len(job.ids):
                 continue
-            memories = []
-            for m in matches:
-                package = self.kb.package_of(m)
-                document, title = names.get((package, m.document_id), (None, None))
-                item = {"id": m.id, "document": document, "title": title, "text": m.text}
-                if package is not None:
-                    item["package"] = package
-                memories.append(item)
-            job.emit(
-                "done",
-                {
-                    "text": job.text,
-                    "finish_reason": job.finish,
-                    "prompt_tokens": len(job.prompt_ids),
-                    "completion_tokens": len(job.ids),
-                    "memories": memories,
-                },
-            )
+            ids.extend(c.memory_ids)
+        matches = [used[i] for i in dict.fromkeys(ids) if i in used]
+        refs = {(self.kb.package_of(m), m.document_id) for m in matches}
+        names = self.kb.documents(refs) if refs else {}
+        memories = []
+        for m in matches:
+            package = self.kb.package_of(m)
+            document, title = names.get((package, m.document_id), (None, None))
+            item = {"id": m.id, "document": document, "title": title, "text": m.text}
+            if package is not None:
+                item["package"] = package
+            memories.append(item)
+        job.emit(
+            "done",
+            {
+                "text": job.text,
+                "finish_reason": job.finish,
+                "prompt_tokens": len(job.prompt_ids),
+                "completion_tokens": len(job.ids),
+                "memories": memories,
+            },
+        )

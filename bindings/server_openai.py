@@ -222,7 +222,11 @@ class OpenAIEndpoints:
         model = await run_in_threadpool(self.srv.kb.model)
 
         def tokenize():
-            return [model.tokenizer.encode(model.tokenizer.apply_chat_template(messages, add_generation_prompt=True))]
+            try:
+                text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except ValueError as e:  # a model file without a chat template: completions still work
+                raise bad_request(f"{e}; use /v1/completions", "no_chat_template", "messages") from e
+            return [model.tokenizer.encode(text)]
 
         return await self.generate(request, body, model, tokenize, chat=True)
 

@@ -470,3 +470,35 @@ def test_several_packages_serve_together(tmp_path, kb):
     finally:
         s.stop()
         s.close()
+
+
+# -- the bundled model (slow) -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_bundled_model_served(tmp_path):
+    path = tmp_path / "kb.m3db"
+    with m3db.connect(path) as db:
+        db.add_documents(DOCS, progress=False)
+    s = ServerProcess([path], timeout=300)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", max_retries=0, api_key="unused", timeout=600)
+        whole = ask(client, "What is the capital city of Zorblax?", max_tokens=32)
+        assert whole.choices[0].message.content and whole.model_extra["memories"][0]["document"] == "zorblax.txt"
+        streamed = ask(client, "What is the capital city of Zorblax?", max_tokens=32, stream=True)
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole.choices[0].message.content
+        )
+        questions = ["What is the capital city of Zorblax?", "What is bread made from?", "Where is Berlin?"] * 3
+        together = post_all(s, [chat_body(q, 24) for q in questions])
+        with s.client() as c:
+            for q, t in zip(questions, together):
+                alone = c.post("/v1/chat/completions", json=chat_body(q, 24)).json()
+                assert t.json()["choices"][0]["message"] == alone["choices"][0]["message"]
+            assert c.get("/v1/server").json()["generation"]["largest_batch"] > 1
+        e = client.embeddings.create(model="kb", input=["capital of Zorblax"])
+        assert len(e.data[0].embedding) == 384 and e.usage.prompt_tokens > 2
+        assert s.stop() == 0
+    finally:
+        s.close()

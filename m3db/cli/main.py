@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 
 from ..database import connect
-from ..errors import InvalidInputError, M3DBError
+from ..errors import FormatError, InvalidInputError, M3DBError
+from ..storage.repair import repair
 from .serve import ARGUMENTS as SERVE_ARGUMENTS
 from .table import format_cell, format_table
 
@@ -77,11 +78,36 @@ def cmd_info(args) -> dict[str, object]:
     return info
 
 
-@command("check", "verify every checksum, and the index against the catalog", "m3db check kb.m3db")
+@command(
+    "check",
+    "verify every checksum, and the index against the catalog; --repair rebuilds a lost or damaged catalog",
+    "m3db check kb.m3db --repair",
+    arguments=[
+        (
+            ("--repair",),
+            dict(
+                action="store_true",
+                help="when the catalog is missing or cannot be read, rebuild it from the segments' records "
+                "(the old one is moved aside, never deleted), then check",
+            ),
+        )
+    ],
+)
 def cmd_check(args) -> dict[str, object]:
-    with connect(args.path, read_only=True) as db:
+    repaired = None
+    try:
+        db = connect(args.path, read_only=True)
+    except FormatError as e:
+        if not args.repair or not os.path.isdir(args.path) or "catalog" not in str(e):
+            raise
+        _say(f"{e}\nrebuilding the catalog from the segments ...")
+        repaired = repair(args.path)
+        db = connect(args.path)  # a writable open rebuilds the vector index from the new catalog
+    with db:
         report = db.check()
     out = {"ok": report.ok, "checked": report.checked, "problems": report.problems}
+    if repaired is not None:
+        out["repaired"] = repaired
     if not report.ok:
         _emit(out, args)
         raise SystemExit(1)
@@ -401,7 +427,7 @@ def cmd_ask(args) -> dict[str, object] | None:
         "sources": [{"id": s.id, "document": s.document, "text": s.text} for s in answer.sources],
     }
     if not args.json:
-        shown = out["answer"] or f"(no answer: the model ended its turn at once, finish_reason={answer.finish_reason!r})"
+        shown = out["answer"] or f"(no answer: the model ended its turn at once; finish_reason={answer.finish_reason})"
         print(f"Q: {out['question']}\nA: {shown}\n\nmemories used ({answer.mode}):")
         for s in out["sources"]:
             print(f"  #{s['id']}  [{s['document']}]  {format_cell(s['text'], 110)}")
