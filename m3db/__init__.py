@@ -34,6 +34,7 @@ from .search.results import Match, Matches
 from .sql.rows import Rows
 from .storage.codec import CODECS, Codec
 from .storage.record import Memory
+from .storage.repair import repair
 from .storage.spec import MemorySpec
 from .version import __version__
 
@@ -58,6 +59,7 @@ __all__ = [
     "NotFoundError",
     "PackageSet",
     "QueryError",
+    "repair",
     "ReadOnlyError",
     "Rows",
     "Source",

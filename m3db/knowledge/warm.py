@@ -10,7 +10,7 @@ record format.
 
 from ..errors import InvalidInputError, SpecMismatchError
 from ..progress import progress_bar
-from ..storage.record import decode_record, encode_record
+from ..storage.record import REPAIR_FIELDS, decode_record, encode_record
 
 
 def warm(db, memories, *, cache=True) -> dict:
@@ -30,8 +30,19 @@ def warm(db, memories, *, cache=True) -> dict:
         keys, values, positions = store.spec.check_arrays(e["keys"], e["values"], e["positions"])
         store.codec.check(keys), store.codec.check(values)
         token_count = m.token_count if m.token_count is not None else int(e["token_count"])
+        cold = store.read_payload(m.id)  # its embedding, commit and document go on into the new record
         blob = encode_record(
-            m.id, store.codec, keys, values, positions, m.text, m.metadata, m.document_id, m.ordinal, token_count
+            m.id,
+            store.codec,
+            keys,
+            values,
+            positions,
+            m.text,
+            m.metadata,
+            m.document_id,
+            m.ordinal,
+            token_count,
+            repair={key: cold[key] for key in REPAIR_FIELDS if key in cold},
         )
         blobs.append(blob)
         warmed[m.id] = decode_record(blob, f"memory {m.id}")

@@ -67,6 +67,10 @@ MAX_JSON_DEPTH = 64  # nesting of a metadata value: deeper is a mistake, and rea
 
 # what DuckDB raises; the layers above catch it by this name (only this module imports duckdb)
 CATALOG_ERRORS = (duckdb.Error,)
+REPAIR_HINT = (
+    ". If the file is damaged, rebuild it from the segments with `m3db check --repair` (the damaged file is "
+    "kept aside), or restore catalog.duckdb from a backup"
+)
 
 
 def damaged(path, e) -> FormatError:
@@ -74,7 +78,8 @@ def damaged(path, e) -> FormatError:
     checksums, so a flipped byte fails a read rather than giving a wrong row)."""
     return FormatError(
         f"the catalog {path!r} cannot be read ({_first_line(e)}): the file is damaged. Nothing was changed; "
-        "restore catalog.duckdb from a backup, or rebuild the knowledge base from its package or sources"
+        "rebuild it from the segments with `m3db check --repair` (the damaged file is kept aside), or restore "
+        "catalog.duckdb from a backup"
     )
 
 
@@ -168,9 +173,9 @@ class Catalog:
                     f"the catalog {path!r} is open in another process ({msg.splitlines()[0]}). DuckDB allows one "
                     "writing process, or many read_only=True processes, never both"
                 ) from e
-            raise FormatError(f"cannot open the catalog {path!r}: {msg}") from e
+            raise FormatError(f"cannot open the catalog {path!r}: {msg}{REPAIR_HINT}") from e
         except duckdb.Error as e:
-            raise FormatError(f"cannot open the catalog {path!r}: {e}") from e
+            raise FormatError(f"cannot open the catalog {path!r}: {e}{REPAIR_HINT}") from e
         self.path = path
         self._columns = None
 

@@ -1,4 +1,5 @@
-"""Durability on disk: fsync of a path (a file, or a directory after a create/rename/remove)."""
+"""Durability on disk: fsync of a path (a file, or a directory after a create/rename/remove), and
+small files replaced whole (written aside, fsynced, renamed over)."""
 
 import os
 
@@ -9,3 +10,14 @@ def fsync_path(path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path, text: str) -> None:
+    """Write a small text file atomically: a crash leaves the old file or none, never half."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))

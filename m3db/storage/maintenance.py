@@ -47,6 +47,8 @@ def check(store) -> CheckReport:
     damaged = store.index.verify_file()
     if damaged:
         problems.append(damaged)
+    if store.spec_file() not in (None, store.catalog.meta()["spec"]):
+        problems.append("spec.json differs from the catalog's spec (repair would use it); a writable open rewrites it")
     if not np.array_equal(store.locations.ids, uniq):
         problems.append("the in-memory location table differs from the catalog")
     return CheckReport(len(ids), problems)
@@ -79,10 +81,15 @@ def compact(store) -> dict:
             raise
         raise rolled_back(e, "compact()") from e
     store.locations.move(ids, new_seg, new_off)
+    removed = 0
     for n in old:
         # committed: the old segments are garbage now. One that cannot be removed (a permission,
         # an I/O error) is harmless and the next writable open removes it: compact still succeeded
         with contextlib.suppress(OSError):
             segments.remove(n)
+            removed += 1
+    if removed == len(old):  # no segment holds a forgotten record now: repair needs no log
+        with contextlib.suppress(OSError):
+            store.forgotten.clear()
     after = sum(segments.size(n) for n in segments.numbers())
     return {"bytes_before": before, "bytes_after": after}

@@ -1,7 +1,8 @@
 """The store: the storage of one open database, opened, recovered, read and closed.
 
 A database directory holds `catalog.duckdb` (catalog.py), `segments/NNNNNN.seg` (segment.py),
-`index.usearch` + `index.state` (index.py) and `lock` (lock.py). A store owns them all, plus
+`index.usearch` + `index.state` (index.py), `lock` (lock.py), and for repair (repair.py)
+`spec.json` and `forgotten.log` (forgotten.py). A store owns them all, plus
 the in-RAM location table (locations.py) and the decoded-memory cache (memcache.py).
 
 Opening is recovery: bytes in segments past the last committed record are garbage of a killed
@@ -22,15 +23,18 @@ import numpy as np
 from ..errors import FormatError, InvalidInputError, NotFoundError
 from .catalog import CATALOG_ERRORS, Catalog, damaged
 from .codec import codec_class
+from .durable import replace_file
+from .forgotten import ForgottenLog
 from .index import INDEX_FILE, STATE_FILE, VectorIndex
 from .locations import LocationTable
 from .lock import DatabaseLock
 from .memcache import MemoryCache
-from .record import Memory, decode_record
+from .record import Memory, decode_record, read_payload
 from .segment import DEFAULT_SEGMENT_SIZE, SegmentStore, segment_name
 from .spec import MemorySpec
 
 CATALOG_FILE = "catalog.duckdb"
+SPEC_FILE = "spec.json"  # the catalog's spec, written once: what repair rebuilds the catalog with
 SEGMENTS_DIR = "segments"
 DEFAULT_CACHE_BYTES = 256 << 20
 # save the index once this many changes (or a quarter of its size) are unsaved: a crash then
@@ -53,8 +57,9 @@ def require_catalog_if_data(directory: str) -> None:
     if found:
         raise FormatError(
             f"{os.path.join(directory, CATALOG_FILE)} is missing, but {SEGMENTS_DIR}/ holds {len(found)} segment "
-            "file(s) of memories. Nothing was changed: restore catalog.duckdb from a backup or a package, or move "
-            f"the directory away to start a new database there"
+            "file(s) of memories. Nothing was changed: rebuild it from them with `m3db check --repair` (or "
+            "m3db.repair(path)), restore catalog.duckdb from a backup, or move the directory away to start a new "
+            "database there"
         )
 
 
@@ -101,6 +106,11 @@ class Store:
         if spec is not None:
             stored.require_same(spec)
         self.spec = stored
+        if not self.read_only and self.spec_file() != meta["spec"]:
+            # the spec outside the catalog too (a missing or damaged copy is written again): repair
+            # rebuilds a lost catalog from it and the records
+            replace_file(os.path.join(self.directory, SPEC_FILE), meta["spec"])
+        self.forgotten = ForgottenLog(self.directory)
         # trained codecs (a later issue) keep their parameters in the catalog's `codecs` table
         codec_cls = codec_class(stored.codec)
         self.codec = codec_cls.from_params(self.catalog.codec_params(codec_cls.name, codec_cls.version))
@@ -117,6 +127,14 @@ class Store:
         self.index = VectorIndex(stored.embedding_dim, self.directory, read_only=self.read_only)
         self._catch_up_index()
         self.cache = MemoryCache(self.config.get("cache_bytes", DEFAULT_CACHE_BYTES))
+
+    def spec_file(self) -> str | None:
+        """The text of `spec.json`, or None when it cannot be read."""
+        try:
+            with open(os.path.join(self.directory, SPEC_FILE), encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def _recover_segments(self):
         """Cut bytes past the last committed record; drop segments nothing points at."""
@@ -173,6 +191,12 @@ class Store:
         if arrays and not memory.cold:
             self.cache.put(memory)
         return memory
+
+    def read_payload(self, memory_id) -> dict:
+        """The checked payload map of a memory's record (what re-encoding it must carry over)."""
+        segment, offset, length, checksum = self.locations.find(int(memory_id))
+        where = f"memory {memory_id} ({segment_name(segment)} @ {offset})"
+        return read_payload(self.segments.read(segment, offset, length), where, expect_crc=checksum)
 
     # -- the index, a cache of the catalog -------------------------------------------------------
 

@@ -60,6 +60,7 @@ class PendingBatch:
     documents: list = dataclasses.field(default_factory=list)  # [{"id", "source", "title", "uri", "metadata"}]
     forget: list = dataclasses.field(default_factory=list)  # [memory id]
     ids: set = dataclasses.field(default_factory=set)  # ids taken by rows of this batch
+    forgotten_mark: int | None = None  # the forgotten log's size before this commit's frame
 
 
 def payload_crc(blob: bytes) -> int:
@@ -254,11 +255,13 @@ class Writer:
         seq = store.commit_seq + 1
         try:
             store.segments.sync()
+            if p.forget:  # before the catalog: a committed forget is always in the log (repair reads it)
+                p.forgotten_mark = store.forgotten.append(seq, p.forget)
             store.catalog.begin()
             for doc in p.documents:
                 store.catalog.insert_document(doc)
             if p.rows:
-                self._insert_rows(p.rows, seq)
+                insert_rows(store.catalog, p.rows, seq)
             if p.forget:
                 store.catalog.delete_memories(p.forget, seq)
             store.catalog.set_meta("commit_seq", seq)
@@ -287,41 +290,6 @@ class Writer:
             store.index.remove(p.forget)
         store.index_changed(len(p.rows) + len(p.forget))
 
-    def _insert_rows(self, rows, seq):
-        catalog = self.store.catalog
-        columns = catalog.columns()
-        for key in sorted({k for r in rows for k, t in r.types.items() if t}):
-            if key not in columns:
-                catalog.add_metadata_column(key, widest([r.types[key] for r in rows if r.types.get(key)]))
-        columns = catalog.columns()
-        emb = np.empty(len(rows), dtype=object)
-        for i, r in enumerate(rows):
-            emb[i] = r.embedding
-        batch = {
-            "id": np.array([r.id for r in rows], dtype=np.int64),
-            "document_id": _nullable([r.document_id for r in rows]),
-            "ordinal": _nullable([r.ordinal for r in rows]),
-            "char_start": _nullable([r.char_start for r in rows]),
-            "char_end": _nullable([r.char_end for r in rows]),
-            "text": np.array([r.text for r in rows], dtype=object),
-            "token_count": _nullable([r.token_count for r in rows]),
-            "embedding": emb,
-            "segment": np.array([r.segment for r in rows], dtype=np.int32),
-            "offset": np.array([r.offset for r in rows], dtype=np.int64),
-            "length": np.array([r.length for r in rows], dtype=np.int32),
-            "checksum": np.array([r.checksum for r in rows], dtype=np.uint64),
-            "codec": np.array([r.codec for r in rows], dtype=object),
-            "commit_seq": np.full(len(rows), seq, dtype=np.int64),
-        }
-        # a key whose values are all None so far has no column yet (no type to give it): its
-        # Nones live in the records; the column comes with the key's first typed value
-        for key in sorted({k for r in rows for k in r.metadata} & set(columns)):
-            values = [r.metadata.get(key) for r in rows]
-            if columns.get(key) == "JSON":
-                values = [None if v is None else json.dumps(v) for v in values]
-            batch[key] = _nullable(values, float if columns.get(key) == "DOUBLE" else None)
-        catalog.insert_memories(batch)
-
     def abort(self) -> None:
         """Undo the open batch. Never raises an I/O error of its own: it runs while another one
         is on its way out, and bytes it cannot cut are harmless (nothing points at them; the
@@ -331,6 +299,9 @@ class Writer:
         self._next_doc_id = None
         with contextlib.suppress(OSError):
             self.store.segments.rollback_to(self.pending.mark)
+        if self.pending.forgotten_mark is not None:
+            with contextlib.suppress(OSError):  # a frame left names a forget asked for: see forgotten.py
+                self.store.forgotten.truncate(self.pending.forgotten_mark)
 
     def relocate(self, ids: list[int], blobs: list[bytes], codec_name: str) -> None:
         """Point committed memories at new records (a cold memory's first encoding): append and
@@ -354,6 +325,43 @@ class Writer:
                 raise
             raise rolled_back(e, "storing the encoded memories") from e
         store.locations.move(ids, segments, offsets, lengths, checksums)
+
+
+def insert_rows(catalog, rows, seq) -> None:
+    """Insert staged rows into the catalog (inside its open transaction), adding a column for
+    each new metadata key. `seq`: the commit number of every row, or one per row (repair)."""
+    columns = catalog.columns()
+    for key in sorted({k for r in rows for k, t in r.types.items() if t}):
+        if key not in columns:
+            catalog.add_metadata_column(key, widest([r.types[key] for r in rows if r.types.get(key)]))
+    columns = catalog.columns()
+    emb = np.empty(len(rows), dtype=object)
+    for i, r in enumerate(rows):
+        emb[i] = r.embedding
+    batch = {
+        "id": np.array([r.id for r in rows], dtype=np.int64),
+        "document_id": _nullable([r.document_id for r in rows]),
+        "ordinal": _nullable([r.ordinal for r in rows]),
+        "char_start": _nullable([r.char_start for r in rows]),
+        "char_end": _nullable([r.char_end for r in rows]),
+        "text": np.array([r.text for r in rows], dtype=object),
+        "token_count": _nullable([r.token_count for r in rows]),
+        "embedding": emb,
+        "segment": np.array([r.segment for r in rows], dtype=np.int32),
+        "offset": np.array([r.offset for r in rows], dtype=np.int64),
+        "length": np.array([r.length for r in rows], dtype=np.int32),
+        "checksum": np.array([r.checksum for r in rows], dtype=np.uint64),
+        "codec": np.array([r.codec for r in rows], dtype=object),
+        "commit_seq": np.broadcast_to(np.asarray(seq, dtype=np.int64), (len(rows),)).copy(),
+    }
+    # a key whose values are all None so far has no column yet (no type to give it): its
+    # Nones live in the records; the column comes with the key's first typed value
+    for key in sorted({k for r in rows for k in r.metadata} & set(columns)):
+        values = [r.metadata.get(key) for r in rows]
+        if columns.get(key) == "JSON":
+            values = [None if v is None else json.dumps(v) for v in values]
+        batch[key] = _nullable(values, float if columns.get(key) == "DOUBLE" else None)
+    catalog.insert_memories(batch)
 
 
 def _nullable(values, cast=None):

@@ -1,0 +1,78 @@
+"""The forgotten log: which memories were forgotten, by which commit, outside the catalog.
+
+A forgotten memory's record stays in its segment until compact() rewrites the segments; the
+catalog alone says it is gone. If the catalog is lost, repair (repair.py) rebuilds it from the
+records, and this log is how it knows which of them were forgotten (a record carries its
+commit number, so an id forgotten and later added again is told apart).
+
+Each forget commit appends one frame, fsynced before the catalog commits:
+    u32 payload length | u32 crc32(payload) | msgpack {"seq": commit, "ids": [id, ...]}
+A torn or damaged frame ends the log (everything after it is ignored). A rolled-back forget
+cuts its frame again; if that fails, the frame names a forget that never committed, and
+repair drops those memories (what was being asked for anyway). compact() empties the log once
+no segment holds a forgotten record. Imports: errors, durable.
+"""
+
+import os
+import struct
+import zlib
+
+import msgpack
+
+from ..errors import FormatError
+from .durable import fsync_path
+
+FORGOTTEN_FILE = "forgotten.log"
+FRAME = struct.Struct("<II")
+MAX_FRAME = 64 << 20
+
+
+class ForgottenLog:
+    def __init__(self, directory):
+        self.path = os.path.join(directory, FORGOTTEN_FILE)
+
+    def append(self, seq: int, ids) -> int:
+        """Append one commit's forgotten ids, durably; return the size before (the rollback mark)."""
+        payload = msgpack.packb({"seq": int(seq), "ids": [int(i) for i in ids]})
+        created = not os.path.exists(self.path)
+        with open(self.path, "ab") as f:
+            mark = f.seek(0, os.SEEK_END)
+            f.write(FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            fsync_path(os.path.dirname(self.path))
+        return mark
+
+    def truncate(self, mark: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.truncate(mark)
+            os.fsync(f.fileno())
+
+    def clear(self) -> None:
+        if os.path.exists(self.path):
+            self.truncate(0)
+
+    def read(self) -> dict[int, int]:
+        """{memory id: the last commit that forgot it}; a damaged tail is ignored."""
+        out = {}
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return out
+        pos = 0
+        while pos + FRAME.size <= len(data):
+            length, crc = FRAME.unpack_from(data, pos)
+            payload = data[pos + FRAME.size : pos + FRAME.size + length]
+            if length > MAX_FRAME or len(payload) != length or zlib.crc32(payload) != crc:
+                break  # a torn append (a crash, a full disk): nothing after it committed
+            try:
+                entry = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+                seq, ids = int(entry["seq"]), [int(i) for i in entry["ids"]]
+            except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+                raise FormatError(f"{self.path}: a frame at byte {pos} has a valid checksum but is malformed") from e
+            for i in ids:
+                out[i] = max(seq, out.get(i, -1))
+            pos += FRAME.size + length
+        return out

@@ -1,0 +1,215 @@
+"""Repair: rebuild a lost or damaged catalog from the records in the segments.
+
+The catalog is the only place that says which record bytes are live. When it is deleted or its
+blocks are damaged, the records still describe themselves: each carries its id, text, metadata,
+document (source, title, uri, metadata), embedding and commit number (record.py's repair
+fields), and `forgotten.log` says which ids later commits forgot. `spec.json` holds the spec.
+
+`repair(path)`:
+1. takes the database's write lock (nobody else may have it open);
+2. moves the old catalog aside as `catalog.duckdb.damaged-N` (never deleted: it may hold what
+   a person wants to recover by hand) and removes the index files (a cache);
+3. reads every segment from front to back; a damaged stretch is skipped to the next record
+   whose frame checks out, and counted;
+4. keeps, per id, the record of the latest commit (and of those, the last written: a cold
+   memory's encoded record follows its text-only one), unless the forgotten log says a later
+   or equal commit forgot it;
+5. writes a new catalog with those memories and their documents, in one transaction.
+The next open rebuilds the vector index from the new catalog, as after any index loss.
+
+Records written before repair fields existed lack the embedding: an `embedder` (with the
+spec's fingerprint) embeds their text again, or repair refuses and changes nothing. A memory
+whose commit was cut short by a crash between its fsync and its catalog commit comes back:
+its bytes were whole, and nothing else tells it from a committed one; so does one of a commit
+that failed and whose bytes could not be cut (a disk that stayed full: see writer.py's abort).
+Imports: storage modules only.
+"""
+
+import os
+
+import numpy as np
+
+from ..errors import FormatError, InvalidInputError
+from .catalog import Catalog, metadata_sql_type
+from .forgotten import ForgottenLog
+from .index import INDEX_FILE, STATE_FILE
+from .lock import DatabaseLock
+from .record import HEADER_SIZE, MAGIC, read_header, read_payload
+from .segment import HEADER_SIZE as SEGMENT_HEADER_SIZE
+from .segment import SegmentStore, segment_name
+from .spec import MemorySpec
+from .store import CATALOG_FILE, SEGMENTS_DIR, SPEC_FILE
+from .writer import COLD, MemoryRow, insert_rows, payload_crc
+
+
+def repair(path, *, embedder=None) -> dict[str, int | str]:
+    """Rebuild the catalog of the database at `path` from its segments; return what was found:
+    memories, documents, records read, superseded (older records of an id), forgotten, damaged
+    stretches skipped, re-embedded, and `moved_aside` (where the old catalog went, or "")."""
+    directory = os.fspath(path)
+    spec_path = os.path.join(directory, SPEC_FILE)
+    if not os.path.isdir(os.path.join(directory, SEGMENTS_DIR)):
+        raise FormatError(f"{directory!r} has no {SEGMENTS_DIR}/ folder: there is nothing to rebuild a catalog from")
+    try:
+        with open(spec_path) as f:
+            spec = MemorySpec.from_json(f.read())
+    except FileNotFoundError:
+        raise FormatError(
+            f"{spec_path!r} is missing: this database was written before m3db kept its spec beside the catalog, or "
+            "the file was deleted. Restore catalog.duckdb from a backup or rebuild the knowledge base from its sources"
+        ) from None
+    if embedder is not None and getattr(embedder, "fingerprint", None) != spec.embedder_fingerprint:
+        raise InvalidInputError(
+            f"the embedder's fingerprint {getattr(embedder, 'fingerprint', None)!r} is not the database's "
+            f"{spec.embedder_fingerprint!r}: pass the embedder the database was built with"
+        )
+    lock = DatabaseLock(directory, read_only=False)
+    try:
+        return _rebuild(directory, spec, embedder)
+    finally:
+        lock.release()
+
+
+def _rebuild(directory, spec, embedder):
+    segments = SegmentStore(os.path.join(directory, SEGMENTS_DIR), read_only=True)
+    try:
+        latest, counts = _scan(segments)
+    finally:
+        segments.close()
+    forgotten = ForgottenLog(directory).read()
+    live = {i: r for i, r in latest.items() if forgotten.get(i, -1) < r["payload"].get("seq", 0)}
+    counts["forgotten"] = len(latest) - len(live)
+    missing = [i for i, r in live.items() if "embedding" not in r["payload"]]
+    if missing and embedder is None:
+        raise FormatError(
+            f"{len(missing)} record(s) (e.g. memory {missing[0]}) were written before records carried their "
+            "embedding: pass embedder= (the one the database was built with) to embed their text again. "
+            "Nothing was changed"
+        )
+    vectors = {}
+    if missing:
+        embedded = np.asarray(embedder.embed([live[i]["payload"]["text"] for i in missing]), dtype=np.float32)
+        vectors = dict(zip(missing, embedded))
+    counts["re_embedded"] = len(missing)
+    rows, seqs, documents = [], [], {}
+    for i in sorted(live):
+        record = live[i]
+        d = record["payload"]
+        doc = d.get("document")
+        document_id = d.get("document_id")
+        if document_id is not None and isinstance(doc, dict) and doc.get("source") is not None:
+            documents.setdefault(int(document_id), dict(doc, id=int(document_id)))
+        elif document_id is not None:
+            document_id = None  # an older record names a document it cannot describe
+        embedding = vectors[i] if i in vectors else np.frombuffer(d["embedding"], dtype="<f4").copy()
+        if embedding.shape != (spec.embedding_dim,):
+            raise FormatError(
+                f"memory {i}: its record's embedding has {embedding.size} values, the spec says {spec.embedding_dim}"
+            )
+        metadata = d.get("metadata") or {}
+        rows.append(
+            MemoryRow(
+                id=i,
+                document_id=document_id,
+                ordinal=d.get("ordinal"),
+                text=d["text"],
+                char_start=d.get("char_start"),
+                char_end=d.get("char_end"),
+                codec=COLD if d.get("cold") else d["codec"],
+                token_count=d.get("token_count"),
+                embedding=embedding,
+                segment=record["segment"],
+                offset=record["offset"],
+                length=record["length"],
+                checksum=record["checksum"],
+                metadata=metadata,
+                types={key: metadata_sql_type(key, value) for key, value in metadata.items()},
+            )
+        )
+        seqs.append(int(d.get("seq", 0)))
+    moved = _move_aside(directory)
+    catalog = Catalog(os.path.join(directory, CATALOG_FILE))
+    try:
+        catalog.create(spec.to_json(), spec.embedding_dim)
+        catalog.begin()
+        sources = set()
+        for doc in sorted(documents.values(), key=lambda doc: doc["id"]):
+            if doc["source"] in sources:  # two ids claim one source: only the first keeps it
+                continue
+            sources.add(doc["source"])
+            catalog.insert_document(doc)
+        if rows:
+            insert_rows(catalog, rows, np.array(seqs, dtype=np.int64))
+        last = max(seqs + list(forgotten.values()) + [0])
+        catalog.set_meta("commit_seq", last)
+        catalog.set_meta("next_id", max(list(live) + list(forgotten) + [-1]) + 1)
+        catalog.commit()
+        catalog.checkpoint()
+    finally:
+        catalog.close()
+    counts.update(memories=len(rows), documents=len(sources), moved_aside=moved)
+    return counts
+
+
+def _scan(segments):
+    """{id: the latest record of it} and counts, reading every segment front to back."""
+    latest, counts = {}, {"records": 0, "superseded": 0, "damaged": 0}
+    for number in segments.numbers():
+        try:
+            data = segments.read(number, SEGMENT_HEADER_SIZE, segments.size(number) - SEGMENT_HEADER_SIZE)
+        except FormatError:
+            counts["damaged"] += 1  # a segment whose own header is damaged: none of it can be trusted
+            continue
+        pos = 0
+        while pos + HEADER_SIZE <= len(data):
+            where = f"{segment_name(number)} @ {pos + SEGMENT_HEADER_SIZE}"
+            try:
+                _, length, _ = read_header(data[pos : pos + HEADER_SIZE], where)
+                blob = data[pos : pos + HEADER_SIZE + length]
+                payload = read_payload(blob, where)
+                mid = int(payload["id"])
+            except (FormatError, KeyError, TypeError, ValueError):
+                counts["damaged"] += 1
+                nxt = data.find(MAGIC, pos + 1)  # on to the next frame that checks out
+                if nxt < 0:
+                    break
+                pos = nxt
+                continue
+            counts["records"] += 1
+            record = {
+                "payload": payload,
+                "segment": number,
+                "offset": pos + SEGMENT_HEADER_SIZE,
+                "length": len(blob),
+                "checksum": payload_crc(blob),
+            }
+            old = latest.get(mid)
+            if old is not None:
+                counts["superseded"] += 1
+                if old["payload"].get("seq", 0) > payload.get("seq", 0):
+                    record = old  # a later commit's record was written earlier (compact copies keep order)
+            latest[mid] = record
+            pos += HEADER_SIZE + length
+    return latest, counts
+
+
+def _move_aside(directory) -> str:
+    """Move the old catalog (and its WAL) aside, and remove the index files; return the new name."""
+    for name in (INDEX_FILE, STATE_FILE):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            os.remove(path)
+    catalog = os.path.join(directory, CATALOG_FILE)
+    if not os.path.exists(catalog):
+        wal = catalog + ".wal"
+        if os.path.exists(wal):
+            os.remove(wal)  # a WAL without its database file is nothing DuckDB can use
+        return ""
+    n = 1
+    while os.path.exists(f"{catalog}.damaged-{n}"):
+        n += 1
+    aside = f"{catalog}.damaged-{n}"
+    os.replace(catalog, aside)
+    if os.path.exists(catalog + ".wal"):
+        os.replace(catalog + ".wal", aside + ".wal")
+    return os.path.basename(aside)
