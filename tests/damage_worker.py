@@ -4,6 +4,7 @@ Run by tests/test_damage.py in a subprocess of its own, so a crash (a signal) or
 the test instead of killing pytest. Usage: damage_worker.py PATH EXPECTED_JSON
 EXPECTED_JSON: {"ids": [all memory ids], "query": [vector], "top": [exact top-5 ids]}.
 Outcomes: "correct" (every answer equals the undamaged one), "error" (a clean m3db error),
+"rebuilt" (the error named `m3db check --repair`, and after it every answer is correct),
 "wrong" (an answer differs and nothing said so), "raw" (a non-m3db exception).
 """
 
@@ -33,17 +34,31 @@ def use(path, expected, read_only):
         return ("correct", "") if report.ok else ("error", "check: " + "; ".join(report.problems)[:300])
 
 
+def judged(fn, *args):
+    try:
+        return fn(*args)
+    except m3db.M3DBError as e:
+        return "error", f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - the very thing this worker reports
+        return "raw", f"{type(e).__module__}.{type(e).__name__}: {e}"
+
+
+def repaired(path, expected):
+    """What `m3db check --repair` does for a catalog that cannot be opened: rebuild, then use."""
+    m3db.repair(path)
+    outcome, detail = use(path, expected, False)
+    return ("rebuilt", "") if outcome == "correct" else (outcome, f"after repair: {detail}")
+
+
 def main():
     path, expected = sys.argv[1], json.loads(sys.argv[2])
     outcomes = []
     for read_only in (True, False) if not path.endswith(".m3kb") else (True,):
-        try:
-            outcomes.append(use(path, expected, read_only))
-        except m3db.M3DBError as e:
-            outcomes.append(("error", f"{type(e).__name__}: {str(e)[:300]}"))
-        except Exception as e:  # noqa: BLE001 - the very thing this worker reports
-            outcomes.append(("raw", f"{type(e).__module__}.{type(e).__name__}: {str(e)[:300]}"))
-    print(json.dumps(outcomes))
+        outcomes.append(judged(use, path, expected, read_only))
+    last, detail = outcomes[-1]
+    if not path.endswith(".m3kb") and last == "error" and "catalog" in detail and "repair" in detail:
+        outcomes.append(judged(repaired, path, expected))  # the error named the repair: it must work
+    print(json.dumps([(outcome, detail[:300]) for outcome, detail in outcomes]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The damage sweep (SQLite's way): every file of a closed database and a package is flipped,
 zeroed, truncated, deleted or swapped with another database's, then opened and used in a
 subprocess (tests/damage_worker.py). Each trial must end correct (every answer equal to the
-undamaged one) or with a clean m3db error: never a crash, a hang, a raw exception or a wrong
+undamaged one), with a clean m3db error, or rebuilt (an error that names `m3db check --repair`,
+after which every answer is correct): never a crash, a hang, a raw exception or a wrong
 answer. A few trials per file by default; M3DB_SLOW=1 runs many more."""
 
 import collections
@@ -21,7 +22,15 @@ import m3db
 HERE = os.path.dirname(os.path.abspath(__file__))
 SLOW = os.environ.get("M3DB_SLOW") == "1"
 N = 60
-FILES = ("catalog.duckdb", "index.usearch", "index.state", "segments/000001.seg", "lock")
+FILES = (
+    "catalog.duckdb",
+    "index.usearch",
+    "index.state",
+    "segments/000001.seg",
+    "lock",
+    "spec.json",
+    "forgotten.log",
+)
 
 
 def build(path, seed):
@@ -100,7 +109,7 @@ def sweep(originals, tmp_path, trials):
             damage(path / target, how, rng, other=root / "other" / target)
         for outcome, detail in run_worker(path, expected, trial / "cache"):
             counts[(target, how, outcome)] += 1
-            if outcome not in ("correct", "error"):
+            if outcome not in ("correct", "error", "rebuilt"):
                 bad.append(f"{target} {how}: {outcome}: {detail}")
     return counts, bad
 
