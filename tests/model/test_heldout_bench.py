@@ -1,0 +1,81 @@
+"""bench/heldout.py: its evaluation templates are held out from the reader adapter's training
+data, its questions are answerable only from their entry, and its metrics are right."""
+
+import ast
+import importlib.util
+import os
+import random
+import re
+import sys
+
+import pytest
+
+np = pytest.importorskip("numpy")
+pytest.importorskip("torch")
+
+from m3db.model import train_data  # noqa: E402
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "heldout.py")
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    spec = importlib.util.spec_from_file_location("heldout_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fixed_pieces(template: str) -> list[str]:
+    """The template's own wording: the text between its {fields}."""
+    return [p for p in re.split(r"\{\w+\}", template) if p.strip()]
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    w = re.findall(r"\w+", text.casefold())
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+
+def training_wording() -> list[str]:
+    """Every string literal of model/train_data.py (f-strings' constant parts included), and
+    rendered training references and questions."""
+    with open(train_data.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    out = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    rng = random.Random(0)
+    for _ in range(20):
+        p = train_data.invented_person(rng)
+        out.append(train_data.person_reference(p))
+        out += [" ".join(q) for q in train_data.person_questions(p)]
+    return out
+
+
+def test_no_evaluation_template_shares_three_words_with_training(heldout):
+    train = set().union(*(ngrams(t, 3) for t in training_wording()))
+    assert ("was", "born", "in") in train  # the check sees training's wording
+    for fam, (_, text, questions) in heldout.FAMILIES.items():
+        for template in [text] + [t for q in questions for t in q[:2]]:
+            for piece in fixed_pieces(template):
+                shared = ngrams(piece, 3) & train
+                assert not shared, (fam, piece, shared)
+
+
+def test_questions_are_answerable_only_from_their_entry(heldout):
+    entries, questions = heldout.build(3, 2, seed=5)
+    assert len(entries) == 3 * len(heldout.FAMILIES) and len(questions) == 2 * len(entries)
+    for q in questions:
+        assert q.answer in q.entry
+        assert sum(q.answer in e for e in entries) == 1, q  # no other entry holds the answer
+        assert q.answer not in q.question and q.answer not in q.lead
+    assert heldout.build(3, 2, seed=5) == (entries, questions)  # seeded
+    assert heldout.build(3, 2, seed=6)[0] != entries
+
+
+def test_exact_match_and_bootstrap(heldout):
+    assert heldout.exact_match("It was launched on 4 May 1820, at dawn.", "4 May 1820")
+    assert not heldout.exact_match("It was launched on 14 May 1820.", "4 May 1820")
+    assert heldout.exact_match("Set up by Hyolt VASKAN.", "Hyolt Vaskan")
+    m, lo, hi = heldout.bootstrap(np.array([0.0, 1.0] * 50))
+    assert m == 0.5 and 0.35 < lo < 0.5 < hi < 0.65
+    assert heldout.bootstrap(np.zeros(10)) == (0.0, 0.0, 0.0)
