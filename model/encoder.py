@@ -43,6 +43,75 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) ->
     return w.masked_fill(~valid[:, None, :], float("-inf"))
 
 
+def word_spans(pieces: Sequence[str]) -> list[int]:
+    """Word index of each token, from the tokens' decoded text: a token continues the previous
+    token's word when it starts with a letter or digit and the previous one ends with one
+    (so an invented name cut into sub-word pieces, or a number cut into digits, is one word)."""
+    out, w = [], -1
+    for i, piece in enumerate(pieces):
+        joins = i > 0 and piece[:1].isalnum() and pieces[i - 1][-1:].isalnum()
+        if not joins:
+            w += 1
+        out.append(w)
+    return out
+
+
+def select_words(score: torch.Tensor, words: Sequence[int], n: int) -> torch.Tensor:
+    """Positions (n,) of whole words to keep: words ranked by their best token's score (ties by
+    position), each taken while it fits in the n slots; slots left over go to the best tokens
+    not yet taken (parts of words too long to fit). score (T,) is rounded already; -inf at
+    padding; words has one entry per real token."""
+    T = len(words)
+    best: dict[int, float] = {}
+    members: dict[int, list[int]] = {}
+    for t, w in enumerate(words):
+        v = float(score[t])
+        best[w] = max(best.get(w, float("-inf")), v)
+        members.setdefault(w, []).append(t)
+    taken: list[int] = []
+    for w in sorted(best, key=lambda w: (-best[w], members[w][0])):
+        if len(taken) == n:
+            break
+        if len(taken) + len(members[w]) <= n:
+            taken += members[w]
+    if len(taken) < n:
+        kept = set(taken)
+        rest = [t for t in torch.argsort(-score[:T], stable=True).tolist() if t not in kept]
+        taken += rest[: n - len(taken)]
+    return torch.tensor(sorted(taken), dtype=torch.long)
+
+
+def select(scores: torch.Tensor, lens: Sequence[int], n_max: int, how: str, words=None) -> torch.Tensor:
+    """Kept positions (L, B, kv, n_max), best first for "head", ascending otherwise (callers
+    sort), from rounded scores (L, B, kv, T) with -inf at padding.
+
+    "head": each (layer, head) its own top tokens. "layer": per layer, the tokens the layer's
+    heads attend to most together (logsumexp over heads). "layer-words": as "layer", in whole
+    words (`select_words`). "memory-words": one word set from every layer and head together.
+    A row with fewer than n_max real tokens fills its tail from the padding (callers cut at
+    its own n)."""
+    L, B, kv, T = scores.shape
+    if how == "head":
+        return torch.argsort(-scores, dim=-1, stable=True)[..., :n_max]
+    shared = torch.logsumexp(scores, dim=2)  # (L, B, T): attention from all the layer's heads
+    if how == "memory-words":
+        shared = torch.logsumexp(shared, dim=0, keepdim=True).expand(L, B, T)
+    shared = torch.round(shared * 1024) / 1024  # ties broken by position, as for "head"
+    if how == "layer":
+        top = torch.argsort(-shared, dim=-1, stable=True)[..., :n_max]  # (L, B, n_max)
+        return top[:, :, None, :].expand(L, B, kv, n_max)
+    if words is None:
+        raise ValueError(f"token_selection {how!r} needs the word of every token")
+    out = torch.zeros(L, B, kv, n_max, dtype=torch.long)
+    layers = 1 if how == "memory-words" else L
+    for b in range(B):
+        n = min(n_max, lens[b])
+        for i in range(layers):
+            pos = select_words(shared[i, b, : lens[b]], words[b], n)
+            out[i if layers > 1 else slice(None), b, :, :n] = pos
+    return out
+
+
 def prefix_states(
     decoder: Decoder, prefix_ids: Sequence[int], layers: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,10 +134,12 @@ def encode(
     settings: MemorySettings,
     *,
     batch_size: int = 16,
+    words: Sequence[Sequence[int]] | None = None,
 ) -> list[dict]:
     """Encode tokenized references into sparse memories (numpy, engine layout).
 
-    settings must be resolved (explicit memory_layers). Returns per reference a dict with
+    settings must be resolved (explicit memory_layers). words: per reference, the word index
+    of each token (`word_spans`), needed by the word-keeping token selections. Returns per reference a dict with
     positions uint8 (L, H, n), keys float32 (L, H, n, D) pre-RoPE, values float32 (L, H, n, D),
     token_count; n = min(tokens_per_head, token_count).
     """
@@ -109,7 +180,13 @@ def encode(
         # for the same reference in different batches. Rank by the score rounded to 2^-10, then
         # by position: a reference gets the same memory however it is batched.
         rounded = torch.round(scores.view(L, B, kv, T) * 1024)
-        top = torch.argsort(-rounded, dim=-1, stable=True)[..., :n_max]  # (L, B, kv, n_max), best first
+        top = select(
+            rounded / 1024,
+            lens,
+            n_max,
+            settings.token_selection,
+            None if words is None else [words[j] for j in batch],
+        )  # (L, B, kv, n_max)
         for b, j in enumerate(batch):
             n = min(settings.tokens_per_head, lens[b])
             pos = top[:, b, :, :n].sort(dim=-1).values  # (L, kv, n), ascending

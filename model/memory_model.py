@@ -135,7 +135,10 @@ class MemoryModel:
         dicts of positions uint8 (L, H, n), keys float32 (L, H, n, D) before RoPE, values,
         token_count."""
         ids = self.tokenizer.encode_batch(texts)
-        return _encoder.encode(self.decoder, ids, self.prefix_ids, self.settings, batch_size=batch_size)
+        words = None
+        if self.settings.token_selection.endswith("words"):
+            words = [_encoder.word_spans([self.tokenizer.decode([t]) for t in row]) for row in ids]
+        return _encoder.encode(self.decoder, ids, self.prefix_ids, self.settings, batch_size=batch_size, words=words)
 
     # -- reading -----------------------------------------------------------------------------
 

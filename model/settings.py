@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 POSITION_POLICIES = ("parallel", "sequential")
 MEMORY_MODES = ("dense", "sparse")
+TOKEN_SELECTIONS = ("head", "layer", "layer-words", "memory-words")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,15 @@ class MemorySettings:
         equivalence test, where one memory read this way equals prefilling its text).
     chunk_length: tokens per chunk of prompt or generation that shares one set of memories.
     memories_per_chunk: memories retrieved per chunk (paper: 5).
+    token_selection: how the kept tokens are chosen, by attention received (the paper's w_j):
+        "head" (the paper's, the default: each (layer, KV head) keeps its own top tokens);
+        "layer" (one token set per layer, shared by its KV heads, ranked by the attention the
+        layer's heads give together); "layer-words" (as "layer", but whole words are kept: a
+        word ranks by its best token, and words are taken while they fit); "memory-words" (one
+        set of whole words for every layer and head of the memory). Every variant keeps
+        tokens_per_head tokens per head, so a memory costs the same bytes; it changes what
+        is written, not how memories are read, and the memory spec does not record it
+        (docs/quality.md measures the variants).
     """
 
     memory_layers: tuple[int, ...] | None = None
@@ -41,6 +51,7 @@ class MemorySettings:
     position_policy: str = "parallel"
     chunk_length: int = 64
     memories_per_chunk: int = 5
+    token_selection: str = "head"
 
     @classmethod
     def paper(cls, n_layer: int) -> "MemorySettings":
@@ -87,6 +98,8 @@ class MemorySettings:
             raise ValueError(f"reference_length {self.reference_length} must be 1..256 (positions are stored as uint8)")
         if not 1 <= self.tokens_per_head:
             raise ValueError(f"tokens_per_head {self.tokens_per_head} must be >= 1")
+        if self.token_selection not in TOKEN_SELECTIONS:
+            raise ValueError(f"token_selection {self.token_selection!r} is not one of {TOKEN_SELECTIONS}")
         if self.position_policy not in POSITION_POLICIES:
             raise ValueError(f"position_policy {self.position_policy!r} is not one of {POSITION_POLICIES}")
         if self.chunk_length < 1 or self.memories_per_chunk < 0:
