@@ -183,7 +183,7 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
         return JSONResponse(schema)
 
     extra = {"/v1/server": server_state, "/health": health, "/openapi.json": schema_doc}
-    routes = [Route(p, h or extra[p], methods=[m]) for p, m, _, _, h in table]
+    routes = [Route(p, guarded(h or extra[p]), methods=[m]) for p, m, _, _, h in table]
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -203,6 +203,23 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
     application.state.batcher = batcher
     application.state.kb = kb
     return BearerAuth(application, api_key) if api_key else application
+
+
+def guarded(handler):
+    """The endpoint, answering a bug as a 500 in OpenAI's shape itself. (Left to Starlette's
+    `Exception` handler, the error would be re-raised after the answer, and uvicorn would close
+    the connection: a client's next request on it would fail with a reset.)"""
+
+    async def endpoint(request: Request):
+        try:
+            return await handler(request)
+        except (ApiError, M3DBError, HTTPException):
+            raise  # answered by their handlers below
+        except Exception as e:
+            return await on_crash(request, e)
+
+    endpoint.__name__ = endpoint.__qualname__ = getattr(handler, "__name__", "endpoint")
+    return endpoint
 
 
 def default_name(db) -> str:

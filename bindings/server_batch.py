@@ -20,6 +20,7 @@ only imported by the server, which needs the model extra anyway) and the server'
 import asyncio
 import collections
 import json
+import logging
 import secrets
 import threading
 import time
@@ -29,13 +30,16 @@ from m3db.model.generate import ContextTooLong, Sampling, run
 
 from .server_errors import ApiError, bad_request, from_m3db
 
+log = logging.getLogger("m3db.server")
+
 
 class Job:
     """One generation request and what the worker reports back to it.
 
     Built on the server's event loop. The worker thread pushes (index, kind, value) events onto
     `events` (an asyncio queue, which several jobs of one request may share): ("delta", text)
-    pieces, then ("done", result) or ("error", ApiError).
+    pieces, then exactly one of ("done", result) or ("error", ApiError): `answered` says it
+    was sent, and the worker makes sure every job it took is answered, whatever fails.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class Job:
         self.ids: list[int] = []
         self.text, self.sent, self.finish = "", 0, None
         self.reported = False
+        self.answered = False
         alone = temperature > 0 and seed is not None  # a seeded sample must not share a random stream
         self.key = (mode, k, json.dumps(where), json.dumps(params), temperature, top_p, id(self) if alone else None)
 
@@ -73,8 +78,15 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
 
     def fail(self, error: ApiError) -> None:
+        if self.answered:
+            return
+        self.answered = True
         self.finish = "error"
         self.emit("error", error)
+
+    def restart(self) -> None:
+        """Forget a failed batch's progress (nothing was sent yet), to decode again alone."""
+        self.ids, self.text, self.sent, self.finish, self.reported = [], "", 0, None, False
 
     # -- the worker's side -----------------------------------------------------------------------
 
@@ -141,7 +153,11 @@ class Batcher:
         self.pending: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
         self.stopping = False
-        self.counts = collections.Counter()
+        # every key from the start: stats() copies the counter while the worker adds to it, and
+        # a key added mid-copy would change the dict's size under the copy
+        self.counts = collections.Counter(
+            dict.fromkeys(("requests", "batches", "largest_batch", "tokens", "cancelled", "refused"), 0)
+        )
         self.thread = threading.Thread(target=self.work, name="m3db-decoder", daemon=True)
         self.thread.start()
 
@@ -150,6 +166,8 @@ class Batcher:
         with self.cv:
             if self.stopping:
                 raise ApiError(503, "the server is shutting down; retry against a running server", "shutting_down")
+            if not self.thread.is_alive():  # cannot happen short of a bug; never queue for no one
+                raise ApiError(503, "the generation worker stopped; see the server's log and restart it", "no_worker")
             if len(self.pending) + len(self.running) + len(jobs) > self.max_queue:
                 self.counts["refused"] += 1
                 raise ApiError(
@@ -198,13 +216,43 @@ class Batcher:
             try:
                 if batch:
                     self.decode(batch)
-            except Exception as e:  # a bug must fail its requests, not kill the worker
-                for job in batch:
-                    if not job.finish:
-                        job.fail(ApiError(500, f"generation failed: {type(e).__name__}", "server_error"))
+            except Exception as e:  # a bug or a failed recall: fail its requests, never the worker
+                self.recover(batch, e)
             finally:
+                for job in batch:  # every job taken is answered, whatever failed above
+                    if self.stopping and not job.answered:
+                        job.fail(ApiError(503, "the server is shutting down", "shutting_down"))
+                    elif not job.answered and not job.cancelled:
+                        job.fail(ApiError(500, "generation failed; see the server's log", "server_error"))
                 with self.cv:
                     self.running = []
+
+    def recover(self, batch: list[Job], error: Exception) -> None:
+        """A batch failed. A request must not fail for its companions: when several rows
+        shared the batch, each row that has sent nothing yet decodes again alone (so only the
+        row that fails alone fails); a row that already streamed text cannot restart, and fails."""
+        if len(batch) == 1:
+            self.fail(batch[0], error)
+            return
+        log.warning("a batch of %d failed (%s: %s); decoding its rows alone", len(batch), type(error).__name__, error)
+        for job in batch:
+            if job.answered or job.cancelled:
+                continue
+            if job.sent:
+                self.fail(job, error)
+                continue
+            job.restart()
+            try:
+                self.decode([job])
+            except Exception as e:
+                self.fail(job, e)
+
+    def fail(self, job: Job, error: Exception) -> None:
+        if isinstance(error, M3DBError):
+            job.fail(from_m3db(error))
+        else:
+            log.error("generation failed", exc_info=error)
+            job.fail(ApiError(500, f"generation failed ({type(error).__name__}); see the server's log", "server_error"))
 
     def gather(self) -> None:
         """Let requests sent together arrive together: wait while more keep arriving (each
@@ -272,11 +320,6 @@ class Batcher:
                         self.report(job, loop.chunks[row], used)
                 if all(job.finish for job in batch):
                     break
-        except M3DBError as e:  # a recall failed mid-generation (the filter was checked before)
-            for job in batch:
-                if job.finish != "cancelled":
-                    job.fail(from_m3db(e))
-            return
         finally:
             steps.close()
             self.counts["tokens"] += sum(len(job.ids) for job in batch)
@@ -292,7 +335,7 @@ class Batcher:
         """A finished job's result, sent as soon as its row ends (not when the batch does): its
         text, finish reason, token counts and the memories it read (`chunks`: its row's
         ChunkMemories in the loop)."""
-        job.reported = True
+        job.reported = True  # before the work below: a failure there must not report it twice
         ids = []
         for c in chunks:
             # memories recalled after this row's last token (the batch ran on) were not read by it
@@ -310,6 +353,7 @@ class Batcher:
             if package is not None:
                 item["package"] = package
             memories.append(item)
+        job.answered = True
         job.emit(
             "done",
             {

@@ -33,9 +33,18 @@ async def read_json(request: Request, max_bytes: int):
     if not body:
         raise bad_request("the request body is empty; send a JSON object", "invalid_json")
     try:
-        return json.loads(body, parse_constant=refuse_constant)
+        value = json.loads(body, parse_constant=refuse_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise bad_request(f"the request body is not valid JSON: {e}", "invalid_json") from None
+    try:  # JSON may escape half of a UTF-16 pair ("\ud800"), which is no text and no UTF-8
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise bad_request(
+            f"the request body holds a lone UTF-16 surrogate ({e.object[e.start : e.end]!a}), which is not "
+            "text: escape characters outside the BMP as a surrogate pair, or send them as UTF-8",
+            "invalid_json",
+        ) from None
+    return value
 
 
 def refuse_constant(name):

@@ -16,6 +16,9 @@ import m3db
 from m3db.errors import InvalidInputError, M3DBError, NotFoundError, ReadOnlyError
 from m3db.knowledge.answer import Retrieved
 
+# the keyword arguments of Database.add: a metadata key by one of these names cannot be passed
+ADD_KEYWORDS = frozenset(("text", "source", "title", "uri", "cold", "replace"))
+
 
 class KnowledgeBase:
     """A Database or a PackageSet, served. `name` is the model id clients send."""
@@ -153,6 +156,13 @@ class KnowledgeBase:
         """Add documents, one commit each; returns each document's new memory ids ([] for one
         already stored with the same text)."""
         self.require_writable()
+        for i, doc in enumerate(documents):
+            taken = sorted(set(doc.get("metadata", {})) & ADD_KEYWORDS)
+            if taken:  # db.add(text, source=..., **metadata) would take it as its own argument
+                raise InvalidInputError(
+                    f"documents[{i}]: metadata key {taken[0]!r} is a field of the document, not metadata; "
+                    f"send it as the document's own field, or rename the metadata key"
+                )
         with self.write_lock:
             ids = []
             for doc in documents:

@@ -8,6 +8,7 @@ with `--write`. `srv` (the app's state: kb, limits) arrives as an argument.
 import base64
 import datetime
 import decimal
+import math
 import uuid
 
 import numpy as np
@@ -59,7 +60,8 @@ SQL_FIELDS = [
 
 
 def jsonable(value):
-    """A SQL value or metadata as JSON: arrays as lists, times as ISO text, bytes as base64."""
+    """A SQL value or metadata as JSON: arrays as lists, times as ISO text, bytes as base64,
+    NaN and infinities as null (JSON has no such numbers)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -67,14 +69,14 @@ def jsonable(value):
     if isinstance(value, np.ndarray):
         return jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return value.item()
+        return jsonable(value.item())
     if isinstance(value, (datetime.date, datetime.time, datetime.datetime)):
         return value.isoformat()
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, (decimal.Decimal, uuid.UUID, datetime.timedelta)):
         return str(value)
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
@@ -126,7 +128,7 @@ class MemoryEndpoints:
 
     def memory_id(self, request) -> int:
         text = request.path_params["memory_id"]
-        if not text.isdigit() or len(text) > 19:
+        if not (text.isascii() and text.isdigit()) or len(text) > 19:  # not "٣", which int() reads as 3
             raise bad_request(f"a memory id is a non-negative integer, got {text!r}", param="memory_id")
         return int(text)
 

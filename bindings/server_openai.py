@@ -16,6 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from m3db.model.memory import context_start
+
 from .server_batch import Job
 from .server_errors import ApiError, bad_request
 from .server_fields import Field, parse
@@ -60,7 +62,13 @@ def sampling_fields(max_tokens: int) -> list[Field]:
             items="string",
             maximum=4,
         ),
-        Field("seed", ("integer", "null"), "a sampled answer with a seed decodes alone and is reproducible"),
+        Field(
+            "seed",
+            ("integer", "null"),
+            "a sampled answer with a seed decodes alone and is reproducible",
+            minimum=-(2**63),
+            maximum=2**63 - 1,
+        ),
         Field("stream", ("boolean",), "answer as server-sent events, ending with `data: [DONE]`"),
         Field(
             "stream_options",
@@ -73,9 +81,9 @@ def sampling_fields(max_tokens: int) -> list[Field]:
             ),
         ),
         Field("user", ("string",), "an end-user id (accepted for compatibility; not stored)"),
-        Field("n", ("integer",), "choices per prompt", off=(1,)),
-        Field("presence_penalty", ("number",), "presence penalty", off=(0, 0.0)),
-        Field("frequency_penalty", ("number",), "frequency penalty", off=(0, 0.0)),
+        Field("n", ("integer", "null"), "choices per prompt", off=(None, 1)),
+        Field("presence_penalty", ("number", "null"), "presence penalty", off=(None, 0, 0.0)),
+        Field("frequency_penalty", ("number", "null"), "frequency penalty", off=(None, 0, 0.0)),
         Field("logit_bias", ("object", "null"), "logit bias", off=(None, {})),
         Field("logprobs", ("boolean", "integer", "null"), "log-probabilities", off=(None, False, 0)),
     ]
@@ -116,9 +124,9 @@ def completion_fields(max_tokens: int, max_prompts: int) -> list[Field]:
             maximum=max_prompts,
         ),
         *sampling_fields(max_tokens),
-        Field("echo", ("boolean",), "echo the prompt", off=(False,)),
+        Field("echo", ("boolean", "null"), "echo the prompt", off=(None, False)),
         Field("suffix", ("string", "null"), "text after the completion", off=(None,)),
-        Field("best_of", ("integer",), "best of several", off=(1,)),
+        Field("best_of", ("integer", "null"), "best of several", off=(None, 1)),
         *MEMORY_FIELDS,
     ]
 
@@ -252,18 +260,25 @@ class OpenAIEndpoints:
         per_chunk = model.settings.memories_per_chunk
         if k is not None and k > per_chunk:
             raise bad_request(f"k={k}: this model reads at most {per_chunk} memories per chunk", param="k")
+        if body.get("stream_options") is not None and not body.get("stream"):
+            raise bad_request("stream_options applies to a streamed answer; send stream: true", param="stream_options")
         if mode != "none":
             await run_in_threadpool(kb.check_filter, where, params)
         prompt_ids = await run_in_threadpool(tokenize)
-        max_tokens = body.get("max_tokens", limits.default_max_tokens)
+        # memories sit on positions before the prompt (docs/decoder.md): those are taken too
+        reserved = context_start(model.settings, model.sink_keys.shape[2]) if mode == "memory" else 0
         context = model.decoder.cfg.max_seq_len
+        longest = max(len(ids) for ids in prompt_ids)
+        # a request that names no max_tokens gets the default, or the room its prompt leaves
+        max_tokens = body.get("max_tokens", max(1, min(limits.default_max_tokens, context - reserved - longest)))
         for ids in prompt_ids:
             if not ids:
                 raise bad_request("the prompt is empty: give at least one token of text", param="prompt")
-            if len(ids) + max_tokens > context:
+            if reserved + len(ids) + max_tokens > context:
+                memories = f" and {reserved} positions for memories" if reserved else ""
                 raise bad_request(
-                    f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} that is over the model's "
-                    f"context of {context} tokens: shorten the prompt or lower max_tokens",
+                    f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens}{memories} that is over the "
+                    f"model's context of {context} tokens: shorten the prompt or lower max_tokens",
                     "context_length_exceeded",
                     "messages" if chat else "prompt",
                 )
@@ -279,7 +294,7 @@ class OpenAIEndpoints:
                 where=where,
                 params=params,
                 max_tokens=max_tokens,
-                temperature=float(body.get("temperature", 0.0)),
+                temperature=temperature(body),
                 top_p=float(body.get("top_p", 1.0)),
                 seed=body.get("seed"),
                 stop=[stop] if isinstance(stop, str) else stop,
@@ -345,7 +360,7 @@ class OpenAIEndpoints:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": r["text"]},
-                    "finish_reason": r["finish_reason"],
+                    "finish_reason": finish_reason(r["finish_reason"]),
                     "logprobs": None,
                 }
             ]
@@ -354,7 +369,7 @@ class OpenAIEndpoints:
                 {
                     "index": i,
                     "text": r["text"],
-                    "finish_reason": r["finish_reason"],
+                    "finish_reason": finish_reason(r["finish_reason"]),
                     "logprobs": None,
                     "memories": r["memories"],
                 }
@@ -411,7 +426,7 @@ class OpenAIEndpoints:
                     yield chunk(index, value)
                 else:
                     results[index] = value
-                    yield chunk(index, None, value["finish_reason"], memories=value["memories"])
+                    yield chunk(index, None, finish_reason(value["finish_reason"]), memories=value["memories"])
                     if all(r is not None for r in results):
                         if include_usage:
                             yield sse({**head, "object": obj, "choices": [], "usage": usage_of(results)})
@@ -452,6 +467,23 @@ class OpenAIEndpoints:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
+
+
+# below this, sampling is greedy decoding (its limit as the temperature goes to 0), and
+# dividing float32 logits by it would overflow to inf and NaN probabilities
+GREEDY_BELOW = 1e-5
+
+
+def temperature(body) -> float:
+    t = float(body.get("temperature", 0.0))
+    return 0.0 if t < GREEDY_BELOW else t
+
+
+def finish_reason(reason: str) -> str:
+    """OpenAI's finish_reason for the decoder's: "length" when max_tokens cut the answer,
+    "stop" for every other end (the stop token, a stop string, or the model ending its turn
+    before any text, which m3db's own Answer calls "empty")."""
+    return "length" if reason == "length" else "stop"
 
 
 def cancel(jobs) -> None:

@@ -6,11 +6,15 @@ SIGINT or SIGTERM, then stops generation and closes the database. The server's m
 (Starlette, uvicorn, torch) are imported inside `serve`, so `import m3db` stays light.
 """
 
+import asyncio
+import errno
 import importlib
 import ipaddress
 import os
 import signal
+import socket
 import sys
+import threading
 
 from ..database import attach, connect
 from ..errors import DependencyError, InvalidInputError
@@ -110,9 +114,9 @@ def open_kb(paths, *, write, model, embedder):
 def serve(args) -> None:
     """The `m3db serve` command."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 (serve_on runs it; imported here to fail before anything starts)
 
-        from ..bindings.server import Limits, app
+        from ..bindings.server import Limits
     except ImportError as e:
         raise DependencyError(f"m3db serve needs the server extra ({e}): pip install 'm3db[server]'") from e
     limits = Limits(
@@ -127,14 +131,32 @@ def serve(args) -> None:
         raise InvalidInputError(f"--port {args.port}: expected 0-65535")
     api_key = args.api_key or os.environ.get("M3DB_API_KEY") or None
     paths = [args.path, *args.more]
+    for path in args.more:  # PATH itself was checked by the command line
+        if not os.path.exists(path):
+            raise InvalidInputError(f"no package at {path!r}")
+    # the port first: a port in use fails at once, not after the model has loaded
+    sock = listen(args.host, args.port)
+    try:
+        serve_on(sock, args, paths=paths, api_key=api_key, limits=limits)
+    finally:
+        sock.close()
+
+
+def serve_on(sock, args, *, paths, api_key, limits) -> None:
+    """Open the knowledge base, serve it on the bound socket until a signal, close it."""
+    import uvicorn
+
+    from ..bindings.server import app
+
     model, embedder = load_model(args.model)
     db = open_kb(paths, write=args.write, model=model, embedder=embedder)
     application = None
     try:
         application = app(db, name=args.name, api_key=api_key, write=args.write, limits=limits)
         name = application.state.kb.name
+        host = f"[{args.host}]" if ":" in args.host else args.host
         say(
-            f"serving {', '.join(paths)} as model {name!r} at http://{args.host}:{args.port}/v1 "
+            f"serving {', '.join(paths)} as model {name!r} at http://{host}:{sock.getsockname()[1]}/v1 "
             f"({'writable' if args.write else 'read-only'}; {'API key required' if api_key else 'no API key'})"
         )
         if not api_key and not loopback(args.host):
@@ -152,7 +174,7 @@ def serve(args) -> None:
         # default SIGTERM handler would end the process before it could be)
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            uvicorn.Server(config).run()
+            graceful(uvicorn, config, application.state.batcher, args.grace).run(sockets=[sock])
         except Stopped as e:
             say(f"stopped by {e}")
         finally:
@@ -164,6 +186,51 @@ def serve(args) -> None:
         db.close()
         say(f"closed {', '.join(paths)}")
     return None
+
+
+def graceful(uvicorn, config, batcher, grace: float):
+    """uvicorn's server, but generation still running when the grace ends is answered 503
+    (shutting_down) first: uvicorn cancels what is left, which a client sees as a bare 500."""
+
+    def stop_beside():  # stop() waits for the worker: beside the loop, which must keep answering
+        threading.Thread(target=batcher.stop, name="m3db-stop", daemon=True).start()
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            timer = asyncio.get_running_loop().call_later(max(0.0, grace - 0.5), stop_beside)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return Server(config)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it), or an error that says why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise InvalidInputError(
+            f"--host {host!r} is not an address this machine can listen on ({e.strerror}); "
+            "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        why = {
+            errno.EADDRINUSE: f"port {port} is already in use on {host} (another server, or an m3db serve "
+            "still running): stop it, or choose another port with --port",
+            errno.EADDRNOTAVAIL: f"{host!r} is not an address of this machine: use 127.0.0.1 or 0.0.0.0 with --host",
+            errno.EACCES: f"port {port} needs privileges on this machine: choose one above 1023 with --port",
+        }.get(e.errno, f"cannot listen on {host} port {port}: {e.strerror}")
+        raise InvalidInputError(why) from None
+    return sock
 
 
 class Stopped(Exception):
