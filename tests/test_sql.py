@@ -424,6 +424,23 @@ def test_delete_forgets_in_one_transaction(db):
     assert db.check().ok
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "WITH d AS (DELETE FROM memories RETURNING id) SELECT * FROM d",
+        "WITH d AS (DELETE FROM documents RETURNING id) SELECT count(*) FROM d",
+        "WITH u AS (UPDATE memories SET text = 'x' RETURNING id) SELECT * FROM u",
+        "WITH i AS (INSERT INTO meta VALUES ('k', 'v') RETURNING key) SELECT * FROM i",
+        "SELECT * FROM (WITH d AS (DELETE FROM memories RETURNING id) SELECT * FROM d)",
+    ],
+)
+def test_a_write_hidden_in_a_with_clause_is_refused(db, sql):
+    before = (len(db), db.sql("SELECT count(*) FROM documents")[0][0], db.commit_seq)
+    with pytest.raises(m3db.QueryError, match="inside a WITH clause or a subquery is not allowed"):
+        db.sql(sql)
+    assert (len(db), db.sql("SELECT count(*) FROM documents")[0][0], db.commit_seq) == before and db.check().ok
+
+
 def test_read_only_refuses_writes_with_a_clear_error(db, tmp_path):
     db.close()
     with m3db.connect(tmp_path / "kb", read_only=True) as ro:

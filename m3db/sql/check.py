@@ -226,6 +226,13 @@ def function_name(fn) -> str:
 def check_tree(tree) -> None:
     """Refuse what must not run: files, the network, other databases, side effects."""
     for node in tree.walk():
+        if isinstance(node, (exp.Insert, exp.Update, exp.Delete, exp.Merge)) and node is not tree:
+            # a write inside a WITH or a subquery would change catalog rows behind the engine's
+            # back (no segments, no index, no forgotten log): only a statement's own write is planned
+            raise QueryError(
+                f"{node.key.upper()} inside a WITH clause or a subquery is not allowed: write with a statement of "
+                "its own (INSERT INTO documents ..., DELETE FROM memories WHERE ...), which the engine plans"
+            )
         if isinstance(node, (exp.Describe, exp.Summarize)) and not isinstance(
             node.this, (exp.Table, exp.Query, exp.Subquery)
         ):
