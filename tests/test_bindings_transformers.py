@@ -423,3 +423,10 @@ def test_cli_builds_and_asks_with_your_own_model(tmp_path, capsys):
     assert "no model at" in capsys.readouterr().err
     assert main(["build", str(tmp_path / "s.m3db"), "--from", str(tmp_path), "--model", str(folder), "--sparse"]) == 1
     assert "sparse mode for a transformers model is not available yet" in capsys.readouterr().err.lower()
+    # m3db serve --model takes the same PATH, and binds the same model the build used
+    from m3db.cli.serve import load_model, open_kb
+
+    model, embedder = load_model(str(folder))
+    assert isinstance(model, HFMemoryModel) and embedder is None
+    with open_kb([kb], write=False, model=model, embedder=None) as db:
+        assert len(db) > 0 and db.recall("Zorblax festival", k=1)

@@ -1,7 +1,7 @@
 """`m3db serve`: run the OpenAI-compatible HTTP server (m3db.bindings.server) under uvicorn.
 
 Opens the knowledge base (a database read-only unless --write, a package, or several packages
-attached together), binds the model (the bundled one, a GGUF file, or a factory), serves until
+attached together), binds the model (the bundled one, your own transformers model, or a factory), serves until
 SIGINT or SIGTERM, then stops generation and closes the database. The server's modules
 (Starlette, uvicorn, torch) are imported inside `serve`, so `import m3db` stays light.
 """
@@ -36,8 +36,9 @@ ARGUMENTS = [
         ("--model",),
         dict(
             default=None,
-            help="the decoder: a GGUF file of a Llama-family model, or MODULE:FUNCTION returning a model "
-            "or (model, embedder) (default: the bundled SmolLM2-135M-Instruct)",
+            help="your own transformers model, as `m3db build --model` took it (a local checkpoint folder or a "
+            ".gguf file), or MODULE:FUNCTION returning a model or (model, embedder) (default: the bundled "
+            "SmolLM2-135M-Instruct)",
         ),
     ),
     (("--name",), dict(default=None, help="the model id clients send (default: the file name without extension)")),
@@ -66,14 +67,15 @@ def load_model(spec_text):
     """(model, embedder) that --model names; either may be None (the bundled one)."""
     if spec_text is None:
         return None, None
-    if os.path.isfile(spec_text):
-        from ..model.memory_model import MemoryModel
+    if os.path.exists(spec_text):  # what `m3db build --model PATH` built with: the same model here
+        from .main import own_model
 
-        return MemoryModel.load(spec_text), None
+        return own_model(spec_text), None
     module_name, sep, attr = spec_text.partition(":")
     if not sep or not module_name or not attr:
         raise InvalidInputError(
-            f"--model {spec_text!r}: no such file; expected a GGUF file or MODULE:FUNCTION (like my_models:load)"
+            f"--model {spec_text!r}: no such file or folder; expected a transformers model (a local checkpoint "
+            "folder or a .gguf file) or MODULE:FUNCTION (like my_models:load)"
         )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
