@@ -45,7 +45,7 @@ def warm(db, memories, *, cache=True) -> dict:
             repair={key: cold[key] for key in REPAIR_FIELDS if key in cold},
         )
         blobs.append(blob)
-        warmed[m.id] = decode_record(blob, f"memory {m.id}")
+        warmed[m.id] = decode_record(blob, f"memory {m.id}", codec=store.codec)
     if not store.read_only and not db.writer.depth:
         db.writer.relocate(list(warmed), blobs, store.codec.name)
     if cache:

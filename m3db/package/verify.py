@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import FormatError, NotFoundError
 from ..progress import progress_bar
+from ..storage.codec import codec_class, load_codec
 from ..storage.index import VectorIndex
 from ..storage.record import decode_record
 from ..storage.segment import HEADER_SIZE as SEG_HEADER_SIZE
@@ -133,7 +134,14 @@ def _verify_sections(path, frame, mm, problem, problems, arrays, bar):
     checked = 0
     if head is not None:
         loc = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in loc.items()}
-        checked = _verify_records(mm, sections, loc, problem, arrays, bar)
+        codec = None
+        try:
+            name = head["spec"].codec
+            stored = [c[2] for c in head["codecs"] if c[0] == name and c[1] == codec_class(name).version]
+            codec = load_codec(name, stored[0] if stored else None)
+        except FormatError as e:
+            problem(str(e).split("] ", 1)[-1])
+        checked = _verify_records(mm, sections, loc, problem, arrays, bar, codec)
         if int(loc["length"].sum()) != manifest["counts"]["record_bytes"]:
             problem(
                 f"the manifest counts {manifest['counts']['record_bytes']} record bytes; the catalog's records take "
@@ -144,7 +152,7 @@ def _verify_sections(path, frame, mm, problem, problems, arrays, bar):
     return VerifyReport(path, problems, manifest, sections=summary, memories_checked=checked, bytes_read=bytes_read)
 
 
-def _verify_records(mm, sections, loc, problem, arrays, bar):
+def _verify_records(mm, sections, loc, problem, arrays, bar, codec):
     """Every record decodes, and the records tile their segment exactly (no gaps, no overlaps)."""
     order = np.lexsort((loc["offset"], loc["segment"]))
     checked = 0
@@ -167,7 +175,9 @@ def _verify_records(mm, sections, loc, problem, arrays, bar):
             problem(f"{where}: bytes [{off}, {off + length}) lie outside the {size}-byte segment")
             continue
         try:
-            decode_record(mm[base + off : base + off + length], where, expect_id=mid, expect_crc=crc, arrays=arrays)
+            decode_record(
+                mm[base + off : base + off + length], where, expect_id=mid, expect_crc=crc, arrays=arrays, codec=codec
+            )
         except FormatError as e:
             problem(str(e).split("] ", 1)[-1])
         checked += 1

@@ -23,7 +23,6 @@ import re
 from collections.abc import Iterator
 
 import duckdb
-import msgpack
 import numpy as np
 
 from ..errors import FormatError, InvalidInputError, LockedError, QueryError, ReadOnlyError
@@ -333,15 +332,10 @@ class Catalog:
         row = self.con.execute("SELECT id FROM documents WHERE source = ?", [source]).fetchone()
         return None if row is None else row[0]
 
-    def codec_params(self, name, version) -> dict[str, object]:
-        """The stored parameters of a trained codec (msgpack-decoded), or {}."""
+    def codec_bytes(self, name, version) -> bytes | None:
+        """The stored parameters of a codec as msgpack bytes, or None."""
         row = self.con.execute("SELECT params FROM codecs WHERE name = ? AND version = ?", [name, version]).fetchone()
-        if row is None or row[0] is None:
-            return {}
-        try:
-            return msgpack.unpackb(row[0], raw=False, strict_map_key=True)
-        except (ValueError, msgpack.UnpackException) as e:
-            raise FormatError(f"the parameters of codec {name} v{version} in the catalog are damaged: {e}") from e
+        return None if row is None or row[0] is None else bytes(row[0])
 
     def insert_document(self, doc) -> None:
         metadata = doc.get("metadata")
@@ -398,6 +392,12 @@ class Catalog:
     def insert_codec(self, name, version, params) -> None:
         """Store a trained codec's parameters (msgpack bytes, or None)."""
         self.con.execute("INSERT INTO codecs VALUES (?, ?, ?)", [name, version, params])
+
+    def replace_codec(self, name, version, params) -> None:
+        """Store a trained codec's parameters (msgpack bytes), replacing those of the same name and
+        version (inside the transaction that re-encodes every record with them)."""
+        self.con.execute("DELETE FROM codecs WHERE name = ? AND version = ?", [name, version])
+        self.insert_codec(name, version, params)
 
     def checkpoint(self) -> None:
         """Write DuckDB's WAL into the database file (a finished catalog then is one file)."""

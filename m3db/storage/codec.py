@@ -12,10 +12,15 @@ Error bounds (checked by tests/test_codec.py on random and adversarial inputs):
 - f16: |x - x'| <= max(|x| * 2**-11, 2**-25); values beyond +-65504 are refused.
 - int8: per head vector v, scale s = max|v| / 127; |x - x'| <= s / 2 + max|v| * 2**-22.
 - int4: per group of 32 values g, scale s = max|g| / 7; |x - x'| <= s / 2 + max|g| * 2**-22.
+- pq (pq.py, trained): no per-element bound; the relative error measured on its training sample.
+
+`CODECS` are the codecs usable without parameters; `TRAINED_CODECS` names those that need them
+(their classes live in their own modules, imported when first asked for).
 """
 
 from typing import Self
 
+import msgpack
 import numpy as np
 
 from ..errors import FormatError, InvalidInputError
@@ -30,14 +35,15 @@ class Codec:
     version = 0
     trained = False
 
-    def encode(self, x) -> bytes:
-        """float32 array (..., D) -> bytes."""
+    def encode(self, x, *, part="keys") -> bytes:
+        """float32 array (..., D) -> bytes. part: "keys" or "values" (a trained codec has a
+        codebook for each; the others ignore it)."""
         raise NotImplementedError
 
     def check(self, x) -> None:
         """Raise InvalidInputError if `x` holds values this codec cannot represent."""
 
-    def decode(self, data, shape) -> np.ndarray:
+    def decode(self, data, shape, *, part="keys") -> np.ndarray:
         """bytes -> float32 array of `shape`; raises FormatError if the size is wrong."""
         raise NotImplementedError
 
@@ -74,10 +80,10 @@ class Codec:
 class F32Codec(Codec):
     name, version = "f32", 1
 
-    def encode(self, x) -> bytes:
+    def encode(self, x, *, part="keys") -> bytes:
         return np.ascontiguousarray(x, dtype="<f4").tobytes()
 
-    def decode(self, data, shape) -> np.ndarray:
+    def decode(self, data, shape, *, part="keys") -> np.ndarray:
         self._check_size(data, shape)
         return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32, copy=True)
 
@@ -99,11 +105,11 @@ class F16Codec(Codec):
                 "use codec 'int8' (scaled) or 'f32' for this database"
             )
 
-    def encode(self, x) -> bytes:
+    def encode(self, x, *, part="keys") -> bytes:
         self.check(x)
         return np.ascontiguousarray(x, dtype="<f2").tobytes()
 
-    def decode(self, data, shape) -> np.ndarray:
+    def decode(self, data, shape, *, part="keys") -> np.ndarray:
         self._check_size(data, shape)
         return np.frombuffer(data, dtype="<f2").reshape(shape).astype(np.float32)
 
@@ -158,11 +164,11 @@ class Int8Codec(_ScaledIntCodec):
     name, version = "int8", 1
     levels, group = 127, None
 
-    def encode(self, x) -> bytes:
+    def encode(self, x, *, part="keys") -> bytes:
         q, scale = self._quantize(x)
         return scale.tobytes() + q.tobytes()
 
-    def decode(self, data, shape) -> np.ndarray:
+    def decode(self, data, shape, *, part="keys") -> np.ndarray:
         self._check_size(data, shape)
         _, ngroups = self._groups(shape)
         scale = np.frombuffer(data, dtype="<f4", count=ngroups)
@@ -185,13 +191,13 @@ class Int4Codec(_ScaledIntCodec):
             raise InvalidInputError(f"codec int4 needs an even head dim divisible by {g}, got {d}")
         return g, int(np.prod(shape[:-1])) * (d // g)
 
-    def encode(self, x) -> bytes:
+    def encode(self, x, *, part="keys") -> bytes:
         q, scale = self._quantize(x)
         u = (q.reshape(-1) + 8).astype(np.uint8)  # 1..15: two values per byte
         packed = (u[0::2] << 4) | u[1::2]
         return scale.tobytes() + packed.tobytes()
 
-    def decode(self, data, shape) -> np.ndarray:
+    def decode(self, data, shape, *, part="keys") -> np.ndarray:
         self._check_size(data, shape)
         _, ngroups = self._groups(shape)
         scale = np.frombuffer(data, dtype="<f4", count=ngroups)
@@ -209,16 +215,37 @@ class Int4Codec(_ScaledIntCodec):
 
 
 CODECS = {c.name: c for c in (F32Codec, F16Codec, Int8Codec, Int4Codec)}
+TRAINED_CODECS = ("pq",)  # need their parameters (a codebook) from the catalog
 
 
 def codec_class(name, version=None) -> type[Codec]:
     """The codec class registered as `name` (and `version`, when given)."""
     cls = CODECS.get(name)
+    if cls is None and name == "pq":
+        from .pq import PQCodec  # its own module: it imports this one
+
+        cls = PQCodec
     if cls is None:
-        raise InvalidInputError(f"unknown codec {name!r}; known codecs: {', '.join(sorted(CODECS))}")
+        known = ", ".join(sorted(CODECS) + list(TRAINED_CODECS))
+        raise InvalidInputError(f"unknown codec {name!r}; known codecs: {known}")
     if version is not None and version != cls.version:
         raise FormatError(
             f"codec {name} version {version} is not readable by this m3db (it reads version "
             f"{cls.version}); upgrade m3db"
         )
     return cls
+
+
+def load_codec(name, stored: bytes | None) -> Codec:
+    """The codec `name` at this m3db's version, with its stored parameters (the msgpack bytes of
+    its `codecs` row, or None): what reads the records of a database or package."""
+    cls = codec_class(name)
+    params = {}
+    if stored is not None:
+        try:
+            params = msgpack.unpackb(stored, raw=False, strict_map_key=True)
+        except (ValueError, msgpack.UnpackException) as e:
+            raise FormatError(f"the parameters of codec {name} v{cls.version} in the catalog are damaged: {e}") from e
+        if not isinstance(params, dict):
+            raise FormatError(f"the parameters of codec {name} v{cls.version} in the catalog are not a map")
+    return cls.from_params(params)

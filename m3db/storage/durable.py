@@ -12,10 +12,10 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
-def replace_file(path, text: str) -> None:
-    """Write a small text file atomically: a crash leaves the old file or none, never half."""
+def replace_file(path, text: str | bytes) -> None:
+    """Write a small file (text or bytes) atomically: a crash leaves the old file or none, never half."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

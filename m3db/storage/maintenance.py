@@ -1,14 +1,26 @@
-"""Maintenance of a store: `check` (read and verify everything) and `compact` (reclaim the bytes
-of forgotten memories). Imports: storage modules only.
+"""Maintenance of a store: `check` (read and verify everything), `compact` (reclaim the bytes
+of forgotten memories), `train` (a trained codec from a sample of the store's own memories) and
+`recompress` (every record re-encoded into another codec, in one atomic swap). Imports: storage
+modules, errors and progress.
 """
 
 import contextlib
+import dataclasses
+import math
 
+import msgpack
 import numpy as np
 
-from ..errors import FormatError, M3DBError, rolled_back
-from .record import decode_record
+from ..errors import FormatError, InvalidInputError, M3DBError, rolled_back
+from ..progress import progress_bar
+from .codec import codec_class
+from .durable import replace_file
+from .memcache import MemoryCache
+from .pq import MIN_TRAIN_VECTORS, train_pq
+from .record import REPAIR_FIELDS, decode_record, encode_record, read_payload
 from .segment import segment_name
+from .store import CODEBOOK_FILE
+from .writer import payload_crc
 
 
 class CheckReport:
@@ -36,7 +48,9 @@ def check(store) -> CheckReport:
         mid, seg, off, length, crc = (int(cat[c][i]) for c in ("id", "segment", "offset", "length", "checksum"))
         where = f"memory {mid} ({segment_name(seg)} @ {off})"
         try:
-            decode_record(store.segments.read(seg, off, length), where, expect_id=mid, expect_crc=crc)
+            decode_record(
+                store.segments.read(seg, off, length), where, expect_id=mid, expect_crc=crc, codec=store.codec
+            )
         except FormatError as e:
             problems.append(str(e))
     index_keys = np.sort(store.index.keys())
@@ -93,3 +107,153 @@ def compact(store) -> dict:
             store.forgotten.clear()
     after = sum(segments.size(n) for n in segments.numbers())
     return {"bytes_before": before, "bytes_after": after}
+
+
+def train_codec(store, name, *, sample=None, m=8, seed=0, progress=False) -> dict:
+    """Database.train_codec: train `name` on `sample` memories when it is a trained codec, then
+    recompress into it. The report adds "error" (pq: relative error on its sample, per part)."""
+    if codec_class(name).trained:
+        if sample is None:
+            raise InvalidInputError(f"codec {name!r} is trained: pass sample= (how many memories to train it on)")
+        codec = train(store, name, sample=sample, m=m, seed=seed, progress=progress)
+    elif sample is not None:
+        raise InvalidInputError(f"codec {name!r} is not trained: omit sample=")
+    else:
+        codec = codec_class(name)()
+    report = recompress(store, codec, progress=progress)
+    report["error"] = dict(getattr(codec, "error", {}))
+    return report
+
+
+def train(store, name, *, sample, m=8, seed=0, progress=False):
+    """Train codec `name` (a trained codec: "pq") on `sample` memories of the store picked at
+    random (seeded); return the codec, not yet used by anything. Its codebook number follows the
+    store's current one. Refuses a sample too small to train on, naming the number needed."""
+    if codec_class(name).name != "pq":
+        raise InvalidInputError(f"codec {name!r} is not trained; recompress into it without a sample")
+    spec = store.spec
+    needed = math.ceil(MIN_TRAIN_VECTORS / spec.tokens_per_head)
+    if not isinstance(sample, int) or isinstance(sample, bool) or sample < needed:
+        raise InvalidInputError(
+            f"codec pq needs a sample of at least {needed} memories ({MIN_TRAIN_VECTORS} vectors per (layer, head) "
+            f"at {spec.tokens_per_head} tokens per head), got sample={sample!r}"
+        )
+    ids = store.locations.ids
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(ids, min(sample, len(ids)), replace=False)) if len(ids) else ids
+    keys, values = [], []
+    with progress_bar(progress, "memories", total=len(picked), desc="sample") as bar:
+        for mid in picked.tolist():
+            memory = store.read(mid)
+            if not memory.cold:
+                keys.append(memory.keys)  # (L, H, n, D)
+                values.append(memory.values)
+            bar.update(1)
+    vectors = sum(k.shape[2] for k in keys)
+    if vectors < MIN_TRAIN_VECTORS:
+        raise InvalidInputError(
+            f"codec pq: the database holds {vectors} vectors per (layer, head) in {len(keys)} encoded memories; a "
+            f"codebook needs at least {MIN_TRAIN_VECTORS} (about {needed} memories): add memories first"
+        )
+    number = store.codec.codebook + 1 if store.codec.name == "pq" else 1
+    total = 2 * spec.layers * spec.kv_heads
+    with progress_bar(progress, "codebooks", total=total, desc="train") as bar:
+        return train_pq(
+            np.concatenate(keys, axis=2),  # (L, H, V, D)
+            np.concatenate(values, axis=2),
+            m=m,
+            codebook=number,
+            seed=seed,
+            progress=lambda done: bar.update(1),
+        )
+
+
+def recompress(store, codec, *, progress=False) -> dict:
+    """Re-encode every memory from its decoded arrays into `codec` (a Codec instance; a trained
+    one with its parameters), as one swap: the new records go into fresh segments, fsynced; then
+    one catalog transaction points every memory at its new record, stores the codec's
+    parameters and switches the spec's codec; the old segments are removed after. A crash
+    before the catalog commits leaves the old state (the next open removes the new segments), a
+    crash after it the new one (the next open removes the old segments). Cold memories (text
+    only) are copied as they are. Returns {"bytes_before", "bytes_after", "memories", "codec"}."""
+    segments = store.segments
+    old = segments.numbers()
+    before = sum(segments.size(n) for n in old)
+    spec = dataclasses.replace(store.spec, codec=codec.name)
+    params = msgpack.packb(codec.params(), use_bin_type=True) if codec.trained else None
+    mark = segments.mark()
+    ids = store.locations.ids.copy()
+    places = {"segment": [], "offset": [], "length": [], "checksum": []}
+    moved = {"id": [], "segment": [], "offset": []}  # cold records, copied unchanged
+    encoded = []
+    try:
+        segments.new_segment()
+        with progress_bar(progress, "memories", total=len(ids), desc="recompress") as bar:
+            for mid in ids.tolist():
+                seg, off, length, crc = store.locations.find(mid)
+                buf = segments.read(seg, off, length)
+                where = f"memory {mid} ({segment_name(seg)} @ {off})"
+                memory = decode_record(buf, where, expect_id=mid, expect_crc=crc, codec=store.codec)
+                if memory.cold:
+                    new_seg, new_off = segments.append(buf)
+                    for key, value in (("id", mid), ("segment", new_seg), ("offset", new_off)):
+                        moved[key].append(value)
+                else:
+                    codec.check(memory.keys), codec.check(memory.values)
+                    payload = read_payload(buf, where, expect_crc=crc)
+                    blob = encode_record(
+                        mid,
+                        codec,
+                        memory.keys,
+                        memory.values,
+                        memory.positions,
+                        memory.text,
+                        memory.metadata,
+                        memory.document_id,
+                        memory.ordinal,
+                        memory.token_count,
+                        repair={key: payload[key] for key in REPAIR_FIELDS if key in payload},
+                    )
+                    new_seg, new_off = segments.append(blob)
+                    encoded.append(mid)
+                    for key, value in zip(places, (new_seg, new_off, len(blob), payload_crc(blob))):
+                        places[key].append(value)
+                bar.update(1)
+        segments.sync()
+        if params is not None:
+            # beside spec.json before the catalog switches: repair of either state finds the codebook
+            replace_file(store.path(CODEBOOK_FILE), params)
+        store.catalog.begin()
+        if params is not None:
+            store.catalog.replace_codec(codec.name, codec.version, params)
+        if encoded:
+            store.catalog.relocate_memories(encoded, *places.values(), codec.name)
+        if moved["id"]:
+            store.catalog.move_memories(moved["id"], moved["segment"], moved["offset"])
+        store.catalog.set_meta("spec", spec.to_json())
+        store.catalog.commit()
+    except BaseException as e:
+        store.catalog.rollback()
+        with contextlib.suppress(OSError):  # copies it cannot remove point nowhere: the next open removes them
+            segments.rollback_to(mark)
+        if isinstance(e, M3DBError) or not isinstance(e, Exception):
+            raise
+        raise rolled_back(e, "recompress()") from e
+    store.spec, store.codec = spec, codec
+    if encoded:
+        store.locations.move(encoded, *places.values())
+    if moved["id"]:
+        store.locations.move(moved["id"], moved["segment"], moved["offset"])
+    store.cache = MemoryCache(store.cache.max_bytes)  # decoded arrays of the old codec
+    with contextlib.suppress(OSError):  # committed: a stale spec.json is rewritten by the next writable open
+        store.write_spec_file()
+    removed = 0
+    for n in old:
+        with contextlib.suppress(OSError):  # as in compact(): the next writable open removes it
+            segments.remove(n)
+            removed += 1
+    if removed == len(old):
+        with contextlib.suppress(OSError):
+            store.forgotten.clear()
+    after = sum(segments.size(n) for n in segments.numbers())
+    return {"bytes_before": before, "bytes_after": after, "memories": len(ids), "codec": codec.name}

@@ -105,8 +105,8 @@ def encode_record(
             codec_version=codec.version,
             shape=list(keys.shape),
             positions=positions.astype(np.uint8).tobytes(),
-            keys=codec.encode(keys),
-            values=codec.encode(values),
+            keys=codec.encode(keys, part="keys"),
+            values=codec.encode(values, part="values"),
         )
     fields.update(text=text, metadata=metadata, document_id=document_id, ordinal=ordinal, token_count=token_count)
     fields.update(repair or {})
@@ -186,8 +186,10 @@ def read_payload(buf, where, *, expect_crc=None) -> dict:
     return d
 
 
-def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True) -> Memory:
-    """Check a whole frame and decode it to a Memory (arrays=False: skip the tensors)."""
+def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True, codec=None) -> Memory:
+    """Check a whole frame and decode it to a Memory (arrays=False: skip the tensors). codec:
+    the database's codec; a record of a trained codec (pq) is decoded only with it (the
+    codebook is in the catalog, not in the record)."""
     d = read_payload(buf, where, expect_crc=expect_crc)
     try:
         mid = int(d["id"])
@@ -213,12 +215,12 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True) -
             return Memory(
                 mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"], d.get("token_count")
             )
-        codec = codec_class(d["codec"], d["codec_version"])()
+        codec = record_codec(d["codec"], d["codec_version"], codec, where)
         positions = np.frombuffer(d["positions"], dtype=np.uint8)
         if positions.size != shape[0] * shape[1] * shape[2]:
             raise FormatError(f"{where}: record has {positions.size} positions for shape {shape}")
-        keys = codec.decode(d["keys"], shape)
-        values = codec.decode(d["values"], shape)
+        keys = codec.decode(d["keys"], shape, part="keys")
+        values = codec.decode(d["values"], shape, part="values")
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
         if isinstance(e, FormatError):
             raise
@@ -234,6 +236,21 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True) -
         d["ordinal"],
         d.get("token_count"),
     )
+
+
+def record_codec(name, version, given, where):
+    """The codec instance that decodes a record naming codec `name` v`version`: `given` when it
+    is that codec, a new one when the codec needs no parameters."""
+    if given is not None and (given.name, given.version) == (name, version):
+        return given
+    cls = codec_class(name, version)
+    if cls.trained:
+        held = "no codec" if given is None else f"codec {given.name} v{given.version}"
+        raise FormatError(
+            f"{where}: the record is encoded with the trained codec {name} v{version}, whose codebook is not the "
+            f"database's ({held}): the record and the catalog disagree; run `m3db check` to list the damage"
+        )
+    return cls()
 
 
 def _copy_json(value):

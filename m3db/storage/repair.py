@@ -3,7 +3,8 @@
 The catalog is the only place that says which record bytes are live. When it is deleted or its
 blocks are damaged, the records still describe themselves: each carries its id, text, metadata,
 document (source, title, uri, metadata), embedding and commit number (record.py's repair
-fields), and `forgotten.log` says which ids later commits forgot. `spec.json` holds the spec.
+fields), and `forgotten.log` says which ids later commits forgot. `spec.json` holds the spec,
+and `codebook.msgpack` a trained codec's parameters (without it a pq database is refused).
 
 `repair(path)`:
 1. takes the database's write lock (nobody else may have it open);
@@ -31,6 +32,7 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError
 from .catalog import Catalog, metadata_sql_type
+from .codec import codec_class, load_codec
 from .forgotten import ForgottenLog
 from .index import INDEX_FILE, STATE_FILE
 from .lock import DatabaseLock
@@ -38,7 +40,7 @@ from .record import HEADER_SIZE, MAGIC, read_header, read_payload
 from .segment import HEADER_SIZE as SEGMENT_HEADER_SIZE
 from .segment import SegmentStore, segment_name
 from .spec import MemorySpec
-from .store import CATALOG_FILE, SEGMENTS_DIR, SPEC_FILE
+from .store import CATALOG_FILE, CODEBOOK_FILE, SEGMENTS_DIR, SPEC_FILE
 from .writer import COLD, MemoryRow, insert_rows, payload_crc
 
 
@@ -58,6 +60,7 @@ def repair(path, *, embedder=None) -> dict[str, int | str]:
             f"{spec_path!r} is missing: this database was written before m3db kept its spec beside the catalog, or "
             "the file was deleted. Restore catalog.duckdb from a backup or rebuild the knowledge base from its sources"
         ) from None
+    codebook = _codebook(directory, spec)
     if embedder is not None and getattr(embedder, "fingerprint", None) != spec.embedder_fingerprint:
         raise InvalidInputError(
             f"the embedder's fingerprint {getattr(embedder, 'fingerprint', None)!r} is not the database's "
@@ -65,12 +68,35 @@ def repair(path, *, embedder=None) -> dict[str, int | str]:
         )
     lock = DatabaseLock(directory, read_only=False)
     try:
-        return _rebuild(directory, spec, embedder)
+        return _rebuild(directory, spec, embedder, codebook)
     finally:
         lock.release()
 
 
-def _rebuild(directory, spec, embedder):
+def _codebook(directory, spec) -> bytes | None:
+    """A trained codec's parameters from `codebook.msgpack` (checked), or None for an untrained
+    codec: without them no record of the database could be decoded, so repair refuses."""
+    cls = codec_class(spec.codec)
+    if not cls.trained:
+        return None
+    path = os.path.join(directory, CODEBOOK_FILE)
+    try:
+        with open(path, "rb") as f:
+            params = f.read()
+    except OSError as e:
+        raise FormatError(
+            f"{path!r} cannot be read ({e.strerror}): the database's records are encoded with the trained codec "
+            f"{spec.codec}, whose codebook lived in the lost catalog and in that file. Nothing was changed; restore "
+            "catalog.duckdb or the codebook file from a backup"
+        ) from None
+    try:
+        load_codec(spec.codec, params)
+    except FormatError as e:
+        raise FormatError(f"{path!r}: {e}. Nothing was changed; restore it or catalog.duckdb from a backup") from e
+    return params
+
+
+def _rebuild(directory, spec, embedder, codebook):
     segments = SegmentStore(os.path.join(directory, SEGMENTS_DIR), read_only=True)
     try:
         latest, counts = _scan(segments)
@@ -132,6 +158,8 @@ def _rebuild(directory, spec, embedder):
     try:
         catalog.create(spec.to_json(), spec.embedding_dim)
         catalog.begin()
+        if codebook is not None:
+            catalog.insert_codec(spec.codec, codec_class(spec.codec).version, codebook)
         sources = set()
         for doc in sorted(documents.values(), key=lambda doc: doc["id"]):
             if doc["source"] in sources:  # two ids claim one source: only the first keeps it

@@ -2,7 +2,7 @@
 
 A database directory holds `catalog.duckdb` (catalog.py), `segments/NNNNNN.seg` (segment.py),
 `index.usearch` + `index.state` (index.py), `lock` (lock.py), and for repair (repair.py)
-`spec.json` and `forgotten.log` (forgotten.py). A store owns them all, plus
+`spec.json`, `codebook.msgpack` (a trained codec's) and `forgotten.log` (forgotten.py). A store owns them all, plus
 the in-RAM location table (locations.py) and the decoded-memory cache (memcache.py).
 
 Opening is recovery: bytes in segments past the last committed record are garbage of a killed
@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
 from .catalog import CATALOG_ERRORS, Catalog, damaged
-from .codec import codec_class
+from .codec import codec_class, load_codec
 from .durable import replace_file
 from .forgotten import ForgottenLog
 from .index import INDEX_FILE, STATE_FILE, VectorIndex
@@ -35,6 +35,7 @@ from .spec import MemorySpec
 
 CATALOG_FILE = "catalog.duckdb"
 SPEC_FILE = "spec.json"  # the catalog's spec, written once: what repair rebuilds the catalog with
+CODEBOOK_FILE = "codebook.msgpack"  # a trained codec's parameters (the catalog's codecs row), for repair
 SEGMENTS_DIR = "segments"
 DEFAULT_CACHE_BYTES = 256 << 20
 # save the index once this many changes (or a quarter of its size) are unsaved: a crash then
@@ -106,14 +107,11 @@ class Store:
         if spec is not None:
             stored.require_same(spec)
         self.spec = stored
-        if not self.read_only and self.spec_file() != meta["spec"]:
-            # the spec outside the catalog too (a missing or damaged copy is written again): repair
-            # rebuilds a lost catalog from it and the records
-            replace_file(os.path.join(self.directory, SPEC_FILE), meta["spec"])
+        # trained codecs (pq) keep their parameters in the catalog's `codecs` table
+        self.codec = load_codec(stored.codec, self.catalog.codec_bytes(stored.codec, codec_class(stored.codec).version))
+        if not self.read_only:
+            self.write_spec_file()
         self.forgotten = ForgottenLog(self.directory)
-        # trained codecs (a later issue) keep their parameters in the catalog's `codecs` table
-        codec_cls = codec_class(stored.codec)
-        self.codec = codec_cls.from_params(self.catalog.codec_params(codec_cls.name, codec_cls.version))
         self.commit_seq = int(meta["commit_seq"])
         self.segments = segments or SegmentStore(
             os.path.join(self.directory, SEGMENTS_DIR),
@@ -127,6 +125,26 @@ class Store:
         self.index = VectorIndex(stored.embedding_dim, self.directory, read_only=self.read_only)
         self._catch_up_index()
         self.cache = MemoryCache(self.config.get("cache_bytes", DEFAULT_CACHE_BYTES))
+
+    def path(self, name) -> str:
+        """The path of the file `name` in the database directory."""
+        return os.path.join(self.directory, name)
+
+    def write_spec_file(self) -> None:
+        """Write `spec.json` (and a trained codec's `codebook.msgpack`) where they differ from the
+        catalog: repair rebuilds a lost catalog from them and the records."""
+        text = self.catalog.meta()["spec"]
+        if self.spec_file() != text:
+            replace_file(self.path(SPEC_FILE), text)
+        if self.codec.trained:
+            params = self.catalog.codec_bytes(self.codec.name, self.codec.version)
+            try:
+                with open(self.path(CODEBOOK_FILE), "rb") as f:
+                    same = f.read() == params
+            except OSError:
+                same = False
+            if not same:
+                replace_file(self.path(CODEBOOK_FILE), params)
 
     def spec_file(self) -> str | None:
         """The text of `spec.json`, or None when it cannot be read."""
@@ -187,7 +205,9 @@ class Store:
         segment, offset, length, checksum = loc
         where = f"memory {memory_id} ({segment_name(segment)} @ {offset})"
         buf = self.segments.read(segment, offset, length)
-        memory = decode_record(buf, where, expect_id=int(memory_id), expect_crc=checksum, arrays=arrays)
+        memory = decode_record(
+            buf, where, expect_id=int(memory_id), expect_crc=checksum, arrays=arrays, codec=self.codec
+        )
         if arrays and not memory.cold:
             self.cache.put(memory)
         return memory

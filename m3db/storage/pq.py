@@ -1,0 +1,257 @@
+"""The product-quantization codec (the paper's PQ): trained codebooks, one byte per sub-vector.
+
+Owns `PQCodec` (encode, decode, its parameters as checked bytes) and `train_pq` (k-means on a
+sample of a knowledge base's own keys and values). Imports: errors and codec.py only; numpy
+is all it needs (training and decoding), so reading a pq database needs nothing more than
+reading an int4 one.
+
+A codebook per (memory layer, KV head, keys or values): the head vector of D dims is split
+into M sub-vectors of D / M dims, each replaced by the number (one byte) of its nearest of 256
+centroids. A memory of L x H x n vectors costs L * H * n * M bytes for its keys and the same
+for its values, plus an 8-byte header per blob: the codebook's number and crc32, so a record
+names the codebook it was encoded with and a mismatch is a FormatError, not wrong numbers.
+Decoding is a table lookup (one `np.take`).
+
+The error is not bounded per element (a vector far from what the codebook was trained on
+decodes far from itself); what is stated is the relative error measured on the training
+sample, per part: sqrt(sum |x - x'|^2 / sum |x|^2) over the sample (`codec.error`), and tests
+check that arrays of the same distribution round-trip within it (tests/test_pq.py).
+
+Parameters (the catalog's `codecs` row, msgpack; never pickled): {"format": 1, "codebook":
+number, "m": M, "shape": [L, H, M, 256, D / M], "dtype": "<f4", "keys": bytes, "values":
+bytes (float32 little-endian), "error": {"keys": e, "values": e}, "vectors": the number of
+training vectors per codebook, "crc32": of all the others (`params_crc`), which is also the
+codebook's identity in every blob}.
+"""
+
+import struct
+import zlib
+
+import msgpack
+import numpy as np
+
+from ..errors import FormatError, InvalidInputError
+from .codec import Codec
+
+KSUB = 256  # centroids per sub-quantizer: one byte per code
+BLOB_HEADER = struct.Struct("<II")  # codebook number, crc32 of the codebook
+PARAMS_FORMAT = 1
+PARTS = ("keys", "values")
+# k-means with 256 centroids needs several points per centroid to place them: fewer is refused
+MIN_TRAIN_VECTORS = 4 * KSUB
+# past this many points per codebook (a random subset is kept), training time grows and the
+# centroids barely move: bench/bench_codec.py measures the error against the cap
+MAX_TRAIN_VECTORS = 32 * KSUB
+PARAM_FIELDS = {"format", "codebook", "m", "shape", "dtype", "keys", "values", "crc32", "error", "vectors"}
+
+
+class PQCodec(Codec):
+    """Product quantization with trained codebooks (Jégou et al.; the paper's FAISS PQ).
+
+    centroids: {"keys": float32 (L, H, M, 256, D / M), "values": the same}; codebook: its
+    number in this database (1, 2, ... as it is trained again); error: the relative error
+    measured on the training sample per part; vectors: training vectors per codebook.
+    """
+
+    name, version = "pq", 1
+    trained = True
+
+    def __init__(self, centroids, *, codebook=1, error=None, vectors=0):
+        self.centroids = {p: np.ascontiguousarray(centroids[p], dtype="<f4") for p in PARTS}
+        L, H, M, k, d = self.centroids["keys"].shape
+        if self.centroids["values"].shape != (L, H, M, k, d) or k != KSUB:
+            raise FormatError(f"codec pq: codebook shapes {[c.shape for c in self.centroids.values()]} do not match")
+        self.layers, self.heads, self.m, self.sub = L, H, M, d
+        self.codebook = int(codebook)
+        self.error = dict(error or {})
+        self.vectors = int(vectors)
+        self.crc = params_crc(self._described(), *(self.centroids[p].tobytes() for p in PARTS))
+        # decode: the flat table of every sub-centroid, (L*H*M*256, d), and each (l, h, m)'s row offset
+        self._table = {p: c.reshape(-1, d) for p, c in self.centroids.items()}
+        self._base = (np.arange(L * H * M, dtype=np.intp) * KSUB).reshape(L, H, 1, M)
+        # encode: |c|^2 of every centroid, (L*H*M, 1, 256)
+        self._norms = {p: (c.reshape(L * H * M, 1, KSUB, d) ** 2).sum(-1) for p, c in self.centroids.items()}
+
+    # -- the Codec interface -------------------------------------------------------------------
+
+    def _check_shape(self, shape, error=FormatError):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 4 or shape[:2] != (self.layers, self.heads) or shape[3] != self.m * self.sub:
+            raise error(
+                f"codec pq: shape {shape} does not fit its codebook of (layers={self.layers}, heads={self.heads}, "
+                f"n, head_dim={self.m * self.sub})"
+            )
+        return shape
+
+    def encode(self, x, *, part="keys") -> bytes:
+        """float32 (L, H, n, D) -> header + uint8 codes (L, H, n, M)."""
+        L, H, n, _ = self._check_shape(np.shape(x), InvalidInputError)
+        M, d = self.m, self.sub
+        xs = np.asarray(x, dtype=np.float32).reshape(L, H, n, M, d).transpose(0, 1, 3, 2, 4)  # (L, H, M, n, d)
+        xs = xs.reshape(L * H * M, n, d)
+        cents = self.centroids[part].reshape(L * H * M, KSUB, d)
+        # nearest centroid: argmin |c|^2 - 2 x.c (|x|^2 is the same for every centroid)
+        dist = self._norms[part] - 2.0 * np.matmul(xs, cents.transpose(0, 2, 1))  # (L*H*M, n, 256)
+        codes = dist.argmin(axis=2).astype(np.uint8).reshape(L, H, M, n).transpose(0, 1, 3, 2)  # (L, H, n, M)
+        return BLOB_HEADER.pack(self.codebook, self.crc) + np.ascontiguousarray(codes).tobytes()
+
+    def decode(self, data, shape, *, part="keys") -> np.ndarray:
+        """header + codes -> float32 `shape`: a lookup of each code's sub-centroid."""
+        shape = self._check_shape(shape)
+        self._check_size(data, shape)
+        codebook, crc = BLOB_HEADER.unpack_from(data)
+        if (codebook, crc) != (self.codebook, self.crc):
+            raise FormatError(
+                f"codec pq: this blob was encoded with codebook {codebook} (crc32 {crc:08x}); the catalog holds "
+                f"codebook {self.codebook} (crc32 {self.crc:08x}). The record and the catalog disagree: restore the "
+                "catalog that goes with these segments, or run `m3db check` to list the damage"
+            )
+        L, H, n, _ = shape
+        codes = np.frombuffer(data, dtype=np.uint8, offset=BLOB_HEADER.size).reshape(L, H, n, self.m)
+        rows = self._base + codes  # (L, H, n, M): each code's row in the flat table
+        return np.take(self._table[part], rows, axis=0).reshape(shape)  # (L, H, n, M, d) -> (L, H, n, D)
+
+    def encoded_size(self, shape) -> int:
+        L, H, n, _ = self._check_shape(shape)
+        return BLOB_HEADER.size + L * H * n * self.m
+
+    def bound(self, x) -> np.ndarray:
+        raise NotImplementedError(
+            "codec pq has no per-element bound: its error is statistical, measured on its training sample (codec.error)"
+        )
+
+    # -- parameters ----------------------------------------------------------------------------
+
+    def _described(self) -> dict[str, object]:
+        """The parameters other than the centroid bytes and the checksum."""
+        return {
+            "format": PARAMS_FORMAT,
+            "codebook": self.codebook,
+            "m": self.m,
+            "shape": list(self.centroids["keys"].shape),
+            "dtype": "<f4",
+            "error": {p: float(self.error.get(p, 0.0)) for p in PARTS},
+            "vectors": self.vectors,
+        }
+
+    def params(self) -> dict[str, object]:
+        keys, values = (self.centroids[p].tobytes() for p in PARTS)
+        return {**self._described(), "keys": keys, "values": values, "crc32": self.crc}
+
+    @classmethod
+    def from_params(cls, params) -> "PQCodec":
+        if not params:
+            raise FormatError(
+                "codec pq: the catalog holds no codebook for it; the database's codebook row is missing (restore the "
+                "catalog, or recompress the database into another codec from a backup)"
+            )
+        try:
+            if set(params) != PARAM_FIELDS or params["format"] != PARAMS_FORMAT or params["dtype"] != "<f4":
+                raise ValueError(f"fields {sorted(params)}, format {params.get('format')}")
+            shape = tuple(int(s) for s in params["shape"])
+            if len(shape) != 5 or shape[3] != KSUB or shape[2] != params["m"] or min(shape) < 1:
+                raise ValueError(f"shape {shape}")
+            size = int(np.prod(shape)) * 4
+            keys, values = params["keys"], params["values"]
+            if not isinstance(keys, bytes) or not isinstance(values, bytes) or len(keys) != size or len(values) != size:
+                raise ValueError(f"centroid bytes of the wrong size (expected {size} each)")
+            described = {k: v for k, v in params.items() if k not in ("keys", "values", "crc32")}
+            if params_crc(described, keys, values) != params["crc32"]:
+                raise ValueError("crc32 mismatch")
+            centroids = {
+                p: np.frombuffer(b, dtype="<f4").reshape(shape) for p, b in (("keys", keys), ("values", values))
+            }
+            if not all(np.isfinite(c).all() for c in centroids.values()):
+                raise ValueError("non-finite centroids")
+            error = {p: float(params["error"][p]) for p in PARTS}
+            return cls(centroids, codebook=int(params["codebook"]), error=error, vectors=int(params["vectors"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FormatError(
+                f"codec pq: the codebook in the catalog is damaged ({e}); restore the catalog from a backup"
+            ) from e
+
+    def __repr__(self):
+        return f"<Codec pq v{self.version} codebook {self.codebook} m={self.m} ({self.m} bytes per vector)>"
+
+
+def params_crc(described, keys, values) -> int:
+    """crc32 of a codebook: its described fields (canonical msgpack: sorted keys) and centroids."""
+    head = msgpack.packb(_sorted(described), use_bin_type=True)
+    return zlib.crc32(values, zlib.crc32(keys, zlib.crc32(head)))
+
+
+def _sorted(value):
+    return {k: _sorted(value[k]) for k in sorted(value)} if isinstance(value, dict) else value
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def train_pq(keys, values, *, m=8, codebook=1, iterations=15, seed=0, progress=None) -> PQCodec:
+    """Train a PQCodec from a sample: `keys`, `values` float32 (L, H, V, D), V vectors of each
+    (layer, head). m: sub-vectors per head vector (bytes per vector; D % m == 0). `progress`:
+    called with the number of codebooks done. Refuses fewer than MIN_TRAIN_VECTORS vectors."""
+    keys, values = (np.asarray(a, dtype=np.float32) for a in (keys, values))
+    if keys.ndim != 4 or keys.shape != values.shape:
+        raise InvalidInputError(
+            f"train_pq takes keys and values of one shape (L, H, V, D), got {keys.shape}, {values.shape}"
+        )
+    L, H, V, D = keys.shape
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1 or D % m:
+        raise InvalidInputError(f"codec pq: m (sub-vectors per vector) must divide the head dim {D}, got {m!r}")
+    if V < MIN_TRAIN_VECTORS:
+        raise InvalidInputError(
+            f"codec pq: a codebook trained on {V} vectors per (layer, head) is refused: k-means with {KSUB} "
+            f"centroids needs at least {MIN_TRAIN_VECTORS} (from a larger sample of memories)"
+        )
+    rng = np.random.default_rng(seed)
+    if V > MAX_TRAIN_VECTORS:
+        pick = np.sort(rng.choice(V, MAX_TRAIN_VECTORS, replace=False))
+        keys, values = keys[:, :, pick], values[:, :, pick]
+    d = D // m
+    centroids, error, done = {}, {}, 0
+    for part, x in (("keys", keys), ("values", values)):
+        out = np.empty((L, H, m, KSUB, d), np.float32)
+        err = total = 0.0
+        for layer in range(L):
+            for head in range(H):
+                sub = np.ascontiguousarray(x[layer, head].reshape(-1, m, d).transpose(1, 0, 2))  # (M, V, d)
+                out[layer, head], sse = kmeans(sub, KSUB, iterations=iterations, rng=rng)
+                err += sse
+                total += float(np.square(sub, dtype=np.float64).sum())
+                done += 1
+                if progress is not None:
+                    progress(done)
+        centroids[part] = out
+        error[part] = float(np.sqrt(err / total)) if total > 0 else 0.0
+    return PQCodec(centroids, codebook=codebook, error=error, vectors=min(V, MAX_TRAIN_VECTORS))
+
+
+def kmeans(x, k, *, iterations, rng) -> tuple[np.ndarray, float]:
+    """Lloyd's k-means on M independent sets at once: x float32 (M, V, d) -> (centroids (M, k, d),
+    the final sum of squared errors). Initial centroids: k distinct sample points; an empty
+    cluster takes the point currently worst served (so none is wasted)."""
+    M, V, d = x.shape
+    cents = np.stack([x[j, rng.choice(V, k, replace=False)] for j in range(M)])  # (M, k, d)
+    offsets = (np.arange(M) * k)[:, None]  # (M, 1)
+    for it in range(iterations + 1):
+        # |c|^2 - 2 x.c, in place: the (M, V, k) matrix is the cost of an iteration
+        dist = np.matmul(x, cents.transpose(0, 2, 1))  # (M, V, k)
+        dist *= -2.0
+        dist += np.square(cents).sum(-1)[:, None, :]
+        assign = dist.argmin(axis=2)  # (M, V)
+        if it == iterations:
+            break
+        flat = (assign + offsets).ravel()
+        counts = np.bincount(flat, minlength=M * k).reshape(M, k)
+        sums = np.stack([np.bincount(flat, weights=x[..., j].ravel(), minlength=M * k) for j in range(d)], -1)
+        filled = counts > 0
+        cents = np.where(filled[..., None], sums.reshape(M, k, d) / np.maximum(counts, 1)[..., None], cents)
+        cents = cents.astype(np.float32)
+        for j in np.flatnonzero((~filled).any(axis=1)):
+            empty = np.flatnonzero(~filled[j])
+            served = np.take_along_axis(dist[j], assign[j, :, None], axis=1)[:, 0]  # (V,) minus |x|^2
+            worst = np.argsort(served + np.square(x[j]).sum(-1))[::-1][: len(empty)]
+            cents[j, empty] = x[j, worst]
+    err = x - np.take_along_axis(cents, assign[..., None], axis=1)  # (M, V, d)
+    return cents, float(np.square(err, dtype=np.float64).sum())

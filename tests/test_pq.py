@@ -1,0 +1,253 @@
+"""The trained product-quantization codec (storage/pq.py) and re-encoding a database into it
+(Database.train_codec, maintenance.recompress): round trips within the stated error, damaged or
+mismatched codebooks, too small a sample, reopen / repair / package of a pq database."""
+
+import os
+import shutil
+
+import msgpack
+import numpy as np
+import pytest
+
+import m3db
+from m3db.errors import FormatError, InvalidInputError
+from m3db.storage.codec import codec_class, load_codec
+from m3db.storage.pq import MIN_TRAIN_VECTORS, PQCodec, params_crc, train_pq
+
+# two memory layers of one KV head at SmolLM2's head width: 4 codebooks, so training is quick
+PQ_SPEC = dict(
+    model_fingerprint="test-model",
+    memory_layers=[0, 1],
+    kv_heads=1,
+    head_dim=64,
+    tokens_per_head=8,
+    embedding_dim=16,
+    embedder_fingerprint="test-embedder",
+)
+
+
+def kv_like(rng, layers, heads, n, dim=64, rank=6):
+    """Arrays shaped like real keys/values (L, H, n, D): a per-head offset, a few dominant
+    directions with uneven per-dimension scales (real K/V have outlier dimensions), and noise;
+    the structure is fixed by `rng`'s first draws, so one seed gives one distribution."""
+    structure = np.random.default_rng(99)
+    mean = structure.standard_normal((layers, heads, 1, dim)) * 2
+    basis = structure.standard_normal((layers, heads, rank, dim)) * np.linspace(3, 0.3, dim)
+    coef = rng.standard_normal((layers, heads, n, rank))
+    return (mean + coef @ basis + 0.2 * rng.standard_normal((layers, heads, n, dim))).astype(np.float32)
+
+
+def relative_error(x, y):
+    return float(np.sqrt(np.square(x - y, dtype=np.float64).sum() / np.square(x, dtype=np.float64).sum()))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    rng = np.random.default_rng(0)
+    return train_pq(kv_like(rng, 2, 1, 2048), kv_like(rng, 2, 1, 2048) * 0.5, m=8)
+
+
+def pq_memory(seed, spec, **extra):
+    rng = np.random.default_rng(seed)
+    n = spec.tokens_per_head
+    positions = np.stack([np.stack([rng.choice(128, n, replace=False)]) for _ in range(spec.layers)])
+    item = dict(
+        keys=kv_like(rng, spec.layers, spec.kv_heads, n),
+        values=kv_like(rng, spec.layers, spec.kv_heads, n) * 0.5,
+        positions=positions.astype(np.uint8),
+        embedding=rng.standard_normal(spec.embedding_dim).astype(np.float32),
+        text=f"reference text number {seed}",
+        id=seed,
+    )
+    item.update(extra)
+    return item
+
+
+def make_db(path, n=160, codec="int4"):
+    spec = m3db.MemorySpec(**PQ_SPEC, codec=codec)
+    db = m3db.connect(path, spec=spec)
+    db.add_memories([pq_memory(i, spec) for i in range(n)])
+    return db
+
+
+# -- the codec ---------------------------------------------------------------------------------
+
+
+def test_round_trip_within_the_stated_error(trained):
+    rng = np.random.default_rng(5)  # held out: not the training sample
+    for part, scale in (("keys", 1.0), ("values", 0.5)):
+        x = kv_like(rng, 2, 1, 8) * scale
+        data = trained.encode(x, part=part)
+        assert len(data) == trained.encoded_size(x.shape) == 8 + 2 * 1 * 8 * 8
+        y = trained.decode(data, x.shape, part=part)
+        assert y.dtype == np.float32 and y.shape == x.shape
+        stated = trained.error[part]
+        assert 0 < stated < 0.3  # structured arrays compress: pins the error to something meaningful
+        assert relative_error(x, y) <= stated * 1.25 + 0.01, (part, relative_error(x, y), stated)
+
+
+def test_stated_error_holds_for_any_token_count(trained):
+    rng = np.random.default_rng(6)
+    x = kv_like(rng, 2, 1, 200)
+    for n in (1, 3, 8, 200):
+        y = trained.decode(trained.encode(x[:, :, :n]), x[:, :, :n].shape)
+        assert relative_error(x[:, :, :n], y) <= trained.error["keys"] * 1.6 + 0.02
+
+
+def test_params_round_trip_without_pickle(trained):
+    raw = msgpack.packb(trained.params(), use_bin_type=True)
+    again = load_codec("pq", raw)
+    x = kv_like(np.random.default_rng(7), 2, 1, 8)
+    assert np.array_equal(again.decode(trained.encode(x), x.shape), trained.decode(trained.encode(x), x.shape))
+    assert (again.codebook, again.crc, again.error) == (trained.codebook, trained.crc, trained.error)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.update(keys=p["keys"][:-1] + bytes([p["keys"][-1] ^ 1])),
+        lambda p: p.update(crc32=p["crc32"] ^ 1),
+        lambda p: p.update(values=p["values"][:-4]),
+        lambda p: p.pop("error"),
+        lambda p: p.update(vectors=p["vectors"] + 1),
+        lambda p: p.update(shape=[2, 1, 8, 255, 8]),
+    ],
+)
+def test_a_damaged_codebook_is_a_format_error(trained, damage):
+    params = trained.params()
+    damage(params)
+    with pytest.raises(FormatError, match="codebook"):
+        PQCodec.from_params(params)
+    with pytest.raises(FormatError, match="no codebook"):
+        PQCodec.from_params({})
+
+
+def test_a_blob_of_another_codebook_is_a_format_error(trained):
+    x = kv_like(np.random.default_rng(8), 2, 1, 8)
+    other = PQCodec(trained.centroids, codebook=trained.codebook + 1)
+    with pytest.raises(FormatError, match="encoded with codebook 1"):
+        other.decode(trained.encode(x), x.shape)
+    params = trained.params()
+    params["keys"] = (np.frombuffer(params["keys"], "<f4") + 1).astype("<f4").tobytes()
+    described = {k: v for k, v in params.items() if k not in ("keys", "values", "crc32")}
+    params["crc32"] = params_crc(described, params["keys"], params["values"])
+    with pytest.raises(FormatError, match="crc32"):  # same number, other centroids
+        PQCodec.from_params(params).decode(trained.encode(x), x.shape)
+
+
+def test_too_few_vectors_is_refused_with_the_number_needed():
+    x = kv_like(np.random.default_rng(9), 2, 1, MIN_TRAIN_VECTORS - 1)
+    with pytest.raises(InvalidInputError, match=f"at least {MIN_TRAIN_VECTORS}"):
+        train_pq(x, x, m=8)
+    with pytest.raises(InvalidInputError, match="divide the head dim"):
+        train_pq(x, x, m=7)
+
+
+def test_pq_is_registered_but_needs_its_codebook():
+    assert codec_class("pq") is PQCodec and PQCodec.trained
+    with pytest.raises(FormatError, match="no codebook"):
+        load_codec("pq", None)
+
+
+# -- a database re-encoded into pq ---------------------------------------------------------------
+
+
+def test_recompress_then_reopen(tmp_path):
+    path = tmp_path / "kb"
+    db = make_db(path)
+    before = {i: db.get(i) for i in range(160)}
+    queries = [np.random.default_rng(100 + q).standard_normal(16).astype(np.float32) for q in range(5)]
+    recalled = [db.recall(q, k=5).ids for q in queries]
+    report = db.train_codec("pq", sample=160, m=8)
+    assert report["codec"] == "pq" and report["memories"] == 160
+    assert report["bytes_after"] < report["bytes_before"]
+    assert db.spec.codec == "pq" and db.codec.codebook == 1
+    assert [db.recall(q, k=5).ids for q in queries] == recalled
+    db.add_memories([pq_memory(500, db.spec)])  # new adds go in with the codebook
+    db.close()
+    with m3db.connect(path) as db:
+        assert db.spec.codec == "pq"
+        assert db.check().ok, db.check().problems
+        assert {r[0] for r in db.sql("SELECT DISTINCT codec FROM memories")} == {"pq"}
+        for i, old in before.items():
+            new = db.get(i)
+            assert np.array_equal(new.positions, old.positions) and new.text == old.text
+            assert relative_error(old.keys, new.keys) <= db.codec.error["keys"] * 1.25 + 0.01
+            assert relative_error(old.values, new.values) <= db.codec.error["values"] * 1.25 + 0.01
+        assert [[i for i in db.recall(q, k=6).ids if i != 500][:5] for q in queries] == recalled
+        with open(path / "spec.json") as f:
+            assert m3db.MemorySpec.from_json(f.read()).codec == "pq"
+        assert os.path.exists(path / "codebook.msgpack")
+        again = db.train_codec("pq", sample=161, m=4)  # trained again: the next codebook
+        assert db.codec.codebook == 2 and db.codec.m == 4 and again["bytes_after"] < report["bytes_after"]
+        back = db.train_codec("int4")  # and out of pq
+        assert back["codec"] == "int4" and db.check().ok
+    with m3db.connect(path) as db:
+        assert db.spec.codec == "int4" and db.check().ok and len(db) == 161
+
+
+def test_a_sample_too_small_is_refused_with_the_number_needed(tmp_path):
+    db = make_db(tmp_path / "kb", n=40)
+    with pytest.raises(InvalidInputError, match="at least 128 memories"):
+        db.train_codec("pq", sample=40)
+    with pytest.raises(InvalidInputError, match="add memories first"):
+        db.train_codec("pq", sample=200)
+    with pytest.raises(InvalidInputError, match="pass sample="):
+        db.train_codec("pq")
+    assert db.spec.codec == "int4" and db.check().ok  # nothing changed
+    db.close()
+
+
+def test_a_record_of_another_codebook_is_a_format_error(tmp_path):
+    path = tmp_path / "kb"
+    db = make_db(path)
+    db.train_codec("pq", sample=160)
+    db.close()
+    with m3db.connect(path) as db:  # swap the catalog's codebook for another: records no longer match
+        other = PQCodec(db.codec.centroids, codebook=7)
+        db.catalog.begin()
+        db.catalog.replace_codec("pq", 1, msgpack.packb(other.params(), use_bin_type=True))
+        db.catalog.commit()
+    with m3db.connect(path, read_only=True) as db:
+        with pytest.raises(FormatError, match="codebook"):
+            db.get(3)
+        assert not db.check().ok
+
+
+def test_repair_rebuilds_a_pq_database_from_its_codebook_file(tmp_path):
+    path = tmp_path / "kb"
+    db = make_db(path)
+    db.train_codec("pq", sample=160)
+    want = {i: db.get(i).keys.copy() for i in (0, 77, 159)}
+    db.close()
+    saved = (path / "codebook.msgpack").read_bytes()
+    os.remove(path / "catalog.duckdb")
+    os.remove(path / "codebook.msgpack")
+    with pytest.raises(FormatError, match="codebook.msgpack"):
+        m3db.repair(path)
+    assert not os.path.exists(path / "catalog.duckdb")  # refused: nothing changed
+    (path / "codebook.msgpack").write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+    with pytest.raises(FormatError, match="codebook"):
+        m3db.repair(path)
+    (path / "codebook.msgpack").write_bytes(saved)
+    m3db.repair(path)
+    with m3db.connect(path) as db:
+        assert db.spec.codec == "pq" and db.check().ok and len(db) == 160
+        for i, keys in want.items():
+            assert np.array_equal(db.get(i).keys, keys)
+
+
+def test_a_package_of_a_pq_database_verifies_and_reads(tmp_path):
+    path = tmp_path / "kb"
+    db = make_db(path)
+    db.train_codec("pq", sample=160)
+    want = {i: db.get(i).values.copy() for i in (1, 99)}
+    db.pack(tmp_path / "kb.m3kb")
+    db.close()
+    report = m3db.verify(tmp_path / "kb.m3kb")
+    assert report.ok, report.problems
+    with m3db.connect(tmp_path / "kb.m3kb") as kb:
+        assert kb.spec.codec == "pq" and kb.codec.codebook == 1
+        for i, values in want.items():
+            assert np.array_equal(kb.get(i).values, values)
+    shutil.rmtree(path)
