@@ -251,3 +251,16 @@ def test_a_package_of_a_pq_database_verifies_and_reads(tmp_path):
         for i, values in want.items():
             assert np.array_equal(kb.get(i).values, values)
     shutil.rmtree(path)
+
+
+def test_the_cli_recompresses(tmp_path, capsys):
+    from m3db.cli import main
+
+    make_db(tmp_path / "kb", n=130).close()
+    assert main(["recompress", str(tmp_path / "kb"), "--codec", "pq", "--sample", "130", "-m", "4", "--json"]) == 0
+    out = __import__("json").loads(capsys.readouterr().out)
+    assert out["codec"] == "pq" and out["memories"] == 130 and 0 < out["error"]["keys"] < 0.4
+    assert main(["recompress", str(tmp_path / "kb"), "--codec", "pq", "--sample", "10"]) == 1
+    assert "at least 128 memories" in capsys.readouterr().err
+    with m3db.connect(tmp_path / "kb", read_only=True) as db:
+        assert db.codec.m == 4 and db.check().ok

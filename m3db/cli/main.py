@@ -174,6 +174,26 @@ def cmd_compact(args) -> dict[str, int]:
 
 
 @command(
+    "recompress",
+    "re-encode every memory into another codec in one atomic swap (pq: trained on a sample first)",
+    "m3db recompress kb.m3db --codec pq --sample 2000",
+    arguments=[
+        (("--codec",), dict(required=True, help="the codec to store memories in: pq, int4, int8, f16, f32")),
+        (("--sample",), dict(type=int, help="pq: how many memories to train its codebooks on (default 2000)")),
+        (("-m",), dict(type=int, default=8, dest="m", help="pq: bytes per 64-dim head vector (default 8)")),
+    ],
+)
+def cmd_recompress(args) -> dict[str, object]:
+    from ..storage.codec import codec_class
+
+    sample = args.sample
+    if sample is None and codec_class(args.codec).trained:
+        sample = 2000
+    with connect(args.path) as db:
+        return db.train_codec(args.codec, sample=sample, m=args.m, progress=sys.stderr.isatty())
+
+
+@command(
     "pack",
     "write a database as one read-only package file (.m3kb) to ship",
     "m3db pack kb.m3db kb.m3kb --license CC-BY-4.0",
