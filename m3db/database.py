@@ -510,8 +510,9 @@ class Database:
     @_guarded
     def train_codec(self, codec="pq", *, sample=None, m=8, seed=0, progress=False) -> dict:
         """Re-encode every memory into `codec` in one atomic swap; a trained codec ("pq", `m`
-        bytes per head vector) is first trained on `sample` random memories (docs/engine.md,
-        "Codecs"). Returns {"bytes_before", "bytes_after", "memories", "codec", "error"}."""
+        bytes per head vector, or {"keys": m, "values": m'}) is first trained on `sample` random
+        memories (docs/engine.md, "Codecs"). Returns {"bytes_before", "bytes_after", "memories",
+        "codec", "error"}."""
         self.require_writable()
         if self.writer.depth:
             raise InvalidInputError("train_codec() cannot run inside a transaction; call it after the transaction")

@@ -82,8 +82,22 @@ def test_round_trip_within_the_stated_error(trained):
         y = trained.decode(data, x.shape, part=part)
         assert y.dtype == np.float32 and y.shape == x.shape
         stated = trained.error[part]
-        assert 0 < stated < 0.3  # structured arrays compress: pins the error to something meaningful
+        assert 0 < stated < 0.4  # structured arrays compress (i.i.d. Gaussian ones: about 0.5 at m=8)
         assert relative_error(x, y) <= stated * 1.25 + 0.01, (part, relative_error(x, y), stated)
+
+
+def test_keys_and_values_may_take_different_bytes():
+    rng = np.random.default_rng(11)
+    codec = train_pq(kv_like(rng, 2, 1, 1024), kv_like(rng, 2, 1, 1024), m={"keys": 4, "values": 16})
+    x = kv_like(rng, 2, 1, 64)
+    assert len(codec.encode(x, part="keys")) == 8 + 2 * 64 * 4
+    assert len(codec.encode(x, part="values")) == 8 + 2 * 64 * 16
+    for part in ("keys", "values"):
+        y = codec.decode(codec.encode(x, part=part), x.shape, part=part)
+        assert relative_error(x, y) <= codec.error[part] * 1.25 + 0.01
+    assert codec.error["values"] < codec.error["keys"]  # more bytes, less error on the same distribution
+    again = load_codec("pq", msgpack.packb(codec.params(), use_bin_type=True))
+    assert again.m == {"keys": 4, "values": 16} and again.crc == codec.crc
 
 
 def test_stated_error_holds_for_any_token_count(trained):
@@ -110,7 +124,7 @@ def test_params_round_trip_without_pickle(trained):
         lambda p: p.update(values=p["values"][:-4]),
         lambda p: p.pop("error"),
         lambda p: p.update(vectors=p["vectors"] + 1),
-        lambda p: p.update(shape=[2, 1, 8, 255, 8]),
+        lambda p: p.update(shape={"keys": [2, 1, 8, 255, 8], "values": [2, 1, 8, 256, 8]}),
     ],
 )
 def test_a_damaged_codebook_is_a_format_error(trained, damage):
@@ -179,7 +193,11 @@ def test_recompress_then_reopen(tmp_path):
             assert m3db.MemorySpec.from_json(f.read()).codec == "pq"
         assert os.path.exists(path / "codebook.msgpack")
         again = db.train_codec("pq", sample=161, m=4)  # trained again: the next codebook
-        assert db.codec.codebook == 2 and db.codec.m == 4 and again["bytes_after"] < report["bytes_after"]
+        assert (
+            db.codec.codebook == 2
+            and db.codec.m == {"keys": 4, "values": 4}
+            and again["bytes_after"] < report["bytes_after"]
+        )
         back = db.train_codec("int4")  # and out of pq
         assert back["codec"] == "int4" and db.check().ok
     with m3db.connect(path) as db:
@@ -257,10 +275,10 @@ def test_the_cli_recompresses(tmp_path, capsys):
     from m3db.cli import main
 
     make_db(tmp_path / "kb", n=130).close()
-    assert main(["recompress", str(tmp_path / "kb"), "--codec", "pq", "--sample", "130", "-m", "4", "--json"]) == 0
+    assert main(["recompress", str(tmp_path / "kb"), "--codec", "pq", "--sample", "130", "-m", "4,8", "--json"]) == 0
     out = __import__("json").loads(capsys.readouterr().out)
-    assert out["codec"] == "pq" and out["memories"] == 130 and 0 < out["error"]["keys"] < 0.4
+    assert out["codec"] == "pq" and out["memories"] == 130 and 0 < out["error"]["keys"] < 0.6
     assert main(["recompress", str(tmp_path / "kb"), "--codec", "pq", "--sample", "10"]) == 1
     assert "at least 128 memories" in capsys.readouterr().err
     with m3db.connect(tmp_path / "kb", read_only=True) as db:
-        assert db.codec.m == 4 and db.check().ok
+        assert db.codec.m == {"keys": 4, "values": 8} and db.check().ok

@@ -180,7 +180,10 @@ def cmd_compact(args) -> dict[str, int]:
     arguments=[
         (("--codec",), dict(required=True, help="the codec to store memories in: pq, int4, int8, f16, f32")),
         (("--sample",), dict(type=int, help="pq: how many memories to train its codebooks on (default 2000)")),
-        (("-m",), dict(type=int, default=8, dest="m", help="pq: bytes per 64-dim head vector (default 8)")),
+        (
+            ("-m",),
+            dict(default="8", dest="m", help="pq: bytes per 64-dim head vector (default 8), or KEYS,VALUES: 4,8"),
+        ),
     ],
 )
 def cmd_recompress(args) -> dict[str, object]:
@@ -189,8 +192,15 @@ def cmd_recompress(args) -> dict[str, object]:
     sample = args.sample
     if sample is None and codec_class(args.codec).trained:
         sample = 2000
+    try:
+        parts = [int(x) for x in args.m.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"-m takes a number of bytes or KEYS,VALUES (4,8), got {args.m!r}") from None
+    m = parts[0] if len(parts) == 1 else dict(zip(("keys", "values"), parts))
+    if len(parts) > 2:
+        raise InvalidInputError(f"-m takes a number of bytes or KEYS,VALUES (4,8), got {args.m!r}")
     with connect(args.path) as db:
-        return db.train_codec(args.codec, sample=sample, m=args.m, progress=sys.stderr.isatty())
+        return db.train_codec(args.codec, sample=sample, m=m, progress=sys.stderr.isatty())
 
 
 @command(

@@ -13,8 +13,8 @@ names the codebook it was encoded with and a mismatch is a FormatError, not wron
 Decoding is a table lookup (one `np.take`).
 
 The error is not bounded per element (a vector far from what the codebook was trained on
-decodes far from itself); what is stated is the relative error measured on the training
-sample, per part: sqrt(sum |x - x'|^2 / sum |x|^2) over the sample (`codec.error`), and tests
+decodes far from itself); what is stated is the relative error sqrt(sum |x - x'|^2 / sum |x|^2)
+per part, measured on an eighth of the sample held out of training (`codec.error`), and tests
 check that arrays of the same distribution round-trip within it (tests/test_pq.py).
 
 Parameters (the catalog's `codecs` row, msgpack; never pickled): {"format": 1, "codebook":
@@ -42,15 +42,18 @@ MIN_TRAIN_VECTORS = 4 * KSUB
 # past this many points per codebook (a random subset is kept), training time grows and the
 # centroids barely move: bench/bench_codec.py measures the error against the cap
 MAX_TRAIN_VECTORS = 32 * KSUB
+HELD_OUT = 8  # one vector in HELD_OUT of a sample measures the stated error instead of training
 PARAM_FIELDS = {"format", "codebook", "m", "shape", "dtype", "keys", "values", "crc32", "error", "vectors"}
 
 
 class PQCodec(Codec):
     """Product quantization with trained codebooks (Jégou et al.; the paper's FAISS PQ).
 
-    centroids: {"keys": float32 (L, H, M, 256, D / M), "values": the same}; codebook: its
+    centroids: {"keys": float32 (L, H, M, 256, D / M), "values": float32 (L, H, M', 256, D / M')}
+    (M, M': bytes per vector of each part, `codec.m`; values are harder to compress than keys,
+    so they may get more bytes); codebook: its
     number in this database (1, 2, ... as it is trained again); error: the relative error
-    measured on the training sample per part; vectors: training vectors per codebook.
+    measured on the held-out part of the sample, per part; vectors: training vectors per codebook.
     """
 
     name, version = "pq", 1
@@ -58,35 +61,41 @@ class PQCodec(Codec):
 
     def __init__(self, centroids, *, codebook=1, error=None, vectors=0):
         self.centroids = {p: np.ascontiguousarray(centroids[p], dtype="<f4") for p in PARTS}
-        L, H, M, k, d = self.centroids["keys"].shape
-        if self.centroids["values"].shape != (L, H, M, k, d) or k != KSUB:
-            raise FormatError(f"codec pq: codebook shapes {[c.shape for c in self.centroids.values()]} do not match")
-        self.layers, self.heads, self.m, self.sub = L, H, M, d
+        shapes = {p: c.shape for p, c in self.centroids.items()}
+        L, H = shapes["keys"][:2]
+        if any(
+            len(s) != 5 or s[:2] != (L, H) or s[3] != KSUB or s[2] * s[4] != shapes["keys"][2] * shapes["keys"][4]
+            for s in shapes.values()
+        ):
+            raise FormatError(f"codec pq: codebook shapes {list(shapes.values())} do not match")
+        self.layers, self.heads, self.dim = L, H, shapes["keys"][2] * shapes["keys"][4]
+        self.m = {p: s[2] for p, s in shapes.items()}  # bytes per vector, per part
         self.codebook = int(codebook)
         self.error = dict(error or {})
         self.vectors = int(vectors)
         self.crc = params_crc(self._described(), *(self.centroids[p].tobytes() for p in PARTS))
         # decode: the flat table of every sub-centroid, (L*H*M*256, d), and each (l, h, m)'s row offset
-        self._table = {p: c.reshape(-1, d) for p, c in self.centroids.items()}
-        self._base = (np.arange(L * H * M, dtype=np.intp) * KSUB).reshape(L, H, 1, M)
+        self._table = {p: c.reshape(-1, c.shape[4]) for p, c in self.centroids.items()}
+        self._base = {p: (np.arange(L * H * M, dtype=np.intp) * KSUB).reshape(L, H, 1, M) for p, M in self.m.items()}
         # encode: |c|^2 of every centroid, (L*H*M, 1, 256)
-        self._norms = {p: (c.reshape(L * H * M, 1, KSUB, d) ** 2).sum(-1) for p, c in self.centroids.items()}
+        self._norms = {p: (c.reshape(-1, 1, KSUB, c.shape[4]) ** 2).sum(-1) for p, c in self.centroids.items()}
 
     # -- the Codec interface -------------------------------------------------------------------
 
     def _check_shape(self, shape, error=FormatError):
         shape = tuple(int(s) for s in shape)
-        if len(shape) != 4 or shape[:2] != (self.layers, self.heads) or shape[3] != self.m * self.sub:
+        if len(shape) != 4 or shape[:2] != (self.layers, self.heads) or shape[3] != self.dim:
             raise error(
                 f"codec pq: shape {shape} does not fit its codebook of (layers={self.layers}, heads={self.heads}, "
-                f"n, head_dim={self.m * self.sub})"
+                f"n, head_dim={self.dim})"
             )
         return shape
 
     def encode(self, x, *, part="keys") -> bytes:
         """float32 (L, H, n, D) -> header + uint8 codes (L, H, n, M)."""
         L, H, n, _ = self._check_shape(np.shape(x), InvalidInputError)
-        M, d = self.m, self.sub
+        M = self.m[part]
+        d = self.dim // M
         xs = np.asarray(x, dtype=np.float32).reshape(L, H, n, M, d).transpose(0, 1, 3, 2, 4)  # (L, H, M, n, d)
         xs = xs.reshape(L * H * M, n, d)
         cents = self.centroids[part].reshape(L * H * M, KSUB, d)
@@ -98,7 +107,11 @@ class PQCodec(Codec):
     def decode(self, data, shape, *, part="keys") -> np.ndarray:
         """header + codes -> float32 `shape`: a lookup of each code's sub-centroid."""
         shape = self._check_shape(shape)
-        self._check_size(data, shape)
+        if len(data) != self.encoded_size(shape, part=part):
+            raise FormatError(
+                f"codec pq: {len(data)} bytes of {part} for shape {shape}, expected "
+                f"{self.encoded_size(shape, part=part)}; the blob is corrupt"
+            )
         codebook, crc = BLOB_HEADER.unpack_from(data)
         if (codebook, crc) != (self.codebook, self.crc):
             raise FormatError(
@@ -107,13 +120,13 @@ class PQCodec(Codec):
                 "catalog that goes with these segments, or run `m3db check` to list the damage"
             )
         L, H, n, _ = shape
-        codes = np.frombuffer(data, dtype=np.uint8, offset=BLOB_HEADER.size).reshape(L, H, n, self.m)
-        rows = self._base + codes  # (L, H, n, M): each code's row in the flat table
+        codes = np.frombuffer(data, dtype=np.uint8, offset=BLOB_HEADER.size).reshape(L, H, n, self.m[part])
+        rows = self._base[part] + codes  # (L, H, n, M): each code's row in the flat table
         return np.take(self._table[part], rows, axis=0).reshape(shape)  # (L, H, n, M, d) -> (L, H, n, D)
 
-    def encoded_size(self, shape) -> int:
+    def encoded_size(self, shape, *, part="keys") -> int:
         L, H, n, _ = self._check_shape(shape)
-        return BLOB_HEADER.size + L * H * n * self.m
+        return BLOB_HEADER.size + L * H * n * self.m[part]
 
     def bound(self, x) -> np.ndarray:
         raise NotImplementedError(
@@ -127,8 +140,8 @@ class PQCodec(Codec):
         return {
             "format": PARAMS_FORMAT,
             "codebook": self.codebook,
-            "m": self.m,
-            "shape": list(self.centroids["keys"].shape),
+            "m": dict(self.m),
+            "shape": {p: list(c.shape) for p, c in self.centroids.items()},
             "dtype": "<f4",
             "error": {p: float(self.error.get(p, 0.0)) for p in PARTS},
             "vectors": self.vectors,
@@ -148,19 +161,18 @@ class PQCodec(Codec):
         try:
             if set(params) != PARAM_FIELDS or params["format"] != PARAMS_FORMAT or params["dtype"] != "<f4":
                 raise ValueError(f"fields {sorted(params)}, format {params.get('format')}")
-            shape = tuple(int(s) for s in params["shape"])
-            if len(shape) != 5 or shape[3] != KSUB or shape[2] != params["m"] or min(shape) < 1:
-                raise ValueError(f"shape {shape}")
-            size = int(np.prod(shape)) * 4
-            keys, values = params["keys"], params["values"]
-            if not isinstance(keys, bytes) or not isinstance(values, bytes) or len(keys) != size or len(values) != size:
-                raise ValueError(f"centroid bytes of the wrong size (expected {size} each)")
+            centroids = {}
+            for p in PARTS:
+                shape = tuple(int(s) for s in params["shape"][p])
+                if len(shape) != 5 or shape[3] != KSUB or shape[2] != params["m"][p] or min(shape) < 1:
+                    raise ValueError(f"{p} shape {shape}")
+                blob = params[p]
+                if not isinstance(blob, bytes) or len(blob) != int(np.prod(shape)) * 4:
+                    raise ValueError(f"{p} centroid bytes of the wrong size (expected {int(np.prod(shape)) * 4})")
+                centroids[p] = np.frombuffer(blob, dtype="<f4").reshape(shape)
             described = {k: v for k, v in params.items() if k not in ("keys", "values", "crc32")}
-            if params_crc(described, keys, values) != params["crc32"]:
+            if params_crc(described, params["keys"], params["values"]) != params["crc32"]:
                 raise ValueError("crc32 mismatch")
-            centroids = {
-                p: np.frombuffer(b, dtype="<f4").reshape(shape) for p, b in (("keys", keys), ("values", values))
-            }
             if not all(np.isfinite(c).all() for c in centroids.values()):
                 raise ValueError("non-finite centroids")
             error = {p: float(params["error"][p]) for p in PARTS}
@@ -171,7 +183,8 @@ class PQCodec(Codec):
             ) from e
 
     def __repr__(self):
-        return f"<Codec pq v{self.version} codebook {self.codebook} m={self.m} ({self.m} bytes per vector)>"
+        m = self.m
+        return f"<Codec pq v{self.version} codebook {self.codebook}: {m['keys']} + {m['values']} bytes per key + value>"
 
 
 def params_crc(described, keys, values) -> int:
@@ -189,7 +202,8 @@ def _sorted(value):
 
 def train_pq(keys, values, *, m=8, codebook=1, iterations=15, seed=0, progress=None) -> PQCodec:
     """Train a PQCodec from a sample: `keys`, `values` float32 (L, H, V, D), V vectors of each
-    (layer, head). m: sub-vectors per head vector (bytes per vector; D % m == 0). `progress`:
+    (layer, head). m: sub-vectors per head vector (bytes per vector; D % m == 0), one for both
+    parts or {"keys": m, "values": m'}. `progress`:
     called with the number of codebooks done. Refuses fewer than MIN_TRAIN_VECTORS vectors."""
     keys, values = (np.asarray(a, dtype=np.float32) for a in (keys, values))
     if keys.ndim != 4 or keys.shape != values.shape:
@@ -197,34 +211,44 @@ def train_pq(keys, values, *, m=8, codebook=1, iterations=15, seed=0, progress=N
             f"train_pq takes keys and values of one shape (L, H, V, D), got {keys.shape}, {values.shape}"
         )
     L, H, V, D = keys.shape
-    if not isinstance(m, int) or isinstance(m, bool) or m < 1 or D % m:
-        raise InvalidInputError(f"codec pq: m (sub-vectors per vector) must divide the head dim {D}, got {m!r}")
+    ms = dict(m) if isinstance(m, dict) else {p: m for p in PARTS}
+    if set(ms) != set(PARTS) or any(
+        not isinstance(v, int) or isinstance(v, bool) or v < 1 or D % v for v in ms.values()
+    ):
+        raise InvalidInputError(
+            f"codec pq: m (sub-vectors per vector, one byte each) must divide the head dim {D}, for keys and "
+            f"values, got {m!r}"
+        )
     if V < MIN_TRAIN_VECTORS:
         raise InvalidInputError(
             f"codec pq: a codebook trained on {V} vectors per (layer, head) is refused: k-means with {KSUB} "
             f"centroids needs at least {MIN_TRAIN_VECTORS} (from a larger sample of memories)"
         )
     rng = np.random.default_rng(seed)
-    if V > MAX_TRAIN_VECTORS:
-        pick = np.sort(rng.choice(V, MAX_TRAIN_VECTORS, replace=False))
-        keys, values = keys[:, :, pick], values[:, :, pick]
-    d = D // m
-    centroids, error, done = {}, {}, 0
+    # an eighth of the sample is held out: the stated error is measured on vectors the
+    # codebook was not fitted to (the training error flatters it when centroids are many)
+    order = rng.permutation(V)
+    held, fit = np.sort(order[: V // HELD_OUT]), np.sort(order[V // HELD_OUT :][:MAX_TRAIN_VECTORS])
+    centroids, done = {}, 0
     for part, x in (("keys", keys), ("values", values)):
+        m, d = ms[part], D // ms[part]
         out = np.empty((L, H, m, KSUB, d), np.float32)
-        err = total = 0.0
         for layer in range(L):
             for head in range(H):
-                sub = np.ascontiguousarray(x[layer, head].reshape(-1, m, d).transpose(1, 0, 2))  # (M, V, d)
-                out[layer, head], sse = kmeans(sub, KSUB, iterations=iterations, rng=rng)
-                err += sse
-                total += float(np.square(sub, dtype=np.float64).sum())
+                sub = np.ascontiguousarray(x[layer, head, fit].reshape(-1, m, d).transpose(1, 0, 2))  # (M, V, d)
+                out[layer, head], _ = kmeans(sub, KSUB, iterations=iterations, rng=rng)
                 done += 1
                 if progress is not None:
                     progress(done)
         centroids[part] = out
-        error[part] = float(np.sqrt(err / total)) if total > 0 else 0.0
-    return PQCodec(centroids, codebook=codebook, error=error, vectors=min(V, MAX_TRAIN_VECTORS))
+    codec = PQCodec(centroids, codebook=codebook, vectors=len(fit))
+    error = {}
+    for part, x in (("keys", keys), ("values", values)):
+        sample = np.ascontiguousarray(x[:, :, held])  # (L, H, held, D)
+        decoded = codec.decode(codec.encode(sample, part=part), sample.shape, part=part)
+        total = float(np.square(sample, dtype=np.float64).sum())
+        error[part] = float(np.sqrt(np.square(sample - decoded, dtype=np.float64).sum() / total)) if total else 0.0
+    return PQCodec(centroids, codebook=codebook, error=error, vectors=len(fit))
 
 
 def kmeans(x, k, *, iterations, rng) -> tuple[np.ndarray, float]:
