@@ -6,7 +6,7 @@ sparse mode (layers 15-29, 8 tokens per head) and in the dense default (all 30 l
 head). The first `--train` references train the pq codebooks; the next `--test` are measured
 (held out from training).
 
-Per mode and codec (int8, int4, pq at each `--m`):
+Per mode and codec (int8, int4, pq at each `--m`: bytes per vector, or KEYS,VALUES bytes):
   record    bytes of a record holding K/V, positions and framing (empty text, no metadata, no
             repair fields), mean over the test memories;
   vs fp16   the full fp16 K/V cache of the same reference (30 layers x 2 x 3 KV heads x its
@@ -19,7 +19,7 @@ Per mode and codec (int8, int4, pq at each `--m`):
 With faiss importable, one codebook's data is also trained by faiss's ProductQuantizer against
 m3db's own k-means (same data, same iterations): time and error.
 
-    python bench/bench_codec.py --train 600 --test 100 --m 4 8 16
+    python bench/bench_codec.py --train 600 --test 100 --m 4 8 16 4,8
 """
 
 from __future__ import annotations
@@ -98,12 +98,15 @@ def measure(mode, model, train_texts, test_texts, ms, rounds, iterations) -> lis
     values = np.concatenate([m["values"] for m in train], axis=2)
     fp16 = [30 * 2 * 3 * m["token_count"] * 64 * 2 for m in test]  # the full cache of each reference
     codecs, info = {"int8": codec_class("int8")(), "int4": codec_class("int4")()}, {}
-    for m in ms:
+    for spec in ms:
+        parts = [int(x) for x in spec.split(",")]
+        m = parts[0] if len(parts) == 1 else {"keys": parts[0], "values": parts[1]}
+        name = f"pq{spec}"
         start = time.perf_counter()
         codec = train_pq(keys, values, m=m, iterations=iterations)
-        info[f"pq{m}"] = {"train_s": time.perf_counter() - start, "stated": codec.error}
-        codecs[f"pq{m}"] = codec
-        print(f"  pq m={m}: trained in {info[f'pq{m}']['train_s']:.1f} s", file=sys.stderr)
+        info[name] = {"train_s": time.perf_counter() - start, "stated": codec.error}
+        codecs[name] = codec
+        print(f"  pq m={spec}: trained in {info[name]['train_s']:.1f} s", file=sys.stderr)
     speed = decode_times(codecs, test, rounds)
     rows = []
     for name, codec in codecs.items():
@@ -162,7 +165,7 @@ def main(argv=None):
     p.add_argument("--train", type=int, default=600, help="references to train pq on (sparse mode)")
     p.add_argument("--dense-train", type=int, default=160, help="references to train pq on (dense mode)")
     p.add_argument("--test", type=int, default=100, help="held-out references to measure")
-    p.add_argument("--m", type=int, nargs="+", default=[4, 8, 16], help="pq bytes per 64-dim vector")
+    p.add_argument("--m", nargs="+", default=["4", "8", "16", "4,8"], help="pq bytes per 64-dim vector, or KEYS,VALUES")
     p.add_argument("--iterations", type=int, default=15, help="k-means iterations")
     p.add_argument("--rounds", type=int, default=5, help="decode timing rounds")
     p.add_argument("--out", help="write the rows as JSON here")
