@@ -195,10 +195,10 @@ def cmd_recompress(args) -> dict[str, object]:
     try:
         parts = [int(x) for x in args.m.split(",")]
     except ValueError:
-        raise InvalidInputError(f"-m takes a number of bytes or KEYS,VALUES (4,8), got {args.m!r}") from None
-    m = parts[0] if len(parts) == 1 else dict(zip(("keys", "values"), parts))
-    if len(parts) > 2:
+        parts = []
+    if len(parts) not in (1, 2):
         raise InvalidInputError(f"-m takes a number of bytes or KEYS,VALUES (4,8), got {args.m!r}")
+    m = parts[0] if len(parts) == 1 else dict(zip(("keys", "values"), parts))
     with connect(args.path) as db:
         return db.train_codec(args.codec, sample=sample, m=m, progress=sys.stderr.isatty())
 
