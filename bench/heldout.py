@@ -339,7 +339,7 @@ def evaluate(model, cond: Condition, questions, memories, batch_size: int, say) 
     for s in range(0, len(questions), batch_size):
         qs = questions[s : s + batch_size]
         prompts = [chat(q.question) for q in qs]
-        ids = [model._ids(p) for p in prompts]
+        ids = [model.prompt_ids(p) for p in prompts]
         # the lead-in and the answer are fed as one reply; only the answer's tokens are summed
         # (the answer tokenized on its own, with its leading space, as score.py does)
         lead_ids = [tok.encode(q.lead) for q in qs]

@@ -430,12 +430,14 @@ def evaluate(cond, model, retriever, questions, batch_size, say):
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         qs = [questions[i] for i in idx]
-        gen_ids = [model._ids(chat(q.question)) for q in qs]
+        gen_ids = [model.prompt_ids(chat(q.question)) for q in qs]
         score_prompts = [tok.apply_chat_template(chat(q.question), add_generation_prompt=True) + q.lead for q in qs]
         r = None
         if retriever is not None:
             r = retriever
-            retriever.bind([q.question for q in qs] * 2, gen_ids + [model._ids(p) for p in score_prompts], cond.mode)
+            retriever.bind(
+                [q.question for q in qs] * 2, gen_ids + [model.prompt_ids(p) for p in score_prompts], cond.mode
+            )
         t = time.perf_counter()
         lps = answer_logprobs(model, score_prompts, [q.answer for q in qs], retriever=r, mode=cond.mode)
         t_score += time.perf_counter() - t
@@ -477,7 +479,7 @@ def throughput(conds, models, retrievers, questions, new_tokens, say):
                 r.bind_one(q.question)
             steps[c.name] = run(
                 m,
-                [m._ids(chat(q.question))],
+                [m.prompt_ids(chat(q.question))],
                 mode=c.mode,
                 retriever=r,
                 sampling=Sampling(max_tokens=4 if warm else new_tokens, stop_tokens=()),

@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from m3db.model import encoder as memory_encoder
-from m3db.model.generate import Generation, Sampling, run, stream_text
-from m3db.model.memory import Retriever
+from m3db.model.generate import ReadingVerbs
 from m3db.model.settings import MEMORY_MODES, MemorySettings
 
 from .hf_decoder import SUPPORTED_FAMILIES, HFDecoder, UnsupportedModel, family_of
@@ -35,7 +34,6 @@ from .hf_tokenizer import HFTokenizer
 
 __all__ = ["HFMemoryModel", "SUPPORTED_FAMILIES", "SparseModeAbsent", "UnsupportedModel"]
 
-Prompt = str | Sequence[dict]
 
 # The config fields that shape the computation; the weights carry the rest. Loading paths
 # (a checkpoint folder, a GGUF file) fill other fields differently, so only these are hashed.
@@ -103,7 +101,7 @@ def settings_for(mode: str, n_layer: int, tokenizer: HFTokenizer) -> MemorySetti
     return MemorySettings.named(mode, n_layer).with_(reference_prefix=tokenizer.reference_prefix())
 
 
-class HFMemoryModel:
+class HFMemoryModel(ReadingVerbs):
     """A transformers causal LM that writes and reads explicit memories.
 
     Build with `HFMemoryModel.from_pretrained(path, ...)` or wrap loaded objects:
@@ -206,39 +204,7 @@ class HFMemoryModel:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: text as is, chat messages through the chat template."""
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
-
-    def generate_many(
-        self, prompts: Sequence[Prompt], *, retriever: Retriever | None = None, mode: str = "memory", **sampling
-    ) -> list[Generation]:
-        """Generate for a batch of prompts (text, or chat messages [{"role", "content"}]).
-
-        mode: "memory" (read retrieved memories, re-retrieved every chunk_length tokens),
-        "none" or "rag" (the retrieved references' text prepended). Sampling options:
-        max_tokens, temperature, top_p, stop_tokens, seed (see `m3db.model.Sampling`)."""
-        loop, steps = run(
-            self, [self.prompt_ids(p) for p in prompts], mode=mode, retriever=retriever, sampling=Sampling(**sampling)
-        )
-        for _ in steps:
-            pass
-        return loop.results()
-
-    def generate(
-        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
-    ) -> Generation:
-        """Generate for one prompt; see `generate_many`."""
-        return self.generate_many([prompt], retriever=retriever, mode=mode, **sampling)[0]
-
-    def stream(
-        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
-    ) -> Iterator[str]:
-        """Like `generate`, yielding text pieces as they are produced."""
-        _, steps = run(self, [self.prompt_ids(prompt)], mode=mode, retriever=retriever, sampling=Sampling(**sampling))
-        yield from stream_text(self.tokenizer, steps)
+    # generate_many, generate, stream and prompt_ids: ReadingVerbs (m3db.model.generate)
 
     def __repr__(self) -> str:
         name = getattr(self.hf_model.config, "_name_or_path", "") or type(self.hf_model).__name__

@@ -352,3 +352,47 @@ def stream_text(tokenizer, steps: Iterator[list[int | None]]) -> Iterator[str]:
     text = tokenizer.decode(ids)
     if len(text) > sent:
         yield text[sent:]
+
+
+Prompt = str | Sequence[dict]  # text, or chat messages [{"role", "content"}]
+
+
+class ReadingVerbs:
+    """generate_many / generate / stream over the generation loop, for any memory model with a
+    `tokenizer` (encode, apply_chat_template) and the loop's parts: the bundled MemoryModel and
+    the bindings' HFMemoryModel share them."""
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text as is, chat messages through the chat template."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+
+    def generate_many(
+        self, prompts: Sequence[Prompt], *, retriever: Retriever | None = None, mode: str = "memory", **sampling
+    ) -> list[Generation]:
+        """Generate for a batch of prompts (text, or chat messages [{"role", "content"}]).
+
+        mode: "memory" (read retrieved memories, re-retrieved every chunk_length tokens), "none"
+        (no memory) or "rag" (the retrieved references' text prepended). Sampling options:
+        max_tokens, temperature, top_p, stop_tokens, seed (see `Sampling`).
+        """
+        loop, steps = run(
+            self, [self.prompt_ids(p) for p in prompts], mode=mode, retriever=retriever, sampling=Sampling(**sampling)
+        )
+        for _ in steps:
+            pass
+        return loop.results()
+
+    def generate(
+        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
+    ) -> Generation:
+        """Generate for one prompt; see `generate_many`."""
+        return self.generate_many([prompt], retriever=retriever, mode=mode, **sampling)[0]
+
+    def stream(
+        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
+    ) -> Iterator[str]:
+        """Like `generate`, yielding text pieces as they are produced."""
+        _, steps = run(self, [self.prompt_ids(prompt)], mode=mode, retriever=retriever, sampling=Sampling(**sampling))
+        yield from stream_text(self.tokenizer, steps)

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from . import encoder as _encoder
 from .adapter import BUNDLED_FILE, AdapterError, ReaderAdapter, read_header
 from .decoder import Decoder, DecoderConfig, load_state
-from .generate import Generation, Sampling, run, stream_text
-from .memory import Retriever
+from .generate import ReadingVerbs
 from .settings import MemorySettings
 from .tokenizer import Tokenizer, tiny_tokenizer_data
 
-Prompt = str | Sequence[dict]
 
-
-class MemoryModel:
+class MemoryModel(ReadingVerbs):
     """A decoder that writes and reads explicit memories.
 
     Build with `MemoryModel.load()` (bundled SmolLM2-135M-Instruct) or `MemoryModel.tiny()`
@@ -142,39 +139,7 @@ class MemoryModel:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
-
-    def generate_many(
-        self, prompts: Sequence[Prompt], *, retriever: Retriever | None = None, mode: str = "memory", **sampling
-    ) -> list[Generation]:
-        """Generate for a batch of prompts (text, or chat messages [{"role", "content"}]).
-
-        mode: "memory" (read retrieved memories), "none" (no memory) or "rag" (the retrieved
-        references' text prepended). Sampling options: max_tokens, temperature, top_p,
-        stop_tokens, seed (see `Sampling`).
-        """
-        loop, steps = run(
-            self, [self._ids(p) for p in prompts], mode=mode, retriever=retriever, sampling=Sampling(**sampling)
-        )
-        for _ in steps:
-            pass
-        return loop.results()
-
-    def generate(
-        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
-    ) -> Generation:
-        """Generate for one prompt; see `generate_many`."""
-        return self.generate_many([prompt], retriever=retriever, mode=mode, **sampling)[0]
-
-    def stream(
-        self, prompt: Prompt, *, retriever: Retriever | None = None, mode: str = "memory", **sampling
-    ) -> Iterator[str]:
-        """Like `generate`, yielding text pieces as they are produced."""
-        _, steps = run(self, [self._ids(prompt)], mode=mode, retriever=retriever, sampling=Sampling(**sampling))
-        yield from stream_text(self.tokenizer, steps)
+    # generate_many, generate, stream and prompt_ids: ReadingVerbs (m3db.model.generate)
 
 
 def trained_for(settings: MemorySettings) -> dict:

@@ -43,7 +43,7 @@ def answer_logprobs(
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers: give one answer per prompt")
-    prompt_ids = [model._ids(p) for p in prompts]
+    prompt_ids = [model.prompt_ids(p) for p in prompts]
     answer_ids = [_answer_ids(model, a) for a in answers]
     n_max = max(len(a) for a in answer_ids)
     loop = GenerationLoop(model, prompt_ids, mode, retriever, Sampling(max_tokens=n_max, stop_tokens=()))

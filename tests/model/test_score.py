@@ -59,7 +59,7 @@ def greedy_with_logprobs(model, prompt, mode, retriever, n):
     spy.decoder = RecordingDecoder(model.decoder)
     loop, steps = run(
         spy,
-        [model._ids(prompt)],
+        [model.prompt_ids(prompt)],
         mode=mode,
         retriever=None if mode == "none" else retriever,
         sampling=Sampling(max_tokens=n, stop_tokens=()),
