@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -59,11 +60,12 @@ def body(question, max_tokens):
     }
 
 
-def timed_post(server, question, max_tokens):
-    with server.client(timeout=600) as c:
-        t0 = time.perf_counter()
-        r = c.post("/v1/chat/completions", json=body(question, max_tokens))
-        elapsed = time.perf_counter() - t0
+def timed_post(c, question, max_tokens):
+    """One chat request on client c (an httpx.Client kept open, as an application keeps its
+    OpenAI client): (seconds, completion tokens, text)."""
+    t0 = time.perf_counter()
+    r = c.post("/v1/chat/completions", json=body(question, max_tokens))
+    elapsed = time.perf_counter() - t0
     r.raise_for_status()
     out = r.json()
     return elapsed, out["usage"]["completion_tokens"], out["choices"][0]["message"]["content"]
@@ -90,23 +92,30 @@ def main():
 
     server = ServerProcess([path], "--name", "kb", "--max-batch", str(args.clients), timeout=300)
     try:
-        timed_post(server, "Warm up.", 4)  # the model loads on first use
+        clients = [server.client(timeout=600) for _ in range(args.clients)]
+        for c in clients:  # the model loads on first use; every client's connection opens
+            timed_post(c, "Warm up.", 2)
+        before = clients[0].get("/v1/server").json()["generation"]
         # one client, one request at a time
         t0 = time.perf_counter()
-        serial = [timed_post(server, q, args.max_tokens) for q in questions]
+        serial = [timed_post(clients[0], q, args.max_tokens) for q in questions]
         serial_wall = time.perf_counter() - t0
         # `clients` clients at once, each sending its share back to back
         shares = [questions[i :: args.clients] for i in range(args.clients)]
+        start = threading.Barrier(args.clients)
 
-        def client(share):
-            return [timed_post(server, q, args.max_tokens) for q in share]
+        def client(c, share):
+            start.wait()
+            return [timed_post(c, q, args.max_tokens) for q in share]
 
+        middle = clients[0].get("/v1/server").json()["generation"]
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
-            together = [r for rs in pool.map(client, shares) for r in rs]
+            together = [r for rs in pool.map(client, clients, shares) for r in rs]
         together_wall = time.perf_counter() - t0
-        with server.client() as c:
-            stats = c.get("/v1/server").json()["generation"]
+        stats = clients[0].get("/v1/server").json()["generation"]
+        for c in clients:
+            c.close()
     finally:
         server.stop()
         server.close()
@@ -142,8 +151,9 @@ def main():
         "http_s_per_request": round(serial_wall / n, 3),
         "http_overhead": round(serial_wall / inproc_wall - 1, 4),
         "answers_equal_to_in_process": f"{same}/{n}",
-        "batches": stats.get("batches"),
-        "largest_batch": stats.get("largest_batch"),
+        "batches_one_at_a_time": middle["batches"] - before["batches"],
+        "batches_concurrent": stats["batches"] - middle["batches"],
+        "largest_batch": stats["largest_batch"],
     }
     print(json.dumps(figures, indent=2))
 
