@@ -355,6 +355,40 @@ def stream_text(tokenizer, steps: Iterator[list[int | None]]) -> Iterator[str]:
 
 
 Prompt = str | Sequence[dict]  # text, or chat messages [{"role", "content"}]
+ROLES = ("system", "user", "assistant")
+
+
+class PromptError(ValueError):
+    """A prompt that is neither text nor a list of chat messages the chat template can take."""
+
+
+def check_prompt(prompt) -> None:
+    """Raise PromptError naming what is wrong with `prompt` and how to write it instead: the chat
+    template would otherwise fail deep inside Jinja, or quietly render a malformed conversation."""
+    shape = 'a string, or chat messages [{"role": "user", "content": "..."}]'
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, (bytes, bytearray)):
+        raise PromptError(f"the prompt is bytes; decode it to a string first (prompt.decode('utf-8')): {shape}")
+    if isinstance(prompt, dict):
+        raise PromptError(f"the prompt is one message, not a list of them: wrap it in a list, [message]: {shape}")
+    if not isinstance(prompt, (list, tuple)):
+        raise PromptError(f"the prompt must be {shape}, got {type(prompt).__name__}")
+    if not prompt:
+        raise PromptError(f"the prompt is an empty list of messages: give {shape}")
+    for i, m in enumerate(prompt):
+        if isinstance(m, (str, list, tuple)):
+            raise PromptError(
+                f"message {i} is a {type(m).__name__}, not a {{'role', 'content'}} dict; one call answers one "
+                "prompt: to answer several questions, call generate once per question"
+            )
+        if not isinstance(m, dict):
+            raise PromptError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise PromptError(f"message {i} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            got = "no content" if "content" not in m else f"content of type {type(m['content']).__name__}"
+            raise PromptError(f"message {i} has {got}; its 'content' must be a string")
 
 
 class ReadingVerbs:
@@ -364,6 +398,7 @@ class ReadingVerbs:
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: text as is, chat messages through the chat template."""
+        check_prompt(prompt)
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True))

@@ -1,6 +1,8 @@
 """Knowledge-base verbs (add, add_documents, recall by text, generate) on the tiny random
 decoder of the real architecture and a feature-hashing embedder: fast, real code paths."""
 
+import re
+
 import pytest
 
 pytest.importorskip("torch")
@@ -206,3 +208,27 @@ def test_an_empty_answer_says_why(kb):
         (token,) = kb.models()[0].tokenizer.encode(first.text)
         empty = kb.generate("Where is Tokyo?", max_tokens=8, memory=memory, stop_tokens=[token])
         assert empty.text == "" and empty.finish_reason == "empty"
+
+
+@pytest.mark.parametrize(
+    "prompt, says",
+    [
+        (["first question?", "second question?"], "call generate once per question"),
+        ([[{"role": "user", "content": "hi"}]], "message 0 is a list"),
+        ([{"role": "user"}], "message 0 has no content"),
+        ([{"content": "hi"}], "message 0 has role None"),
+        ([{"role": "wizard", "content": "hi"}], "expected one of system, user, assistant"),
+        ([{"role": "user", "content": 5}], "content of type int"),
+        ([], "empty list of messages"),
+        ({"role": "user", "content": "hi"}, "wrap it in a list"),
+        (b"hi", "decode it to a string"),
+        (None, "got NoneType"),
+        (5, "got int"),
+    ],
+)
+def test_a_malformed_prompt_names_the_problem(kb, prompt, says):
+    """A prompt the chat template cannot take fails before decoding, saying what is wrong (it
+    failed deep inside Jinja, or rendered a malformed conversation, before)."""
+    with pytest.raises(m3db.InvalidInputError, match=re.escape(says)):
+        kb.generate(prompt, max_tokens=2)
+    assert kb.generate([{"role": "user", "content": "hi"}], max_tokens=2).finish_reason in ("stop", "length", "empty")
