@@ -41,7 +41,7 @@ def add_documents(
     batch = []
     try:
         for doc in documents:
-            batch.append(_check_document(doc, len(batch)))
+            batch.append(check_document(doc, len(batch)))
             if len(batch) >= batch_size:
                 _ingest(db, batch, model, embedder, report, ids_out, cold, replace)
                 bar.update(len(batch))
@@ -71,7 +71,9 @@ def _known_length(documents):
         return None
 
 
-def _check_document(doc, position):
+def check_document(doc, position) -> dict:
+    """A document (a dict with `text`, or a string) checked and normalised: text, source (default: a
+    hash of the text), title, uri and metadata (Nones dropped); InvalidInputError names the problem."""
     if isinstance(doc, str):
         doc = {"text": doc}
     if not isinstance(doc, dict):

@@ -18,6 +18,7 @@ Error bounds (checked by tests/test_codec.py on random and adversarial inputs):
 (their classes live in their own modules, imported when first asked for).
 """
 
+import dataclasses
 from typing import Self
 
 import msgpack
@@ -212,6 +213,35 @@ class Int4Codec(_ScaledIntCodec):
     def encoded_size(self, shape) -> int:
         _, ngroups = self._groups(shape)
         return 4 * ngroups + int(np.prod(shape)) // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedArray:
+    """Keys or values already encoded by a codec: its name and version, the array's shape and the
+    bytes. A distributed build's workers encode on their own machines and send these; the writer
+    checks them (they decode to a valid array of the spec's shape) and stores the bytes as they are,
+    so the record equals the one a local build writes from the same floats."""
+
+    codec: str
+    version: int
+    shape: tuple
+    data: bytes
+
+
+def encoded_floats(x, codec, part) -> np.ndarray:
+    """`x` as float32 for the spec's checks: an EncodedArray is decoded with `codec` (which must be
+    the one that wrote it); anything else passes through."""
+    if not isinstance(x, EncodedArray):
+        return x
+    if (x.codec, x.version) != (codec.name, codec.version):
+        raise InvalidInputError(
+            f"{part} were encoded with codec {x.codec} v{x.version}; this database stores {codec.name} "
+            f"v{codec.version}. Encode with the database's codec"
+        )
+    try:
+        return codec.decode(bytes(x.data), tuple(int(n) for n in x.shape), part=part)
+    except (FormatError, ValueError, TypeError) as e:
+        raise InvalidInputError(f"{part}: the encoded bytes do not decode to shape {x.shape}: {e}") from None
 
 
 CODECS = {c.name: c for c in (F32Codec, F16Codec, Int8Codec, Int4Codec)}

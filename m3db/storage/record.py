@@ -30,7 +30,7 @@ import numpy as np
 import zstandard
 
 from ..errors import FormatError, InvalidInputError
-from .codec import codec_class
+from .codec import EncodedArray, codec_class
 
 MAGIC = b"M3MR"
 FORMAT_VERSION = 1
@@ -103,10 +103,10 @@ def encode_record(
         fields.update(
             codec=codec.name,
             codec_version=codec.version,
-            shape=list(keys.shape),
+            shape=[int(n) for n in keys.shape],
             positions=positions.astype(np.uint8).tobytes(),
-            keys=codec.encode(keys, part="keys"),
-            values=codec.encode(values, part="values"),
+            keys=_encoded(codec, keys, "keys"),
+            values=_encoded(codec, values, "values"),
         )
     fields.update(text=text, metadata=metadata, document_id=document_id, ordinal=ordinal, token_count=token_count)
     fields.update(repair or {})
@@ -124,6 +124,11 @@ def encode_record(
         if len(squeezed) < ZSTD_MIN_SAVING * len(payload):
             payload, flags = squeezed, FLAG_ZSTD
     return frame(payload, flags)
+
+
+def _encoded(codec, x, part):
+    """The codec's bytes of `x`; an EncodedArray (checked by validate.py) is already them."""
+    return bytes(x.data) if isinstance(x, EncodedArray) else codec.encode(x, part=part)
 
 
 def repair_fields(embedding, seq, char_start, char_end, document) -> dict:

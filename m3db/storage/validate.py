@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from .catalog import check_json_value, check_metadata_key, check_text, metadata_sql_type
+from .codec import EncodedArray, encoded_floats
 from .segment import DEFAULT_SEGMENT_SIZE
 
 # connect(config=...): key -> type; all are positive integers
@@ -79,8 +80,13 @@ def check_memory(position: int, item: object, spec, codec) -> CheckedMemory:
     try:
         keys = values = positions = None
         if not cold:
-            keys, values, positions = spec.check_arrays(item["keys"], item["values"], item["positions"])
+            # pre-encoded keys or values (a distributed build's) are checked as what they decode to,
+            # and then stored as the bytes they are
+            given = item["keys"], item["values"]
+            floats = [encoded_floats(x, codec, part) for x, part in zip(given, ("keys", "values"))]
+            keys, values, positions = spec.check_arrays(floats[0], floats[1], item["positions"])
             codec.check(keys), codec.check(values)  # range checks (f16) before writing
+            keys, values = (g if isinstance(g, EncodedArray) else f for g, f in zip(given, (keys, values)))
         embedding = spec.check_embedding(item["embedding"])
     except InvalidInputError as e:
         raise InvalidInputError(f"{where}: {str(e).split('] ', 1)[-1]}") from None
