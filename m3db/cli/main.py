@@ -14,6 +14,8 @@ from collections.abc import Callable
 from ..database import connect
 from ..errors import FormatError, InvalidInputError, M3DBError
 from ..storage.repair import repair
+from . import build as build_cli
+from .build import MODEL_ARGUMENT
 from .serve import ARGUMENTS as SERVE_ARGUMENTS
 from .table import format_cell, format_table
 
@@ -33,14 +35,6 @@ def command(name, help, example, arguments=()) -> Callable[[Callable], Callable]
 
 EXTRA_ARGUMENTS = {}
 
-MODEL_ARGUMENT = (
-    ("--model",),
-    dict(
-        help="your own Hugging Face transformers model instead of the bundled one: a local checkpoint "
-        "folder or a .gguf file (Llama, Mistral, Qwen2, Qwen3; CPU, float32; docs/bindings.md)"
-    ),
-)
-
 
 def own_model(path, memory_mode=None):
     """An HFMemoryModel loaded from a local folder or GGUF file, its errors as m3db's."""
@@ -50,7 +44,7 @@ def own_model(path, memory_mode=None):
         from ..bindings.transformers import HFMemoryModel
     except ImportError as e:
         raise DependencyError(f"--model needs the transformers extra ({e}): pip install 'm3db[transformers]'") from e
-    _say(f"loading {path} through transformers ...")
+    say(f"loading {path} through transformers ...")
     try:
         return HFMemoryModel.from_pretrained(path, memory_mode=memory_mode or "dense", device="cpu")
     except (ValueError, NotImplementedError) as e:
@@ -100,7 +94,7 @@ def cmd_check(args) -> dict[str, object]:
     except FormatError as e:
         if not args.repair or not os.path.isdir(args.path) or "catalog" not in str(e):
             raise
-        _say(f"{e}\nrebuilding the catalog from the segments ...")
+        say(f"{e}\nrebuilding the catalog from the segments ...")
         repaired = repair(args.path)
         db = connect(args.path)  # a writable open rebuilds the vector index from the new catalog
     with db:
@@ -249,80 +243,13 @@ def cmd_verify(args) -> dict[str, object]:
     return out
 
 
-@command(
-    "build",
-    "build (or extend) a knowledge base from text files or the bundled Wikipedia summaries",
-    "m3db build kb.m3db --from wikipedia --limit 300",
-    arguments=[
-        (
-            ("--from",),
-            dict(
-                dest="source",
-                nargs="+",
-                required=True,
-                metavar="FILES|wikipedia",
-                help="'wikipedia', or .txt/.md/.jsonl files and directories",
-            ),
-        ),
-        (("--limit",), dict(type=int, help="at most this many documents")),
-        (
-            ("--codec",),
-            dict(
-                default="int4",
-                help="how a new database stores memories (f32, f16, int8, int4; default "
-                "int4, measured in docs/quality.md)",
-            ),
-        ),
-        (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
-        (
-            ("--cold",),
-            dict(
-                action="store_true",
-                help="cold start: store text and embeddings now, encode each memory "
-                "the first time it is read (docs/knowledge.md)",
-            ),
-        ),
-        (
-            ("--sparse",),
-            dict(
-                action="store_true",
-                help="a new database in the sparse memory mode: 8 tokens per "
-                "head on half the layers, read through the bundled reader adapter (docs/adapter.md)",
-            ),
-        ),
-        MODEL_ARGUMENT,
-    ],
+# build and merge live in build.py; BUILD_ARGUMENTS is the one list of build's options
+cmd_build = command("build", build_cli.BUILD_HELP, build_cli.BUILD_EXAMPLE, build_cli.BUILD_ARGUMENTS)(
+    build_cli.cmd_build
 )
-def cmd_build(args) -> dict[str, int]:
-    import itertools
-
-    from ..knowledge import sources
-
-    if args.limit is not None and args.limit < 1:
-        raise InvalidInputError(f"--limit must be a positive number of documents, got {args.limit}")
-    if args.source == ["wikipedia"]:
-        docs = sources.wikipedia(limit=args.limit)
-    else:
-        docs = sources.files(args.source)
-        if args.limit is not None:
-            docs = itertools.islice(docs, args.limit)
-    _say(f"loading the model and opening {args.path} ...")
-    mode = "sparse" if args.sparse else None
-    model = own_model(args.model, mode) if args.model else None
-    with connect(args.path, codec=args.codec, memory_mode=None if model else mode, model=model) as db:
-        _say(
-            f"chunking, embedding{'' if args.cold else ' and encoding'} documents into memories "
-            f"(commits every {args.batch_size}{'; cold: encoded on first read' if args.cold else ''}) ..."
-        )
-        report = db.add_documents(docs, batch_size=args.batch_size, cold=args.cold)
-        total = len(db)
-    return {
-        "documents_added": report.documents_added,
-        "documents_skipped": report.documents_skipped,
-        "documents_empty": report.documents_empty,
-        "memories_added": report.memories_added,
-        "memories_total": total,
-    }
+cmd_merge = command("merge", build_cli.MERGE_HELP, build_cli.MERGE_EXAMPLE, build_cli.MERGE_ARGUMENTS)(
+    build_cli.cmd_merge
+)
 
 
 @command(
@@ -373,12 +300,12 @@ def cmd_train(args) -> dict[str, object]:
     def chunk(text) -> list[str]:  # the references ingest would make
         return [c.text for c in chunk_text(text, model.count_tokens, settings.reference_length)]
 
-    _say(
+    say(
         f"training a reader adapter for memory layers {list(model.settings.memory_layers)}, "
         f"{settings.tokens_per_head} tokens per head, in {args.path} (resumes a run there) ..."
     )
     try:
-        adapter = train(model, args.path, cfg, wiki=wiki, chunk=chunk, say=_say)
+        adapter = train(model, args.path, cfg, wiki=wiki, chunk=chunk, say=say)
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
     return {
@@ -477,7 +404,8 @@ def cmd_serve(args) -> None:
     return serve(args)
 
 
-def _say(text):
+def say(text) -> None:
+    """A line for the user on stderr (stdout holds the result)."""
     print(text, file=sys.stderr, flush=True)
 
 
@@ -526,7 +454,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 1
     try:
-        if args.command not in ("build", "train") and not os.path.exists(args.path):
+        if args.command not in ("build", "train", "merge") and not os.path.exists(args.path):
             raise FileNotFoundError(f"no database at {args.path!r}")
         out = args.fn(args)
     except (M3DBError, OSError) as e:

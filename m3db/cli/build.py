@@ -1,0 +1,207 @@
+"""`m3db build` (locally, or on Ray with --ray) and `m3db merge`.
+
+BUILD_ARGUMENTS is the one list of build's options: a new option goes there (main.py registers
+the command with it). Imports: the database, the knowledge sources, package merge, and the Ray
+binding only when --ray is given.
+"""
+
+import glob
+import itertools
+import os
+import sys
+
+from ..database import connect
+from ..errors import InvalidInputError
+
+MODEL_ARGUMENT = (
+    ("--model",),
+    dict(
+        help="your own Hugging Face transformers model instead of the bundled one: a local checkpoint "
+        "folder or a .gguf file (Llama, Mistral, Qwen2, Qwen3; CPU, float32; docs/bindings.md)"
+    ),
+)
+
+BUILD_HELP = "build (or extend) a knowledge base from text files or the bundled Wikipedia summaries"
+BUILD_EXAMPLE = "m3db build kb.m3db --from wikipedia --limit 300"
+BUILD_ARGUMENTS = [
+    (
+        ("--from",),
+        dict(
+            dest="source",
+            nargs="+",
+            required=True,
+            metavar="FILES|wikipedia",
+            help="'wikipedia', or .txt/.md/.jsonl files and directories",
+        ),
+    ),
+    (("--limit",), dict(type=int, help="at most this many documents")),
+    (
+        ("--codec",),
+        dict(
+            default="int4",
+            help="how a new database stores memories (f32, f16, int8, int4; default "
+            "int4, measured in docs/quality.md)",
+        ),
+    ),
+    (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
+    (
+        ("--cold",),
+        dict(
+            action="store_true",
+            help="cold start: store text and embeddings now, encode each memory "
+            "the first time it is read (docs/knowledge.md)",
+        ),
+    ),
+    (
+        ("--sparse",),
+        dict(
+            action="store_true",
+            help="a new database in the sparse memory mode: 8 tokens per "
+            "head on half the layers, read through the bundled reader adapter (docs/adapter.md)",
+        ),
+    ),
+    MODEL_ARGUMENT,
+    (
+        ("--ray",),
+        dict(
+            action="store_true",
+            help="encode on a Ray cluster (pip install 'm3db[ray]'): a pool of workers, this process "
+            "the one writer (docs/distributed.md)",
+        ),
+    ),
+    (("--address",), dict(help="--ray: a running cluster's address (`ray start --head` prints it); default: local")),
+    (("--workers",), dict(type=int, default=2, help="--ray: encoding workers, each loading the model once")),
+    (
+        ("--gpus-per-worker",),
+        dict(type=float, default=0, dest="gpus_per_worker", help="--ray: GPUs per worker (used by --model)"),
+    ),
+    (
+        ("--cpus-per-worker",),
+        dict(
+            type=float,
+            dest="cpus_per_worker",
+            help="--ray: CPUs Ray reserves per worker (default: what leaves half a CPU for reading)",
+        ),
+    ),
+    (
+        ("--shards",),
+        dict(
+            type=int,
+            help="--ray: write N packages (PATH/part-000.m3kb ...), each by its own worker, instead of one "
+            "database; serve them with m3db.connect([...]) or join them with `m3db merge`",
+        ),
+    ),
+]
+
+
+def cmd_build(args) -> dict[str, object]:
+    from ..knowledge import sources
+    from .main import own_model, say
+
+    if args.limit is not None and args.limit < 1:
+        raise InvalidInputError(f"--limit must be a positive number of documents, got {args.limit}")
+    if args.shards is not None and not args.ray:
+        raise InvalidInputError("--shards needs --ray: shards are written by Ray workers")
+    if args.ray and args.cold:
+        raise InvalidInputError("--cold stores text only, with nothing to encode; build it without --ray")
+    if args.source == ["wikipedia"]:
+        docs = sources.wikipedia(limit=args.limit)
+    else:
+        docs = sources.files(args.source)
+        if args.limit is not None:
+            docs = itertools.islice(docs, args.limit)
+    mode = "sparse" if args.sparse else None
+    if args.ray:
+        return _build_on_ray(args, docs, mode, say)
+    say(f"loading the model and opening {args.path} ...")
+    model = own_model(args.model, mode) if args.model else None
+    with connect(args.path, codec=args.codec, memory_mode=None if model else mode, model=model) as db:
+        say(
+            f"chunking, embedding{'' if args.cold else ' and encoding'} documents into memories "
+            f"(commits every {args.batch_size}{'; cold: encoded on first read' if args.cold else ''}) ..."
+        )
+        report = db.add_documents(docs, batch_size=args.batch_size, cold=args.cold)
+        total = len(db)
+    return {
+        "documents_added": report.documents_added,
+        "documents_skipped": report.documents_skipped,
+        "documents_empty": report.documents_empty,
+        "memories_added": report.memories_added,
+        "memories_total": total,
+    }
+
+
+def _build_on_ray(args, docs, mode, say):
+    from ..errors import DependencyError
+
+    try:
+        from ..bindings import ray as ray_build
+        from ..bindings.ray_encode import BundledModels, TransformersModels
+    except ImportError as e:
+        raise DependencyError(f"--ray needs the ray extra ({e}): pip install 'm3db[ray]'") from e
+    models = TransformersModels(args.model, mode or "dense") if args.model else BundledModels(mode)
+    options = dict(
+        models=models,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        batch_size=args.batch_size,
+        codec=args.codec,
+        address=args.address,
+        progress=sys.stderr.isatty(),
+    )
+    docs = list(docs)  # read (and checked for missing files) before the cluster starts
+    if args.shards is not None:
+        say(f"encoding {len(docs)} documents into {args.shards} packages in {args.path} on Ray ...")
+        report = ray_build.build_shards(args.path, docs, shards=args.shards, **options)
+        out = {"packages": report.packages, "kept": report.kept}
+    else:
+        say(f"encoding {len(docs)} documents on Ray with {args.workers} workers, committing into {args.path} ...")
+        report = ray_build.build(args.path, docs, workers=args.workers, **options)
+        with connect(args.path, read_only=True) as db:
+            out = {"memories_total": len(db)}
+    for e in report.errors:
+        say(f"document #{e['document']} ({e['source']}): {e['error']}")
+    return {
+        "documents_added": report.documents_added,
+        "documents_skipped": report.documents_skipped,
+        "documents_empty": report.documents_empty,
+        "documents_failed": report.documents_failed,
+        "memories_added": report.memories_added,
+        **out,
+    }
+
+
+MERGE_HELP = "merge packages (a sharded build's parts) or databases into one database, in the order given"
+MERGE_EXAMPLE = "m3db merge kb.m3db --from shards/part-000.m3kb shards/part-001.m3kb"
+MERGE_ARGUMENTS = [
+    (
+        ("--from",),
+        dict(dest="sources", nargs="+", required=True, metavar="PACKAGE|DB", help="packages or databases, in order"),
+    ),
+]
+
+
+def cmd_merge(args) -> dict[str, object]:
+    from ..package.merge import merge
+
+    paths = [p for s in args.sources for p in (sorted(glob.glob(s)) if glob.has_magic(s) else [s])]
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"no package or database at {p!r}")
+    sources = {}
+    try:
+        for p in paths:
+            sources[p] = connect(p, read_only=True)
+        first = next(iter(sources.values()))
+        with connect(args.path, spec=first.spec.to_dict()) as db:
+            report = merge(db, sources, progress=sys.stderr.isatty())
+            total = len(db)
+    finally:
+        for src in sources.values():
+            src.close()
+    return {
+        "memories_added": report.memories_added,
+        "commits_added": report.commits_added,
+        "commits_skipped": report.commits_skipped,
+        "memories_total": total,
+    }
