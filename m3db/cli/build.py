@@ -39,8 +39,7 @@ BUILD_ARGUMENTS = [
         ("--codec",),
         dict(
             default="int4",
-            help="how a new database stores memories (f32, f16, int8, int4; default "
-            "int4, measured in docs/quality.md)",
+            help="how a new database stores memories (f32, f16, int8, int4; default int4, measured in docs/quality.md)",
         ),
     ),
     (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
