@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ClosedError, InvalidInputError, M3DBError, NotFoundError, storage_error
 from .knowledge import answer, ingest, warm
-from .knowledge.bundled import bind, bind_embedder, bundled, check_memory_mode
+from .knowledge.bundled import bind, bind_embedder, bundled, check_memory_mode, check_precision
 from .knowledge.protocols import spec_fields
 from .package.manifest import is_package
 from .package.multi import PackageSet, open_packages
@@ -48,7 +48,16 @@ __all__ = ["CheckReport", "Database", "attach", "connect"]
 
 
 def connect(
-    path, *, spec=None, read_only=False, config=None, model=None, embedder=None, codec=DEFAULT_CODEC, memory_mode=None
+    path,
+    *,
+    spec=None,
+    read_only=False,
+    config=None,
+    model=None,
+    embedder=None,
+    codec=DEFAULT_CODEC,
+    memory_mode=None,
+    precision=None,
 ) -> "Database | PackageSet":
     """Open (or create) the m3db database at `path` (a directory), or ":memory:".
 
@@ -66,11 +75,14 @@ def connect(
     layer, 32 tokens per head) or "sparse" (8 tokens per head on half the layers, 15% of
     dense's bytes at the same codec, read through the bundled reader adapter; docs/adapter.md). An
     existing database opens with the mode it was built with; naming another is an error.
+    precision: the decoder's reading precision, "fp32" (default), "int8" (~3.7x faster decode
+    steps on CPU) or "int4" (the GGUF's own 4-bit weights); memories are written in fp32 at
+    every precision, so a database records none (docs/decoder.md).
     A package file (`.m3kb`, from db.pack()) opens read-only in place; a list of package
     files (or a dict {name: path}) attaches them together, returning a PackageSet.
     """
     if isinstance(path, (list, tuple, dict)):
-        return attach(path, spec=spec, config=config, model=model, embedder=embedder)
+        return attach(path, spec=spec, config=config, model=model, embedder=embedder, precision=precision)
     return Database(
         path,
         spec=spec,
@@ -80,10 +92,11 @@ def connect(
         embedder=embedder,
         codec=codec,
         memory_mode=memory_mode,
+        precision=precision,
     )
 
 
-def attach(paths, *, spec=None, config=None, model=None, embedder=None) -> PackageSet:
+def attach(paths, *, spec=None, config=None, model=None, embedder=None, precision=None) -> PackageSet:
     """Open packages read-only together; return a PackageSet.
 
     paths: a list of package files (each named by its file name without `.m3kb`), or a dict
@@ -91,7 +104,10 @@ def attach(paths, *, spec=None, config=None, model=None, embedder=None) -> Packa
     other: a mismatch is a SpecMismatchError naming both sides. model, embedder: as for
     connect(); each package is checked against them.
     """
-    return open_packages(paths, lambda path: Database(path, spec=spec, config=config, model=model, embedder=embedder))
+    return open_packages(
+        paths,
+        lambda path: Database(path, spec=spec, config=config, model=model, embedder=embedder, precision=precision),
+    )
 
 
 def _guarded(method):
@@ -125,6 +141,7 @@ class Database:
         embedder=None,
         codec=DEFAULT_CODEC,
         memory_mode=None,
+        precision=None,
     ):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(
@@ -137,6 +154,7 @@ class Database:
             )
         if memory_mode is not None:
             check_memory_mode(memory_mode)
+        check_precision(precision)
         if isinstance(spec, dict):
             spec = MemorySpec.from_dict(spec)
         if spec is not None and not isinstance(spec, MemorySpec):
@@ -144,6 +162,7 @@ class Database:
         self.path = check_path(path)
         self._model = self._embedder = None  # bound on first use of a text verb
         self._model_arg, self._embedder_arg, self._memory_mode = model, embedder, memory_mode
+        self._precision = precision
         self._mutex = threading.RLock()
         self._closed = True
         self._tempdir = None
@@ -216,7 +235,7 @@ class Database:
                 # bound to a model: the spec comes from it (loading the bundled one if none is given)
                 model, embedder = self._model_arg, self._embedder_arg
                 if model is None or embedder is None:
-                    default_model, default_embedder = bundled(self._memory_mode)
+                    default_model, default_embedder = bundled(self._memory_mode, self._precision)
                     model, embedder = model or default_model, embedder or default_embedder
                 spec = MemorySpec(**spec_fields(model, embedder, codec))
                 self._model, self._embedder = model, embedder
@@ -435,44 +454,8 @@ class Database:
             self._embedder = bind_embedder(self.spec, self._embedder_arg)
         return self._embedder.embed([text])[0]
 
-    def generate(
-        self,
-        prompt,
-        *,
-        max_tokens=128,
-        memory=True,
-        k=None,
-        where=None,
-        params=None,
-        temperature=0.0,
-        top_p=1.0,
-        stop_tokens=None,
-        seed=0,
-        raw=False,
-    ) -> answer.Answer:
-        """Answer `prompt`: a question (a string, sent as the user's message under the model's
-        chat template), or chat messages [{"role", "content"}]; raw=True sends a string as
-        plain completion text instead.
-
-        memory=True reads explicit memories, recalled per 64-token chunk as the paper does;
-        memory="rag" puts the same recalled references' text in front of the prompt;
-        memory=False uses no knowledge base. k: memories per chunk (default: the model's, 5);
-        where/params: a recall filter. Returns an Answer with the memories it used.
-        """
-        return answer.generate(
-            self,
-            prompt,
-            max_tokens=max_tokens,
-            memory=memory,
-            k=k,
-            where=where,
-            params=params,
-            temperature=temperature,
-            top_p=top_p,
-            stop_tokens=stop_tokens,
-            seed=seed,
-            raw=raw,
-        )
+    # Answer `prompt` with the memories it recalls (m3db.knowledge.answer.generate has the options)
+    generate = answer.generate
 
     @_guarded
     def sql(self, query, params=None) -> Rows:
@@ -585,7 +568,9 @@ class Database:
     def _bind_models(self, model, embedder, *, spec=None):
         """Bind a model and embedder (the bundled ones for what is missing), checked against the
         stored spec (or a package's `spec`, before its store is open)."""
-        self._model, self._embedder = bind(spec or self.spec, model, embedder, memory_mode=self._memory_mode)
+        self._model, self._embedder = bind(
+            spec or self.spec, model, embedder, memory_mode=self._memory_mode, precision=self._precision
+        )
 
     def models(self) -> tuple[object, object]:
         """(model, embedder) this database reads and writes with, bound and checked against its

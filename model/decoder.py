@@ -189,6 +189,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = None  # a quantized output projection (model.quantize), else the weights above
 
     @classmethod
     def random(cls, cfg: DecoderConfig, seed: int = 0, std: float = 0.02) -> "Decoder":
@@ -206,6 +207,8 @@ class Decoder(nn.Module):
 
     def logits(self, x):
         x = self.norm(x)
+        if self.head is not None:
+            return self.head(x)
         w = self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
         return x @ w.T  # (B, T, vocab)
 

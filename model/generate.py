@@ -8,7 +8,8 @@ as the query. Baselines on the same weights and API: "none" (no memory) and "rag
 retrieved references' text prepended, re-prefilled whenever the memories change).
 
 Works on any object with the parts of `model.memory_model.MemoryModel` (decoder, tokenizer,
-settings, sink, prefix ids). Such an object may also have `rotate_keys` (see `memory.place`'s
+settings, sink, prefix ids). Such an object may also have `reader` (the decoder that reads, when
+it is not `decoder`: a quantized one, see `model.quantize`), `rotate_keys` (see `memory.place`'s
 rotate) and `cache_dtype` / `cache_device` (where the KV cache lives): the transformers binding
 (`m3db.bindings.transformers`) runs this same loop over a Hugging Face model that way. Must not
 import the engine (`m3db`).
@@ -113,6 +114,9 @@ class GenerationLoop:
             raise ValueError("a prompt is empty: give at least one token of text")
         self.m, self.mode, self.retriever, self.s = model, mode, retriever, s
         self.cfg, self.set = model.decoder.cfg, model.settings
+        # the decoder that reads: a quantized copy where the model has one (model.quantize);
+        # memories are always encoded by `model.decoder`
+        self.reader = getattr(model, "reader", model.decoder)
         # memories sit on positions before the context (docs/decoder.md): those are taken too
         reserved = context_start(self.set, model.sink_keys.shape[2]) if mode == "memory" else 0
         longest = max(len(p) for p in prompts)
@@ -188,7 +192,7 @@ class GenerationLoop:
                     self._record(b, "prompt", max(0, c0 - pads[b]), c1 - pads[b], items)
             self._set_memory(rows)
             v = valid[:, c0:c1]
-            logits = self.m.decoder(
+            logits = self.reader(
                 idx[:, c0:c1],
                 positions=_positions(v, self.npos),
                 valid=v,
@@ -219,7 +223,7 @@ class GenerationLoop:
         idx, valid = left_pad(rows, self.pad)
         self.cache = self._new_cache(idx.shape[1], memory=False)
         start = torch.zeros(self.B, dtype=torch.long)
-        logits = self.m.decoder(
+        logits = self.reader(
             idx,
             positions=_positions(valid, start),
             valid=valid,
@@ -286,7 +290,7 @@ class GenerationLoop:
         """One decoding step: each active row's last token in, next-token logits (B, vocab) out."""
         feed = torch.tensor([[t if t is not None else self.pad] for t in out])  # (B, 1)
         v = torch.tensor([[t is not None] for t in out])  # (B, 1)
-        last = self.m.decoder(
+        last = self.reader(
             feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True, adapter=self.m.adapter
         )[:, -1]
         self.npos = self.npos + v[:, 0].long()

@@ -182,7 +182,13 @@ def load_gguf(path: str | os.PathLike | None = None) -> GGUFModel:
                 raise ValueError(f"unexpected GGUF tensor {t.name!r}")
             ours = f"blocks.{parts[1]}.{per_layer[parts[2]]}.{parts[3]}"
         # gguf gives shape in ggml order (fastest first); dequantize returns numpy rows-major.
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except NotImplementedError as e:  # gguf reads most types, not all (Q8_1, Q8_K, integer tensors)
+            raise ValueError(
+                f"GGUF tensor {t.name!r} is stored as {t.tensor_type.name}, a type m3db cannot read ({e}); "
+                "convert the model to F16, Q8_0 or Q4_1 (llama.cpp's llama-quantize) and load that file"
+            ) from e
         w = w.reshape([int(d) for d in reversed(t.shape)])  # (out, in) like nn.Linear
         if ".attn_q." in t.name:
             w = _unpermute_qk(w, n_head)

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 
 from . import encoder as _encoder
+from . import quantize as _quantize
 from .adapter import BUNDLED_FILE, AdapterError, ReaderAdapter, read_header
 from .decoder import Decoder, DecoderConfig, load_state
 from .generate import ReadingVerbs
@@ -35,6 +36,8 @@ class MemoryModel(ReadingVerbs):
         fingerprint: str,
         settings: MemorySettings | None = None,
         adapter: ReaderAdapter | None = None,
+        precision: str = "fp32",
+        reader: Decoder | None = None,
     ):
         # inference only: with no parameter requiring grad, no autograd graph is ever built,
         # whatever the caller's grad mode
@@ -55,14 +58,40 @@ class MemoryModel(ReadingVerbs):
             raise AdapterError("the reader adapter was trained on another model; train one for this model (m3db train)")
         # the reader adapter changes reading only, so it is not part of the memory spec
         self.adapter = adapter.eval().requires_grad_(False) if adapter is not None else None
+        # reading may run on quantized weights (model.quantize); writing memories always runs on
+        # `decoder` in fp32, so a database's memories do not depend on the precision reading them
+        self.precision = _quantize.check_precision(precision)
+        if reader is None:
+            reader = _quantize.quantize_decoder(self.decoder, precision)
+        self.reader = reader
+        # quantized readers of these weights by precision, shared by every settings variant
+        self._readers = {"fp32": self.decoder, precision: reader}
+
+    def at_precision(self, precision: str) -> "MemoryModel":
+        """The same model (weights, settings, adapter) reading at `precision`; the quantized
+        weights are made once per precision and shared by every settings variant."""
+        _quantize.check_precision(precision)
+        if precision == self.precision:
+            return self
+        if precision not in self._readers:
+            self._readers[precision] = _quantize.quantize_decoder(self.decoder, precision)
+        twin = type(self).__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.precision, twin.reader = precision, self._readers[precision]
+        return twin
 
     @classmethod
-    def load(cls, path=None, *, settings: MemorySettings | None = None, adapter="default") -> "MemoryModel":
+    def load(
+        cls, path=None, *, settings: MemorySettings | None = None, adapter="default", precision: str = "fp32"
+    ) -> "MemoryModel":
         """The bundled SmolLM2-135M-Instruct (or another Llama GGUF file at `path`).
 
         adapter: "default" reads the bundled reader adapter when one ships for exactly these
         memory settings (see docs/adapter.md); None reads with the base weights only; or the
-        path of an adapter file (`m3db train` writes one)."""
+        path of an adapter file (`m3db train` writes one). precision: the weights that read
+        (generate): "fp32", "int8" or "int4" (the GGUF's own 4-bit blocks), ~3x faster per
+        step on CPU (model.quantize, docs/decoder.md); memories are encoded in fp32 at every
+        precision."""
         from .gguf_loader import load_gguf
 
         g = load_gguf(path)
@@ -72,7 +101,14 @@ class MemoryModel(ReadingVerbs):
             adapter = bundled_adapter(g.config, g.fingerprint, resolved)
         elif adapter is not None:
             adapter = ReaderAdapter.load(adapter, g.config, base_fingerprint=g.fingerprint)
-        return cls(decoder, Tokenizer(g.tokenizer), fingerprint=g.fingerprint, settings=settings, adapter=adapter)
+        return cls(
+            decoder,
+            Tokenizer(g.tokenizer),
+            fingerprint=g.fingerprint,
+            settings=settings,
+            adapter=adapter,
+            precision=precision,
+        )
 
     def with_settings(self, settings: MemorySettings, *, adapter="default") -> "MemoryModel":
         """The same weights with other memory settings (nothing is copied); adapter as in `load`."""
@@ -81,9 +117,17 @@ class MemoryModel(ReadingVerbs):
             adapter = bundled_adapter(self.decoder.cfg, self.fingerprint, resolved)
         elif adapter is not None and not isinstance(adapter, ReaderAdapter):
             adapter = ReaderAdapter.load(adapter, self.decoder.cfg, base_fingerprint=self.fingerprint)
-        return type(self)(
-            self.decoder, self.tokenizer, fingerprint=self.fingerprint, settings=resolved, adapter=adapter
+        twin = type(self)(
+            self.decoder,
+            self.tokenizer,
+            fingerprint=self.fingerprint,
+            settings=resolved,
+            adapter=adapter,
+            precision=self.precision,
+            reader=self.reader,
         )
+        twin._readers = self._readers
+        return twin
 
     @classmethod
     def tiny(
@@ -93,6 +137,7 @@ class MemoryModel(ReadingVerbs):
         seed: int = 0,
         std: float = 0.02,
         config: DecoderConfig | None = None,
+        precision: str = "fp32",
     ) -> "MemoryModel":
         """Random weights of the same architecture and a byte-level tokenizer: fast tests."""
         tok = Tokenizer(tiny_tokenizer_data())
@@ -102,7 +147,7 @@ class MemoryModel(ReadingVerbs):
         for name, t in decoder.state_dict().items():
             h.update(name.encode())
             h.update(t.numpy().tobytes())
-        return cls(decoder, tok, fingerprint="sha256:" + h.hexdigest(), settings=settings)
+        return cls(decoder, tok, fingerprint="sha256:" + h.hexdigest(), settings=settings, precision=precision)
 
     # -- the memory spec ---------------------------------------------------------------------
 

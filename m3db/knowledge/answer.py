@@ -71,7 +71,15 @@ def generate(
     seed=0,
     raw=False,
 ) -> Answer:
-    """See Database.generate."""
+    """Answer `prompt`: a question (a string, sent as the user's message under the model's
+    chat template), or chat messages [{"role", "content"}]; raw=True sends a string as
+    plain completion text instead.
+
+    memory=True reads explicit memories, recalled per 64-token chunk as the paper does;
+    memory="rag" puts the same recalled references' text in front of the prompt;
+    memory=False uses no knowledge base. k: memories per chunk (default: the model's, 5);
+    where/params: a recall filter. Returns an Answer with the memories it used.
+    """
     mode = MODES.get(memory)
     if mode is None:
         raise InvalidInputError(f"memory must be True, False or 'rag', got {memory!r}")

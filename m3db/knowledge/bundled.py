@@ -33,7 +33,32 @@ def check_memory_mode(mode) -> None:
         raise InvalidInputError(f"memory_mode={mode!r}: expected one of {', '.join(map(repr, modes))}")
 
 
-def bundled(memory=None) -> tuple[MemoryModel, Embedder]:
+def check_precision(precision) -> None:
+    """A reading precision is one of the model's (model.quantize.PRECISIONS)."""
+    if precision is None:
+        return
+    _model_package("precision=")
+    from ..model.quantize import PRECISIONS as precisions
+
+    if precision not in precisions:
+        raise InvalidInputError(
+            f"precision={precision!r}: expected one of {', '.join(map(repr, precisions))} (docs/decoder.md)"
+        )
+
+
+def at_precision(model, precision):
+    """`model` reading at `precision` (None: as it is); a model without precisions refuses one."""
+    if precision is None:
+        return model
+    if not hasattr(model, "at_precision"):
+        raise InvalidInputError(
+            f"precision={precision!r} applies to the bundled model; {type(model).__name__} has no precisions "
+            "(load your model at the precision you want and pass it as model=)"
+        )
+    return model.at_precision(precision)
+
+
+def bundled(memory=None, precision=None) -> tuple[MemoryModel, Embedder]:
     """(model, embedder): the bundled decoder and sentence embedder, loaded once per process.
 
     memory: which memory settings the model writes and reads with: None or "dense" (every
@@ -41,7 +66,8 @@ def bundled(memory=None) -> tuple[MemoryModel, Embedder]:
     (its settings, so a database opens with the settings it was built with; a spec from
     another model gives the default model, and binding it reports the mismatch). Each settings
     gets its own MemoryModel sharing the decoder's weights, with the bundled reader adapter
-    when one ships for exactly those settings.
+    when one ships for exactly those settings. precision: the decoder's reading precision
+    ("fp32" by default, "int8", "int4"; docs/decoder.md); memories are written in fp32 always.
     """
     settings_mod = _model_package("the bundled model")
     embedder = bundled_embedder()
@@ -60,10 +86,10 @@ def bundled(memory=None) -> tuple[MemoryModel, Embedder]:
         base = _BUNDLED["model"]
         settings = _settings(memory, base, settings_mod.MemorySettings)
         if settings is None or settings == base.settings:
-            return base, embedder
+            return at_precision(base, precision), embedder
         if settings not in _BUNDLED["variants"]:
             _BUNDLED["variants"][settings] = base.with_settings(settings)
-        return _BUNDLED["variants"][settings], embedder
+        return at_precision(_BUNDLED["variants"][settings], precision), embedder
 
 
 def bundled_embedder():
@@ -111,13 +137,15 @@ def _settings(memory, base, settings_cls):
         return None  # settings this model cannot have: binding reports the mismatch
 
 
-def bind(spec, model=None, embedder=None, *, memory_mode=None) -> tuple[MemoryModel, Embedder]:
+def bind(spec, model=None, embedder=None, *, memory_mode=None, precision=None) -> tuple[MemoryModel, Embedder]:
     """(model, embedder) checked against a database's stored `spec`: the ones given, the
     bundled ones for what is missing (with the settings `memory_mode` names, else those the
-    spec records). A difference is a SpecMismatchError naming each field on both sides."""
+    spec records), reading at `precision`. A difference is a SpecMismatchError naming each
+    field on both sides."""
     if model is None or embedder is None:
-        default_model, default_embedder = bundled(memory_mode or spec)
+        default_model, default_embedder = bundled(memory_mode or spec, precision if model is None else None)
         model, embedder = model or default_model, embedder or default_embedder
+    model = at_precision(model, precision)
     theirs = type(spec).from_dict(spec_fields(model, embedder, spec.codec))
     diffs = spec.differences(theirs)
     if diffs:

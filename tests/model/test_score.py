@@ -56,7 +56,7 @@ class RecordingDecoder:
 def greedy_with_logprobs(model, prompt, mode, retriever, n):
     """Greedy tokens of the real generation loop, and the sum of its per-step log-softmax."""
     spy = copy.copy(model)
-    spy.decoder = RecordingDecoder(model.decoder)
+    spy.decoder = spy.reader = RecordingDecoder(model.decoder)  # the loop reads through `reader`
     loop, steps = run(
         spy,
         [model.prompt_ids(prompt)],
