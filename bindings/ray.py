@@ -36,9 +36,11 @@ except ImportError as e:  # the binding's module imports; its verbs say what to 
     ray, _RAY_ERROR = None, e
 
 __all__ = ["BuildReport", "ShardReport", "build", "build_shards"]
-# what Ray reserves for the read and packing tasks on a small cluster: actors that claim every
-# CPU starve them and the pipeline stalls (seen with 2 actors x 1 CPU on 2 CPUs)
-READ_RESERVE_CPUS = 0.5
+# the CPUs the workers leave free for Ray Data's read tasks (a task asks for one CPU by default):
+# actors that claim every CPU starve them and the pipeline stalls (seen with 2 actors x 1 CPU,
+# and with 2 x 0.75, on 2 CPUs)
+READ_RESERVE_CPUS = 1.0
+SPEC_CPUS = 0.25  # the task that loads the model once to read its memory spec
 
 
 @dataclasses.dataclass
@@ -64,11 +66,6 @@ class _Worker:
         for i, blob in enumerate(batch["batch"]):
             out[i] = self.encoder.encode_batch(bytes(blob))
         return {"result": out}
-
-
-def _pack_rows(table):
-    """Rows of a user's Dataset (batch_size of them, in order) -> one packed batch."""
-    return {"batch": [pack_batch(table.to_pylist(), 0)]}
 
 
 def build(
@@ -104,6 +101,13 @@ def build(
     path = os.fspath(path)
     if holds_catalog(os.path.abspath(path)):
         db = m3db.connect(path)
+        try:  # the workers' model must be the database's: say so before the pool starts
+            db.spec.require_same(
+                _remote_spec(models, db.spec.codec, gpus_per_worker), this=f"the database {path!r}", that="the model"
+            )
+        except BaseException:
+            db.close()
+            raise
     else:
         db = m3db.connect(path, spec=_remote_spec(models, codec, gpus_per_worker))
     report = BuildReport()
@@ -235,7 +239,7 @@ def _check_counts(**counts):
 
 def _remote_spec(models, codec, gpus):
     """A new database's spec, from the models loaded once on a worker (the driver needs no model)."""
-    task = ray.remote(spec_of).options(num_cpus=READ_RESERVE_CPUS, num_gpus=gpus)
+    task = ray.remote(spec_of).options(num_cpus=SPEC_CPUS, num_gpus=gpus)
     return m3db.MemorySpec.from_dict(ray.get(task.remote(models, codec)))
 
 
@@ -280,9 +284,15 @@ def _data_context():
 def _batches(documents, batch_size):
     """A Dataset of packed batches (column `batch`), in input order."""
     if isinstance(documents, ray.data.Dataset):
-        # exactly batch_size rows per block, in order: the batches a local build of the same rows makes
-        rows = documents.repartition(target_num_rows_per_block=batch_size, strict=True)
-        return rows.map_batches(_pack_rows, batch_size=batch_size, batch_format="pyarrow")
+        # the Dataset's own reads and transforms run on the cluster; its rows come to the driver
+        # in order, cut into exactly batch_size rows: the batches a local build of them makes
+        # (repartition(strict=True) was tried and cut blocks differently from run to run)
+        packed, first = [], 0
+        for table in documents.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+            rows = table.to_pylist()
+            packed.append({"batch": pack_batch(rows, first)})
+            first += len(rows)
+        return ray.data.from_items(packed)
     if isinstance(documents, (str, bytes, dict)):
         raise InvalidInputError(
             f"documents must be a list or iterable of documents or a ray.data.Dataset, got {type(documents).__name__}"
@@ -299,6 +309,9 @@ def _batches(documents, batch_size):
 
 
 def _known_length(documents):
+    """len(documents) for a list; None for a generator or a Dataset (counting would run it)."""
+    if isinstance(documents, ray.data.Dataset):
+        return None
     try:
         return len(documents)
     except TypeError:
