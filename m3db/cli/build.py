@@ -21,6 +21,16 @@ MODEL_ARGUMENT = (
     ),
 )
 
+PRECISION_ARGUMENT = (
+    ("--precision",),
+    dict(
+        default=None,
+        choices=["fp32", "int8", "int4"],
+        help="the bundled decoder's reading precision: fp32 (default), int8, or int4 (the GGUF's own 4-bit "
+        "weights); int4 and int8 decode ~2-3x faster on CPU with answers a little off fp32's (docs/decoder.md)",
+    ),
+)
+
 BUILD_HELP = "build (or extend) a knowledge base from text files or the bundled Wikipedia summaries"
 BUILD_EXAMPLE = "m3db build kb.m3db --from wikipedia --limit 300"
 BUILD_ARGUMENTS = [

@@ -15,7 +15,7 @@ from ..database import connect
 from ..errors import FormatError, InvalidInputError, M3DBError
 from ..storage.repair import repair
 from . import build as build_cli
-from .build import MODEL_ARGUMENT
+from .build import MODEL_ARGUMENT, PRECISION_ARGUMENT
 from .serve import ARGUMENTS as SERVE_ARGUMENTS
 from .table import format_cell, format_table
 
@@ -364,11 +364,12 @@ def cmd_recall(args) -> dict[str, list[object]]:
         (("-k",), dict(type=int, default=None, help="memories per 64-token chunk (default 5)")),
         (("--where",), dict(help="a SQL filter over the columns of `memories`")),
         MODEL_ARGUMENT,
+        PRECISION_ARGUMENT,
     ],
 )
 def cmd_ask(args) -> dict[str, object] | None:
     model = own_model(args.model) if args.model else None
-    with connect(args.path, read_only=True, model=model) as db:
+    with connect(args.path, read_only=True, model=model, precision=args.precision) as db:
         answer = db.generate(
             [{"role": "user", "content": args.question}],
             max_tokens=args.max_tokens,

@@ -18,6 +18,7 @@ import threading
 
 from ..database import attach, connect
 from ..errors import DependencyError, InvalidInputError
+from .build import PRECISION_ARGUMENT
 
 ARGUMENTS = [
     (("more",), dict(nargs="*", metavar="PACKAGE", help="more package files, served together with PATH")),
@@ -41,6 +42,7 @@ ARGUMENTS = [
             "SmolLM2-135M-Instruct)",
         ),
     ),
+    PRECISION_ARGUMENT,
     (("--name",), dict(default=None, help="the model id clients send (default: the file name without extension)")),
     (("--max-tokens",), dict(type=int, default=1024, dest="max_tokens", help="the most tokens one answer may ask")),
     (("--max-batch",), dict(type=int, default=8, dest="max_batch", help="requests decoded together (default 8)")),
@@ -99,18 +101,18 @@ def fit_to_spec(model, spec):
         return model
 
 
-def open_kb(paths, *, write, model, embedder):
+def open_kb(paths, *, write, model, embedder, precision=None):
     if len(paths) > 1:
         if write:
             raise InvalidInputError("packages are read-only: --write serves one database directory")
         if model is not None:
             with attach(paths) as peek:
                 model = fit_to_spec(model, peek.spec)
-        return attach(paths, model=model, embedder=embedder)
+        return attach(paths, model=model, embedder=embedder, precision=precision)
     if model is not None:
         with connect(paths[0], read_only=True) as peek:
             model = fit_to_spec(model, peek.spec)
-    return connect(paths[0], read_only=not write, model=model, embedder=embedder)
+    return connect(paths[0], read_only=not write, model=model, embedder=embedder, precision=precision)
 
 
 def serve(args) -> None:
@@ -151,7 +153,7 @@ def serve_on(sock, args, *, paths, api_key, limits) -> None:
     from ..bindings.server import app
 
     model, embedder = load_model(args.model)
-    db = open_kb(paths, write=args.write, model=model, embedder=embedder)
+    db = open_kb(paths, write=args.write, model=model, embedder=embedder, precision=args.precision)
     application = None
     try:
         application = app(db, name=args.name, api_key=api_key, write=args.write, limits=limits)

@@ -35,6 +35,13 @@ def test_build_recall_ask(tmp_path):
     assert answer["sources"][0]["document"].endswith("zorblax.txt") and answer["answer"]
     r = m3db("ask", kb, "hello", "--memory", "dense")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    # reading on the GGUF's own 4-bit weights: the same memories, recalled the same way
+    r = m3db("ask", kb, "What is the capital city of Zorblax?", "--max-tokens", "16", "--precision", "int4", "--json")
+    assert r.returncode == 0, r.stderr
+    quantized = json.loads(r.stdout)
+    assert quantized["answer"] and quantized["sources"][0]["id"] == answer["sources"][0]["id"]
+    r = m3db("ask", kb, "hello", "--precision", "fp16")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
 def test_cold_build_then_ask(tmp_path):
