@@ -31,6 +31,9 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .decoder import MLP, Attention, Decoder
 
 PRECISIONS = ("fp32", "int8", "int4")
 GROUP = 32  # int4 weights: one scale and zero per 32 inputs, the GGUF Q4_1 block
@@ -115,8 +118,6 @@ def quantize_decoder(decoder, precision: str):
     check_precision(precision)
     if precision == "fp32":
         return decoder
-    from .decoder import Decoder  # here: decoder imports nothing from this module
-
     linear = Int8Linear if precision == "int8" else Int4Linear
     q = Decoder.__new__(Decoder)
     nn.Module.__init__(q)
@@ -133,11 +134,44 @@ def quantize_decoder(decoder, precision: str):
 
 
 def _quantized_block(block, linear):
-    b = copy.copy(block)  # shares the norms; new attention and MLP modules below
+    """A copy of `block` (sharing its norms) whose attention reads q, k and v from one fused
+    projection and whose MLP reads gate and up from one: one kernel call and one bf16
+    conversion where there were three and two (each call costs ~5-10 us beside its bytes)."""
+    b = copy.copy(block)
     b._modules = dict(block._modules)
-    for part in ("attn", "mlp"):
-        old = block._modules[part]
-        new = copy.copy(old)
-        new._modules = {name: linear(m.weight) for name, m in old._modules.items()}
-        b._modules[part] = new
+    attn, mlp = block.attn, block.mlp
+    qkv = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
+    b._modules["attn"] = FusedAttention(attn, linear(qkv), linear(attn.o_proj.weight))
+    gate_up = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight))
+    b._modules["mlp"] = FusedMLP(linear(gate_up), linear(mlp.down_proj.weight), mlp.gate_proj.weight.shape[0])
     return b
+
+
+class FusedAttention(Attention):
+    """The decoder's Attention with q, k and v from one projection (`Attention.forward` calls
+    `qkv`; everything else is inherited)."""
+
+    def __init__(self, attn, qkv_proj, o_proj):
+        nn.Module.__init__(self)  # not Attention's: its fp32 projections are not wanted
+        self.n_head, self.n_kv, self.hs = attn.n_head, attn.n_kv, attn.hs
+        self.qkv_proj, self.o_proj = qkv_proj, o_proj
+
+    def qkv(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split((self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs), dim=-1)
+        q = q.reshape(B, T, self.n_head, self.hs).transpose(1, 2)
+        k = k.reshape(B, T, self.n_kv, self.hs).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv, self.hs).transpose(1, 2)
+        return q, k, v
+
+
+class FusedMLP(MLP):
+    """SwiGLU with gate and up from one projection."""
+
+    def __init__(self, gate_up_proj, down_proj, hidden: int):
+        nn.Module.__init__(self)
+        self.gate_up_proj, self.down_proj, self.hidden = gate_up_proj, down_proj, hidden
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.hidden, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

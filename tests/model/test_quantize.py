@@ -85,7 +85,7 @@ def test_quantized_decoder_leaves_the_original_untouched():
     m = MemoryModel.tiny()
     before = {k: v.clone() for k, v in m.decoder.state_dict().items()}
     q = quantize_decoder(m.decoder, "int8")
-    assert q.blocks[0].attn.q_proj is not m.decoder.blocks[0].attn.q_proj
+    assert isinstance(q.blocks[0].attn.qkv_proj, Int8Linear)  # q, k, v fused in one projection
     assert q.blocks[0].attn_norm is m.decoder.blocks[0].attn_norm  # shared, fp32
     assert m.decoder.head is None and isinstance(q.head, Int8Linear)
     for k, v in m.decoder.state_dict().items():
