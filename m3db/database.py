@@ -75,7 +75,7 @@ def connect(
     layer, 32 tokens per head) or "sparse" (8 tokens per head on half the layers, 15% of
     dense's bytes at the same codec, read through the bundled reader adapter; docs/adapter.md). An
     existing database opens with the mode it was built with; naming another is an error.
-    precision: the decoder's reading precision, "fp32" (default), "int8" (~3.7x faster decode
+    precision: the decoder's reading precision, "fp32" (default), "int8" (~3x faster decode
     steps on CPU) or "int4" (the GGUF's own 4-bit weights); memories are written in fp32 at
     every precision, so a database records none (docs/decoder.md).
     A package file (`.m3kb`, from db.pack()) opens read-only in place; a list of package

@@ -6,7 +6,7 @@ are PyTorch's weight-only ones (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_
 weights stay quantized, activations are bf16 and the kernels accumulate in fp32 (with fp32
 activations the same kernels ran 20-40x slower on the AVX-512 development machine; bf16 is
 their vectorized path). Measured there, one batch-1 decode step of SmolLM2-135M: fp32 ~37 ms,
-int8 ~12 ms, int4 ~11 ms (docs/decoder.md has bench/bench_decode.py's figures).
+int8 ~10 ms, int4 ~15 ms (docs/decoder.md has bench/bench_decode.py's figures).
 
 - int4: every projection of every block in groups of 32 inputs, w = scale * q + minimum, q in
   0..15: the rule of the GGUF's Q4_1 blocks, so on weights dequantized from a Q4_1 file (the
