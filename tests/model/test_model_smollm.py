@@ -122,48 +122,7 @@ def test_known_continuation(model):
     assert "Paris" in g.text
 
 
-def test_memory_read_equals_prefill_on_real_weights():
-    """Every layer a memory layer, every token kept, memory right before the context: the
-    context's logits equal those after prefilling prefix + reference (fp32 tolerance)."""
-    from m3db.model.cache import KVCache
-    from m3db.model.memory import Memory, context_start, place
-    from m3db.model.memory_model import MemoryModel
-    from m3db.model.settings import MemorySettings
-
-    s = MemorySettings(
-        memory_layers=None,
-        tokens_per_head=256,
-        position_policy="sequential",
-        memories_per_chunk=1,
-        reference_length=256,
-    )
-    m = MemoryModel.load(settings=s)
-    s = m.settings  # resolved: memory_layers made explicit
-    ref = "The Zorblax festival is held every March in the town of Quimby, on the river Flent."
-    ctx = "\nQuestion: In which month is the Zorblax festival held?\nAnswer:"
-    item = Memory.from_encoded(1, ref, m.encode([ref])[0])
-    ctx_ids = m.tokenizer.encode(ctx)
-    cfg = m.decoder.cfg
-    keys, values, valid = place([[item]], m.sink_keys, m.sink_values, s, cfg.head_dim, cfg.rope_base)
-    cache = KVCache(1, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 64, s.memory_layers)
-    cache.set_memory(keys, values, valid)
-    start = context_start(s, len(m.prefix_ids))
-    with torch.no_grad():
-        got = m.decoder(torch.tensor([ctx_ids]), positions=torch.arange(start, start + len(ctx_ids))[None], cache=cache)
-        want = m.decoder(torch.tensor([m.prefix_ids + m.tokenizer.encode(ref) + ctx_ids]))[:, -len(ctx_ids) :]
-    diff = float((got - want).abs().max())
-    print(f"memory read vs prefill, max |logit diff|: {diff:.2e}")
-    assert diff < 2e-3
-    from m3db.model.generate import Sampling, run
-
-    sampling = Sampling(max_tokens=12, stop_tokens=())
-    with_memory, steps = run(m, [ctx_ids], mode="memory", retriever=lambda q, k: [item], sampling=sampling)
-    list(steps)
-    with_text, steps = run(
-        m, [m.prefix_ids + m.tokenizer.encode(ref) + ctx_ids], mode="none", retriever=None, sampling=sampling
-    )
-    list(steps)
-    assert with_memory.results()[0].tokens == with_text.results()[0].tokens
+# memory read == prefill on the real weights: tests/model/test_quantize.py, at every precision
 
 
 def test_encode_shapes_on_real_weights(model):
