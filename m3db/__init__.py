@@ -28,6 +28,7 @@ from .errors import (
 from .knowledge import sources
 from .knowledge.answer import Answer, Source
 from .knowledge.ingest import IngestReport
+from .knowledge.reencode import reencode
 from .package.multi import PackageSet
 from .package.verify import VerifyReport, verify
 from .search.results import Match, Matches
@@ -59,6 +60,7 @@ __all__ = [
     "NotFoundError",
     "PackageSet",
     "QueryError",
+    "reencode",
     "repair",
     "ReadOnlyError",
     "Rows",

@@ -198,6 +198,45 @@ def cmd_recompress(args) -> dict[str, object]:
 
 
 @command(
+    "reencode",
+    "rebuild every memory from its stored text for another model, memory mode or codec (resumable; one "
+    "atomic swap at the end; ids, texts, documents and metadata are kept)",
+    "m3db reencode kb.m3db --memory-mode sparse --codec int4",
+    arguments=[
+        MODEL_ARGUMENT,
+        (
+            ("--memory-mode",),
+            dict(
+                dest="memory_mode",
+                help="dense or sparse (default: the mode the database has; docs/adapter.md)",
+            ),
+        ),
+        (("--codec",), dict(help="f32, f16, int8 or int4 (default: the stored one; pq: reencode, then recompress)")),
+        (
+            ("--batch-size",),
+            dict(type=int, default=16, dest="batch_size", help="memories encoded and staged durably at a time"),
+        ),
+    ],
+)
+def cmd_reencode(args) -> dict[str, object]:
+    from ..knowledge.reencode import check_arguments, reencode
+
+    # bad input fails before a model loads
+    check_arguments(args.path, memory_mode=args.memory_mode, codec=args.codec, batch_size=args.batch_size)
+    model = own_model(args.model, args.memory_mode) if args.model else None
+    say(f"re-encoding {args.path} (an interrupted run resumes when run again) ...")
+    mode = None if model else args.memory_mode
+    return reencode(
+        args.path,
+        model=model,
+        memory_mode=mode,
+        codec=args.codec,
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
+
+
+@command(
     "pack",
     "write a database as one read-only package file (.m3kb) to ship",
     "m3db pack kb.m3db kb.m3kb --license CC-BY-4.0",

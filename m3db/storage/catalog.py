@@ -322,6 +322,19 @@ class Catalog:
         finally:
             self.con.unregister("_m3db_relocate")
 
+    def rewrite_memories(self, batch) -> None:
+        """Point memories at records of another model (a re-encode): batch {id, segment, offset,
+        length, checksum, codec, token_count} arrays, plus `embedding` rows when re-embedded."""
+        sets = ["segment", '"offset"', "length", "checksum", "codec", "token_count"]
+        if "embedding" in batch:
+            sets.append("embedding")
+        columns = ", ".join(f"{c} = b.{c}" if c != "embedding" else "embedding = b.embedding::FLOAT[]" for c in sets)
+        self.con.register("_m3db_rewrite", batch)
+        try:
+            self.con.execute(f"UPDATE memories SET {columns} FROM _m3db_rewrite b WHERE memories.id = b.id")
+        finally:
+            self.con.unregister("_m3db_rewrite")
+
     def cold_ids(self) -> np.ndarray:
         """Ids of the memories not encoded yet (codec 'cold'), ascending."""
         r = self.con.execute("SELECT id FROM memories WHERE codec = 'cold' ORDER BY id").fetchnumpy()
