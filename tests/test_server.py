@@ -613,6 +613,27 @@ def test_several_packages_serve_together(tmp_path, kb):
         s.close()
 
 
+def test_precision_reads_on_quantized_weights(kb):
+    """--precision int4: the server answers as the same model read at int4 in process (greedy),
+    not as fp32: the flag reaches the decoder."""
+    s = ServerProcess([kb], *TINY, "--precision", "int4")
+    try:
+        with s.client() as c:
+            r = c.post("/v1/chat/completions", json=chat_body("When is the Zorblax festival?", 12))
+            assert r.status_code == 200, r.text
+            served = r.json()["choices"][0]["message"]["content"]
+    finally:
+        s.stop()
+        s.close()
+    model, embedder = tiny()
+    with m3db.connect(kb, read_only=True, model=model, embedder=embedder, precision="int4") as db:
+        local = db.generate("When is the Zorblax festival?", max_tokens=12)
+    with m3db.connect(kb, read_only=True, model=model, embedder=embedder) as db:
+        full = db.generate("When is the Zorblax festival?", max_tokens=12)
+    assert served == local.text
+    assert local.text != full.text  # the tiny decoder's int4 answer differs from fp32's: the check can fail
+
+
 # -- the bundled model (slow) -------------------------------------------------------------------
 
 
