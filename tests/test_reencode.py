@@ -49,8 +49,12 @@ def build(path, model, docs=DOCS, *, codec="int4", embedder=None, cold=False):
 
 
 def snapshot(path, model=None, embedder=None):
-    """Rows, spec and every record's arrays (None when cold) of the database at `path`."""
+    """Rows, spec and every record's arrays (None when cold) of the database at `path`; the
+    index's vectors are checked against the catalog's embeddings on the way."""
     with m3db.connect(path, model=model, embedder=embedder or HashEmbedder()) as db:
+        ids, emb = db.catalog.embeddings()
+        unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        assert np.allclose(db.index.vectors(ids), unit, atol=2e-3)  # f16 in the index
         rows = [tuple(r) for r in db.sql(ROWS)]
         docs = [tuple(r) for r in db.sql("SELECT id, source, title, uri, metadata FROM documents ORDER BY id")]
         records = {}
@@ -127,12 +131,17 @@ def test_dense_to_sparse_and_codec_change(tmp_path, model_a):
         assert db.check().ok and db.generate("Where is Rome?", max_tokens=4).sources
 
 
-def test_cold_memories_stay_cold_and_a_new_embedder_reembeds(tmp_path, model_a, model_b):
-    class OtherEmbedder:  # a real embedder of the same dimension: hashing with other salt words
-        dim, fingerprint = DIM, "feature-hashing-salted"
+class SaltedEmbedder:
+    """A real embedder of HashEmbedder's dimension giving other vectors: hashing with salt words."""
 
-        def embed(self, texts):
-            return np.stack([hashed_embedding("salt pepper " + t) for t in texts])
+    dim, fingerprint = DIM, "feature-hashing-salted"
+
+    def embed(self, texts):
+        return np.stack([hashed_embedding("salt pepper " + t) for t in texts])
+
+
+def test_cold_memories_stay_cold_and_a_new_embedder_reembeds(tmp_path, model_a, model_b):
+    OtherEmbedder = SaltedEmbedder
 
     build(tmp_path / "kb", model_a, DOCS[:2], cold=True)
     build(tmp_path / "kb", model_a, DOCS[2:])  # the same database: two cold documents, two warm
@@ -239,7 +248,9 @@ from m3db.storage.catalog import Catalog
 from m3db.storage.segment import SegmentStore
 from m3db.testing import HashEmbedder
 
-path, kill_at, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+path, kill_at, when, reembed = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "reembed"
+sys.path.insert(0, sys.argv[5])
+from test_reencode import SaltedEmbedder
 calls = []
 
 def trap(owner, name):
@@ -260,29 +271,32 @@ for owner, name in [(SegmentStore, "append"), (SegmentStore, "sync"), (SegmentSt
                     (Catalog, "set_meta"), (Catalog, "commit"), (staging, "replace_file"),
                     (staging, "fsync_path"), (staging.Staging, "discard")]:
     trap(owner, name)
-m3db.reencode(path, model=MemoryModel.tiny(seed=1), batch_size=3, progress=False)
+embedder = SaltedEmbedder() if reembed else None
+m3db.reencode(path, model=MemoryModel.tiny(seed=1), embedder=embedder, batch_size=3, progress=False)
 print(" ".join(calls), flush=True)
 """
 
 
-def run_worker(path, kill_at, when):
-    proc = subprocess.run(
-        [sys.executable, "-c", WORKER, str(path), str(kill_at), when], capture_output=True, text=True, timeout=300
-    )
+def run_worker(path, kill_at, when, reembed):
+    here = os.path.dirname(os.path.abspath(__file__))
+    argv = [sys.executable, "-c", WORKER, str(path), str(kill_at), when, "reembed" if reembed else "keep", here]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout.split()
 
 
-def test_sigkill_during_reencode_leaves_the_old_or_the_new_state(tmp_path, model_a, model_b):
+@pytest.mark.parametrize("reembed", [False, True], ids=["same-embedder", "new-embedder"])
+def test_sigkill_during_reencode_leaves_the_old_or_the_new_state(tmp_path, model_a, model_b, reembed):
     import shutil
 
+    embedders = {model_a.fingerprint: HashEmbedder(), model_b.fingerprint: SaltedEmbedder() if reembed else None}
     pristine = tmp_path / "pristine"
     build(pristine, model_a)
     old = snapshot(pristine, model_a)
     clean = tmp_path / "clean"
     shutil.copytree(pristine, clean)
-    rc, calls = run_worker(clean, 0, "never")
+    rc, calls = run_worker(clean, 0, "never", reembed)
     assert rc == 0 and "commit" in calls, calls
-    new = snapshot(clean, model_b)
+    new = snapshot(clean, model_b, embedders[model_b.fingerprint])
     assert new[2].model_fingerprint == model_b.fingerprint
     rng = np.random.default_rng(18)
     commit = calls.index("commit") + 1
@@ -291,13 +305,16 @@ def test_sigkill_during_reencode_leaves_the_old_or_the_new_state(tmp_path, model
     if os.environ.get("M3DB_SLOW") == "1":
         points = [i + 1 for i, c in enumerate(calls) if c != "append"] + [int(rng.choice(appends))]
     else:
-        points = sorted({writes[1], int(rng.choice(appends)), commit - 1, commit, commit + 1, len(calls)})
+        # a staged batch, a record append, the fsync of the new segments (and the index files'
+        # removal, when re-embedded), the catalog's last steps, and the cleanup after
+        steps = [calls.index(c) + 1 for c in ("sync", "fsync_path") if c in calls]
+        points = sorted({writes[1], int(rng.choice(appends)), *steps, commit - 1, commit, commit + 1, len(calls)})
     seen = set()
     for k in points:
         for when in ("before", "after"):
             trial = tmp_path / f"trial-{k}-{when}"
             shutil.copytree(pristine, trial)
-            rc, _ = run_worker(trial, k, when)
+            rc, _ = run_worker(trial, k, when, reembed)
             assert rc == -signal.SIGKILL, (k, when, rc)
             with m3db.connect(trial) as db:
                 state = db.spec.model_fingerprint
@@ -306,12 +323,12 @@ def test_sigkill_during_reencode_leaves_the_old_or_the_new_state(tmp_path, model
             want, model = (old, model_a) if state == model_a.fingerprint else (new, model_b)
             assert state in (model_a.fingerprint, model_b.fingerprint)
             seen.add(state)
-            got = snapshot(trial, model)
+            got = snapshot(trial, model, embedders[state])
             assert got[:3] == want[:3], (k, when)
             same_records(got[3], want[3])
             # and a rerun completes from there, into exactly the new state
-            m3db.reencode(trial, model=model_b, batch_size=3, progress=False)
-            done = snapshot(trial, model_b)
+            m3db.reencode(trial, model=model_b, embedder=embedders[model_b.fingerprint], batch_size=3, progress=False)
+            done = snapshot(trial, model_b, embedders[model_b.fingerprint])
             assert done[:3] == new[:3]
             same_records(done[3], new[3])
             assert not os.path.exists(trial / STAGING_DIR)

@@ -152,6 +152,6 @@ def bind(spec, model=None, embedder=None, *, memory_mode=None, precision=None) -
         lines = "; ".join(f"{k}: the database has {a!r}, the model gives {b!r}" for k, a, b in diffs)
         raise SpecMismatchError(
             f"this database was built by another model or embedder ({lines}). Open it with the model "
-            "that built it, or build a new knowledge base for this one"
+            "that built it, or re-encode it for this one from its stored text (m3db.reencode, `m3db reencode`)"
         )
     return model, embedder

@@ -109,7 +109,7 @@ class MemorySpec:
             lines = "; ".join(f"{k}: {this} has {a!r}, {that} has {b!r}" for k, a, b in diffs)
             raise SpecMismatchError(
                 f"memory spec mismatch ({lines}). Memories are bound to the model that wrote them: "
-                "open with the matching model, or re-encode the knowledge base into a new database"
+                "open with the matching model, or re-encode the knowledge base for this one (`m3db reencode`)"
             )
 
     # -- checking one memory -------------------------------------------------------------
