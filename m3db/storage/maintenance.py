@@ -239,15 +239,25 @@ def recompress(store, codec, *, progress=False) -> dict:
         if isinstance(e, M3DBError) or not isinstance(e, Exception):
             raise
         raise rolled_back(e, "recompress()") from e
-    store.spec, store.codec = spec, codec
     if encoded:
         store.locations.move(encoded, *places.values())
     if moved["id"]:
         store.locations.move(moved["id"], moved["segment"], moved["offset"])
-    store.cache = MemoryCache(store.cache.max_bytes)  # decoded arrays of the old codec
-    with contextlib.suppress(OSError):  # committed: a stale spec.json is rewritten by the next writable open
+    after = take_rewrite(store, spec, codec, old)
+    return {"bytes_before": before, "bytes_after": after, "memories": len(ids), "codec": codec.name}
+
+
+def take_rewrite(store, spec, codec, old) -> int:
+    """After the commit of a rewrite of every record (recompress, reencode) and the move of its
+    locations: the store reads with the new spec and codec, forgets the old decoded arrays,
+    and removes the old segments `old`. Nothing here may fail the committed rewrite: what
+    cannot be removed or rewritten now, the next writable open does. Returns the segments'
+    bytes after."""
+    store.spec, store.codec = spec, codec
+    store.cache = MemoryCache(store.cache.max_bytes)  # decoded arrays of the old codec or model
+    with contextlib.suppress(OSError):  # a stale spec.json is rewritten by the next writable open
         store.write_spec_file()
-    removed = 0
+    segments, removed = store.segments, 0
     for n in old:
         with contextlib.suppress(OSError):  # as in compact(): the next writable open removes it
             segments.remove(n)
@@ -255,5 +265,4 @@ def recompress(store, codec, *, progress=False) -> dict:
     if removed == len(old):
         with contextlib.suppress(OSError):
             store.forgotten.clear()
-    after = sum(segments.size(n) for n in segments.numbers())
-    return {"bytes_before": before, "bytes_after": after, "memories": len(ids), "codec": codec.name}
+    return sum(segments.size(n) for n in segments.numbers())

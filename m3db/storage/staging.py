@@ -31,7 +31,7 @@ from ..progress import progress_bar
 from .codec import codec_class
 from .durable import fsync_path, replace_file
 from .index import INDEX_FILE, STATE_FILE
-from .memcache import MemoryCache
+from .maintenance import take_rewrite
 from .record import read_payload
 from .writer import payload_crc
 
@@ -169,21 +169,9 @@ def install(store, staging, target, *, reembedded, progress=False) -> dict:
         if isinstance(e, M3DBError) or not isinstance(e, Exception):
             raise
         raise rolled_back(e, "reencode()") from e
-    store.spec, store.codec = target, codec_class(target.codec)()
     store.locations.move(batch["id"], batch["segment"], batch["offset"], batch["length"], batch["checksum"])
-    store.cache = MemoryCache(store.cache.max_bytes)  # decoded arrays of the old model
-    with contextlib.suppress(OSError):  # committed: a stale spec.json is rewritten by the next writable open
-        store.write_spec_file()
-    removed = 0
-    for n in old:
-        with contextlib.suppress(OSError):  # as in compact(): the next writable open removes it
-            segments.remove(n)
-            removed += 1
-    if removed == len(old):
-        with contextlib.suppress(OSError):
-            store.forgotten.clear()
+    after = take_rewrite(store, target, codec_class(target.codec)(), old)
     staging.discard()
-    after = sum(segments.size(n) for n in segments.numbers())
     return {"bytes_before": before, "bytes_after": after}
 
 
