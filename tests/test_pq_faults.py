@@ -27,20 +27,9 @@ from m3db.storage.segment import SegmentStore
 
 path, params, kill_at, when = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 codec = load_codec("pq", open(params, "rb").read())
-calls = []
-
-def trap(owner, name):
-    original = getattr(owner, name)
-    def wrapper(*args, **kwargs):
-        calls.append(name)
-        here = len(calls) == kill_at
-        if here and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(*args, **kwargs)
-        if here and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-    setattr(owner, name, wrapper)
+sys.path.insert(0, sys.argv[5])
+from kill_points import arm, calls, trap
+arm(kill_at, when)
 
 with m3db.connect(path) as db:
     for owner, name in [(SegmentStore, "append"), (SegmentStore, "sync"), (SegmentStore, "new_segment"),
@@ -53,9 +42,12 @@ with m3db.connect(path) as db:
 """
 
 
+TESTS = os.path.dirname(os.path.abspath(__file__))  # where the worker finds kill_points.py
+
+
 def run_worker(path, params, kill_at, when):
     proc = subprocess.run(
-        [sys.executable, "-c", WORKER, str(path), str(params), str(kill_at), when],
+        [sys.executable, "-c", WORKER, str(path), str(params), str(kill_at), when, TESTS],
         capture_output=True,
         text=True,
         timeout=120,

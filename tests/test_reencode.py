@@ -250,21 +250,9 @@ from m3db.testing import HashEmbedder
 
 path, kill_at, when, reembed = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "reembed"
 sys.path.insert(0, sys.argv[5])
+from kill_points import arm, calls, trap
 from test_reencode import SaltedEmbedder
-calls = []
-
-def trap(owner, name):
-    original = getattr(owner, name)
-    def wrapper(*args, **kwargs):
-        calls.append(name)
-        here = len(calls) == kill_at
-        if here and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(*args, **kwargs)
-        if here and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-    setattr(owner, name, wrapper)
+arm(kill_at, when)
 
 for owner, name in [(SegmentStore, "append"), (SegmentStore, "sync"), (SegmentStore, "new_segment"),
                     (SegmentStore, "remove"), (Catalog, "begin"), (Catalog, "rewrite_memories"),
