@@ -430,3 +430,20 @@ def test_cli_builds_and_asks_with_your_own_model(tmp_path, capsys):
     assert isinstance(model, HFMemoryModel) and embedder is None
     with open_kb([kb], write=False, model=model, embedder=None) as db:
         assert len(db) > 0 and db.recall("Zorblax festival", k=1)
+    # m3db reencode --model PATH: the knowledge base moves to another model, ids and texts kept
+    other = tmp_path / "llama-tiny"
+    tiny_model("llama", seed=7).save_pretrained(other)
+    tok.save_pretrained(other)
+    with m3db.connect(kb, read_only=True, model=model) as db:
+        before = list(db.sql("SELECT id, text FROM memories ORDER BY id"))
+    assert main(["reencode", kb, "--model", str(other), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["ask", kb, "When is the Zorblax festival?", "--model", str(other), "--max-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["ask", kb, "When?", "--model", str(folder), "--max-tokens", "2"]) == 1  # the old model is refused
+    assert "built by another model" in capsys.readouterr().err
+    from m3db.cli.main import own_model
+
+    with m3db.connect(kb, read_only=True, model=own_model(str(other))) as db:
+        assert list(db.sql("SELECT id, text FROM memories ORDER BY id")) == before
+        assert db.check().ok
