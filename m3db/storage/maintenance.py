@@ -68,6 +68,24 @@ def check(store) -> CheckReport:
     return CheckReport(len(ids), problems)
 
 
+@contextlib.contextmanager
+def rolling_back(store, mark, verb):
+    """Around the copy-then-commit of a rewrite of records (compact, recompress, reencode): on
+    any failure, the catalog transaction is rolled back and the new segments' bytes cut back
+    to `mark`, leaving the old state; an error that is not m3db's becomes a StorageError saying
+    `verb` was rolled back. A cut that fails is left for the next writable open (the copies
+    point nowhere)."""
+    try:
+        yield
+    except BaseException as e:
+        store.catalog.rollback()
+        with contextlib.suppress(OSError):
+            store.segments.rollback_to(mark)
+        if isinstance(e, M3DBError) or not isinstance(e, Exception):
+            raise
+        raise rolled_back(e, verb) from e
+
+
 def compact(store) -> dict:
     """Rewrite live records into fresh segments and delete the old ones. Returns
     {"bytes_before", "bytes_after"}. The new segments are fsynced before the catalog points
@@ -78,7 +96,7 @@ def compact(store) -> dict:
     mark = segments.mark()
     ids = store.locations.ids.copy()
     new_seg, new_off = np.zeros(len(ids), np.int32), np.zeros(len(ids), np.int64)
-    try:
+    with rolling_back(store, mark, "compact()"):
         segments.new_segment()
         for i, mid in enumerate(ids.tolist()):
             seg, off, length, _ = store.locations.find(mid)
@@ -87,13 +105,6 @@ def compact(store) -> dict:
         store.catalog.begin()
         store.catalog.move_memories(ids, new_seg, new_off)
         store.catalog.commit()
-    except BaseException as e:
-        store.catalog.rollback()
-        with contextlib.suppress(OSError):  # copies it cannot remove point nowhere: the next open removes them
-            segments.rollback_to(mark)
-        if isinstance(e, M3DBError) or not isinstance(e, Exception):
-            raise
-        raise rolled_back(e, "compact()") from e
     store.locations.move(ids, new_seg, new_off)
     removed = 0
     for n in old:
@@ -186,7 +197,7 @@ def recompress(store, codec, *, progress=False) -> dict:
     places = {"segment": [], "offset": [], "length": [], "checksum": []}
     moved = {"id": [], "segment": [], "offset": []}  # cold records, copied unchanged
     encoded = []
-    try:
+    with rolling_back(store, mark, "recompress()"):
         segments.new_segment()
         with progress_bar(progress, "memories", total=len(ids), desc="recompress") as bar:
             for mid in ids.tolist():
@@ -232,13 +243,6 @@ def recompress(store, codec, *, progress=False) -> dict:
             store.catalog.move_memories(moved["id"], moved["segment"], moved["offset"])
         store.catalog.set_meta("spec", spec.to_json())
         store.catalog.commit()
-    except BaseException as e:
-        store.catalog.rollback()
-        with contextlib.suppress(OSError):  # copies it cannot remove point nowhere: the next open removes them
-            segments.rollback_to(mark)
-        if isinstance(e, M3DBError) or not isinstance(e, Exception):
-            raise
-        raise rolled_back(e, "recompress()") from e
     if encoded:
         store.locations.move(encoded, *places.values())
     if moved["id"]:

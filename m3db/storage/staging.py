@@ -26,12 +26,12 @@ import shutil
 import msgpack
 import numpy as np
 
-from ..errors import FormatError, M3DBError, rolled_back
+from ..errors import FormatError
 from ..progress import progress_bar
 from .codec import codec_class
 from .durable import fsync_path, replace_file
 from .index import INDEX_FILE, STATE_FILE
-from .maintenance import take_rewrite
+from .maintenance import rolling_back, take_rewrite
 from .record import read_payload
 from .writer import payload_crc
 
@@ -119,7 +119,7 @@ def install(store, staging, target, *, reembedded, progress=False) -> dict:
     mark = segments.mark()
     rows = {k: [] for k in ("id", "segment", "offset", "length", "checksum", "codec", "token_count")}
     embeddings = []
-    try:
+    with rolling_back(store, mark, "reencode()"):
         segments.new_segment()
         with progress_bar(progress, "memories", total=len(store.locations), desc="install") as bar:
             for blob in staging.records():
@@ -162,13 +162,6 @@ def install(store, staging, target, *, reembedded, progress=False) -> dict:
             store.catalog.rewrite_memories(batch)
         store.catalog.set_meta("spec", target.to_json())
         store.catalog.commit()
-    except BaseException as e:
-        store.catalog.rollback()
-        with contextlib.suppress(OSError):  # copies it cannot remove point nowhere: the next open removes them
-            segments.rollback_to(mark)
-        if isinstance(e, M3DBError) or not isinstance(e, Exception):
-            raise
-        raise rolled_back(e, "reencode()") from e
     store.locations.move(batch["id"], batch["segment"], batch["offset"], batch["length"], batch["checksum"])
     after = take_rewrite(store, target, codec_class(target.codec)(), old)
     staging.discard()
