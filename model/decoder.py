@@ -71,7 +71,7 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape positions.shape + (hs,) for integer positions of any shape."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hs/2,)
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., hs)
     return emb.cos(), emb.sin()
@@ -170,8 +170,8 @@ def attention_mask(q_valid, k_valid, offset: int, mem_valid=None) -> torch.Tenso
     padding query never has an empty row (its output is discarded, but NaN would spread).
     """
     T, S = q_valid.shape[1], k_valid.shape[1]
-    qi = torch.arange(offset, offset + T)[:, None]  # (T, 1)
-    kj = torch.arange(S)[None, :]  # (1, S)
+    qi = torch.arange(offset, offset + T, device=q_valid.device)[:, None]  # (T, 1)
+    kj = torch.arange(S, device=q_valid.device)[None, :]  # (1, S)
     ctx = (kj <= qi)[None] & k_valid[:, None, :]  # (B, T, S)
     ctx = ctx | (kj == qi)[None]
     if mem_valid is not None:
@@ -205,6 +205,11 @@ class Decoder(nn.Module):
                     p.copy_(std * torch.randn(p.shape, generator=g))
         return model.eval()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (memory encoding and training put their inputs there)."""
+        return self.tok_emb.weight.device
+
     def logits(self, x):
         x = self.norm(x)
         if self.head is not None:
@@ -235,9 +240,9 @@ class Decoder(nn.Module):
         B, T = idx.shape
         past = cache.get_seq_length() if cache is not None else 0
         if positions is None:
-            positions = torch.arange(past, past + T).expand(B, T)
+            positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
         if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool)
+            valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)  # (B, T, hs)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs)
         if cache is not None:
@@ -274,8 +279,9 @@ class Decoder(nn.Module):
         B, T = idx.shape
         last = max(layers)
         if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool)
-        cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), self.cfg.head_dim, self.cfg.rope_base)
+            valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        positions = torch.arange(T, device=idx.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs)
         mask = attention_mask(valid, valid, 0)
         x = self.tok_emb(idx)  # (B, T, C)

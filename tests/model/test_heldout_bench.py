@@ -13,7 +13,7 @@ import pytest
 np = pytest.importorskip("numpy")
 pytest.importorskip("torch")
 
-from m3db.model import train_data  # noqa: E402
+from m3db.model import train_data, train_entries  # noqa: E402
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "heldout.py")
 
@@ -38,16 +38,25 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 
 
 def training_wording() -> list[str]:
-    """Every string literal of model/train_data.py (f-strings' constant parts included), and
-    rendered training references and questions."""
-    with open(train_data.__file__, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    out = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    """Every string literal of model/train_data.py and model/train_entries.py (f-strings'
+    constant parts included), and rendered training references and questions."""
+    out = []
+    for module in (train_data, train_entries):
+        with open(module.__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        out += [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
     rng = random.Random(0)
     for _ in range(20):
         p = train_data.invented_person(rng)
         out.append(train_data.person_reference(p))
         out += [" ".join(q) for q in train_data.person_questions(p)]
+    for _ in range(300):
+        _, refs, question, lead, _ = train_entries.reading_example(rng, 4)
+        out += [*refs, question, lead]
+    countries = [("Peru", "Lima"), ("Chad", "N'Djamena"), ("Laos", "Vientiane")]
+    for _ in range(20):
+        refs, question, lead, _ = train_entries.counterfactual_capital(rng, countries, 2)
+        out += [*refs, question, lead]
     return out
 
 
