@@ -11,8 +11,11 @@ import pytest
 
 import m3db
 from m3db.errors import FormatError, InvalidInputError
-from m3db.storage.codec import codec_class, load_codec
+from m3db.storage.codec import codec_class, load_codec, stored_codec
 from m3db.storage.pq import MIN_TRAIN_VECTORS, PQCodec, params_crc, train_pq
+from m3db.storage.record import decode_record, encode_record
+
+GOLDEN_V1 = os.path.join(os.path.dirname(__file__), "golden", "record_pq_v1.bin")
 
 # two memory layers of one KV head at SmolLM2's head width: 4 codebooks, so training is quick
 PQ_SPEC = dict(
@@ -78,7 +81,7 @@ def test_round_trip_within_the_stated_error(trained):
     for part, scale in (("keys", 1.0), ("values", 0.5)):
         x = kv_like(rng, 2, 1, 8) * scale
         data = trained.encode(x, part=part)
-        assert len(data) == trained.encoded_size(x.shape) == 8 + 2 * 1 * 8 * 8
+        assert len(data) == trained.encoded_size(x.shape) == 4 + 2 * 1 * 8 * 8  # crc32 + codes
         y = trained.decode(data, x.shape, part=part)
         assert y.dtype == np.float32 and y.shape == x.shape
         stated = trained.error[part]
@@ -90,8 +93,8 @@ def test_keys_and_values_may_take_different_bytes():
     rng = np.random.default_rng(11)
     codec = train_pq(kv_like(rng, 2, 1, 1024), kv_like(rng, 2, 1, 1024), m={"keys": 4, "values": 16})
     x = kv_like(rng, 2, 1, 64)
-    assert len(codec.encode(x, part="keys")) == 8 + 2 * 64 * 4
-    assert len(codec.encode(x, part="values")) == 8 + 2 * 64 * 16
+    assert len(codec.encode(x, part="keys")) == 4 + 2 * 64 * 4
+    assert len(codec.encode(x, part="values")) == 4 + 2 * 64 * 16
     for part in ("keys", "values"):
         y = codec.decode(codec.encode(x, part=part), x.shape, part=part)
         assert relative_error(x, y) <= codec.error[part] * 1.25 + 0.01
@@ -139,14 +142,71 @@ def test_a_damaged_codebook_is_a_format_error(trained, damage):
 def test_a_blob_of_another_codebook_is_a_format_error(trained):
     x = kv_like(np.random.default_rng(8), 2, 1, 8)
     other = PQCodec(trained.centroids, codebook=trained.codebook + 1)
-    with pytest.raises(FormatError, match="encoded with codebook 1"):
-        other.decode(trained.encode(x), x.shape)
+    for part in ("keys", "values"):  # each blob names its codebook: by its crc32 (v2)
+        with pytest.raises(FormatError, match=f"another codebook \\(crc32 {trained.crc:08x}\\).*holds codebook 2"):
+            other.decode(trained.encode(x, part=part), x.shape, part=part)
+    old, other_old = (PQCodec(c.centroids, codebook=c.codebook, version=1) for c in (trained, other))
+    with pytest.raises(FormatError, match="encoded with codebook 1"):  # by its number and crc32 (v1)
+        other_old.decode(old.encode(x), x.shape)
+    with pytest.raises(FormatError, match="corrupt"):  # a blob of the other version: its size is wrong
+        old.decode(trained.encode(x), x.shape)
     params = trained.params()
     params["keys"] = (np.frombuffer(params["keys"], "<f4") + 1).astype("<f4").tobytes()
     described = {k: v for k, v in params.items() if k not in ("keys", "values", "crc32")}
     params["crc32"] = params_crc(described, params["keys"], params["values"])
     with pytest.raises(FormatError, match="crc32"):  # same number, other centroids
         PQCodec.from_params(params).decode(trained.encode(x), x.shape)
+
+
+def golden_pq(version):
+    """A small codec (2 layers, 1 head, 8 dims; keys 2 bytes, values 4) and a memory, from a seed:
+    what tests/golden/record_pq_v1.bin was written from, by the m3db before blob version 2."""
+    rng = np.random.default_rng(18)
+    centroids = {
+        "keys": rng.standard_normal((2, 1, 2, 256, 4)).astype("<f4"),
+        "values": rng.standard_normal((2, 1, 4, 256, 2)).astype("<f4"),
+    }
+    codec = PQCodec(centroids, codebook=3, error={"keys": 0.25, "values": 0.5}, vectors=2048, version=version)
+    keys = rng.standard_normal((2, 1, 3, 8)).astype(np.float32)
+    values = rng.standard_normal((2, 1, 3, 8)).astype(np.float32)
+    positions = np.arange(6, dtype=np.uint8).reshape(2, 1, 3) * 5
+    record = encode_record(7, codec, keys, values, positions, "Paris is the capital of France.", {"lang": "en"}, 3, 0)
+    return codec, record
+
+
+def test_golden_record_of_blob_version_1_decodes_as_version_2_does():
+    """Bytes written before blob version 2 stay readable, to the same arrays bit for bit."""
+    old, new = golden_pq(1), golden_pq(2)
+    with open(GOLDEN_V1, "rb") as f:
+        golden = f.read()
+    assert golden == old[1]  # version 1 is still written as it was
+    assert len(golden) - len(new[1]) == 8  # 4 bytes of header fewer in each of keys and values
+    a, b = decode_record(golden, "golden", codec=old[0]), decode_record(new[1], "new", codec=new[0])
+    for field in ("keys", "values", "positions"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert (a.text, a.metadata, a.document_id) == ("Paris is the capital of France.", {"lang": "en"}, 3)
+    with pytest.raises(FormatError, match="not the database's"):  # a record never meets the other version
+        decode_record(golden, "golden", codec=new[0])
+    with pytest.raises(FormatError, match="not the database's"):
+        decode_record(new[1], "new", codec=old[0])
+
+
+def test_the_sparse_400x_point_fits_its_target():
+    """The issue's 400x: <= 4,834 bytes of K/V, positions and framing per memory in the sparse
+    mode (15 layers x 3 KV heads x 8 tokens, head dim 64; keys 4 bytes, values 8 per vector)."""
+    rng = np.random.default_rng(19)
+    L, H, n, D = 15, 3, 8, 64
+    centroids = {
+        "keys": rng.standard_normal((L, H, 4, 256, D // 4)).astype("<f4"),
+        "values": rng.standard_normal((L, H, 8, 256, D // 8)).astype("<f4"),
+    }
+    codec = PQCodec(centroids)
+    keys, values = (rng.standard_normal((L, H, n, D)).astype(np.float32) for _ in range(2))
+    positions = np.sort(rng.choice(128, (L, H, n)), axis=-1).astype(np.uint8)
+    record = encode_record(1, codec, keys, values, positions, "", {}, None, None)
+    assert len(record) == 4830 <= 4834  # 1,933,424 / 4,830 = 400.3x
+    old = PQCodec(centroids, version=1)
+    assert len(encode_record(1, old, keys, values, positions, "", {}, None, None)) == 4838
 
 
 def test_too_few_vectors_is_refused_with_the_number_needed():
@@ -161,6 +221,17 @@ def test_pq_is_registered_but_needs_its_codebook():
     assert codec_class("pq") is PQCodec and PQCodec.trained
     with pytest.raises(FormatError, match="no codebook"):
         load_codec("pq", None)
+
+
+def test_a_codebook_row_is_loaded_at_its_version(trained):
+    raw = msgpack.packb(trained.params(), use_bin_type=True)
+    assert stored_codec("pq", [["pq", 1, raw]]).version == 1
+    assert stored_codec("pq", [["int4", 1, None], ["pq", 1, raw], ["pq", 2, raw]]).version == 2  # the newest
+    with pytest.raises(FormatError, match="pq version 3 is not readable.*upgrade m3db"):  # a newer m3db wrote it
+        stored_codec("pq", [["pq", 3, raw]])
+    with pytest.raises(FormatError, match="no codebook"):
+        stored_codec("pq", [])
+    assert stored_codec("int4", [["pq", 2, raw]]).name == "int4"
 
 
 # -- a database re-encoded into pq ---------------------------------------------------------------
@@ -224,7 +295,7 @@ def test_a_record_of_another_codebook_is_a_format_error(tmp_path):
     with m3db.connect(path) as db:  # swap the catalog's codebook for another: records no longer match
         other = PQCodec(db.codec.centroids, codebook=7)
         db.catalog.begin()
-        db.catalog.replace_codec("pq", 1, msgpack.packb(other.params(), use_bin_type=True))
+        db.catalog.replace_codec("pq", db.codec.version, msgpack.packb(other.params(), use_bin_type=True))
         db.catalog.commit()
     with m3db.connect(path, read_only=True) as db:
         with pytest.raises(FormatError, match="codebook"):
@@ -282,3 +353,44 @@ def test_the_cli_recompresses(tmp_path, capsys):
     assert "at least 128 memories" in capsys.readouterr().err
     with m3db.connect(tmp_path / "kb", read_only=True) as db:
         assert db.codec.m == {"keys": 4, "values": 8} and db.check().ok
+
+
+def test_a_database_of_blob_version_1_goes_on_at_it_until_recompressed(tmp_path):
+    """A pq database an older m3db wrote (its codebook row and records at blob version 1) opens,
+    reads, adds, packs and is repaired at version 1; `recompress` moves it to version 2."""
+    from m3db.storage import maintenance
+    from m3db.storage.record import read_payload
+
+    def versions(db):  # the codebook rows' versions, and the records'
+        rows = [tuple(r[:2]) for r in db.catalog.codec_rows()]
+        records = set()
+        for i in db.store.locations.ids.tolist():
+            seg, off, length, _ = db.store.locations.find(i)
+            records.add(read_payload(db.store.segments.read(seg, off, length), "test")["codec_version"])
+        return rows, records
+
+    path = tmp_path / "kb"
+    db = make_db(path)
+    new = maintenance.train(db.store, "pq", sample=160)
+    maintenance.recompress(db.store, PQCodec(new.centroids, error=new.error, vectors=new.vectors, version=1))
+    want = {i: db.get(i) for i in (0, 159)}
+    db.close()
+    with m3db.connect(path) as db:
+        assert db.codec.version == 1 and versions(db) == ([("pq", 1)], {1})
+        for i, memory in want.items():
+            assert np.array_equal(db.get(i).keys, memory.keys) and np.array_equal(db.get(i).values, memory.values)
+        db.add_memories([pq_memory(500, db.spec)])  # written as the database's records are
+        assert versions(db) == ([("pq", 1)], {1}) and db.check().ok
+        db.pack(tmp_path / "kb.m3kb")
+    assert m3db.verify(tmp_path / "kb.m3kb").ok
+    with m3db.connect(tmp_path / "kb.m3kb") as kb:
+        assert kb.codec.version == 1 and np.array_equal(kb.get(159).values, want[159].values)
+    os.remove(path / "catalog.duckdb")
+    m3db.repair(path)
+    with m3db.connect(path) as db:
+        assert versions(db) == ([("pq", 1)], {1}) and db.check().ok and len(db) == 161
+        report = db.train_codec("pq", sample=161, m=8)
+        assert versions(db) == ([("pq", 2)], {2}) and db.check().ok
+        assert report["bytes_after"] < report["bytes_before"]
+    with m3db.connect(path, read_only=True) as db:
+        assert db.codec.version == 2 and db.codec.codebook == 2 and db.check().ok

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import FormatError, NotFoundError
 from ..progress import progress_bar
-from ..storage.codec import codec_class, load_codec
+from ..storage.codec import stored_codec
 from ..storage.index import VectorIndex
 from ..storage.record import decode_record
 from ..storage.segment import HEADER_SIZE as SEG_HEADER_SIZE
@@ -136,9 +136,7 @@ def _verify_sections(path, frame, mm, problem, problems, arrays, bar):
         loc = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in loc.items()}
         codec = None
         try:
-            name = head["spec"].codec
-            stored = [c[2] for c in head["codecs"] if c[0] == name and c[1] == codec_class(name).version]
-            codec = load_codec(name, stored[0] if stored else None)
+            codec = stored_codec(head["spec"].codec, head["codecs"])
         except FormatError as e:
             problem(str(e).split("] ", 1)[-1])
         checked = _verify_records(mm, sections, loc, problem, arrays, bar, codec)

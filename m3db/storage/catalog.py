@@ -407,9 +407,10 @@ class Catalog:
         self.con.execute("INSERT INTO codecs VALUES (?, ?, ?)", [name, version, params])
 
     def replace_codec(self, name, version, params) -> None:
-        """Store a trained codec's parameters (msgpack bytes), replacing those of the same name and
-        version (inside the transaction that re-encodes every record with them)."""
-        self.con.execute("DELETE FROM codecs WHERE name = ? AND version = ?", [name, version])
+        """Store a trained codec's parameters (msgpack bytes), replacing those of the same name at
+        any version (inside the transaction that re-encodes every record with them: no record is
+        left of the old ones)."""
+        self.con.execute("DELETE FROM codecs WHERE name = ?", [name])
         self.insert_codec(name, version, params)
 
     def checkpoint(self) -> None:

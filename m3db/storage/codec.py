@@ -3,9 +3,10 @@
 A codec owns one thing: turning a float32 array whose last axis is a head vector
 (shape (..., D)) into bytes and back, with a stated worst-case error. Each codec is
 versioned; a blob names the codec and version that wrote it, so old blobs stay readable
-when a codec changes. Codecs whose parameters are learned (a product-quantization codebook,
-say) set `trained = True` and round-trip their parameters through `params()` /
-`from_params()`, which the catalog stores in its `codecs` table as msgpack, never pickle.
+when a codec changes (`Codec.reads`). Codecs whose parameters are learned (a product-quantization
+codebook, say) set `trained = True` and round-trip their parameters through `params()` /
+`from_params()`, which the catalog stores in its `codecs` table as msgpack, never pickle, in a
+row of the codec's name and version: `stored_codec` loads a database's codec at its row's version.
 
 Error bounds (checked by tests/test_codec.py on random and adversarial inputs):
 - f32: exact.
@@ -61,7 +62,15 @@ class Codec:
         return {}
 
     @classmethod
-    def from_params(cls, params) -> Self:
+    def reads(cls, version) -> bool:
+        """Whether this m3db reads blobs of `version` of this codec (a codec that changed its
+        blobs lists its older versions)."""
+        return version == cls.version
+
+    @classmethod
+    def from_params(cls, params, *, version=None) -> Self:
+        """The codec from its stored parameters, at `version` (None: this m3db's; a trained codec
+        keeps the version of its catalog row)."""
         if params:
             raise FormatError(f"codec {cls.name!r} takes no parameters, got {sorted(params)}")
         return cls()
@@ -258,7 +267,7 @@ def codec_class(name, version=None) -> type[Codec]:
     if cls is None:
         known = ", ".join(sorted(CODECS) + list(TRAINED_CODECS))
         raise InvalidInputError(f"unknown codec {name!r}; known codecs: {known}")
-    if version is not None and version != cls.version:
+    if version is not None and not cls.reads(version):
         raise FormatError(
             f"codec {name} version {version} is not readable by this m3db (it reads version "
             f"{cls.version}); upgrade m3db"
@@ -266,16 +275,32 @@ def codec_class(name, version=None) -> type[Codec]:
     return cls
 
 
-def load_codec(name, stored: bytes | None) -> Codec:
-    """The codec `name` at this m3db's version, with its stored parameters (the msgpack bytes of
-    its `codecs` row, or None): what reads the records of a database or package."""
+def stored_codec(name, rows) -> Codec:
+    """The codec `name` of a database or package, from its catalog's codec rows ([name, version,
+    params bytes or None]): at the version of its row, so a database whose codebook an older m3db
+    stored keeps reading and writing that version until it is recompressed (the newest row this
+    m3db reads, if there are several); a codec without a row at this m3db's version."""
     cls = codec_class(name)
+    versions = sorted(int(v) for n, v, _ in rows if n == name)
+    readable = [v for v in versions if cls.reads(v)]
+    if versions and not readable:
+        codec_class(name, versions[-1])  # raises: a newer m3db wrote it
+    version = readable[-1] if readable else None
+    params = next((p for n, v, p in rows if n == name and v == version), None)
+    return load_codec(name, params, version=version)
+
+
+def load_codec(name, stored: bytes | None, *, version=None) -> Codec:
+    """The codec `name` at `version` (None: this m3db's), with its stored parameters (the msgpack
+    bytes of its `codecs` row, or None): what reads the records of a database or package."""
+    cls = codec_class(name, version)
+    v = cls.version if version is None else version
     params = {}
     if stored is not None:
         try:
             params = msgpack.unpackb(stored, raw=False, strict_map_key=True)
         except (ValueError, msgpack.UnpackException) as e:
-            raise FormatError(f"the parameters of codec {name} v{cls.version} in the catalog are damaged: {e}") from e
+            raise FormatError(f"the parameters of codec {name} v{v} in the catalog are damaged: {e}") from e
         if not isinstance(params, dict):
-            raise FormatError(f"the parameters of codec {name} v{cls.version} in the catalog are not a map")
-    return cls.from_params(params)
+            raise FormatError(f"the parameters of codec {name} v{v} in the catalog are not a map")
+    return cls.from_params(params, version=version)

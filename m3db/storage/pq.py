@@ -7,10 +7,19 @@ reading an int4 one.
 
 A codebook per (memory layer, KV head, keys or values): the head vector of D dims is split
 into M sub-vectors of D / M dims, each replaced by the number (one byte) of its nearest of 256
-centroids. A memory of L x H x n vectors costs L * H * n * M bytes for its keys and the same
-for its values, plus an 8-byte header per blob: the codebook's number and crc32, so a record
-names the codebook it was encoded with and a mismatch is a FormatError, not wrong numbers.
-Decoding is a table lookup (one `np.take`).
+centroids. A memory of L x H x n vectors costs L * H * n * M bytes for its keys and L * H * n * M'
+for its values, plus a header per blob naming the codebook it was encoded with, so a mismatch is
+a FormatError, not wrong numbers. Decoding is a table lookup (one `np.take`).
+
+Blob versions (the record's `codec_version`, the codebook row's version; `BLOB_HEADERS`):
+- v2, what a newly trained codebook writes: a 4-byte header, the codebook's crc32. The crc
+  covers the codebook's number with everything else (`params_crc`), so it alone names the
+  codebook: each blob still checks its own, keys and values alike.
+- v1, what m3db wrote before: an 8-byte header, the codebook's number and its crc32 (the number
+  said twice; 8 bytes more per record). Still read and written: a codec is loaded at its catalog
+  row's version (codec.stored_codec), so a database whose codebook an older m3db stored goes on
+  as it was, its records never mixing versions; `m3db recompress PATH --codec pq` trains a new
+  codebook and rewrites every record as v2. Decoded arrays do not depend on the version.
 
 The error is not bounded per element (a vector far from what the codebook was trained on
 decodes far from itself); what is stated is the relative error sqrt(sum |x - x'|^2 / sum |x|^2)
@@ -34,7 +43,8 @@ from ..errors import FormatError, InvalidInputError
 from .codec import Codec
 
 KSUB = 256  # centroids per sub-quantizer: one byte per code
-BLOB_HEADER = struct.Struct("<II")  # codebook number, crc32 of the codebook
+# each blob version's header: v1 the codebook's number and crc32; v2 the crc32 alone (it covers the number)
+BLOB_HEADERS = {1: struct.Struct("<II"), 2: struct.Struct("<I")}
 PARAMS_FORMAT = 1
 PARTS = ("keys", "values")
 # k-means with 256 centroids needs several points per centroid to place them: fewer is refused
@@ -56,10 +66,18 @@ class PQCodec(Codec):
     measured on the held-out part of the sample, per part; vectors: training vectors per codebook.
     """
 
-    name, version = "pq", 1
+    name, version = "pq", 2
+    versions = (1, 2)  # blob versions this m3db reads (module docstring)
     trained = True
 
-    def __init__(self, centroids, *, codebook=1, error=None, vectors=0):
+    def __init__(self, centroids, *, codebook=1, error=None, vectors=0, version=2):
+        if version not in self.versions:
+            raise FormatError(
+                f"codec pq version {version} is not readable by this m3db (it reads versions {self.versions}); "
+                "upgrade m3db"
+            )
+        self.version = int(version)  # of the blobs this instance writes and reads: its catalog row's
+        self._header = BLOB_HEADERS[self.version]
         self.centroids = {p: np.ascontiguousarray(centroids[p], dtype="<f4") for p in PARTS}
         shapes = {p: c.shape for p, c in self.centroids.items()}
         L, H = shapes["keys"][:2]
@@ -74,6 +92,9 @@ class PQCodec(Codec):
         self.error = dict(error or {})
         self.vectors = int(vectors)
         self.crc = params_crc(self._described(), *(self.centroids[p].tobytes() for p in PARTS))
+        # the blob header: what names this codebook in every blob it encodes
+        ids = (self.codebook, self.crc) if self.version == 1 else (self.crc,)
+        self._identity = self._header.pack(*ids)
         # decode: the flat table of every sub-centroid, (L*H*M*256, d), and each (l, h, m)'s row offset
         self._table = {p: c.reshape(-1, c.shape[4]) for p, c in self.centroids.items()}
         self._base = {p: (np.arange(L * H * M, dtype=np.intp) * KSUB).reshape(L, H, 1, M) for p, M in self.m.items()}
@@ -102,7 +123,7 @@ class PQCodec(Codec):
         # nearest centroid: argmin |c|^2 - 2 x.c (|x|^2 is the same for every centroid)
         dist = self._norms[part] - 2.0 * np.matmul(xs, cents.transpose(0, 2, 1))  # (L*H*M, n, 256)
         codes = dist.argmin(axis=2).astype(np.uint8).reshape(L, H, M, n).transpose(0, 1, 3, 2)  # (L, H, n, M)
-        return BLOB_HEADER.pack(self.codebook, self.crc) + np.ascontiguousarray(codes).tobytes()
+        return self._identity + np.ascontiguousarray(codes).tobytes()
 
     def decode(self, data, shape, *, part="keys") -> np.ndarray:
         """header + codes -> float32 `shape`: a lookup of each code's sub-centroid."""
@@ -112,21 +133,22 @@ class PQCodec(Codec):
                 f"codec pq: {len(data)} bytes of {part} for shape {shape}, expected "
                 f"{self.encoded_size(shape, part=part)}; the blob is corrupt"
             )
-        codebook, crc = BLOB_HEADER.unpack_from(data)
-        if (codebook, crc) != (self.codebook, self.crc):
+        if data[: self._header.size] != self._identity:
+            *number, crc = self._header.unpack_from(data)
+            which = f"codebook {number[0]}" if number else "another codebook"
             raise FormatError(
-                f"codec pq: this blob was encoded with codebook {codebook} (crc32 {crc:08x}); the catalog holds "
+                f"codec pq: this blob was encoded with {which} (crc32 {crc:08x}); the catalog holds "
                 f"codebook {self.codebook} (crc32 {self.crc:08x}). The record and the catalog disagree: restore the "
                 "catalog that goes with these segments, or run `m3db check` to list the damage"
             )
         L, H, n, _ = shape
-        codes = np.frombuffer(data, dtype=np.uint8, offset=BLOB_HEADER.size).reshape(L, H, n, self.m[part])
+        codes = np.frombuffer(data, dtype=np.uint8, offset=self._header.size).reshape(L, H, n, self.m[part])
         rows = self._base[part] + codes  # (L, H, n, M): each code's row in the flat table
         return np.take(self._table[part], rows, axis=0).reshape(shape)  # (L, H, n, M, d) -> (L, H, n, D)
 
     def encoded_size(self, shape, *, part="keys") -> int:
         L, H, n, _ = self._check_shape(shape)
-        return BLOB_HEADER.size + L * H * n * self.m[part]
+        return self._header.size + L * H * n * self.m[part]
 
     def bound(self, x) -> np.ndarray:
         raise NotImplementedError(
@@ -152,7 +174,11 @@ class PQCodec(Codec):
         return {**self._described(), "keys": keys, "values": values, "crc32": self.crc}
 
     @classmethod
-    def from_params(cls, params) -> "PQCodec":
+    def reads(cls, version) -> bool:
+        return version in cls.versions
+
+    @classmethod
+    def from_params(cls, params, *, version=None) -> "PQCodec":
         if not params:
             raise FormatError(
                 "codec pq: the catalog holds no codebook for it; the database's codebook row is missing (restore the "
@@ -176,7 +202,13 @@ class PQCodec(Codec):
             if not all(np.isfinite(c).all() for c in centroids.values()):
                 raise ValueError("non-finite centroids")
             error = {p: float(params["error"][p]) for p in PARTS}
-            return cls(centroids, codebook=int(params["codebook"]), error=error, vectors=int(params["vectors"]))
+            return cls(
+                centroids,
+                codebook=int(params["codebook"]),
+                error=error,
+                vectors=int(params["vectors"]),
+                version=cls.version if version is None else version,
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(
                 f"codec pq: the codebook in the catalog is damaged ({e}); restore the catalog from a backup"

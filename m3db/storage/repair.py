@@ -159,7 +159,7 @@ def _rebuild(directory, spec, embedder, codebook):
         catalog.create(spec.to_json(), spec.embedding_dim)
         catalog.begin()
         if codebook is not None:
-            catalog.insert_codec(spec.codec, codec_class(spec.codec).version, codebook)
+            catalog.insert_codec(spec.codec, _codec_version(spec, live), codebook)
         sources = set()
         for doc in sorted(documents.values(), key=lambda doc: doc["id"]):
             if doc["source"] in sources:  # two ids claim one source: only the first keeps it
@@ -177,6 +177,15 @@ def _rebuild(directory, spec, embedder, codebook):
         catalog.close()
     counts.update(memories=len(rows), documents=len(sources), moved_aside=moved)
     return counts
+
+
+def _codec_version(spec, live) -> int:
+    """The version a trained codec's row is stored at: that of the records in it (a database an
+    older m3db wrote keeps its version), or this m3db's when none is encoded."""
+    cls = codec_class(spec.codec)
+    found = {r["payload"].get("codec_version") for r in live.values() if r["payload"].get("codec") == spec.codec}
+    readable = sorted(v for v in found if isinstance(v, int) and not isinstance(v, bool) and cls.reads(v))
+    return readable[-1] if readable else cls.version
 
 
 def _scan(segments):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
 from .catalog import CATALOG_ERRORS, Catalog, damaged
-from .codec import codec_class, load_codec
+from .codec import stored_codec
 from .durable import replace_file
 from .forgotten import ForgottenLog
 from .index import INDEX_FILE, STATE_FILE, VectorIndex
@@ -107,8 +107,8 @@ class Store:
         if spec is not None:
             stored.require_same(spec)
         self.spec = stored
-        # trained codecs (pq) keep their parameters in the catalog's `codecs` table
-        self.codec = load_codec(stored.codec, self.catalog.codec_bytes(stored.codec, codec_class(stored.codec).version))
+        # trained codecs (pq) keep their parameters in the catalog's `codecs` table, at the version they write
+        self.codec = stored_codec(stored.codec, self.catalog.codec_rows())
         if not self.read_only:
             self.write_spec_file()
         self.forgotten = ForgottenLog(self.directory)
