@@ -14,13 +14,20 @@ At memory layers the attention function appends the new keys/values to m3db's `K
 rotated by the model's *own* rotary embedding module (`rotate_keys`), so RoPE scaling variants
 (Llama 3, YaRN) are right by construction. Pre-RoPE queries/keys/values for encoding are
 captured with forward hooks on the projections (on q_norm/k_norm where the family has them:
-Qwen3 normalizes before RoPE), held only while encoding. Must not import the engine (`m3db`).
+Qwen3 normalizes before RoPE), held only while encoding.
+
+A reader adapter (`m3db.model.adapter.ReaderAdapter`, the sparse mode's) adds its low-rank
+updates to every layer's q/k/v/o projections through forward hooks on those modules, held only
+for the duration of one m3db call and acting only in the calling thread. Without the cache,
+`memory` carries rotated memories for every memory layer (the training loop's path), and a
+trainable adapter gets gradients through the frozen model. Must not import the engine (`m3db`).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +56,7 @@ class HFShape:
     n_head: int
     n_kv_head: int
     head_dim: int
+    n_embd: int  # hidden size (a reader adapter's projections read and write it)
     rope_base: float
     rope_scaling: dict | None
     max_seq_len: int
@@ -90,6 +98,7 @@ def shape_of(config) -> HFShape:
         n_head=int(n_head),
         n_kv_head=int(config.num_key_value_heads),
         head_dim=int(head_dim),
+        n_embd=int(config.hidden_size),
         rope_base=float(base),
         rope_scaling=scaling,
         max_seq_len=context,
@@ -100,15 +109,17 @@ def shape_of(config) -> HFShape:
 class ReadState:
     """What m3db hands its attention function through transformers' kwargs for one forward.
 
-    cache: the `KVCache` (None when encoding); plain_mask / memory_mask: bool
-    (B, 1, T, S) and (B, 1, T, M + S), True = may attend; plain_mask None means plain causal
-    attention (sdpa's faster is_causal path); stop_at: the layer after whose q/k/v projections
-    an encoding forward stops (its states are captured by then)."""
+    cache: the `KVCache` (None when encoding or reading `memory`); memory: {layer: (k, v)}
+    rotated memories (B, kv, M, hs) read without a cache (training); plain_mask / memory_mask:
+    bool (B, 1, T, S) and (B, 1, T, M + S), True = may attend; plain_mask None means plain
+    causal attention (sdpa's faster is_causal path); stop_at: the layer after whose q/k/v
+    projections an encoding forward stops (its states are captured by then)."""
 
     cache: object | None
     plain_mask: torch.Tensor | None
     memory_mask: torch.Tensor | None = None
     stop_at: int | None = None
+    memory: dict | None = None
 
 
 class StopEncoding(Exception):
@@ -134,6 +145,11 @@ def memory_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         key, value = state.cache[i].update(key, value)  # (B, kv, M + S, hs): memory slots, then context
         if i in state.cache.memory_layers and state.memory_mask is not None:
             mask = state.memory_mask
+    elif state.memory is not None and i in state.memory:
+        mk, mv = state.memory[i]  # (B, kv, M, hs), rotated to their read positions
+        key = torch.cat((mk.to(key.dtype), key), dim=2)  # (B, kv, M + T, hs)
+        value = torch.cat((mv.to(value.dtype), value), dim=2)
+        mask = state.memory_mask
     causal = mask is None and query.shape[2] > 1
     y = F.scaled_dot_product_attention(
         query,
@@ -162,9 +178,10 @@ def register_attention() -> None:
 class HFDecoder:
     """A transformers causal LM driven as m3db's decoder (see the module docstring).
 
-    forward(idx, positions=, valid=, cache=, last_only=, adapter=) and layer_states(idx, layers,
-    valid) have the meaning of `m3db.model.decoder.Decoder`'s. Inputs arrive on the CPU and go
-    to the model's device; logits come back as float32 on the CPU (sampling runs there).
+    forward(idx, positions=, valid=, cache=, memory=, last_only=, adapter=) and layer_states(idx,
+    layers, valid) have the meaning of `m3db.model.decoder.Decoder`'s. Inputs go to the model's
+    device; logits come back as float32 on the inputs' device (the CPU when generating: sampling
+    runs there).
     """
 
     def __init__(self, hf_model):
@@ -197,35 +214,84 @@ class HFDecoder:
             x = layer(x, attention_mask=None, position_ids=pos, position_embeddings=pe, m3db_read=state)
         return x
 
-    @torch.no_grad()
     def __call__(self, idx, *, positions=None, valid=None, cache=None, memory=None, last_only=False, adapter=None):
-        """Logits (B, T, vocab), or (B, 1, vocab) with last_only; float32, CPU.
+        """Logits (B, T, vocab), or (B, 1, vocab) with last_only; float32, on idx's device
+        (the generation loop's inputs are on the CPU, the training loop's on the model's).
 
         idx (B, T); positions (B, T) RoPE positions (default 0..T-1 after the cache); valid
-        (B, T) bool. With a cache, memories come from its memory slots. A reader adapter is
-        not available for transformers models yet (sparse mode is absent)."""
-        if adapter is not None or memory is not None:
-            raise ValueError("a transformers model reads memories through the cache only, without an adapter")
+        (B, T) bool. With a cache, memories come from its memory slots; without one, `memory`
+        is {layer: (k, v)} rotated (B, kv, M, hs) plus "valid" (B, M), as for the bundled
+        decoder. adapter: a `ReaderAdapter` applied to every layer's attention projections for
+        this call; gradients are built only when it has trainable parameters (training), and
+        reach only it (the model's weights are frozen)."""
+        if cache is not None and memory is not None:
+            raise ValueError("memories come from the cache or from `memory`, not both")
+        learn = torch.is_grad_enabled() and adapter is not None and any(p.requires_grad for p in adapter.parameters())
+        with torch.set_grad_enabled(learn), self.adapted(adapter):
+            return self._forward(idx, positions, valid, cache, memory, last_only)
+
+    def _forward(self, idx, positions, valid, cache, memory, last_only):
         B, T = idx.shape
         past = cache.get_seq_length() if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + T).expand(B, T)
         if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool)
+            valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         if cache is not None:
             cache.append_valid(valid)
             k_valid = cache.ctx_valid[:, : past + T]
         else:
             k_valid = valid
         plain = attention_mask(valid, k_valid, past)  # (B, 1, T, S)
-        mem = None
+        mem, layers = None, None
         if cache is not None and cache.memory_layers:
-            mem = attention_mask(valid, k_valid, past, cache.mem_valid).to(self.device)  # (B, 1, T, M + S)
-        state = ReadState(cache=cache, plain_mask=plain.to(self.device), memory_mask=mem)
+            mem = attention_mask(valid, k_valid, past, cache.mem_valid)  # (B, 1, T, M + S)
+        elif memory is not None:
+            mem = attention_mask(valid, k_valid, past, memory["valid"].to(valid.device))  # (B, 1, T, M + T)
+            layers = {i: (kv[0].to(self.device), kv[1].to(self.device)) for i, kv in memory.items() if i != "valid"}
+        state = ReadState(
+            cache=cache,
+            plain_mask=plain.to(self.device),
+            memory_mask=None if mem is None else mem.to(self.device),
+            memory=layers,
+        )
         x = self._run(idx, positions, state)
         if last_only:
             x = x[:, -1:]
-        return self.hf.lm_head(self.base.norm(x)).float().cpu()
+        return self.hf.lm_head(self.base.norm(x)).float().to(idx.device)
+
+    @contextmanager
+    def adapted(self, adapter):
+        """While the block runs, add `adapter`'s low-rank updates (`LayerAdapter.delta`) to every
+        layer's q/k/v/o projection outputs (q, k, v before their norms and RoPE, as the bundled
+        decoder adds them), in the calling thread only: forward hooks on the projection modules,
+        removed on exit, so other calls of the model (other threads included) are untouched."""
+        if adapter is None:
+            yield
+            return
+        me = threading.get_ident()
+        dtype = next(adapter.parameters()).dtype
+
+        def update(lora, target):
+            def hook(module, args, output):
+                if threading.get_ident() != me:
+                    return None
+                d = lora.delta(target, args[0].to(dtype))  # (B, T, out)
+                return output + d.to(output.dtype)
+
+            return hook
+
+        hooks = []
+        try:
+            for i, layer in enumerate(self._layers()):
+                lora = adapter.layer(i)
+                for target in adapter.targets:
+                    module = getattr(layer.self_attn, f"{target}_proj")
+                    hooks.append(module.register_forward_hook(update(lora, target)))
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
 
     def _sources(self, layer: int):
         """The modules whose outputs are the pre-RoPE q, k, v of a layer (Qwen3: after q/k norms)."""
@@ -247,9 +313,12 @@ class HFDecoder:
             valid = torch.ones(B, T, dtype=torch.bool)
         got: dict[int, list] = {i: [None, None, None] for i in layers}
         hooks = []
+        me = threading.get_ident()
 
         def keep(layer, slot, head_dim):
             def hook(module, args, output):
+                if threading.get_ident() != me:  # another thread's call of the shared model
+                    return
                 got[layer][slot] = output.reshape(B, T, -1, head_dim).transpose(1, 2)  # (B, heads, T, hs)
 
             return hook

@@ -12,8 +12,14 @@ checkpoint ends with the same adapter as an uninterrupted one. Checkpoints are s
 (adapter and optimizer state) plus JSON, never pickle. The log (`log.jsonl`) holds the losses
 and, every `eval_every` steps, held-out accuracy and perplexity; `plot_log` draws it.
 
-CLI: `m3db train OUT_DIR [--steps N] ...` (m3db/cli.py hands in the Wikipedia summaries and
-the ingest chunker); `bench/plot_training.py` draws the log. Must not import the engine (`m3db`).
+One loop, two backends: `model` is the bundled `MemoryModel` or a transformers model wrapped by
+`m3db.bindings.transformers.HFMemoryModel` (its `for_training()`); the loop reads only what
+both have (decoder with `memory=` and `adapter=`, its cfg and device, sink, settings,
+tokenizer, fingerprint, encode, and `rotate_keys` where the model rotates with its own RoPE).
+
+CLI: `m3db train OUT_DIR [--steps N] [--model PATH] ...` (m3db/cli hands in the Wikipedia
+summaries and the ingest chunker); `bench/plot_training.py` draws the log. Must not import the
+engine (`m3db`).
 """
 
 from __future__ import annotations
@@ -113,7 +119,11 @@ def make_batch(model, examples, encoder, rng, *, with_memory=True):
                 i += 1
             items.append(row)
         s, cfg = model.settings, model.decoder.cfg
-        keys, values, mem_valid = place(items, model.sink_keys, model.sink_values, s, cfg.head_dim, cfg.rope_base)
+        # a model with its own rotary embedding (the transformers binding) rotates with it
+        rotate = getattr(model, "rotate_keys", None)
+        keys, values, mem_valid = place(
+            items, model.sink_keys, model.sink_values, s, cfg.head_dim, cfg.rope_base, rotate=rotate
+        )
         memory = {layer: (keys[j], values[j]) for j, layer in enumerate(s.memory_layers)}
         memory["valid"] = mem_valid
         start = context_start(s, model.sink_keys.shape[2])

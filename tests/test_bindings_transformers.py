@@ -14,8 +14,8 @@ from hf_tiny import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
 import m3db  # noqa: E402
 from m3db.bindings.transformers import (  # noqa: E402
     SUPPORTED_FAMILIES,
+    AdapterRequired,
     HFMemoryModel,
-    SparseModeAbsent,
     UnsupportedModel,
 )
 from m3db.model.cache import KVCache  # noqa: E402
@@ -275,7 +275,7 @@ def test_from_pretrained_loads_a_local_folder_offline(tmp_path):
 
 def test_modes_and_devices_are_checked():
     hf, tok = tiny_model("llama"), tiny_tokenizer()
-    with pytest.raises(SparseModeAbsent, match="not available yet"):
+    with pytest.raises(AdapterRequired, match="m3db train OUT --model PATH"):
         HFMemoryModel(hf, tok, memory_mode="sparse")
     with pytest.raises(ValueError, match=r"memory_mode='thin': expected one of 'dense', 'sparse'"):
         HFMemoryModel(hf, tok, memory_mode="thin")
@@ -422,7 +422,7 @@ def test_cli_builds_and_asks_with_your_own_model(tmp_path, capsys):
     assert main(["build", kb, "--from", str(tmp_path / "quimby.txt"), "--model", str(tmp_path / "nowhere")]) == 1
     assert "no model at" in capsys.readouterr().err
     assert main(["build", str(tmp_path / "s.m3db"), "--from", str(tmp_path), "--model", str(folder), "--sparse"]) == 1
-    assert "sparse mode for a transformers model is not available yet" in capsys.readouterr().err.lower()
+    assert "train one with `m3db train OUT --model PATH`" in capsys.readouterr().err
     # m3db serve --model takes the same PATH, and binds the same model the build used
     from m3db.cli.serve import load_model, open_kb
 

@@ -21,6 +21,14 @@ MODEL_ARGUMENT = (
     ),
 )
 
+ADAPTER_ARGUMENT = (
+    ("--adapter",),
+    dict(
+        help="with --model: read the sparse memory mode through this reader adapter, trained for that model by "
+        "`m3db train OUT --model PATH` (OUT/adapter.safetensors; docs/bindings.md)"
+    ),
+)
+
 PRECISION_ARGUMENT = (
     ("--precision",),
     dict(
@@ -66,10 +74,12 @@ BUILD_ARGUMENTS = [
         dict(
             action="store_true",
             help="a new database in the sparse memory mode: 8 tokens per "
-            "head on half the layers, read through the bundled reader adapter (docs/adapter.md)",
+            "head on half the layers, read through the bundled reader adapter (docs/adapter.md), or with "
+            "--model through --adapter",
         ),
     ),
     MODEL_ARGUMENT,
+    ADAPTER_ARGUMENT,
     (
         ("--ray",),
         dict(
@@ -105,7 +115,7 @@ BUILD_ARGUMENTS = [
 
 def cmd_build(args) -> dict[str, object]:
     from ..knowledge import sources
-    from .main import own_model, say
+    from .main import model_from, say
 
     if args.limit is not None and args.limit < 1:
         raise InvalidInputError(f"--limit must be a positive number of documents, got {args.limit}")
@@ -119,11 +129,16 @@ def cmd_build(args) -> dict[str, object]:
         docs = sources.files(args.source)
         if args.limit is not None:
             docs = itertools.islice(docs, args.limit)
-    mode = "sparse" if args.sparse else None
+    mode = "sparse" if args.sparse or args.adapter else None
+    if args.ray and args.model and mode == "sparse":
+        raise InvalidInputError(
+            "--ray with --model builds the dense mode only (its workers load no reader adapter); build a sparse "
+            "knowledge base for your own model without --ray"
+        )
     if args.ray:
         return _build_on_ray(args, docs, mode, say)
     say(f"loading the model and opening {args.path} ...")
-    model = own_model(args.model, mode) if args.model else None
+    model = model_from(args, mode)
     with connect(args.path, codec=args.codec, memory_mode=None if model else mode, model=model) as db:
         say(
             f"chunking, embedding{'' if args.cold else ' and encoding'} documents into memories "

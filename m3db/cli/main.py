@@ -16,7 +16,7 @@ from ..database import connect
 from ..errors import FormatError, InvalidInputError, M3DBError
 from ..storage.repair import repair
 from . import build as build_cli
-from .build import MODEL_ARGUMENT, PRECISION_ARGUMENT
+from .build import ADAPTER_ARGUMENT, MODEL_ARGUMENT, PRECISION_ARGUMENT
 from .serve import ARGUMENTS as SERVE_ARGUMENTS
 from .table import format_cell, format_table
 
@@ -37,19 +37,34 @@ def command(name, help, example, arguments=()) -> Callable[[Callable], Callable]
 EXTRA_ARGUMENTS = {}
 
 
-def own_model(path, memory_mode=None):
-    """An HFMemoryModel loaded from a local folder or GGUF file, its errors as m3db's."""
+def own_model(path, memory_mode=None, adapter=None, device="cpu"):
+    """An HFMemoryModel loaded from a local folder or GGUF file, its errors as m3db's. adapter: a
+    reader adapter file for it, which means the sparse mode."""
     from ..errors import DependencyError
 
+    if adapter is not None and memory_mode not in (None, "sparse"):
+        raise InvalidInputError(f"--adapter reads the sparse memory mode, not --memory-mode {memory_mode}")
+    mode = "sparse" if adapter is not None else (memory_mode or "dense")
     try:
         from ..bindings.transformers import HFMemoryModel
     except ImportError as e:
         raise DependencyError(f"--model needs the transformers extra ({e}): pip install 'm3db[transformers]'") from e
     say(f"loading {path} through transformers ...")
     try:
-        return HFMemoryModel.from_pretrained(path, memory_mode=memory_mode or "dense", device="cpu")
+        return HFMemoryModel.from_pretrained(path, memory_mode=mode, adapter=adapter, device=device)
     except (ValueError, NotImplementedError) as e:
         raise InvalidInputError(f"--model {path}: {e}") from e
+
+
+def model_from(args, memory_mode=None):
+    """The model that --model (and --adapter) name, or None for the bundled one."""
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None and not args.model:
+        raise InvalidInputError(
+            "--adapter needs --model: it is a reader adapter for your own model (the bundled decoder reads "
+            "its bundled adapter in the sparse mode by itself)"
+        )
+    return own_model(args.model, memory_mode, adapter) if args.model else None
 
 
 @command("info", "show a database's (or a package's) memory spec, counts and files", "m3db info kb.m3db")
@@ -205,6 +220,7 @@ def cmd_recompress(args) -> dict[str, object]:
     "m3db reencode kb.m3db --memory-mode sparse --codec int4",
     arguments=[
         MODEL_ARGUMENT,
+        ADAPTER_ARGUMENT,
         (
             ("--memory-mode",),
             dict(
@@ -224,7 +240,7 @@ def cmd_reencode(args) -> dict[str, object]:
 
     # bad input fails before a model loads
     check_arguments(args.path, memory_mode=args.memory_mode, codec=args.codec, batch_size=args.batch_size)
-    model = own_model(args.model, args.memory_mode) if args.model else None
+    model = model_from(args, args.memory_mode)
     say(f"re-encoding {args.path} (an interrupted run resumes when run again) ...")
     mode = None if model else args.memory_mode
     return reencode(
@@ -294,7 +310,8 @@ cmd_merge = command("merge", build_cli.MERGE_HELP, build_cli.MERGE_EXAMPLE, buil
 
 @command(
     "train",
-    "train the reader adapter that lets the decoder read sparse memories (docs/adapter.md)",
+    "train the reader adapter that lets the decoder (or your own --model) read sparse memories "
+    "(docs/adapter.md, docs/bindings.md)",
     "m3db train runs/adapter --steps 300",
     arguments=[
         (("--steps",), dict(type=int, default=300, help="training steps (default 300)")),
@@ -313,28 +330,26 @@ cmd_merge = command("merge", build_cli.MERGE_HELP, build_cli.MERGE_EXAMPLE, buil
             ("--minutes",),
             dict(type=float, help="a time budget: stop at a checkpoint when it is spent (run again to resume)"),
         ),
+        (
+            ("--model",),
+            dict(
+                help="train for your own Hugging Face transformers model (a local checkpoint folder or a .gguf "
+                "file) instead of the bundled decoder: the same loop and data; its weights stay frozen; then read "
+                "with --model PATH --adapter OUT/adapter.safetensors (docs/bindings.md)"
+            ),
+        ),
     ],
 )
 def cmd_train(args) -> dict[str, object]:
     from ..knowledge import sources
-    from ..knowledge.bundled import bundled
     from ..knowledge.chunk import chunk_text
-    from ..model.memory_model import MemoryModel
-    from ..model.settings import MemorySettings
     from ..model.train import TrainConfig, train
 
     layers = _layers(args.layers) if args.layers else None  # checked before the model loads
     if args.minutes is not None and args.minutes <= 0:
         raise InvalidInputError(f"--minutes {args.minutes}: expected a positive number of minutes")
     device = _training_device(args.device)
-    base, _ = bundled()
-    n = base.decoder.cfg.n_layer
     try:
-        layers = layers or MemorySettings.sparse(n).memory_layers
-        settings = MemorySettings(memory_layers=layers, tokens_per_head=args.tokens_per_head)
-        # a copy of the shared bundled decoder moves to the device, never the shared one
-        decoder = copy.deepcopy(base.decoder).to(device) if device.type != "cpu" else base.decoder
-        model = MemoryModel(decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
         cfg = TrainConfig(
             steps=args.steps,
             batch_size=args.batch_size,
@@ -343,15 +358,23 @@ def cmd_train(args) -> dict[str, object]:
             seed=args.seed,
             eval_every=args.eval_every,
         )
+        if args.model:
+            changes = {"tokens_per_head": args.tokens_per_head}
+            if layers:
+                changes["memory_layers"] = layers
+            model = own_model(args.model, device=str(device)).for_training(**changes)
+        else:
+            model = _bundled_for_training(layers, args.tokens_per_head, device)
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
+    settings = model.settings
     wiki = {d["title"]: d for d in sources.wikipedia()}
 
     def chunk(text) -> list[str]:  # the references ingest would make
         return [c.text for c in chunk_text(text, model.count_tokens, settings.reference_length)]
 
     say(
-        f"training a reader adapter for memory layers {list(model.settings.memory_layers)}, "
+        f"training a reader adapter for memory layers {list(settings.memory_layers)}, "
         f"{settings.tokens_per_head} tokens per head, in {args.path} (resumes a run there) ..."
     )
     try:
@@ -362,9 +385,24 @@ def cmd_train(args) -> dict[str, object]:
     return {
         "adapter": os.path.join(args.path, "adapter.safetensors"),
         "fingerprint": adapter.fingerprint,
+        "model_fingerprint": model.fingerprint,
         "steps": cfg.steps,
         "log": os.path.join(args.path, "log.jsonl"),
     }
+
+
+def _bundled_for_training(layers, tokens_per_head, device):
+    """The bundled decoder in the memory settings to train for, on `device`."""
+    from ..knowledge.bundled import bundled
+    from ..model.memory_model import MemoryModel
+    from ..model.settings import MemorySettings
+
+    base, _ = bundled()
+    layers = layers or MemorySettings.sparse(base.decoder.cfg.n_layer).memory_layers
+    settings = MemorySettings(memory_layers=layers, tokens_per_head=tokens_per_head)
+    # a copy of the shared bundled decoder moves to the device, never the shared one
+    decoder = copy.deepcopy(base.decoder).to(device) if device.type != "cpu" else base.decoder
+    return MemoryModel(decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
 
 
 def _training_device(name: str):
@@ -430,11 +468,12 @@ def cmd_recall(args) -> dict[str, list[object]]:
         (("-k",), dict(type=int, default=None, help="memories per 64-token chunk (default 5)")),
         (("--where",), dict(help="a SQL filter over the columns of `memories`")),
         MODEL_ARGUMENT,
+        ADAPTER_ARGUMENT,
         PRECISION_ARGUMENT,
     ],
 )
 def cmd_ask(args) -> dict[str, object] | None:
-    model = own_model(args.model) if args.model else None
+    model = model_from(args)
     with connect(args.path, read_only=True, model=model, precision=args.precision) as db:
         answer = db.generate(
             [{"role": "user", "content": args.question}],
