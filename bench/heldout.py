@@ -259,7 +259,7 @@ class Condition:
     k: int = 5
     settings: str = "dense"  # a key of `settings_table`
     codec: str = "int4"
-    adapter: bool = False
+    adapter: str = ""  # "" base weights; "a" the sparse reader adapter (--adapter); "d" the dense one (--dense-adapter)
     base: str = "none"  # the condition its memory's own gain is measured against
 
 
@@ -271,7 +271,7 @@ def settings_table(n_layer: int) -> dict[str, MemorySettings]:
     }
 
 
-def conditions() -> list[Condition]:
+def conditions(dense_adapter: bool = False) -> list[Condition]:
     out = [Condition("none", "none", "none")]
     for k in (5, 1):
         out += [
@@ -281,20 +281,34 @@ def conditions() -> list[Condition]:
                 f"full{k}", f"full K/V ceiling (every token, every layer, int8), k={k}", "memory", k, "full", "int8"
             ),
         ]
-    out.append(Condition("none+a", "none + adapter", "none", adapter=True, base="none+a"))
+    out.append(Condition("none+a", "none + adapter", "none", adapter="a", base="none+a"))
     for k in (5, 1):
         out += [
-            Condition(f"rag{k}+a", f"text RAG + adapter, k={k}", "rag", k, adapter=True, base="none+a"),
+            Condition(f"rag{k}+a", f"text RAG + adapter, k={k}", "rag", k, adapter="a", base="none+a"),
             Condition(
                 f"sparse{k}+a",
                 f"sparse (8/head, L15-29, int4) + adapter, k={k}",
                 "memory",
                 k,
                 "sparse",
-                adapter=True,
+                adapter="a",
                 base="none+a",
             ),
         ]
+    if dense_adapter:
+        out.append(Condition("none+d", "none + dense adapter", "none", adapter="d", base="none+d"))
+        for k in (5, 1):
+            out += [
+                Condition(f"rag{k}+d", f"text RAG + dense adapter, k={k}", "rag", k, adapter="d", base="none+d"),
+                Condition(
+                    f"dense{k}+d",
+                    f"dense (32/head, all layers, int4) + dense adapter, k={k}",
+                    "memory",
+                    k,
+                    adapter="d",
+                    base="none+d",
+                ),
+            ]
     return out
 
 
@@ -404,7 +418,7 @@ def run(args, say) -> dict:
     for sel in args.selection:
         for key in ("dense", "sparse"):
             table[f"{key}-{sel}"] = table[key].with_(token_selection=sel)
-    conds = conditions()
+    conds = conditions(dense_adapter=bool(args.dense_adapter))
     for sel in args.selection:
         for k in (5, 1):
             conds.append(Condition(f"dense{k}-{sel}", f"dense, selection {sel}, k={k}", "memory", k, f"dense-{sel}"))
@@ -415,7 +429,7 @@ def run(args, say) -> dict:
                     "memory",
                     k,
                     f"sparse-{sel}",
-                    adapter=True,
+                    adapter="a",
                     base="none+a",
                 )
             )
@@ -423,9 +437,11 @@ def run(args, say) -> dict:
         keep = set(args.only.split(","))
         bases = {c.base for c in conds if c.name in keep} | {"none"}
         conds = [c for c in conds if c.name in keep or c.name in bases]
-    adapter = None
-    if any(c.adapter for c in conds):
-        adapter = ReaderAdapter.load(BUNDLED_FILE, base.decoder.cfg, base_fingerprint=base.fingerprint)
+    adapters = {
+        name: ReaderAdapter.load(path, base.decoder.cfg, base_fingerprint=base.fingerprint)
+        for name, path in (("a", args.adapter), ("d", args.dense_adapter))
+        if any(c.adapter == name for c in conds)
+    }
     entries, questions = build(args.entities, args.per_entity, args.seed)
     say(f"{len(entries)} entries, {len(questions)} questions ({len(FAMILIES)} families)")
     embedder = SharedEmbeddings(Embedder())
@@ -434,11 +450,10 @@ def run(args, say) -> dict:
     models = {}
     for c in conds:
         key = (c.settings, c.codec) if c.mode == "memory" else ("dense", "int4")
-        wa = "a" if c.adapter else ""
-        if (c.settings if c.mode == "memory" else "text", wa) not in models:
+        if (c.settings if c.mode == "memory" else "text", c.adapter) not in models:
             s = table[c.settings] if c.mode == "memory" else table["dense"]
-            models[c.settings if c.mode == "memory" else "text", wa] = base.with_settings(
-                s, adapter=adapter if c.adapter else None
+            models[c.settings if c.mode == "memory" else "text", c.adapter] = base.with_settings(
+                s, adapter=adapters.get(c.adapter)
             )
         if key in dbs:
             continue
@@ -470,7 +485,7 @@ def run(args, say) -> dict:
     results = {}
     for c in conds:
         key = (c.settings, c.codec) if c.mode == "memory" else ("dense", "int4")
-        model = models[c.settings if c.mode == "memory" else "text", "a" if c.adapter else ""]
+        model = models[c.settings if c.mode == "memory" else "text", c.adapter]
         by_q = {q: [decoded[key][t] for t in (lists[q] if c.k > 1 else [q.entry])] for q in questions}
         results[c.name] = {
             "condition": dataclasses.asdict(c),
@@ -484,6 +499,12 @@ def run(args, say) -> dict:
         "results": results,
         "args": vars(args),
     }
+
+
+def _suffix(cond: dict) -> str:
+    """The name suffix of a condition's adapter ("+a", "+d" or none; True in runs saved before "d")."""
+    a = cond["adapter"]
+    return "+a" if a is True else f"+{a}" if a else ""
 
 
 def report(data: dict) -> str:
@@ -517,17 +538,20 @@ def report(data: dict) -> str:
         c = v["condition"]
         if c["mode"] != "memory":
             continue
-        rag = f"rag{c['k']}" + ("+a" if c["adapter"] else "")
+        rag = f"rag{c['k']}" + _suffix(c)
         if rag in res:
             pairs.append((f"{n} - {rag}", n, rag))
         if "-" in c["settings"]:  # a selection variant against today's selection
-            ref = n.split("-")[0] + ("+a" if c["adapter"] else "")
+            ref = n.split("-")[0] + _suffix(c)
             if ref in res:
                 pairs.append((f"{n} - {ref}", n, ref))
         if n.startswith("dense"):
             full = f"full{c['k']}"
             if full in res:
                 pairs.append((f"{n} - {full}", n, full))
+            plain = f"dense{c['k']}"
+            if n != plain and plain in res:  # what the adapter adds to the same memories
+                pairs.append((f"{n} - {plain}", n, plain))
     if pairs:
         lines += [
             "",
@@ -559,6 +583,10 @@ def main():
     ap.add_argument("--selection", default="", help="token-selection variants to add, comma-separated")
     ap.add_argument("--only", default="", help="condition names to run (comma-separated); their baselines are kept")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--adapter", default=BUNDLED_FILE, help="the sparse reader adapter (default: the bundled one)")
+    ap.add_argument(
+        "--dense-adapter", default=None, help="a reader adapter for the dense default: adds its conditions (+d)"
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "heldout.json"))
     ap.add_argument("--from-json", default=None)

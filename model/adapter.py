@@ -28,9 +28,15 @@ from .decoder import DecoderConfig
 FORMAT = "m3db-reader-adapter"
 VERSION = 1
 TARGETS = ("q", "k", "v", "o")
-BUNDLED_FILE = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "adapters", "reader-smollm2-135m-sparse.safetensors"
-)
+# the shipped reader adapters of the bundled SmolLM2, one per memory mode (docs/adapter.md); each
+# is read only with the settings it was trained for (its header says which)
+BUNDLED_FILES = {
+    mode: os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "adapters", f"reader-smollm2-135m-{mode}.safetensors"
+    )
+    for mode in ("dense", "sparse")
+}
+BUNDLED_FILE = BUNDLED_FILES["sparse"]
 
 
 class AdapterError(ValueError):

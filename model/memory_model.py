@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from . import encoder as _encoder
 from . import quantize as _quantize
-from .adapter import BUNDLED_FILE, AdapterError, ReaderAdapter, read_header
+from .adapter import BUNDLED_FILES, AdapterError, ReaderAdapter, read_header
 from .decoder import Decoder, DecoderConfig, load_state
 from .generate import ReadingVerbs
 from .settings import MemorySettings
@@ -198,11 +198,12 @@ def trained_for(settings: MemorySettings) -> dict:
 
 
 def bundled_adapter(cfg, fingerprint: str, settings: MemorySettings) -> ReaderAdapter | None:
-    """The shipped reader adapter if it exists and was trained on this model for these memory
-    settings, else None (dense settings read with the base weights)."""
-    if not os.path.exists(BUNDLED_FILE):
-        return None
-    header = read_header(BUNDLED_FILE)
-    if header.get("base_fingerprint") != fingerprint or header.get("settings") != trained_for(settings):
-        return None
-    return ReaderAdapter.load(BUNDLED_FILE, cfg, base_fingerprint=fingerprint)
+    """The shipped reader adapter trained on this model for exactly these memory settings (the
+    dense default's or the sparse mode's), else None: other settings read with the base weights."""
+    for path in BUNDLED_FILES.values():
+        if not os.path.exists(path):
+            continue
+        header = read_header(path)
+        if header.get("base_fingerprint") == fingerprint and header.get("settings") == trained_for(settings):
+            return ReaderAdapter.load(path, cfg, base_fingerprint=fingerprint)
+    return None

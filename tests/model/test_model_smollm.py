@@ -43,7 +43,7 @@ TOKENIZER_TEXTS = PROMPTS + [
 def model():
     from m3db.model.memory_model import MemoryModel
 
-    return MemoryModel.load()
+    return MemoryModel.load(adapter=None)  # the base decoder, compared with transformers
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 from m3db import connect  # noqa: E402
 from m3db.errors import SpecMismatchError  # noqa: E402
 from m3db.model import settings as settings_mod  # noqa: E402
-from m3db.model.adapter import BUNDLED_FILE, read_header  # noqa: E402
+from m3db.model.adapter import BUNDLED_FILE, BUNDLED_FILES, read_header  # noqa: E402
 from m3db.model.gguf_loader import WeightsNotFound, find_bundled_gguf  # noqa: E402
 from m3db.model.memory_model import MemoryModel, trained_for  # noqa: E402
 from m3db.model.settings import (
@@ -42,17 +42,23 @@ def test_memory_modes_name_their_settings():
 
 @pytest.mark.model
 @needs_weights
-def test_the_shipped_adapter_is_for_the_sparse_mode_only():
+def test_each_shipped_adapter_is_read_with_the_settings_it_was_trained_for():
     base = MemoryModel.load()
-    assert base.adapter is None  # dense reads with the base weights
-    header = read_header(BUNDLED_FILE)
-    sparse = MemorySettings.sparse(base.decoder.cfg.n_layer)
-    assert header["base_fingerprint"] == base.fingerprint
-    assert header["settings"] == trained_for(sparse.resolve(base.decoder.cfg.n_layer))
-    read = base.with_settings(sparse)
+    n = base.decoder.cfg.n_layer
+    for mode, settings in (("dense", MemorySettings()), ("sparse", MemorySettings.sparse(n))):
+        header = read_header(BUNDLED_FILES[mode])
+        assert header["base_fingerprint"] == base.fingerprint
+        assert header["settings"] == trained_for(settings.resolve(n))
+    assert BUNDLED_FILE == BUNDLED_FILES["sparse"]
+    dense = base.adapter  # the dense default reads through its own adapter
+    assert dense is not None and dense.settings == trained_for(MemorySettings().resolve(n))
+    read = base.with_settings(MemorySettings.sparse(n))
     assert read.adapter is not None and read.decoder is base.decoder  # the same weights, nothing copied
-    assert base.with_settings(sparse, adapter=None).adapter is None
-    assert base.with_settings(MemorySettings.paper(base.decoder.cfg.n_layer)).adapter is None  # not trained for it
+    assert read.adapter.fingerprint != dense.fingerprint
+    assert base.with_settings(MemorySettings.sparse(n), adapter=None).adapter is None
+    assert MemoryModel.load(adapter=None).adapter is None
+    assert base.with_settings(MemorySettings.paper(n)).adapter is None  # no adapter trained for it
+    assert base.with_settings(MemorySettings(tokens_per_head=16)).adapter is None
 
 
 @pytest.mark.model
