@@ -287,6 +287,27 @@ def test_a_sample_too_small_is_refused_with_the_number_needed(tmp_path):
     db.close()
 
 
+def test_a_sample_is_read_up_to_what_training_uses(tmp_path, monkeypatch):
+    """Under the cap, train() trains on every sampled memory, joined in id order; a larger sample
+    is read only up to READ_VECTORS vectors per (layer, head) (a 100k sample would not fit in RAM)."""
+    from m3db.storage import maintenance
+
+    db = make_db(tmp_path / "kb", n=300)
+    ids = np.sort(np.random.default_rng(0).choice(db.store.locations.ids, 200, replace=False))
+    joined = [np.concatenate([getattr(db.get(int(i)), part) for i in ids], axis=2) for part in ("keys", "values")]
+    want = train_pq(*joined, m=8)  # what train() trained on before the cap existed
+    got = maintenance.train(db.store, "pq", sample=200)
+    assert got.vectors == want.vectors == 1400 and got.error == want.error
+    assert all(np.array_equal(got.centroids[p], want.centroids[p]) for p in ("keys", "values"))
+
+    monkeypatch.setattr(maintenance, "READ_VECTORS", 1280)  # 160 memories of 8 vectors
+    reads = []
+    monkeypatch.setattr(db.store, "read", lambda mid, _read=db.store.read: reads.append(mid) or _read(mid))
+    capped = maintenance.train(db.store, "pq", sample=300)
+    assert len(reads) == len(set(reads)) == 160 and capped.vectors == 1280 - 1280 // 8
+    db.close()
+
+
 def test_a_record_of_another_codebook_is_a_format_error(tmp_path):
     path = tmp_path / "kb"
     db = make_db(path)

@@ -16,11 +16,15 @@ from ..progress import progress_bar
 from .codec import codec_class
 from .durable import replace_file
 from .memcache import MemoryCache
-from .pq import MIN_TRAIN_VECTORS, train_pq
+from .pq import MAX_TRAIN_VECTORS, MIN_TRAIN_VECTORS, train_pq
 from .record import REPAIR_FIELDS, decode_record, encode_record, read_payload
 from .segment import segment_name
 from .store import CODEBOOK_FILE
 from .writer import payload_crc
+
+# a sample is read up to this many vectors per (layer, head): training fits MAX_TRAIN_VECTORS of them,
+# an eighth of what is read is held out to measure the stated error, the rest is unused
+READ_VECTORS = 2 * MAX_TRAIN_VECTORS
 
 
 class CheckReport:
@@ -151,16 +155,24 @@ def train(store, name, *, sample, m=8, seed=0, progress=False):
         )
     ids = store.locations.ids
     rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(ids, min(sample, len(ids)), replace=False)) if len(ids) else ids
-    keys, values = [], []
-    with progress_bar(progress, "memories", total=len(picked), desc="sample") as bar:
+    picked = rng.choice(ids, min(sample, len(ids)), replace=False) if len(ids) else ids
+    # k-means fits at most MAX_TRAIN_VECTORS vectors per (layer, head): memories past READ_VECTORS
+    # only cost RAM (a sample of 100k sparse memories is 18 GB of float32 arrays, twice over when
+    # joined), so the sample is read in its random order up to that many vectors; what was read
+    # is joined in id order (a sample under the cap trains exactly as before the cap)
+    keys, values = {}, {}
+    vectors = 0
+    reads = min(len(picked), math.ceil(READ_VECTORS / spec.tokens_per_head))
+    with progress_bar(progress, "memories", total=reads, desc="sample") as bar:
         for mid in picked.tolist():
+            if vectors >= READ_VECTORS:
+                break
             memory = store.read(mid)
             if not memory.cold:
-                keys.append(memory.keys)  # (L, H, n, D)
-                values.append(memory.values)
+                keys[mid], values[mid] = memory.keys, memory.values  # (L, H, n, D)
+                vectors += memory.keys.shape[2]
             bar.update(1)
-    vectors = sum(k.shape[2] for k in keys)
+    keys, values = [keys[i] for i in sorted(keys)], [values[i] for i in sorted(values)]
     if vectors < MIN_TRAIN_VECTORS:
         raise InvalidInputError(
             f"codec pq: the database holds {vectors} vectors per (layer, head) in {len(keys)} encoded memories; a "
