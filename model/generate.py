@@ -9,7 +9,9 @@ retrieved references' text prepended, re-prefilled whenever the memories change)
 
 Works on any object with the parts of `model.memory_model.MemoryModel` (decoder, tokenizer,
 settings, sink, prefix ids). Such an object may also have `reader` (the decoder that reads, when
-it is not `decoder`: a quantized one, see `model.quantize`), `rotate_keys` (see `memory.place`'s
+it is not `decoder`: a quantized one, see `model.quantize`), `reader_adapter` (the adapter
+the loop applies on top of `reader`: None when the reader has it merged, as the bundled
+model's does; default `adapter`), `rotate_keys` (see `memory.place`'s
 rotate) and `cache_dtype` / `cache_device` (where the KV cache lives): the transformers binding
 (`m3db.bindings.transformers`) runs this same loop over a Hugging Face model that way. Must not
 import the engine (`m3db`).
@@ -117,6 +119,9 @@ class GenerationLoop:
         # the decoder that reads: a quantized copy where the model has one (model.quantize);
         # memories are always encoded by `model.decoder`
         self.reader = getattr(model, "reader", model.decoder)
+        # a bundled model's reader has its adapter merged in (model.quantize); others (the
+        # transformers binding) apply theirs on top
+        self.adapter = getattr(model, "reader_adapter", model.adapter)
         # memories sit on positions before the context (docs/decoder.md): those are taken too
         reserved = context_start(self.set, model.sink_keys.shape[2]) if mode == "memory" else 0
         longest = max(len(p) for p in prompts)
@@ -198,7 +203,7 @@ class GenerationLoop:
                 valid=v,
                 cache=self.cache,
                 last_only=True,
-                adapter=self.m.adapter,
+                adapter=self.adapter,
             )
             self.npos = self.npos + v.sum(dim=1)
         return logits[:, -1]
@@ -229,7 +234,7 @@ class GenerationLoop:
             valid=valid,
             cache=self.cache,
             last_only=True,
-            adapter=self.m.adapter,
+            adapter=self.adapter,
         )
         self.npos = valid.sum(dim=1)
         return logits[:, -1]
@@ -291,7 +296,7 @@ class GenerationLoop:
         feed = torch.tensor([[t if t is not None else self.pad] for t in out])  # (B, 1)
         v = torch.tensor([[t is not None] for t in out])  # (B, 1)
         last = self.reader(
-            feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True, adapter=self.m.adapter
+            feed, positions=_positions(v, self.npos), valid=v, cache=self.cache, last_only=True, adapter=self.adapter
         )[:, -1]
         self.npos = self.npos + v[:, 0].long()
         return last

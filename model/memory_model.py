@@ -37,7 +37,7 @@ class MemoryModel(ReadingVerbs):
         settings: MemorySettings | None = None,
         adapter: ReaderAdapter | None = None,
         precision: str = "fp32",
-        reader: Decoder | None = None,
+        readers: dict | None = None,
     ):
         # inference only: with no parameter requiring grad, no autograd graph is ever built,
         # whatever the caller's grad mode
@@ -61,23 +61,30 @@ class MemoryModel(ReadingVerbs):
         # reading may run on quantized weights (model.quantize); writing memories always runs on
         # `decoder` in fp32, so a database's memories do not depend on the precision reading them
         self.precision = _quantize.check_precision(precision)
-        if reader is None:
-            reader = _quantize.quantize_decoder(self.decoder, precision)
-        self.reader = reader
-        # quantized readers of these weights by precision, shared by every settings variant
-        self._readers = {"fp32": self.decoder, precision: reader}
+        # readers of these weights by (precision, merged adapter), shared by every settings
+        # variant: where model.quantize merges the adapter into a reader's attention weights,
+        # the generation loop reads it with no adapter on top (`reader_adapter`)
+        self._readers = readers if readers is not None else {}
+        self.reader, self.reader_adapter = self._reader(precision)
+
+    def _reader(self, precision: str):
+        """(the decoder that reads at `precision`, the adapter to apply on top of it)."""
+        merged = self.adapter if _quantize.MERGES_ADAPTER[precision] else None
+        key = (precision, merged.fingerprint if merged is not None else None)
+        if key not in self._readers:
+            self._readers[key] = _quantize.quantize_decoder(self.decoder, precision, merged)
+        return self._readers[key], (None if merged is not None else self.adapter)
 
     def at_precision(self, precision: str) -> "MemoryModel":
         """The same model (weights, settings, adapter) reading at `precision`; the quantized
-        weights are made once per precision and shared by every settings variant."""
+        weights are made once per precision and adapter and shared by every settings variant."""
         _quantize.check_precision(precision)
         if precision == self.precision:
             return self
-        if precision not in self._readers:
-            self._readers[precision] = _quantize.quantize_decoder(self.decoder, precision)
         twin = type(self).__new__(type(self))
         twin.__dict__.update(self.__dict__)
-        twin.precision, twin.reader = precision, self._readers[precision]
+        twin.precision = precision
+        twin.reader, twin.reader_adapter = self._reader(precision)
         return twin
 
     @classmethod
@@ -117,17 +124,15 @@ class MemoryModel(ReadingVerbs):
             adapter = bundled_adapter(self.decoder.cfg, self.fingerprint, resolved)
         elif adapter is not None and not isinstance(adapter, ReaderAdapter):
             adapter = ReaderAdapter.load(adapter, self.decoder.cfg, base_fingerprint=self.fingerprint)
-        twin = type(self)(
+        return type(self)(
             self.decoder,
             self.tokenizer,
             fingerprint=self.fingerprint,
             settings=resolved,
             adapter=adapter,
             precision=self.precision,
-            reader=self.reader,
+            readers=self._readers,
         )
-        twin._readers = self._readers
-        return twin
 
     @classmethod
     def tiny(

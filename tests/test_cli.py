@@ -83,3 +83,16 @@ def test_check_exits_1_on_damage(kb):
     seg.write_bytes(bytes(data))
     r = run("check", kb, "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["ok"] is False
+
+
+def test_train_refuses_a_device_or_budget_it_cannot_use_before_loading_anything(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    cases = [("--device", "gpu", "expected cpu, cuda or cuda:N"), ("--minutes", "0", "positive number of minutes")]
+    if not torch.cuda.is_available():
+        cases.append(("--device", "cuda", "no CUDA GPU"))
+    for flag, value, says in cases:
+        r = run("train", tmp_path / "run", flag, value)
+        assert r.returncode != 0 and says in r.stderr, (flag, value, r.stderr)
+    assert not (tmp_path / "run").exists()  # nothing started

@@ -254,3 +254,27 @@ def test_training_on_a_gpu_follows_the_cpu(tmp_path):
     for r, g in zip(*logs):
         if "loss_memory" in r:
             assert abs(r["loss_memory"] - g["loss_memory"]) < 1e-3, (r, g)
+
+
+def test_the_reader_has_the_adapter_merged_where_that_is_exact_enough(tiny):
+    """fp32 and int8 readers carry the adapter in their attention weights (the loop applies
+    none on top); int4 keeps its weights on their grid and applies the adapter on top."""
+    a = perturbed(tiny)
+    model = MemoryModel(tiny.decoder, tiny.tokenizer, fingerprint=tiny.fingerprint, settings=SETTINGS, adapter=a)
+    ids = torch.tensor([tiny.tokenizer.encode("Article 3 is a small town in the north.")])
+    with torch.no_grad():
+        want = model.decoder(ids, adapter=a)
+        assert model.reader is not model.decoder and model.reader_adapter is None
+        assert (model.reader(ids) - want).abs().max() < 1e-4
+        assert (model.reader(ids) - model.decoder(ids)).abs().max() > 1e-2  # the adapter is in it
+        int8 = model.at_precision("int8")
+        assert int8.reader_adapter is None
+        on_top = MemoryModel(tiny.decoder, tiny.tokenizer, fingerprint=tiny.fingerprint, settings=SETTINGS)
+        plain8 = on_top.at_precision("int8").reader(ids, adapter=a)
+        assert (int8.reader(ids) - plain8).abs().max() < 0.05 * want.abs().max()
+        int4 = model.at_precision("int4")
+        assert int4.reader_adapter is a
+        got4 = int4.reader(ids, adapter=int4.reader_adapter)
+        assert (got4 - on_top.at_precision("int4").reader(ids, adapter=a)).abs().max() < 1e-5  # the plain int4 reader
+    assert model.at_precision("int8").reader is int8.reader  # made once per precision and adapter
+    assert model.with_settings(SETTINGS, adapter=None).reader is tiny.decoder  # fp32, no adapter: the weights
