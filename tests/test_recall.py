@@ -67,6 +67,16 @@ def test_filtered_recall_matches_oracle(where, expect_strategy):
                 assert len(set(got.ids) & {int(i) for i in truth}) >= 3
 
 
+def test_small_index_is_searched_exactly(mem_db):
+    # HNSW may miss a true neighbour even among a few hundred vectors; up to exact_limit
+    # memories an unfiltered recall is exact, so it equals the brute-force top k every time
+    emb = build(mem_db, 600)
+    for q in np.random.default_rng(2).standard_normal((50, 16)).astype(np.float32):
+        got = mem_db.recall(q, k=5)
+        truth, _ = brute(emb, q, set(range(600)), 5)
+        assert got.plan["strategy"] == "exact" and got.ids == [int(i) for i in truth]
+
+
 def test_exact_limit_config_switches_plans(tmp_path):
     with m3db.connect(tmp_path / "kb", spec=small_spec(), config={"exact_limit": 10}) as db:
         build(db, 500)

@@ -2,6 +2,9 @@
 
 USearch cannot evaluate a predicate, so a filtered recall is planned by the filter's
 selectivity (allowed / total):
+- with no filter, a small index (<= `exact_limit` memories) is searched exactly: it costs about
+  as much as the graph at that size, and HNSW can miss a true neighbour even among 40 vectors
+  (seen: a package and its database, whose graphs were built in different orders, disagreed);
 - ask HNSW for about k / selectivity * 1.5 candidates and keep the allowed ones, widening 4x
   at a time, falling back to exact search if widening reaches the whole index;
 - unless the allowed set is small (<= `exact_limit` ids) or smaller than GRAPH_COST times
@@ -28,6 +31,9 @@ def plan_search(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
     """Return (ids, scores, plan). `allowed` is None (no filter) or a sorted int64 array of ids."""
     if allowed is None:
+        if total <= exact_limit:
+            ids, scores = index.exact(vector, index.keys(), k)
+            return ids, scores, {"strategy": "exact", "total": total, "candidates": total}
         ids, scores = index.search(vector, k)
         plan = {"strategy": "ann", "total": total, "candidates": len(ids)}
         if len(ids) < min(k, total):  # HNSW came up short (tiny or heavily deleted graph)
