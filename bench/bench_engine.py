@@ -12,6 +12,16 @@ measured in the same run, because this machine is shared and noisy:
     python bench/bench_engine.py                  # 100k memories (a few minutes)
     python bench/bench_engine.py --n 5000         # quick
     python bench/bench_engine.py --n 1000000 --codec int4 --dir /big/disk   # the slow one
+    python bench/bench_engine.py --n 1000000 --codec pq --expansion 64,128,256
+
+--codec pq: a trained codec needs memories to learn from, as in a real knowledge base: the
+first --pq-train memories are added in int4, `db.train_codec("pq", sample=...)` learns the
+codebooks and recompresses them (timed), and every later memory is encoded in pq on add.
+The K/V pool is Gaussian, so pq's error here says nothing about quality (docs/quality.md
+measures that on real memories); sizes and speeds do not depend on the data.
+--expansion: the read-only database is reopened with each `config={"expansion_search": e}`
+and the unfiltered recall's latency and recall@5 measured at each (the ANN's speed/recall
+trade); the first value is used for the rest of the figures.
 """
 
 import argparse
@@ -110,6 +120,26 @@ def iid_worst_case(rng, n=20_000, queries=100):
     return round(hits / (5 * queries), 4)
 
 
+def plain_write_rate(work, rng, pool, codec, args):
+    """The baseline for add: the same record bytes written to a plain file, one fsync per batch."""
+    items, _ = batch_items(rng, 0, args.batch, pool)
+    blobs = [
+        encode_record(i, codec, it["keys"], it["values"], it["positions"], it["text"], it["metadata"], None, None)
+        for i, it in enumerate(items)
+    ]
+    batches = max(1, min(args.n, 20_000) // args.batch)
+    t = time.perf_counter()
+    with open(os.path.join(work, "plain.bin"), "wb") as f:
+        for _ in range(batches):
+            for b in blobs:
+                f.write(b)
+            f.flush()
+            os.fsync(f.fileno())
+    rate = batches * args.batch / (time.perf_counter() - t)
+    os.remove(os.path.join(work, "plain.bin"))
+    return rate
+
+
 def percentile_ms(samples, q):
     return round(float(np.percentile(samples, q)) * 1000, 3)
 
@@ -117,7 +147,9 @@ def percentile_ms(samples, q):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="memories to add")
-    ap.add_argument("--codec", default="int8", choices=sorted(CODECS))
+    ap.add_argument("--codec", default="int8", choices=[*sorted(CODECS), "pq"])
+    ap.add_argument("--pq-train", type=int, default=2000, help="--codec pq: memories added in int4 to train on")
+    ap.add_argument("--expansion", default="64", help="HNSW expansion_search values to measure, comma-separated")
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--dir", default=None, help="where to build (default: a temporary directory)")
@@ -139,27 +171,20 @@ def main():
         pool = [rng.standard_normal((2, LAYERS * HEADS * TOKENS * HEAD_DIM)).astype(np.float32) for _ in range(64)]
         all_emb = np.zeros((args.n, DIM), np.float32)
 
-        # baseline: the same bytes to a plain file, one fsync per batch
-        items, _ = batch_items(rng, 0, args.batch, pool)
-        codec = codec_class(args.codec)()
-        blobs = [
-            encode_record(i, codec, it["keys"], it["values"], it["positions"], it["text"], it["metadata"], None, None)
-            for i, it in enumerate(items)
-        ]
-        t = time.perf_counter()
-        with open(os.path.join(work, "plain.bin"), "wb") as f:
-            for _ in range(max(1, min(args.n, 20_000) // args.batch)):
-                for b in blobs:
-                    f.write(b)
-                f.flush()
-                os.fsync(f.fileno())
-        plain_rate = max(1, min(args.n, 20_000) // args.batch) * args.batch / (time.perf_counter() - t)
-        os.remove(os.path.join(work, "plain.bin"))
-
-        db = m3db.connect(path, spec=spec(args.codec))
+        if args.codec != "pq":
+            plain_rate = plain_write_rate(work, rng, pool, codec_class(args.codec)(), args)
+        db = m3db.connect(path, spec=spec("int4" if args.codec == "pq" else args.codec))
         t0 = time.perf_counter()
         added = 0
+        train_s = 0.0
         while added < args.n:
+            if args.codec == "pq" and added >= min(args.pq_train, args.n) and not train_s:
+                t = time.perf_counter()
+                db.train_codec("pq", sample=args.pq_train)
+                train_s = results["pq_train_and_recompress_s"] = round(time.perf_counter() - t, 1)
+                print(f"  pq trained on {args.pq_train} memories and recompressed them: {train_s} s", flush=True)
+                plain_rate = plain_write_rate(work, rng, pool, db.store.codec, args)  # bytes as pq writes them
+                t0 += time.perf_counter() - t - train_s  # the baseline's own time is not add time
             n = min(args.batch, args.n - added)
             items, emb = batch_items(rng, added, n, pool)
             db.add_memories(items)
@@ -167,7 +192,7 @@ def main():
             added += n
             if added % (args.batch * 20) == 0:
                 print(f"  added {added}/{args.n} ({added / (time.perf_counter() - t0):.0f}/s)", flush=True)
-        add_s = time.perf_counter() - t0
+        add_s = time.perf_counter() - t0 - train_s
         results["add_per_s"] = round(args.n / add_s)
         results["plain_file_write_per_s"] = round(plain_rate)
         results["add_vs_plain_write"] = round(results["add_per_s"] / plain_rate, 3)
@@ -179,13 +204,39 @@ def main():
         t = time.perf_counter()
         db.close()
         results["close_s"] = round(time.perf_counter() - t, 2)
+        expansions = [int(e) for e in args.expansion.split(",")]
         t = time.perf_counter()
-        db = m3db.connect(path, read_only=True)
+        db = m3db.connect(path, read_only=True, config={"expansion_search": expansions[0]})
         results["open_s"] = round(time.perf_counter() - t, 3)
         results["disk_bytes"] = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(path) for f in fs)
+        results["segment_bytes_per_memory"] = round(
+            sum(os.path.getsize(os.path.join(path, "segments", f)) for f in os.listdir(os.path.join(path, "segments")))
+            / args.n
+        )
 
         queries = embeddings(rng, args.queries)
         norms = np.linalg.norm(all_emb, axis=1)
+        truths = []
+        for q in queries:
+            sims = all_emb @ q / norms
+            top = np.argpartition(-sims, 5)[:5]
+            truths.append((set(top.tolist()), np.sort(sims[top])[0], sims))
+        results["expansion_search"] = {}
+        for e in expansions[1:]:  # the first is measured below with everything else
+            with m3db.connect(path, read_only=True, config={"expansion_search": e}) as other:
+                for q in queries[:10]:
+                    other.recall(q, k=5, decode=True)
+                times, hits = [], 0
+                for q, (truth, fifth, sims) in zip(queries, truths):
+                    t = time.perf_counter()
+                    got = other.recall(q, k=5, decode=True)
+                    times.append(time.perf_counter() - t)
+                    hits += sum(1 for i in got.ids if i in truth or sims[i] >= fifth - 1e-3)
+            results["expansion_search"][e] = {
+                "recall_at_5": round(hits / (5 * len(queries)), 4),
+                "p50_ms": percentile_ms(times, 50),
+                "p99_ms": percentile_ms(times, 99),
+            }
         for q in queries[:10]:  # warm caches
             db.recall(q, k=5, decode=True)
         lat = {
@@ -213,6 +264,11 @@ def main():
             fifth = np.sort(sims[truth])[0]
             hits += sum(1 for i in got.ids if i in set(truth.tolist()) or sims[i] >= fifth - 1e-3)
         results["recall_at_5"] = round(hits / (5 * len(queries)), 4)
+        results["expansion_search"][expansions[0]] = {
+            "recall_at_5": results["recall_at_5"],
+            "p50_ms": percentile_ms(lat["none"], 50),
+            "p99_ms": percentile_ms(lat["none"], 99),
+        }
         results["recall_latency_ms"] = {
             k: {"p50": percentile_ms(v, 50), "p99": percentile_ms(v, 99)} for k, v in lat.items()
         }
@@ -223,11 +279,18 @@ def main():
                 f"({v['p50'] / base:.2f}x the exact scan)"
             )
         print(f"ANN recall@5 vs brute force: {results['recall_at_5']}")
+        for e in expansions:
+            row = results["expansion_search"][e]
+            print(
+                f"expansion_search {e:>4}: recall@5 {row['recall_at_5']:.4f}, recall k=5 decoded "
+                f"p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms"
+            )
         results["recall_at_5_iid_gaussian_20k"] = iid_worst_case(rng)
         print(f"ANN recall@5 on i.i.d. Gaussian vectors (no structure, 20k): {results['recall_at_5_iid_gaussian_20k']}")
         results["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(
-            f"open (read-only): {results['open_s']} s, disk {results['disk_bytes'] / 1e6:.0f} MB, "
+            f"open (read-only): {results['open_s']} s, disk {results['disk_bytes'] / 1e6:.0f} MB "
+            f"(segments {results['segment_bytes_per_memory']} bytes a memory), "
             f"max RSS {results['max_rss_mb']} MB"
         )
         db.close()

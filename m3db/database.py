@@ -67,7 +67,8 @@ def connect(
     an existing database checks they match what built it.
     read_only: many processes may open a database read-only; only one may open it to write.
     config: {"segment_size": bytes, "exact_limit": ids, "index_save_every": changes,
-    "cache_bytes": RAM for decoded memories (256 MiB by default)}.
+    "cache_bytes": RAM for decoded memories (256 MiB by default), "expansion_search": HNSW
+    candidates per unfiltered search (more: higher recall, slower; docs/engine.md)}.
     codec: how a new database bound to a model stores keys and values ('f32', 'f16', 'int8',
     'int4'; default int4: it reads as well as int8 at half the bytes, docs/quality.md). A
     spec= names its own codec.
@@ -436,6 +437,7 @@ class Database:
             allowed,
             len(self.locations),
             exact_limit=self._config.get("exact_limit", EXACT_LIMIT),
+            expansion=self._config.get("expansion_search"),
         )
         memories = self._read_many(ids.tolist(), arrays=decode)
         return Matches(

@@ -77,6 +77,24 @@ def test_small_index_is_searched_exactly(mem_db):
         assert got.plan["strategy"] == "exact" and got.ids == [int(i) for i in truth]
 
 
+def test_expansion_search_config_trades_speed_for_recall(tmp_path):
+    path = tmp_path / "kb"
+    with m3db.connect(path, spec=small_spec()) as db:
+        emb = build(db, 3000)
+    queries = np.random.default_rng(3).standard_normal((100, 16)).astype(np.float32)
+    truths = [set(brute(emb, q, set(range(3000)), 5)[0]) for q in queries]
+    hits = {}
+    for expansion in (5, 512):
+        with m3db.connect(path, read_only=True, config={"expansion_search": expansion}) as db:
+            found = [db.recall(q, k=5) for q in queries]
+            assert db.index.index.expansion_search == expansion
+        assert all(got.plan["strategy"] == "ann" for got in found)
+        hits[expansion] = sum(len(set(got.ids) & truth) for got, truth in zip(found, truths)) / 500
+    assert hits[512] >= 0.99 and hits[5] < hits[512]
+    with pytest.raises(m3db.InvalidInputError, match="expansion_search"):
+        m3db.connect(path, read_only=True, config={"expansion_search": 0})
+
+
 def test_exact_limit_config_switches_plans(tmp_path):
     with m3db.connect(tmp_path / "kb", spec=small_spec(), config={"exact_limit": 10}) as db:
         build(db, 500)

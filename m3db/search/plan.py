@@ -27,14 +27,15 @@ GRAPH_COST = 10  # distance computations per HNSW candidate, roughly: connectivi
 
 
 def plan_search(
-    index, vector, k, allowed, total, *, exact_limit=EXACT_LIMIT
+    index, vector, k, allowed, total, *, exact_limit=EXACT_LIMIT, expansion=None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
-    """Return (ids, scores, plan). `allowed` is None (no filter) or a sorted int64 array of ids."""
+    """Return (ids, scores, plan). `allowed` is None (no filter) or a sorted int64 array of ids;
+    `expansion` the HNSW search's candidate list (None: the index's default)."""
     if allowed is None:
         if total <= exact_limit:
             ids, scores = index.exact(vector, index.keys(), k)
             return ids, scores, {"strategy": "exact", "total": total, "candidates": total}
-        ids, scores = index.search(vector, k)
+        ids, scores = index.search(vector, k, expansion=expansion)
         plan = {"strategy": "ann", "total": total, "candidates": len(ids)}
         if len(ids) < min(k, total):  # HNSW came up short (tiny or heavily deleted graph)
             ids, scores = index.exact(vector, index.keys(), k)
@@ -50,7 +51,7 @@ def plan_search(
         return ids, scores, dict(plan, strategy="exact", candidates=n)
     allowed_sorted = allowed
     while True:
-        ids, scores = index.search(vector, count)
+        ids, scores = index.search(vector, count, expansion=expansion)
         pos = np.minimum(np.searchsorted(allowed_sorted, ids), n - 1)
         keep = allowed_sorted[pos] == ids
         if keep.sum() >= min(k, n):

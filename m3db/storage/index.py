@@ -179,10 +179,14 @@ class VectorIndex:
 
     # -- search ----------------------------------------------------------------------------
 
-    def search(self, vector, count) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate nearest neighbours: (ids int64, cosine similarities), best first."""
+    def search(self, vector, count, *, expansion=None) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate nearest neighbours: (ids int64, cosine similarities), best first.
+        `expansion`: HNSW's candidate list for this search (its ef; None: EXPANSION_SEARCH)."""
         if len(self.index) == 0 or count <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        expansion = expansion or EXPANSION_SEARCH
+        if self.index.expansion_search != expansion:  # a property of the loaded index, not its file
+            self.index.expansion_search = expansion
         m = self.index.search(unit_rows(vector), count=min(count, len(self.index)))
         return np.asarray(m.keys, dtype=np.int64), (1.0 - np.asarray(m.distances, dtype=np.float32))
 

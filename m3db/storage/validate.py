@@ -18,7 +18,13 @@ from .codec import EncodedArray, encoded_floats
 from .segment import DEFAULT_SEGMENT_SIZE
 
 # connect(config=...): key -> type; all are positive integers
-CONFIG_KEYS = {"segment_size": int, "exact_limit": int, "index_save_every": int, "cache_bytes": int}
+CONFIG_KEYS = {
+    "segment_size": int,
+    "exact_limit": int,
+    "index_save_every": int,
+    "cache_bytes": int,
+    "expansion_search": int,
+}
 MEMORY_FIELDS = (
     "keys",
     "values",
