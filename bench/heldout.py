@@ -268,7 +268,44 @@ def settings_table(n_layer: int) -> dict[str, MemorySettings]:
         "dense": MemorySettings(),
         "full": MemorySettings(tokens_per_head=128),
         "sparse": MemorySettings.sparse(n_layer),
+        "sparse16": MemorySettings.sparse(n_layer).with_(tokens_per_head=16),
+        "sparse32": MemorySettings.sparse(n_layer).with_(tokens_per_head=32),
+        "dense16": MemorySettings(tokens_per_head=16),
+        "dense64": MemorySettings(tokens_per_head=64),
     }
+
+
+def curve_conditions() -> list[Condition]:
+    """--curve: more points of quality against bytes per memory, through the adapters (the dense
+    adapter was trained at 32 tokens per head, the sparse one at 8: these read other budgets)."""
+    out = []
+    for k in (5, 1):
+        for settings, codec in (("dense16", "int4"), ("dense64", "int4"), ("full", "int4"), ("dense", "int8")):
+            per_head = {"full": "every token"}.get(settings, f"{settings[5:] or 32}/head")
+            out.append(
+                Condition(
+                    f"{settings}-{codec}_{k}+d",
+                    f"dense {per_head}, all layers, {codec} + dense adapter, k={k}",
+                    "memory",
+                    k,
+                    settings,
+                    codec,
+                    adapter="d",
+                    base="none+d",
+                )
+            )
+        out.append(
+            Condition(
+                f"sparse32_{k}+a",
+                f"sparse at 32/head (L15-29, int4) + the 8/head adapter, k={k}",
+                "memory",
+                k,
+                "sparse32",
+                adapter="a",
+                base="none+a",
+            )
+        )
+    return out
 
 
 def conditions(dense_adapter: bool = False) -> list[Condition]:
@@ -294,6 +331,15 @@ def conditions(dense_adapter: bool = False) -> list[Condition]:
                 adapter="a",
                 base="none+a",
             ),
+            Condition(
+                f"sparse16_{k}+a",
+                f"sparse at 16/head (L15-29, int4) + the 8/head adapter, k={k}",
+                "memory",
+                k,
+                "sparse16",
+                adapter="a",
+                base="none+a",
+            ),
         ]
     if dense_adapter:
         out.append(Condition("none+d", "none + dense adapter", "none", adapter="d", base="none+d"))
@@ -305,6 +351,16 @@ def conditions(dense_adapter: bool = False) -> list[Condition]:
                     f"dense (32/head, all layers, int4) + dense adapter, k={k}",
                     "memory",
                     k,
+                    adapter="d",
+                    base="none+d",
+                ),
+                Condition(
+                    f"full{k}+d",
+                    f"full K/V (every token, every layer, int8) + dense adapter, k={k}",
+                    "memory",
+                    k,
+                    "full",
+                    "int8",
                     adapter="d",
                     base="none+d",
                 ),
@@ -419,6 +475,10 @@ def run(args, say) -> dict:
         for key in ("dense", "sparse"):
             table[f"{key}-{sel}"] = table[key].with_(token_selection=sel)
     conds = conditions(dense_adapter=bool(args.dense_adapter))
+    if args.curve:
+        if not args.dense_adapter:
+            raise SystemExit("--curve reads through the dense adapter: give --dense-adapter FILE")
+        conds += curve_conditions()
     for sel in args.selection:
         for k in (5, 1):
             conds.append(Condition(f"dense{k}-{sel}", f"dense, selection {sel}, k={k}", "memory", k, f"dense-{sel}"))
@@ -545,10 +605,14 @@ def report(data: dict) -> str:
             ref = n.split("-")[0] + _suffix(c)
             if ref in res:
                 pairs.append((f"{n} - {ref}", n, ref))
+        if n.startswith("sparse16_"):  # twice the bytes, the same adapter
+            ref = f"sparse{c['k']}+a"
+            if ref in res:
+                pairs.append((f"{n} - {ref}", n, ref))
         if n.startswith("dense"):
-            full = f"full{c['k']}"
-            if full in res:
-                pairs.append((f"{n} - {full}", n, full))
+            for full in (f"full{c['k']}", f"full{c['k']}" + _suffix(c)):
+                if full in res and (n, full) not in [p[1:] for p in pairs]:
+                    pairs.append((f"{n} - {full}", n, full))
             plain = f"dense{c['k']}"
             if n != plain and plain in res:  # what the adapter adds to the same memories
                 pairs.append((f"{n} - {plain}", n, plain))
@@ -587,6 +651,7 @@ def main():
     ap.add_argument(
         "--dense-adapter", default=None, help="a reader adapter for the dense default: adds its conditions (+d)"
     )
+    ap.add_argument("--curve", action="store_true", help="add bytes/quality points through the adapters")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "heldout.json"))
     ap.add_argument("--from-json", default=None)
