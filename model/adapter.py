@@ -29,7 +29,8 @@ FORMAT = "m3db-reader-adapter"
 VERSION = 1
 TARGETS = ("q", "k", "v", "o")
 # the shipped reader adapters of the bundled SmolLM2, one per memory mode (docs/adapter.md); each
-# is read only with the settings it was trained for (its header says which)
+# is read with the layers it was trained for and at least its tokens per head (its header says
+# which; memory_model.bundled_adapter)
 BUNDLED_FILES = {
     mode: os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "adapters", f"reader-smollm2-135m-{mode}.safetensors"

@@ -93,7 +93,7 @@ class MemoryModel(ReadingVerbs):
     ) -> "MemoryModel":
         """The bundled SmolLM2-135M-Instruct (or another Llama GGUF file at `path`).
 
-        adapter: "default" reads the bundled reader adapter when one ships for exactly these
+        adapter: "default" reads the bundled reader adapter when one ships for these
         memory settings (see docs/adapter.md); None reads with the base weights only; or the
         path of an adapter file (`m3db train` writes one). precision: the weights that read
         (generate): "fp32", "int8" or "int4" (the GGUF's own 4-bit blocks), ~3x faster per
@@ -203,12 +203,22 @@ def trained_for(settings: MemorySettings) -> dict:
 
 
 def bundled_adapter(cfg, fingerprint: str, settings: MemorySettings) -> ReaderAdapter | None:
-    """The shipped reader adapter trained on this model for exactly these memory settings (the
-    dense default's or the sparse mode's), else None: other settings read with the base weights."""
+    """The shipped reader adapter trained on this model for these memory layers, prefix and
+    positions with at most these tokens per head (the dense default's or the sparse mode's),
+    else None: other settings read with the base weights. More tokens per head than an adapter
+    was trained with read better through it, never worse, in every point measured (held out,
+    docs/quality.md: dense adapter at 64 and every token, sparse adapter at 16 and 32); fewer
+    were not measured better than the base weights, so they get none."""
+    want = trained_for(settings)
     for path in BUNDLED_FILES.values():
         if not os.path.exists(path):
             continue
         header = read_header(path)
-        if header.get("base_fingerprint") == fingerprint and header.get("settings") == trained_for(settings):
+        got = dict(header.get("settings") or {})
+        if header.get("base_fingerprint") != fingerprint or "tokens_per_head" not in got:
+            continue
+        if {**got, "tokens_per_head": want["tokens_per_head"]} == want and got["tokens_per_head"] <= want[
+            "tokens_per_head"
+        ]:
             return ReaderAdapter.load(path, cfg, base_fingerprint=fingerprint)
     return None
