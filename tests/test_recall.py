@@ -77,6 +77,15 @@ def test_small_index_is_searched_exactly(mem_db):
         assert got.plan["strategy"] == "exact" and got.ids == [int(i) for i in truth]
 
 
+def test_small_index_ranks_equal_scores_by_id(mem_db):
+    # repeated text gives equal embeddings: the k of 40 equal ones returned are the lowest ids,
+    # whatever order the index holds them in
+    items = [dict(make_memory(i), embedding=np.ones(16, np.float32)) for i in range(40)]
+    mem_db.add_memories(items[::-1])
+    got = mem_db.recall(np.ones(16, np.float32), k=5)
+    assert got.ids == sorted(got.ids) and got.ids == [int(i) for i in sorted(mem_db.locations.ids.tolist())[:5]]
+
+
 def test_expansion_search_config_trades_speed_for_recall(tmp_path):
     path = tmp_path / "kb"
     with m3db.connect(path, spec=small_spec()) as db:
