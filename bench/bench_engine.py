@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import m3db  # noqa: E402
 from m3db.storage.codec import CODECS, codec_class  # noqa: E402
+from m3db.storage.index import EXPANSION_SEARCH  # noqa: E402
 from m3db.storage.record import encode_record  # noqa: E402
 
 LAYERS, HEADS, TOKENS, HEAD_DIM, DIM = 15, 3, 8, 64, 384
@@ -149,7 +150,11 @@ def main():
     ap.add_argument("--n", type=int, default=100_000, help="memories to add")
     ap.add_argument("--codec", default="int8", choices=[*sorted(CODECS), "pq"])
     ap.add_argument("--pq-train", type=int, default=2000, help="--codec pq: memories added in int4 to train on")
-    ap.add_argument("--expansion", default="64", help="HNSW expansion_search values to measure, comma-separated")
+    ap.add_argument(
+        "--expansion",
+        default=str(EXPANSION_SEARCH),
+        help="HNSW expansion_search values to measure, comma-separated (default: the engine's)",
+    )
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--dir", default=None, help="where to build (default: a temporary directory)")
