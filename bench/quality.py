@@ -314,6 +314,8 @@ def settings_table(n_layer):
         "all8": MemorySettings(tokens_per_head=8),
         "all16": MemorySettings(tokens_per_head=16),
         "all32": MemorySettings(tokens_per_head=32),
+        "all64": MemorySettings(tokens_per_head=64),
+        "all128": MemorySettings(tokens_per_head=128),
     }
 
 
@@ -333,6 +335,14 @@ CONDITIONS = [
     Condition("L0-29 8/head int8" + A, "memory", "all8", "int8", adapter=True),
     Condition("L0-29 32/head int4 (dense default)", "memory", "all32", "int4", throughput=True),
 ]
+# --all-layers: every layer through the adapter at three budgets, for a dense-mode adapter
+# (`--adapter model/adapters/reader-smollm2-135m-dense.safetensors`): how reading 128-token
+# references grows with the tokens kept
+ALL_LAYERS = [
+    Condition("L0-29 32/head int4" + A, "memory", "all32", "int4", adapter=True),
+    Condition("L0-29 64/head int4" + A, "memory", "all64", "int4", adapter=True),
+    Condition("L0-29 every token int4" + A, "memory", "all128", "int4", adapter=True),
+]
 DEFAULT = "L0-29 32/head int4 (dense default)"  # connect()'s default: MemorySettings(), int4
 # which settings' arrays each settings is cut from (None: encoded itself): a layer's kept
 # tokens depend only on that layer's scores
@@ -340,6 +350,8 @@ SOURCE = {
     "all8": None,
     "all16": None,
     "all32": None,
+    "all64": None,
+    "all128": None,
     "paper": "all8",
     "sparse": "all8",
     "upper16": "all16",
@@ -713,6 +725,8 @@ def main():
         help="reader adapter file for the '+ adapter' conditions (default: the bundled one); 'none' leaves them out",
     )
     ap.add_argument("--perplexity-texts", type=int, default=48, help="texts per domain for perplexity without memory")
+    ap.add_argument("--all-layers", action="store_true", help="add every layer at 32, 64, 128 tokens/head + adapter")
+    ap.add_argument("--only", default="", help="condition names to run, comma-separated (none, rag, the default kept)")
     ap.add_argument("--plot", help="the PNG to write (default: docs/quality.png; none with --quick)")
     ap.add_argument(
         "--json", help="raw results, every reply included (default: bench/out/quality.json; none with --quick)"
@@ -754,7 +768,14 @@ def main():
         adapter = ReaderAdapter.load(args.adapter, base.decoder.cfg, base_fingerprint=base.fingerprint)
         read = {k: base.with_settings(s, adapter=adapter) for k, s in table_s.items()}
         say(f"reader adapter {adapter.fingerprint[:19]}... ({args.adapter}), trained for {adapter.settings}")
-    conditions = [c for c in CONDITIONS if adapter is not None or not c.adapter]
+    conditions = CONDITIONS + (ALL_LAYERS if args.all_layers else [])
+    if args.only:
+        keep = set(args.only.split(",")) | {"none", "rag", DEFAULT}  # the baselines every table uses
+        unknown = keep - {c.name for c in conditions}
+        if unknown:
+            raise SystemExit(f"--only: no condition named {sorted(unknown)}; known: {[c.name for c in conditions]}")
+        conditions = [c for c in conditions if c.name in keep]
+    conditions = [c for c in conditions if adapter is not None or not c.adapter]
     if adapter is None:
         say(f"no reader adapter at {args.adapter}: the '+ adapter' conditions are left out")
     questions, docs, skipped = build_questions(args.per_task, args.distractors, base.count_tokens, args.seed)
