@@ -217,8 +217,7 @@ def bundled_adapter(cfg, fingerprint: str, settings: MemorySettings) -> ReaderAd
         got = dict(header.get("settings") or {})
         if header.get("base_fingerprint") != fingerprint or "tokens_per_head" not in got:
             continue
-        if {**got, "tokens_per_head": want["tokens_per_head"]} == want and got["tokens_per_head"] <= want[
-            "tokens_per_head"
-        ]:
+        same_layers_prefix_positions = {**got, "tokens_per_head": want["tokens_per_head"]} == want
+        if same_layers_prefix_positions and got["tokens_per_head"] <= want["tokens_per_head"]:
             return ReaderAdapter.load(path, cfg, base_fingerprint=fingerprint)
     return None
