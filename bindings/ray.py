@@ -20,6 +20,7 @@ Imports: ray, the engine's public API, ray_encode.py.
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 
@@ -28,7 +29,16 @@ from m3db.errors import DependencyError, InvalidInputError
 from m3db.progress import progress_bar
 from m3db.storage.store import holds_catalog
 
-from .ray_encode import BatchEncoder, BuildReport, BundledModels, commit_batch, pack_batch, spec_of, unpack
+from .ray_encode import (
+    BatchEncoder,
+    BuildReport,
+    BundledModels,
+    commit_batch,
+    pack_batch,
+    pack_failure,
+    spec_of,
+    unpack,
+)
 
 try:
     import ray
@@ -57,10 +67,20 @@ class _Worker:
     def __init__(self, models, spec, committed, threads):
         if isinstance(committed, ray.ObjectRef):
             committed = ray.get(committed)
-        self.encoder = BatchEncoder(models, spec, committed=committed, threads=threads)
+        # Ray reports an error raised here as "the actor died", without the error; sent as each
+        # batch's result instead, the writer raises it as what it is (a model that does not load
+        # on this node, a trained codec)
+        self.failure = None
+        try:
+            self.encoder = BatchEncoder(models, spec, committed=committed, threads=threads)
+        except Exception as e:  # noqa: BLE001 (carried to the writer, which raises it)
+            self.failure = pack_failure(e)
 
     def __call__(self, batch):
         import numpy as np
+
+        if self.failure is not None:  # as data: Ray Data also drops the error of a failed call
+            return {"result": np.array([self.failure] * len(batch["batch"]), dtype=object)}
 
         out = np.empty(len(batch["batch"]), dtype=object)
         for i, blob in enumerate(batch["batch"]):
@@ -68,6 +88,25 @@ class _Worker:
         return {"result": out}
 
 
+def _raising_causes(verb):
+    """An error raised in a Ray task reaches the caller as itself (FileNotFoundError: no model at
+    ...), not wrapped in Ray's RayTaskError, whose message is the remote traceback."""
+
+    @functools.wraps(verb)
+    def wrapped(*args, **kwargs):
+        try:
+            return verb(*args, **kwargs)
+        except Exception as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(e, ray.exceptions.RayTaskError) and isinstance(cause, Exception):
+                if not isinstance(cause, ray.exceptions.RayError):
+                    raise cause from None
+            raise
+
+    return wrapped
+
+
+@_raising_causes
 def build(
     path,
     documents,
@@ -97,6 +136,7 @@ def build(
     """
     _check_counts(workers=workers, batch_size=batch_size)
     _init(address)
+    options = _actor_options(workers, cpus_per_worker, gpus_per_worker)
     models = models or BundledModels(memory_mode)
     path = os.fspath(path)
     if holds_catalog(os.path.abspath(path)):
@@ -113,7 +153,6 @@ def build(
     report = BuildReport()
     try:
         committed = {row[0] for row in db.sql("SELECT source FROM documents")}
-        options = _actor_options(workers, cpus_per_worker, gpus_per_worker)
         with _data_context():
             batches = _batches(documents, batch_size)
             encoded = batches.map_batches(
@@ -138,6 +177,7 @@ def build(
     return report
 
 
+@_raising_causes
 def build_shards(
     folder,
     documents,
@@ -166,12 +206,12 @@ def build_shards(
     if holds_catalog(os.path.abspath(folder)):
         raise InvalidInputError(f"{folder!r} is a database; --shards writes packages into a folder: name another")
     _init(address)
+    options = _actor_options(shards, cpus_per_worker, gpus_per_worker)
     models = models or BundledModels(memory_mode)
     with _data_context():
         packed = [bytes(r["batch"]) for r in _batches(documents, batch_size).iter_rows()]
     os.makedirs(folder, exist_ok=True)
     spec = _remote_spec(models, codec, gpus_per_worker).to_dict()
-    options = _actor_options(shards, cpus_per_worker, gpus_per_worker)
     task = ray.remote(_write_shard).options(
         num_cpus=options["num_cpus"], num_gpus=options.get("num_gpus", 0), max_retries=3
     )
@@ -249,10 +289,26 @@ def _actor_options(workers, cpus, gpus) -> dict:
         cpus = max(0.05, min(1.0, round((total - READ_RESERVE_CPUS) / workers, 2)))
     if not (isinstance(cpus, (int, float)) and cpus > 0) or not (isinstance(gpus, (int, float)) and gpus >= 0):
         raise InvalidInputError(f"cpus_per_worker must be > 0 and gpus_per_worker >= 0, got {cpus!r} and {gpus!r}")
+    for need in (cpus, SPEC_CPUS):
+        _check_fits(need, gpus)
     options = {"compute": ray.data.ActorPoolStrategy(size=workers), "num_cpus": cpus}
     if gpus:
         options["num_gpus"] = gpus
     return options
+
+
+def _check_fits(cpus, gpus):
+    """Refuse at once a worker that no node of the cluster can hold: Ray would wait for one forever
+    (an autoscaling cluster would add the node: start it before the build)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return
+    have = "; ".join(f"{r.get('CPU', 0):g} CPUs and {r.get('GPU', 0):g} GPUs" for r in nodes) or "no live nodes"
+    raise InvalidInputError(
+        f"no node of the Ray cluster can hold a worker of {cpus:g} CPUs and {gpus:g} GPUs (its nodes have: {have}), "
+        "so Ray would wait for one forever: lower cpus_per_worker / gpus_per_worker (--cpus-per-worker, "
+        "--gpus-per-worker), or add a node that has them (`ray start --address ADDR --num-gpus N`)"
+    )
 
 
 def _threads(threads):

@@ -20,7 +20,7 @@ import os
 import msgpack
 import numpy as np
 
-from m3db.errors import InvalidInputError, M3DBError
+from m3db.errors import DependencyError, InvalidInputError, M3DBError
 from m3db.knowledge.chunk import chunk_text
 from m3db.knowledge.ingest import check_document
 from m3db.storage.codec import EncodedArray, codec_class
@@ -58,7 +58,23 @@ class TransformersModels:
         from m3db.knowledge.bundled import bundled_embedder
 
         device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
+        if device == "cuda":
+            _check_cuda(ray.get_gpu_ids())
         return HFMemoryModel.from_pretrained(self.path, memory_mode=self.memory_mode, device=device), bundled_embedder()
+
+
+def _check_cuda(gpu_ids):
+    """Ray gave this worker GPUs: torch must see them (a CPU build of torch on a GPU node does not)."""
+    import socket
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DependencyError(
+            f"Ray gave this worker GPU {gpu_ids} on {socket.gethostname()}, but torch {torch.__version__} there sees "
+            "no CUDA GPU (a CPU build of torch, or no driver): install a CUDA build of torch on the GPU nodes, "
+            "or build without GPUs (gpus_per_worker=0, --gpus-per-worker 0)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +255,30 @@ class BatchEncoder:
             r["memories"] = memories
 
 
+def pack_failure(error) -> bytes:
+    """A worker that could not start (its model did not load on its node, the database's codec
+    needs a codebook it does not have): the error, packed as a batch's result for the writer,
+    which raises it (`raise_failure`)."""
+    import socket
+
+    message = error.args[0] if isinstance(error, M3DBError) and error.args else str(error)
+    failure = {"type": type(error).__name__, "message": f"a worker on {socket.gethostname()} did not start: {message}"}
+    return msgpack.packb({"failure": failure}, use_bin_type=True)
+
+
+# what a worker's failure is raised as by the writer: its own class when it is one of these
+_FAILURE_CLASSES = {
+    cls.__name__: cls
+    for cls in (FileNotFoundError, PermissionError, OSError, ValueError, ImportError, RuntimeError, MemoryError)
+}
+_FAILURE_CLASSES.update({cls.__name__: cls for cls in M3DBError.__subclasses__()})
+
+
+def raise_failure(failure) -> None:
+    cls = _FAILURE_CLASSES.get(failure["type"], M3DBError)
+    raise cls(failure["message"] if cls is not M3DBError else f"{failure['type']}: {failure['message']}")
+
+
 def _twice(source):
     return (
         f"a document with source {source!r} is already twice in this call with other text. A source names one "
@@ -274,6 +314,8 @@ def commit_batch(db, blob, report, *, first=None) -> int:
     add_documents commits a batch; return how many documents it held. first: the input position
     of its first document, for the report (default: the one the batch was packed with)."""
     result = unpack(blob)
+    if "failure" in result:
+        raise_failure(result["failure"])
     if first is not None:
         result["first"] = first
     spec, codec = db.spec, db.codec

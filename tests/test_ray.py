@@ -2,7 +2,8 @@
 and the hashing embedder: the local build, the Ray single-writer build and the sharded build
 (merged, and served as packages) give the same knowledge base, record bytes and catalog rows;
 a killed actor and a killed driver lose and duplicate nothing; bad documents are reported one by
-one and their batches still commit."""
+one and their batches still commit; a worker that cannot start or cannot be placed is a clear
+error, at once; GPU workers run your own transformers model on CUDA (on a machine with a GPU)."""
 
 import os
 import signal
@@ -16,10 +17,10 @@ import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 import m3db  # noqa: E402
 from m3db.bindings.ray import build, build_shards  # noqa: E402
-from m3db.bindings.ray_encode import TinyModels  # noqa: E402
+from m3db.bindings.ray_encode import TinyModels, TransformersModels  # noqa: E402
 from m3db.cli import main  # noqa: E402
 from m3db.knowledge.ingest import MAX_DOCUMENT_CHARS  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
@@ -44,7 +45,8 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # one GPU in Ray's accounting, real or not: without CUDA the GPU path runs up to torch
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -233,3 +235,67 @@ def test_wrong_arguments_are_clear_errors(cluster, tmp_path):
     with pytest.raises(m3db.InvalidInputError, match="is a file"):
         build_shards(tmp_path / "file", DOCS, shards=2, models=TinyModels())
     assert main(["build", str(tmp_path / "x"), "--from", "wikipedia", "--shards", "2"]) == 1
+
+
+class CannotStart:
+    """Models that load for the spec task but not on a worker (as a model missing on a node)."""
+
+    def __call__(self, spec=None):
+        if spec is not None:
+            raise FileNotFoundError("no model at '/models/x' on this node")
+        return TinyModels()()
+
+
+def test_a_worker_that_cannot_start_or_be_placed_is_a_clear_error(cluster, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"a worker on .* did not start: no model at '/models/x'"):
+        build(tmp_path / "kb1", DOCS[:8], models=CannotStart(), workers=1, batch_size=BATCH, progress=False)
+    # a task's error arrives as itself, not as Ray's wrapper with a remote traceback
+    with pytest.raises(FileNotFoundError, match="^no model at '/no/such/model'") as raised:
+        build(tmp_path / "kb2", DOCS[:8], models=TransformersModels("/no/such/model"), progress=False)
+    assert "ray::" not in str(raised.value)
+    # a worker no node can hold: Ray would wait forever; refused before anything starts
+    for cpus, gpus in ((3, 0), (1, 2)):
+        with pytest.raises(m3db.InvalidInputError, match="no node of the Ray cluster can hold a worker"):
+            build(tmp_path / "kb3", DOCS, models=TinyModels(), cpus_per_worker=cpus, gpus_per_worker=gpus)
+        with pytest.raises(m3db.InvalidInputError, match="no node of the Ray cluster can hold a worker"):
+            build_shards(tmp_path / "shards", DOCS, shards=2, models=TinyModels(), gpus_per_worker=gpus or 2)
+    assert not (tmp_path / "kb3").exists() and not (tmp_path / "shards").exists()
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("One short document.")
+    assert main(["build", str(tmp_path / "kb4"), "--from", str(folder), "--ray", "--gpus-per-worker", "2"]) == 1
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny random llama saved as a transformers checkpoint: your own model, as workers load it."""
+    from hf_tiny import tiny_model, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("hf") / "llama"
+    tok = tiny_tokenizer()
+    tiny_model("llama", seed=3, vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs where torch sees no CUDA GPU")
+def test_gpu_workers_without_cuda_say_so(cluster, hf_folder, tmp_path):
+    with pytest.raises(m3db.DependencyError, match=r"Ray gave this worker GPU \[0\].* sees no CUDA GPU"):
+        build(tmp_path / "kb", DOCS[:8], models=TransformersModels(hf_folder), gpus_per_worker=1, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_workers_encode_on_the_gpu(cluster, hf_folder, tmp_path):
+    docs, model = DOCS[:16], TransformersModels(hf_folder)
+    gpu = build(tmp_path / "gpu", docs, models=model, workers=1, gpus_per_worker=1, batch_size=BATCH, progress=False)
+    cpu = build(tmp_path / "cpu", docs, models=model, workers=1, batch_size=BATCH, progress=False)
+    assert (gpu.documents_added, gpu.errors) == (len(docs), []) and gpu.memories_added == cpu.memories_added
+    with m3db.connect(tmp_path / "gpu", read_only=True) as g, m3db.connect(tmp_path / "cpu", read_only=True) as c:
+        ids = [r[0] for r in c.sql("SELECT id FROM memories ORDER BY id")]
+        assert ids == [r[0] for r in g.sql("SELECT id FROM memories ORDER BY id")]
+        for a, b in zip(g.get_many(ids), c.get_many(ids)):
+            assert a.text == b.text and a.keys.shape == b.keys.shape
+            # bfloat16 on the GPU against float32 on the CPU, both through int4: close, not equal
+            scale = np.abs(b.keys).mean() + 1e-6
+            assert np.abs(a.keys - b.keys).mean() / scale < 0.15
+            assert np.abs(a.values - b.values).mean() / (np.abs(b.values).mean() + 1e-6) < 0.15
