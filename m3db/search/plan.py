@@ -39,7 +39,7 @@ def plan_search(
         ids, scores = index.search(vector, k, expansion=expansion)
         plan = {"strategy": "ann", "total": total, "candidates": len(ids)}
         if len(ids) < min(k, total):  # HNSW came up short (tiny or heavily deleted graph)
-            ids, scores = index.exact(vector, index.keys(), k)
+            ids, scores = index.exact_all(vector, k)
             plan = {"strategy": "exact", "total": total, "candidates": total, "reason": "ann returned too few"}
         return ids, scores, plan
     n = len(allowed)
