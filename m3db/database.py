@@ -264,6 +264,11 @@ class Database:
     directory = property(lambda self: self.store.directory, doc="The directory the catalog and index are in.")
     commit_seq = property(lambda self: self.store.commit_seq, doc="The number of the last commit.")
     closed = property(lambda self: self._closed, doc="True once close() has run.")
+    mutex = property(
+        lambda self: self._mutex,
+        doc="The lock every verb holds: the catalog's one DuckDB connection serves one call at a time. The "
+        "knowledge verbs take it around their catalog reads, not around the model's work.",
+    )
 
     # -- writing -------------------------------------------------------------------------------
 
