@@ -20,7 +20,7 @@ import numpy as np
 from .errors import ClosedError, InvalidInputError, M3DBError, NotFoundError, storage_error
 from .knowledge import answer, ingest, warm
 from .knowledge.bundled import bind, bind_embedder, bundled, check_memory_mode, check_precision
-from .knowledge.protocols import spec_fields
+from .knowledge.protocols import require_protocols, spec_fields
 from .package.manifest import is_package
 from .package.multi import PackageSet, open_packages
 from .package.pack import pack
@@ -36,7 +36,7 @@ from .storage.catalog import CATALOG_ERRORS, damaged
 from .storage.maintenance import CheckReport
 from .storage.record import Memory
 from .storage.spec import MemorySpec
-from .storage.store import Store, holds_catalog, require_catalog_if_data
+from .storage.store import Store, holds_catalog, require_catalog_if_data, require_place_for_new
 from .storage.validate import check_config, check_memory, check_path, existing_parent, names_package
 from .storage.writer import Writer
 
@@ -153,9 +153,12 @@ class Database:
             raise InvalidInputError(
                 "pass memory_mode= or model=/spec=, not both: a model or spec carries its own memory settings"
             )
+        require_protocols(model, embedder)
         if memory_mode is not None:
             check_memory_mode(memory_mode)
         check_precision(precision)
+        if not isinstance(read_only, bool):
+            raise InvalidInputError(f"read_only must be True or False, got {read_only!r}")
         if isinstance(spec, dict):
             spec = MemorySpec.from_dict(spec)
         if spec is not None and not isinstance(spec, MemorySpec):
@@ -228,6 +231,8 @@ class Database:
             require_catalog_if_data(directory)  # (Store checks too; here it fails before a model loads)
             if read_only and not holds_catalog(directory):
                 raise NotFoundError(f"no m3db database at {self.path!r}; create it with a writable connect(path)")
+            if not holds_catalog(directory):
+                require_place_for_new(directory, self.path)
             created = not os.path.exists(directory)
             os.makedirs(directory, exist_ok=True)
         self.store = None
@@ -356,6 +361,13 @@ class Database:
         arguments become metadata columns of its memories (`lang="en"` -> filter with
         where="lang = 'en'"). cold: see add_documents.
         """
+        self._require_open()
+        if isinstance(metadata.get("metadata"), dict):  # add(text, metadata={...}): what was meant
+            extra = metadata.pop("metadata")
+            both = sorted(set(extra) & set(metadata))
+            if both:
+                raise InvalidInputError(f"metadata {both} given both in metadata= and as keyword arguments")
+            metadata.update(extra)
         doc = {"text": text, "source": source, "title": title, "uri": uri, "metadata": metadata}
         ids = []
         ingest.add_documents(self, [doc], progress=False, cold=cold, replace=replace, ids_out=ids)
@@ -377,6 +389,7 @@ class Database:
         recall(decode=True), get) and then kept, so later reads cost the same as warm ones.
         `db.warm_up()` encodes the rest.
         """
+        self._require_open()
         return ingest.add_documents(
             self, documents, batch_size=batch_size, progress=progress, cold=cold, replace=replace
         )
@@ -398,6 +411,8 @@ class Database:
     @_guarded
     def get_many(self, ids) -> list[Memory]:
         """Memories for a list of ids, decoded, in the given order."""
+        if isinstance(ids, (int, np.integer, str, bytes)):
+            raise InvalidInputError(f"get_many takes a list of ids, got {ids!r}; for one memory use get(id)")
         return self._read_many(list(ids))
 
     def _read_many(self, ids, arrays=True):
@@ -541,15 +556,25 @@ class Database:
             progress=progress,
         )
 
-    @_guarded
     def close(self) -> None:
-        """Save the index and release the database. Uncommitted transactions are rolled back."""
-        try:
-            self.store.close()
-        finally:
-            self._closed = True
-            if self._tempdir:
-                shutil.rmtree(self._tempdir, ignore_errors=True)
+        """Save the index and release the database. Closing again does nothing."""
+        with self._mutex:  # not under another thread's verb
+            if self._closed:
+                return
+            if self.writer is not None and self.writer.depth:
+                raise InvalidInputError(
+                    "close() inside db.transaction(): leave the with block first (it commits), or raise to roll back"
+                )
+            try:
+                self.store.close()
+            except OSError as e:  # saving the index on a full disk, say: as _guarded words it
+                if isinstance(e, M3DBError):
+                    raise
+                raise storage_error(e, f"close() on {self.path!r}") from e
+            finally:
+                self._closed = True
+                if self._tempdir:
+                    shutil.rmtree(self._tempdir, ignore_errors=True)
 
     def __enter__(self):
         return self

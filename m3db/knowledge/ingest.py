@@ -15,6 +15,8 @@ from ..progress import progress_bar
 from .chunk import chunk_text
 
 MAX_DOCUMENT_CHARS = 20_000_000  # 20 M characters: larger is almost surely not one document
+# what a document dict may hold; anything else would be silently dropped, so it is refused
+DOCUMENT_FIELDS = frozenset({"text", "source", "title", "uri", "metadata"})
 
 
 @dataclasses.dataclass
@@ -35,13 +37,21 @@ def add_documents(
     for name, value in (("cold", cold), ("replace", replace)):
         if not isinstance(value, bool):
             raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    # a string or a dict is iterable too, and would be added as one document per character or key
+    if isinstance(documents, (str, bytes, dict)) or not hasattr(documents, "__iter__"):
+        raise InvalidInputError(
+            f"documents must be a list (or any iterable) of documents, got {type(documents).__name__}; "
+            "for one document use db.add(text, source=...)"
+        )
     model, embedder = db.models()
     report = IngestReport()
     bar = progress_bar(progress, "documents", total=_known_length(documents))
     batch = []
     try:
-        for doc in documents:
-            batch.append(check_document(doc, len(batch)))
+        for position, doc in enumerate(documents):
+            batch.append(check_document(doc, position))
             if len(batch) >= batch_size:
                 _ingest(db, batch, model, embedder, report, ids_out, cold, replace)
                 bar.update(len(batch))
@@ -86,6 +96,21 @@ def check_document(doc, position) -> dict:
             f"document #{position}: text must be a str, got {type(text).__name__}"
             + (" (decode bytes first, e.g. data.decode('utf-8'))" if isinstance(text, bytes) else "")
         )
+    unknown = sorted(map(str, set(doc) - DOCUMENT_FIELDS))
+    if unknown:
+        raise InvalidInputError(
+            f"document #{position} has the field(s) {', '.join(map(repr, unknown))}; a document's fields are "
+            f"{', '.join(sorted(DOCUMENT_FIELDS))}: put other values under 'metadata' "
+            f"(e.g. {{'text': ..., 'metadata': {{{unknown[0]!r}: ...}}}})"
+        )
+    for name in ("source", "title", "uri"):
+        value = doc.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidInputError(f"document #{position}: {name} must be a string or None, got {value!r}")
+    if doc.get("metadata") is not None and not isinstance(doc["metadata"], dict):
+        raise InvalidInputError(
+            f"document #{position}: metadata must be a dict {{name: value}}, got {type(doc['metadata']).__name__}"
+        )
     if len(text) > MAX_DOCUMENT_CHARS:
         raise InvalidInputError(
             f"document #{position} has {len(text):,} characters, over the {MAX_DOCUMENT_CHARS:,} limit; split it "
@@ -99,6 +124,7 @@ def check_document(doc, position) -> dict:
 def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
     todo, chunks, stale = [], [], []
     seen = {}  # source -> text, within this batch
+    fresh = set()  # sources not in the database when checked
     for doc in batch:
         source = doc["source"]
         if source in seen:
@@ -108,10 +134,11 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
             continue
         seen[source] = doc["text"]
         pieces = chunk_text(doc["text"], model.count_tokens, db.spec.reference_length)
-        existing = db.catalog.document_id(source)
-        if existing is not None:
-            stored = db.catalog.document_chunks(existing)
-            if [(p.start, p.end, p.text) for p in pieces] == [(a, b, t) for _, a, b, t in stored]:
+        existing, stored = _stored(db, source)
+        if existing is None:
+            fresh.add(source)
+        else:
+            if _same(pieces, stored):
                 report.documents_skipped += 1  # committed before: a rerun resumes past it
                 continue
             if not replace:
@@ -127,7 +154,7 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
     texts = [c.text for c in chunks]
     vectors = embedder.embed(texts) if texts else []
     encoded = None if cold or not texts else model.encode(texts)
-    items, i = [], 0
+    items, i = {}, 0  # source -> its memories
     for doc, pieces in todo:
         document = {
             "source": doc["source"],
@@ -152,13 +179,39 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
                 item.update(
                     keys=e["keys"], values=e["values"], positions=e["positions"], token_count=int(e["token_count"])
                 )
-            items.append(item)
+            items.setdefault(doc["source"], []).append(item)
             i += 1
     with db.transaction():  # replaced documents: their old memories go in the same commit
+        for doc, pieces in todo:
+            if doc["source"] not in fresh:
+                continue
+            # another thread sharing this database may have committed it since it was checked
+            existing, stored = _stored(db, doc["source"])
+            if existing is None:
+                continue
+            if _same(pieces, stored):
+                del items[doc["source"]]
+                report.documents_skipped += 1
+            elif replace:
+                stale.extend(mid for mid, *_ in stored)
+            else:
+                raise InvalidInputError(_conflict(doc["source"], "in the database"))
         if stale:
             db.forget(stale)
-        ids = db.add_memories(items) if items else []
+        new = [item for memories in items.values() for item in memories]
+        ids = db.add_memories(new) if new else []
     if ids_out is not None:
         ids_out.extend(ids)
-    report.documents_added += len(todo)
+    report.documents_added += len(items)
     report.memories_added += len(ids)
+
+
+def _stored(db, source):
+    """(document id, its chunks [(memory id, start, end, text)]) of a committed source, else (None, [])."""
+    with db.mutex:  # the catalog's one connection serves one call at a time (threads share a database)
+        existing = db.catalog.document_id(source)
+        return existing, ([] if existing is None else db.catalog.document_chunks(existing))
+
+
+def _same(pieces, stored) -> bool:
+    return [(p.start, p.end, p.text) for p in pieces] == [(a, b, t) for _, a, b, t in stored]

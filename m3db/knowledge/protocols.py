@@ -4,12 +4,14 @@
   `count_tokens(text)`, `encode(texts) -> [{positions, keys, values, token_count}]`,
   `generate(prompt, retriever=..., mode=..., **sampling)`;
 - an `Embedder` (m3db.model.embedder.Embedder): `dim`, `fingerprint`, `embed(texts)`.
-Imports nothing of m3db.
+Imports errors only.
 """
 
 from typing import Protocol
 
 import numpy as np
+
+from ..errors import InvalidInputError
 
 
 class MemoryModel(Protocol):
@@ -28,6 +30,30 @@ class Embedder(Protocol):
 
 def spec_fields(model: MemoryModel, embedder: Embedder, codec: str) -> dict:
     """The memory spec (as MemorySpec's fields) of a database bound to `model` and `embedder`."""
+    require_protocols(model, embedder)
     return dict(
         model.memory_spec_fields(), embedding_dim=embedder.dim, embedder_fingerprint=embedder.fingerprint, codec=codec
     )
+
+
+HINTS = {
+    MemoryModel: "model=m3db.model.memory_model.MemoryModel.load() or "
+    "m3db.bindings.transformers.HFMemoryModel.from_pretrained(PATH)",
+    Embedder: "embedder=m3db.model.embedder.Embedder() (the bundled MiniLM) or m3db.testing.HashEmbedder()",
+}
+
+
+def require_protocols(model, embedder) -> None:
+    """A model or embedder given as something else (a name string, say) fails here, naming what
+    is missing, rather than deep inside the first verb. None means the bundled one."""
+    # what binding to a database reads (the rest is asked for when a verb needs it)
+    for name, obj, protocol, wanted in (
+        ("model", model, MemoryModel, ("memory_spec_fields",)),
+        ("embedder", embedder, Embedder, ("dim", "fingerprint")),
+    ):
+        missing = [a for a in wanted if not hasattr(obj, a)]
+        if obj is not None and missing:
+            raise InvalidInputError(
+                f"{name}={obj!r} is not a loaded {protocol.__name__} (it has no {', '.join(missing)}): pass one, "
+                f"e.g. {HINTS[protocol]}, or leave {name}= out for the bundled one"
+            )

@@ -142,6 +142,8 @@ def _check_target(path, home, overwrite) -> str:
     existing file without overwrite."""
     if not path or "\x00" in path:
         raise InvalidInputError(f"pack(): {path!r} is not a usable file name")
+    if path.startswith("~"):  # the home folder, as connect() and a shell read it
+        path = os.path.expanduser(path)
     target, home = os.path.realpath(path), os.path.realpath(home)
     if target == home or target.startswith(home + os.sep):
         raise InvalidInputError(

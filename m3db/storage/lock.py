@@ -6,6 +6,7 @@ what happened in m3db's words, and covers the segment files, which DuckDB knows 
 
 import fcntl
 import os
+import weakref
 
 from ..errors import FormatError, LockedError
 
@@ -25,24 +26,28 @@ class DatabaseLock:
                 f"{path!r} is missing: the database directory was damaged or copied without it. Open it once "
                 "without read_only=True to make it again (no data is in it)"
             ) from None
+        # a connection dropped without close() must not hold the lock until the process ends
+        self._finalizer = weakref.finalize(self, os.close, self.fd)
         mode = fcntl.LOCK_SH if read_only else fcntl.LOCK_EX
         try:
             fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
         except BlockingIOError as e:
-            os.close(self.fd)
+            self._finalizer()
             self.fd = None
             if read_only:
                 raise LockedError(
-                    f"{directory!r} is open for writing in another process; a read_only open cannot run beside a "
-                    "writer (DuckDB's rule). Close the writer, or share a packed copy"
+                    f"{directory!r} is open for writing in another process, or in a connection of this process that "
+                    "was not closed; a read_only open cannot run beside a writer (DuckDB's rule). Close the writer "
+                    "(db.close(), or `with m3db.connect(...) as db:`), or share a packed copy"
                 ) from e
             raise LockedError(
-                f"{directory!r} is already open in another process; m3db allows one writing process, or many "
-                "read_only=True processes. Close the other process, or open with read_only=True"
+                f"{directory!r} is already open in another process, or in a connection of this process that was not "
+                "closed; m3db allows one writing process (one connection), or many read_only=True readers. Close "
+                "the other (db.close(), or `with m3db.connect(...) as db:`), or open with read_only=True"
             ) from e
 
     def release(self) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
+            self._finalizer()  # closes the descriptor, once
             self.fd = None

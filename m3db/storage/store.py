@@ -24,10 +24,10 @@ from ..errors import FormatError, InvalidInputError, NotFoundError
 from .catalog import CATALOG_ERRORS, Catalog, damaged
 from .codec import stored_codec
 from .durable import replace_file
-from .forgotten import ForgottenLog
+from .forgotten import FORGOTTEN_FILE, ForgottenLog
 from .index import INDEX_FILE, STATE_FILE, VectorIndex
 from .locations import LocationTable
-from .lock import DatabaseLock
+from .lock import LOCK_FILE, DatabaseLock
 from .memcache import MemoryCache
 from .record import Memory, decode_record, read_payload
 from .segment import DEFAULT_SEGMENT_SIZE, SegmentStore, segment_name
@@ -62,6 +62,34 @@ def require_catalog_if_data(directory: str) -> None:
             "m3db.repair(path)), restore catalog.duckdb from a backup, or move the directory away to start a new "
             "database there"
         )
+
+
+# what a database directory holds (and their temporary or journal names, which start the same):
+# a folder holding anything else is the user's, not a database to create files in
+OWN_NAMES = (CATALOG_FILE, SPEC_FILE, CODEBOOK_FILE, SEGMENTS_DIR, INDEX_FILE, STATE_FILE, LOCK_FILE, FORGOTTEN_FILE)
+OWN_NAMES += ("reencode",)  # staging.STAGING_DIR (staging imports maintenance, which imports this module)
+
+
+def require_place_for_new(directory: str, shown: str) -> None:
+    """Refuse to create a database where it would mix with other files: in a folder that holds
+    files of its own (a typo'd path, a folder of databases) or inside another database (its
+    segments/ folder, say). A folder left by an interrupted creation holds only m3db's names."""
+    parent = os.path.dirname(directory)
+    while parent != os.path.dirname(parent):
+        if holds_catalog(parent):
+            raise InvalidInputError(
+                f"{shown!r} is inside the m3db database {parent!r}; a database cannot hold another: choose a path "
+                "outside it"
+            )
+        parent = os.path.dirname(parent)
+    if os.path.isdir(directory):
+        foreign = sorted(n for n in os.listdir(directory) if not n.startswith(OWN_NAMES))
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise InvalidInputError(
+                f"{shown!r} is a folder of other files ({listed}) with no m3db database in it; a new database is "
+                f"made in a new or empty folder: name one (e.g. {os.path.join(shown, 'kb.m3db')!r}), or check the path"
+            )
 
 
 class Store:

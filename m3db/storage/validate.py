@@ -200,7 +200,13 @@ def check_path(path) -> str:
         raise InvalidInputError("path is empty; name a database directory, a .m3kb package, or ':memory:'")
     if "\x00" in text:
         raise InvalidInputError(f"path {text!r} holds a NUL byte, which no file name can; check where it came from")
-    return text
+    if text != text.strip():
+        raise InvalidInputError(
+            f"path {text!r} starts or ends with a space, which would name another file than the one meant; "
+            "remove it (or rename the file)"
+        )
+    # "~/kb" means the home folder, as in a shell; without this it makes a folder named "~" here
+    return os.path.expanduser(text) if text.startswith("~") else text
 
 
 def names_package(path) -> bool:
