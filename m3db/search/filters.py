@@ -63,10 +63,14 @@ class FilterCache:
 
     def _dict_filter(self, where):
         columns = self.catalog.columns()
+        # column names ignore case, as in a string filter (DuckDB's identifiers do): {"lang": ...}
+        # finds the column Lang
+        by_case = {name.lower(): name for name in columns}
         parts, params = [], []
         for key, value in where.items():
-            if key not in columns:
+            if not isinstance(key, str) or key.lower() not in by_case:
                 raise QueryError(f"unknown column {key!r} in the filter; columns of `memories`: {', '.join(columns)}")
+            key = by_case[key.lower()]
             if value is None:
                 parts.append(f'"{key}" IS NULL')
             else:

@@ -105,7 +105,8 @@ class Writer:
     # -- staging -------------------------------------------------------------------------------
 
     def check_ids(self, checked: list[CheckedMemory]) -> None:
-        """Explicit ids are free, and each metadata key keeps one column type."""
+        """Explicit ids are free, and each metadata key keeps one column type and one spelling
+        (up to case)."""
         explicit = [c.id for c in checked if c.id is not None]
         if len(set(explicit)) != len(explicit):
             raise DuplicateIdError(
@@ -117,11 +118,24 @@ class Writer:
                 f"ids already in the database: {taken[:10]}; forget them first or omit id= to get new ones"
             )
         columns = dict(self.store.catalog.columns())
+        # DuckDB column names ignore case: one spelling per name, the first one seen (a column's,
+        # then this transaction's), else ALTER TABLE fails at commit, reported as storage damage
+        committed = set(columns)
+        spelling = {name.lower(): name for name in committed}
         for r in self.pending.rows:  # earlier adds of this transaction fix their keys' types too
+            for key in r.metadata:
+                spelling.setdefault(key.lower(), key)
             for key, sql_type in r.types.items():
                 if sql_type and key not in columns:
                     columns[key] = sql_type
         for position, c in enumerate(checked):
+            for key in c.metadata:
+                first = spelling.setdefault(key.lower(), key)
+                if first != key:
+                    what = f"the existing column {first!r}" if first in committed else f"{first!r}, given earlier"
+                    raise InvalidInputError(
+                        f"metadata key {key!r} clashes with {what}: DuckDB column names ignore case; use {first!r}"
+                    )
             for key, sql_type in c.types.items():
                 have = columns.get(key)
                 if not have and sql_type:
