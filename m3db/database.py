@@ -478,6 +478,8 @@ class Database:
 
     # Answer `prompt` with the memories it recalls (m3db.knowledge.answer.generate has the options)
     generate = answer.generate
+    # generate()'s sampling options checked without decoding (SQL's EXPLAIN of a generate())
+    check_generate_options = staticmethod(answer.check_options)
 
     @_guarded
     def sql(self, query, params=None) -> Rows:

@@ -186,3 +186,10 @@ def test_metadata_keys_that_differ_only_in_case(kb):
     with pytest.raises(m3db.QueryError, match="unknown column 'langue'"):
         kb.recall("capital", where={"langue": "x"})
     assert kb.check().ok
+
+
+def test_explain_of_a_generate_checks_its_options_without_decoding(tmp_path):
+    with m3db.connect(tmp_path / "kb.m3db", model=MemoryModel.tiny(), embedder=HashEmbedder()) as db:
+        with pytest.raises(m3db.InvalidInputError, match="temperature must be a number in"):
+            db.sql("EXPLAIN SELECT * FROM generate('hi', temperature => -1)")
+        assert "does not run the decoder" in str(list(db.sql("EXPLAIN SELECT * FROM generate('hi')")))

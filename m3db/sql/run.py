@@ -272,7 +272,8 @@ def _run_generate(db, g, values, *, dry):
         raise InvalidInputError(f"generate()'s prompt must be a text, got {type(prompt).__name__}")
     options = {name: _evaluate(db, v, values) for name, v in g.options.items()}
     kwargs = _generate_options(options)
-    if dry:  # EXPLAIN: the decoder does not run
+    if dry:  # EXPLAIN: the decoder does not run, but the options are checked as it would check them
+        db.check_generate_options(**{k: v for k, v in kwargs.items() if k != "memory"})
         text, finish, mode, sources = "", "", MODE_NAMES[kwargs["memory"]], []
     else:
         answer = db.generate(prompt, where=g.where, **kwargs)
@@ -290,7 +291,7 @@ def _generate_options(options):
     max_tokens and k. The types and ranges of the sampling options (temperature, top_p, seed)
     are checked by db.generate itself (knowledge/answer.py's check_options, which this layer
     may not import), so SQL and Python refuse the same values with the same words; EXPLAIN,
-    which never runs the decoder, does not check them."""
+    which never runs the decoder, checks them through db.check_generate_options."""
     out = {"max_tokens": 128, "memory": True}
     memory = options.get("memory", True)
     modes = {"memory": True, "rag": "rag", "none": False, True: True, False: False}
