@@ -141,3 +141,17 @@ def test_the_worker_sees_an_undamaged_database_as_correct(originals, tmp_path):
     wrong = dict(expected, top=list(reversed(expected["top"])))
     assert run_worker(tmp_path / "kb", wrong, tmp_path / "cache")[0][0] == "wrong"
     assert np.isfinite(expected["query"]).all()
+
+
+def test_another_databases_index_files_are_found(originals, tmp_path):
+    """Both index files of another database copied in (their state agrees with itself, and the
+    commit and count match): check() compares the vectors with the catalog's embeddings."""
+    root, _ = originals
+    shutil.copytree(root / "kb", tmp_path / "kb")
+    for name in ("index.usearch", "index.state"):
+        shutil.copyfile(root / "other" / name, tmp_path / "kb" / name)
+    with m3db.connect(tmp_path / "kb", read_only=True) as db:
+        report = db.check()
+    assert not report.ok and "the index's vectors differ from the catalog's embeddings" in report.problems[0]
+    with m3db.connect(root / "kb", read_only=True) as db:
+        assert db.check().ok

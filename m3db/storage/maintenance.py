@@ -15,6 +15,7 @@ from ..errors import FormatError, InvalidInputError, M3DBError, rolled_back
 from ..progress import progress_bar
 from .codec import codec_class
 from .durable import replace_file
+from .index import INDEX_FILE, STATE_FILE, unit_rows
 from .memcache import MemoryCache
 from .pq import MAX_TRAIN_VECTORS, MIN_TRAIN_VECTORS, train_pq
 from .record import REPAIR_FIELDS, decode_record, encode_record, read_payload
@@ -25,6 +26,8 @@ from .writer import payload_crc
 # a sample is read up to this many vectors per (layer, head): training fits MAX_TRAIN_VECTORS of them,
 # an eighth of what is read is held out to measure the stated error, the rest is unused
 READ_VECTORS = 2 * MAX_TRAIN_VECTORS
+# an index vector is the catalog's embedding, unit length, in float16: cosine 1 within ~1e-3
+INDEX_TOLERANCE = 1e-2
 
 
 class CheckReport:
@@ -62,6 +65,8 @@ def check(store) -> CheckReport:
         missing = np.setdiff1d(uniq, index_keys)
         extra = np.setdiff1d(index_keys, uniq)
         problems.append(f"index differs from catalog: {len(missing)} ids missing from it, {len(extra)} extra")
+    else:
+        problems += _index_vectors_differ(store, uniq)
     damaged = store.index.verify_file()
     if damaged:
         problems.append(damaged)
@@ -70,6 +75,29 @@ def check(store) -> CheckReport:
     if not np.array_equal(store.locations.ids, uniq):
         problems.append("the in-memory location table differs from the catalog")
     return CheckReport(len(ids), problems)
+
+
+def _index_vectors_differ(store, ids, block=4096) -> list[str]:
+    """The index holds the right ids but other vectors (another database's index files copied in,
+    say): its vectors against the catalog's embeddings, which it is built from, within float16's
+    rounding of unit vectors."""
+    bad, first = 0, None
+    for lo in range(0, len(ids), block):
+        part = ids[lo : lo + block]
+        got, emb = store.catalog.embeddings(ids=part)
+        want = unit_rows(emb)
+        cos = (store.index.vectors(got) * want).sum(axis=1)
+        norms = np.linalg.norm(want, axis=1)
+        off = np.abs(cos - norms * norms) > INDEX_TOLERANCE  # an all-zero embedding stays zero
+        bad += int(off.sum())
+        if first is None and off.any():
+            first = int(got[np.argmax(off)])
+    if not bad:
+        return []
+    return [
+        f"the index's vectors differ from the catalog's embeddings for {bad} memories (the first: {first}): "
+        f"its files are not this database's; delete {INDEX_FILE} and {STATE_FILE} and the next open rebuilds them"
+    ]
 
 
 @contextlib.contextmanager
