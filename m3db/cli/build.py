@@ -8,10 +8,12 @@ binding only when --ray is given.
 import glob
 import itertools
 import os
+import shutil
 import sys
 
-from ..database import connect
-from ..errors import InvalidInputError
+from ..database import DEFAULT_CODEC, connect
+from ..errors import InvalidInputError, NotFoundError
+from ..storage.store import holds_catalog
 
 MODEL_ARGUMENT = (
     ("--model",),
@@ -56,11 +58,11 @@ BUILD_ARGUMENTS = [
     (
         ("--codec",),
         dict(
-            default="int4",
-            help="how a new database stores memories (f32, f16, int8, int4; default int4, measured in docs/quality.md)",
+            help="how a new database stores memories (f32, f16, int8, int4; default int4, measured in "
+            "docs/quality.md); an existing one keeps its codec (change it with `m3db reencode` or `m3db recompress`)",
         ),
     ),
-    (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit")),
+    (("--batch-size",), dict(type=int, default=16, dest="batch_size", help="documents per commit (default 16)")),
     (
         ("--cold",),
         dict(
@@ -113,17 +115,74 @@ BUILD_ARGUMENTS = [
 ]
 
 
+WIKIPEDIA = "wikipedia"  # --from's name for the bundled Wikipedia summaries
+
+
+def check_sources(paths) -> None:
+    """Refuse --from paths that are missing, unreadable kinds or folders without text files, before a
+    model loads or a database is made (sources.files would find them only while the build runs)."""
+    from ..knowledge.sources import TEXT_SUFFIXES
+
+    suffixes = TEXT_SUFFIXES + (".jsonl",)
+    for path in paths:
+        if path == WIKIPEDIA and len(paths) > 1 and not os.path.exists(path):
+            raise InvalidInputError(
+                "--from wikipedia (the bundled summaries) is a source of its own: build it and your files in two "
+                "runs into the same database"
+            )
+        if not os.path.exists(path):
+            hint = "; the bundled summaries are --from wikipedia" if path.lower().startswith("wiki") else ""
+            raise NotFoundError(f"--from {path!r}: no such file or folder{hint}; nothing was built")
+        if os.path.isdir(path):
+            if not any(f.endswith(suffixes) for _, _, files in os.walk(path) for f in files):
+                raise InvalidInputError(
+                    f"--from {path!r}: the folder holds no .txt, .md or .jsonl files; nothing was built"
+                )
+        elif not path.endswith(suffixes):
+            raise InvalidInputError(
+                f"--from {path!r}: m3db reads .txt, .md and .jsonl files; convert it to one of those"
+            )
+
+
+def check_codec(path, codec) -> str:
+    """The codec to build in: --codec for a new database (int4 when not given); for an existing
+    one its stored codec, and --codec given explicitly must name it (a build never re-encodes)."""
+    from ..storage.codec import codec_class
+
+    if codec is not None:
+        codec_class(codec)  # an unknown name: an error listing the known ones, before the model loads
+    if not os.path.isdir(path) or not holds_catalog(path):
+        return codec or DEFAULT_CODEC
+    with connect(path, read_only=True) as db:
+        stored = db.spec.codec
+    if codec is not None and codec != stored:
+        raise InvalidInputError(
+            f"--codec {codec}: {path!r} stores its memories in {stored}, and a build adds to it in that codec. "
+            f"Build without --codec, or convert the database first: `m3db reencode {path} --codec {codec}` "
+            f"(from the texts) or `m3db recompress {path} --codec {codec}` (from the stored memories)"
+        )
+    return stored
+
+
 def cmd_build(args) -> dict[str, object]:
     from ..knowledge import sources
     from .main import model_from, say
 
     if args.limit is not None and args.limit < 1:
         raise InvalidInputError(f"--limit must be a positive number of documents, got {args.limit}")
+    if args.batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be a positive number of documents, got {args.batch_size}")
     if args.shards is not None and not args.ray:
         raise InvalidInputError("--shards needs --ray: shards are written by Ray workers")
     if args.ray and args.cold:
         raise InvalidInputError("--cold stores text only, with nothing to encode; build it without --ray")
-    if args.source == ["wikipedia"]:
+    if args.source != [WIKIPEDIA]:
+        check_sources(args.source)  # all before the model loads or the database is made
+    if args.shards is None:
+        args.codec = check_codec(args.path, args.codec)
+    elif args.codec is None:
+        args.codec = DEFAULT_CODEC
+    if args.source == [WIKIPEDIA]:
         docs = sources.wikipedia(limit=args.limit)
     else:
         docs = sources.files(args.source)
@@ -205,21 +264,64 @@ MERGE_ARGUMENTS = [
 ]
 
 
-def cmd_merge(args) -> dict[str, object]:
-    from ..package.merge import merge
-
-    paths = [p for s in args.sources for p in (sorted(glob.glob(s)) if glob.has_magic(s) else [s])]
+def merge_paths(patterns) -> list[str]:
+    """--from's sources, globs expanded (in sorted order): each must exist and be named once."""
+    paths = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matched = sorted(glob.glob(pattern))
+            if not matched:
+                raise NotFoundError(
+                    f"--from {pattern!r} matches no package or database; check the path (nothing was merged)"
+                )
+            paths.extend(matched)
+        elif not os.path.exists(pattern):
+            raise NotFoundError(f"no package or database at {pattern!r}; check the path (nothing was merged)")
+        else:
+            paths.append(pattern)
+    seen = {}
     for p in paths:
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"no package or database at {p!r}")
+        key = os.path.realpath(p)
+        if key in seen:
+            same = f"{p!r}" if seen[key] == p else f"{seen[key]!r} and {p!r}"
+            raise InvalidInputError(
+                f"--from names {same} twice; each source is merged once (a second copy would add nothing): "
+                "name each once"
+            )
+        seen[key] = p
+    return paths
+
+
+def cmd_merge(args) -> dict[str, object]:
+    from ..package.merge import check_sources, merge
+
+    paths = merge_paths(args.sources)
+    if os.path.realpath(args.path) in {os.path.realpath(p) for p in paths}:
+        raise InvalidInputError(f"{args.path!r} is both the target and a source; merge into another database")
     sources = {}
     try:
         for p in paths:
             sources[p] = connect(p, read_only=True)
         first = next(iter(sources.values()))
-        with connect(args.path, spec=first.spec.to_dict()) as db:
-            report = merge(db, sources, progress=sys.stderr.isatty())
-            total = len(db)
+        check_sources(sources)  # all agree before the target is made
+        existed = os.path.exists(args.path)
+        created = not (os.path.isdir(args.path) and holds_catalog(args.path))
+        empty = False
+        try:
+            with connect(args.path, spec=first.spec.to_dict()) as db:
+                try:
+                    report = merge(db, sources, progress=sys.stderr.isatty())
+                except BaseException:
+                    try:
+                        empty = created and len(db) == 0
+                    except Exception:  # (the original error is what to report)
+                        pass
+                    raise
+                total = len(db)
+        except BaseException:
+            if empty:  # a failed merge into a new database leaves no empty database behind
+                _remove_new_database(args.path, existed)
+            raise
     finally:
         for src in sources.values():
             src.close()
@@ -229,3 +331,20 @@ def cmd_merge(args) -> dict[str, object]:
         "commits_skipped": report.commits_skipped,
         "memories_total": total,
     }
+
+
+def _remove_new_database(path, existed) -> None:
+    """Remove the database this merge made and left empty: the folder too unless it was there before
+    (then it held only m3db's files: connect() makes a new database nowhere else)."""
+    if not existed:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in os.listdir(path):
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            try:
+                os.remove(entry)
+            except OSError:
+                pass

@@ -1,8 +1,10 @@
 """The command line: `m3db COMMAND PATH ...`.
 
 Every command prints JSON (`--json`) or a readable table, says `error: ...` and exits 1 on
-failure, and shows a traceback only with `--debug`. Every help text ends with an example
-(tests/test_cli.py fails when one does not).
+failure, and shows a traceback only with `--debug`; Ctrl-C is one line and exit 130, a closed
+output pipe a quiet exit 1. Only build, merge and train make PATH; every other command needs a
+database (or package) there already. Every help text ends with an example (tests/test_cli.py
+fails when one does not).
 """
 
 import argparse
@@ -17,6 +19,7 @@ from ..errors import FormatError, InvalidInputError, M3DBError
 from ..storage.repair import repair
 from . import build as build_cli
 from .build import ADAPTER_ARGUMENT, MODEL_ARGUMENT, PRECISION_ARGUMENT
+from .guard import CREATES, INTERRUPTED, quiet_stdout, require_database, require_package_file, require_text
 from .serve import ARGUMENTS as SERVE_ARGUMENTS
 from .table import format_cell, format_table
 
@@ -286,6 +289,7 @@ def cmd_pack(args) -> dict[str, object]:
 def cmd_verify(args) -> dict[str, object]:
     from ..package.verify import verify
 
+    require_package_file(args.path)
     report = verify(args.path, progress=sys.stderr.isatty())
     out = {
         "ok": report.ok,
@@ -560,14 +564,30 @@ def main(argv=None) -> int:
         parser.print_help()
         return 1
     try:
-        if args.command not in ("build", "train", "merge") and not os.path.exists(args.path):
-            raise FileNotFoundError(f"no database at {args.path!r}")
-        out = args.fn(args)
-    except (M3DBError, OSError) as e:
+        try:
+            if args.command not in CREATES + ("verify",):
+                require_database(args)
+            require_text(args)
+            out = args.fn(args)
+        except BrokenPipeError:
+            raise
+        except (M3DBError, OSError) as e:
+            if args.debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if out is not None:
+            _emit(out, args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        quiet_stdout()
         return 1
-    if out is not None:
-        _emit(out, args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        start = "\n" if sys.stderr.isatty() else ""  # after the terminal's ^C (or a progress bar)
+        print(f"{start}{INTERRUPTED.get(args.command, 'interrupted')}", file=sys.stderr, flush=True)
+        return 130
     return 0

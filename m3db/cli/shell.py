@@ -76,6 +76,10 @@ class Shell:
         """Read and run statements until .quit or the end of input. Returns the exit status:
         0, or 1 when input came from a pipe or file and a statement failed."""
         self._start_history()
+        if self.stdin is sys.stdin and hasattr(self.stdin, "reconfigure"):
+            # a byte that is not UTF-8 reaches db.sql() as a lone surrogate, which it refuses with a
+            # clear error for that statement alone (strict decoding would end the shell)
+            self.stdin.reconfigure(errors="surrogateescape")
         if self.interactive:
             mode = "read-only" if self.db.read_only else "read-write"
             self._print(
@@ -88,18 +92,18 @@ class Shell:
                 if line is None:
                     break
                 if not buffer.strip() and line.strip().startswith("."):
-                    if not self._command(line.strip()):
+                    if not self._guarded(self._command, line.strip(), default=True):
                         break
                     continue
                 buffer += line + "\n"
-                statements, buffer = split_statements(buffer)
+                statements, buffer = self._guarded(split_statements, buffer, default=([], ""))
                 if statements:
-                    self._remember(statements)
+                    self._guarded(self._remember, statements)
                 for statement in statements:
                     self._execute(statement)
         finally:
             self._save_history()
-        if _has_tokens(buffer):
+        if self._guarded(_has_tokens, buffer, default=False):
             self._execute(buffer.strip())  # the input ended without a final ';' (or inside a string)
         return 1 if self.failed and not self.interactive else 0
 
@@ -157,12 +161,22 @@ class Shell:
     # -- running
 
     def _execute(self, statement):
+        rows = self._guarded(self.db.sql, statement)
+        if rows is not None:
+            self._guarded(self._show, rows)
+
+    def _guarded(self, fn, *args, default=None):
+        """fn(*args), or `default` after printing the error: a failing line never ends the shell
+        (only a closed output or Ctrl-C outside a prompt does)."""
         try:
-            rows = self.db.sql(statement)
+            return fn(*args)
+        except BrokenPipeError:
+            raise
         except M3DBError as e:
             self._error(str(e))
-            return
-        self._show(rows)
+        except Exception as e:  # m3db's own bug: said, and the next statement still runs
+            self._error(f"{type(e).__name__}: {e} (an internal error; please report it)")
+        return default
 
     def _show(self, rows):
 

@@ -36,13 +36,7 @@ def merge(target, sources, *, progress=False) -> MergeReport:
     target.require_writable()
     report = MergeReport()
     for name, src in sources.items():
-        src.spec.require_same(target.spec, this=f"{name!r}", that="the target database")
-        if (src.codec.name, src.codec.version) != (target.codec.name, target.codec.version) or src.codec.trained:
-            raise InvalidInputError(
-                f"{name!r} stores codec {src.codec.name} v{src.codec.version}, the target {target.codec.name} "
-                f"v{target.codec.version}; merge copies records' bytes, so they must match and not be trained (pq): "
-                "recompress the merged database afterwards"
-            )
+        _require_compatible(name, src, "the target database", target)
     total = sum(len(src) for src in sources.values())
     with progress_bar(progress, "memories", total=total, desc="merge") as bar:
         for name, src in sources.items():
@@ -63,6 +57,33 @@ def merge(target, sources, *, progress=False) -> MergeReport:
                     report.memories_added += len(items)
                 bar.update(len(items))
     return report
+
+
+def check_sources(sources) -> None:
+    """Refuse sources ({name: opened Database}) that cannot be merged into one database: every
+    one must share the first's memory spec and codec (untrained). Run it before the target is
+    made, so a mismatch leaves nothing behind."""
+    if not sources:
+        raise InvalidInputError("nothing to merge: name at least one package or database")
+    (first_name, first), *rest = sources.items()
+    _require_compatible(first_name, first, None, None)
+    for name, src in rest:
+        _require_compatible(name, src, repr(first_name), first)
+
+
+def _require_compatible(name, src, other_name, other):
+    """Refuse `src` when its records cannot be copied as they are: a trained codec (pq), or
+    (against `other`, when given) another spec or codec."""
+    if other is not None:
+        src.spec.require_same(other.spec, this=f"{name!r}", that=other_name)
+    if src.codec.trained or (
+        other is not None and (src.codec.name, src.codec.version) != (other.codec.name, other.codec.version)
+    ):
+        theirs = f", {other_name} {other.codec.name} v{other.codec.version}" if other is not None else ""
+        raise InvalidInputError(
+            f"{name!r} stores codec {src.codec.name} v{src.codec.version}{theirs}; merge copies records' bytes, so "
+            "they must match and not be trained (pq): recompress the merged database afterwards"
+        )
 
 
 def _commits(name, src):

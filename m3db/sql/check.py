@@ -7,7 +7,8 @@ only catalog tables, information_schema views, CTEs where they are visible and a
 functions that read no files (on top of the catalog's locked-down connection, not instead of
 it); recall() and generate() only in FROM; no function that acts outside the query. Recall
 filters (`db.recall(where=...)`, generate()'s `filter =>`) are checked the same way
-(`checked_filter`).
+(`checked_filter`). Text that cannot be UTF-8 (lone surrogates: bytes that were not UTF-8) is refused
+first, with where it is (`require_utf8`).
 
 This module owns the allowed and denied lists, parsing and the checks. It imports nothing of
 m3db but its errors (the planner, plan.py, and the runner, run.py, import it), talks to DuckDB
@@ -171,9 +172,39 @@ def excerpt(text, limit=80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def utf8_problem(text) -> str | None:
+    """Why `text` cannot be written as UTF-8, or None when it can. Python carries bytes that were
+    not UTF-8 (a command-line argument, surrogateescape input) as lone surrogates, which sqlglot
+    and DuckDB refuse with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        line = text.count("\n", 0, e.start) + 1
+        column = e.start - (text.rfind("\n", 0, e.start) + 1) + 1
+        code = ord(text[e.start])
+        what_is_there = (
+            f"the byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        )
+        try:  # the bytes as given, with those not UTF-8 shown as \xNN
+            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        where = f"line {line}, column {column}" if "\n" in text else f"character {column}"
+        return f"at {where}, {what_is_there} is not UTF-8 ({excerpt(shown)}); write it as UTF-8 text"
+    return None
+
+
+def require_utf8(text, what) -> None:
+    """Refuse a statement or filter that is not UTF-8 text with a QueryError (utf8_problem)."""
+    problem = utf8_problem(text) if isinstance(text, str) else None
+    if problem:
+        raise QueryError(f"{what} is not valid UTF-8 text: {problem}")
+
+
 def parse_statement(db, text) -> tuple[exp.Expression, str | None]:
     """(the one statement in `text` as a sqlglot tree, "EXPLAIN"/"EXPLAIN ANALYZE"/None), or a
     QueryError that says where the text is wrong. Nothing is checked yet (check_tree)."""
+    require_utf8(text, "the query")
     body, explain, tokens = _split_explain(text)
     try:
         trees = _Parser(dialect=_DUCKDB).parse(tokens, body)
@@ -344,6 +375,7 @@ def check_document_columns(columns) -> None:
 
 def checked_filter(text, *, what="the filter", parameters=True) -> tuple[str, bool]:
     """See _checked_filter; deep nesting is a QueryError, not a RecursionError."""
+    require_utf8(text, what)
     try:
         return _checked_filter(text, what=what, parameters=parameters)
     except RecursionError:
