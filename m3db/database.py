@@ -32,7 +32,7 @@ from .sql.check import checked_filter
 from .sql.rows import Rows
 from .sql.run import run as run_sql
 from .storage import maintenance
-from .storage.catalog import CATALOG_ERRORS, damaged
+from .storage.catalog import CATALOG_ERRORS, check_text, damaged
 from .storage.maintenance import CheckReport
 from .storage.record import Memory
 from .storage.spec import MemorySpec
@@ -472,6 +472,7 @@ class Database:
         """The retrieval vector of a query text."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidInputError("a recall query must be a non-empty string (or a vector)")
+        check_text("the recall query", text)
         if self._embedder is None:  # the embedder alone: recall by text never builds the decoder
             self._embedder = bind_embedder(self.spec, self._embedder_arg)
         return self._embedder.embed([text])[0]

@@ -150,3 +150,18 @@ def test_type_slips_are_named(db, tmp_path):
     db.add("x")
     with pytest.raises(m3db.InvalidInputError, match="get_many takes a list of ids"):
         db.get_many(1)
+
+
+def test_text_that_is_not_valid_unicode_is_named_wherever_it_enters(db):
+    """A lone surrogate (bytes decoded with errors='surrogateescape') reached the tokenizer as a
+    raw TypeError; each way in names it."""
+    db.add("A fine document.")
+    for verb, where in (
+        (lambda: db.add("bad \udcff"), "document #0"),
+        (lambda: db.recall("q \udcff"), "the recall query"),
+        (lambda: db.generate("a \udcff", max_tokens=2), "the prompt"),
+        (lambda: db.generate([{"role": "user", "content": "\udcff"}], max_tokens=2), "message #0's content"),
+        (lambda: db.sql("SELECT * FROM recall(?)", ["\udcff"]), "the recall query"),
+    ):
+        with pytest.raises(m3db.InvalidInputError, match=f"{where}: the text holds"):
+            verb()

@@ -4,7 +4,7 @@
 recalls its memories through the database's public `recall` (decoded), as the paper does.
 `check_options` is the one check of generate()'s sampling options: this verb runs it, and so
 does SQL's generate(), whose options arrive here through db.generate.
-Imports: errors only; the database and its bound model arrive as arguments.
+Imports: errors and the catalog's text check; the database and its bound model arrive as arguments.
 """
 
 import dataclasses
@@ -12,6 +12,7 @@ import math
 import numbers
 
 from ..errors import ClosedError, InvalidInputError, M3DBError
+from ..storage.catalog import check_text
 
 MODES = {True: "memory", False: "none", "rag": "rag", "memory": "memory", "none": "none"}  # memory= -> mode
 # the finish reason of an answer with no text: the model's first token ended its turn. An
@@ -99,6 +100,10 @@ def generate(
         raise InvalidInputError(f"raw must be True or False, got {raw!r}")
     if isinstance(prompt, str) and not prompt.strip():
         raise InvalidInputError("the prompt is empty")
+    for i, message in enumerate([prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []):
+        content = message.get("content") if isinstance(message, dict) else message
+        if isinstance(content, str):  # the tokenizer takes only valid Unicode (TypeError otherwise)
+            check_text("the prompt" if isinstance(prompt, str) else f"message #{i}'s content", content)
     if isinstance(prompt, str) and not raw:
         # a question typed as a string is a user message: an instruct model handed it as raw
         # completion text ends at once (an empty answer); raw=True keeps plain completion

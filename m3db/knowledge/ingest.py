@@ -12,6 +12,7 @@ import hashlib
 
 from ..errors import InvalidInputError
 from ..progress import progress_bar
+from ..storage.catalog import check_text
 from .chunk import chunk_text
 
 MAX_DOCUMENT_CHARS = 20_000_000  # 20 M characters: larger is almost surely not one document
@@ -111,6 +112,7 @@ def check_document(doc, position) -> dict:
         raise InvalidInputError(
             f"document #{position}: metadata must be a dict {{name: value}}, got {type(doc['metadata']).__name__}"
         )
+    check_text(f"document #{position}", text)  # the tokenizer and the catalog take only valid Unicode
     if len(text) > MAX_DOCUMENT_CHARS:
         raise InvalidInputError(
             f"document #{position} has {len(text):,} characters, over the {MAX_DOCUMENT_CHARS:,} limit; split it "
