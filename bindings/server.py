@@ -41,6 +41,7 @@ from .server_kb import KnowledgeBase
 from .server_memory import ADD_FIELDS, SEARCH_FIELDS, SQL_FIELDS, MemoryEndpoints
 from .server_openai import EMBEDDING_FIELDS, OpenAIEndpoints
 from .server_schema import openapi
+from .server_sql import SqlRunner
 
 log = logging.getLogger("m3db.server")
 
@@ -51,9 +52,13 @@ __all__ = ["Limits", "app"]
 class Limits:
     """What one request may ask for, and how much generation work may wait.
 
-    max_body_bytes: the largest request body (413 past it). max_tokens: the largest max_tokens
-    a request may ask; default_max_tokens: a chat request's when it names none. max_batch:
-    rows decoded together; max_queue: generation requests queued or running (429 past it).
+    max_body_bytes: the largest request body (413 past it); body_timeout: seconds a request's
+    body may take to arrive once its headers have (408 past them). max_tokens: the largest
+    max_tokens a request may ask; default_max_tokens: a chat request's when it names none.
+    max_batch: rows decoded together; max_queue: generation requests queued or running (429
+    past it). sql_timeout: seconds one /v1/sql statement may run (then it is interrupted: 400
+    query_timeout); sql_max_rows, sql_max_bytes: the largest /v1/sql result, in rows and in
+    bytes of JSON (400 result_too_large past them).
     """
 
     max_body_bytes: int = 4 * 1024 * 1024
@@ -61,11 +66,18 @@ class Limits:
     default_max_tokens: int = 256
     max_batch: int = 8
     max_queue: int = 64
+    body_timeout: float = 30.0
+    sql_timeout: float = 30.0
+    sql_max_rows: int = 10_000
+    sql_max_bytes: int = 64 * 1024 * 1024
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if f.type in (float, "float"):
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+                    raise InvalidInputError(f"{f.name} must be a positive number of seconds, got {v!r}")
+            elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InvalidInputError(f"{f.name} must be a positive integer, got {v!r}")
         if self.default_max_tokens > self.max_tokens:
             raise InvalidInputError(
@@ -78,7 +90,7 @@ class BearerAuth:
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
-        self.state = app.state  # the wrapped app's (its batcher and knowledge base)
+        self.state = app.state  # the wrapped app's (its batcher, knowledge base and SQL runner)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -103,6 +115,7 @@ class State:
 
     def __init__(self, kb: KnowledgeBase, batcher: Batcher, limits: Limits):
         self.kb, self.batcher, self.limits = kb, batcher, limits
+        self.sql = SqlRunner(kb, limits)
         self.started = int(time.time())
 
 
@@ -151,7 +164,13 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
         ("/v1/memories/{memory_id}", "GET", "one memory: text, document, metadata", None, memory.get),
         ("/v1/memories/{memory_id}", "DELETE", "forget one memory (--write)", None, memory.forget),
         ("/v1/documents", "POST", "add documents: chunk, embed, encode, commit (--write)", ADD_FIELDS, memory.add),
-        ("/v1/sql", "POST", "one SQL statement; writing ones only with --write", SQL_FIELDS, memory.sql),
+        (
+            "/v1/sql",
+            "POST",
+            "one SQL statement (no generate()); writing ones only with --write; bounded in time and result size",
+            SQL_FIELDS,
+            memory.sql,
+        ),
         ("/v1/server", "GET", "the server's state: knowledge base, limits, queue, batches", None, None),
         ("/health", "GET", "200 while the server runs", None, None),
         ("/openapi.json", "GET", "this document", None, None),
@@ -173,6 +192,7 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
                 "writable": kb.writable,
                 "limits": dataclasses.asdict(limits),
                 "generation": batcher.stats(),
+                "sql": srv.sql.stats(),
             }
         )
 
@@ -188,6 +208,7 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
+        srv.sql.stop()  # a running statement is interrupted: it would hold the database's mutex
         await run_in_threadpool(batcher.stop)  # generation ends before the owner closes the database
 
     application = Starlette(
@@ -202,6 +223,7 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
     )
     application.state.batcher = batcher
     application.state.kb = kb
+    application.state.sql = srv.sql
     return BearerAuth(application, api_key) if api_key else application
 
 

@@ -30,6 +30,7 @@ TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
@@ -43,9 +44,10 @@ TYPES = {
 class ApiError(Exception):
     """An error answered to the client: HTTP status, message, OpenAI error type and a stable code."""
 
-    def __init__(self, status: int, message: str, code: str, *, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str, *, param: str | None = None, extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.extra = extra or {}  # more fields of the error object (m3db's additions, e.g. `stored`)
 
     @property
     def type(self) -> str:
@@ -53,7 +55,8 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         """The JSON body, in OpenAI's shape."""
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+        error = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
+        return {"error": {**error, **self.extra}}
 
 
 def bad_request(message: str, code: str = "invalid_value", param: str | None = None) -> ApiError:

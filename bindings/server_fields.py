@@ -119,6 +119,23 @@ def check_value(f: Field, value) -> None:
             raise bad_request(f"{f.name}: {message}", "invalid_value", f.name)
 
 
+def nesting_limit(levels: int) -> Callable[[object], str | None]:
+    """A Field check: the values inside an array or object (a `params`) nest lists and objects
+    at most `levels` deep."""
+
+    def check(value) -> str | None:
+        stack = [(value, 0)]
+        while stack:
+            v, depth = stack.pop()
+            if isinstance(v, (list, dict)):
+                if depth > levels:
+                    return f"a value nests lists and objects deeper than {levels} levels; flatten it"
+                stack.extend((item, depth + 1) for item in (v.values() if isinstance(v, dict) else v))
+        return None
+
+    return check
+
+
 def fmt(bound) -> str:
     return "-inf" if bound is None else (str(int(bound)) if float(bound).is_integer() else str(bound))
 

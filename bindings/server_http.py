@@ -12,8 +12,10 @@ from starlette.responses import JSONResponse
 from .server_errors import ApiError, bad_request
 
 
-async def read_json(request: Request, max_bytes: int):
-    """The request's JSON body, refusing one over max_bytes (413) before reading it all."""
+async def read_json(request: Request, max_bytes: int, timeout: float | None = None):
+    """The request's JSON body, refusing one over max_bytes (413) before reading it all, and
+    one that has not all arrived `timeout` seconds after reading began (408: a client that
+    sends less than its Content-Length, or drips its body, would hold the connection forever)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -24,12 +26,21 @@ async def read_json(request: Request, max_bytes: int):
     # form data), and a body that is not JSON is a 400 saying so
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:  # a chunked body has no Content-Length: count as it comes
-                raise too_large(len(body), max_bytes)
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:  # a chunked body has no Content-Length: count as it comes
+                    raise too_large(len(body), max_bytes)
     except ClientDisconnect:
         raise ApiError(499, "the client closed the connection", "client_closed") from None
+    except TimeoutError:
+        expected = f" of the {declared} bytes its Content-Length announced" if declared is not None else ""
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout:g} s (got {len(body)} bytes{expected}); send the "
+            "whole body promptly, with a Content-Length that matches it (m3db serve --body-timeout)",
+            "request_timeout",
+        ) from None
     if not body:
         raise bad_request("the request body is empty; send a JSON object", "invalid_json")
     try:
@@ -65,6 +76,8 @@ def error_response(error: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     if error.status == 429:
         headers = {"Retry-After": "1"}
+    if error.status == 408:  # the rest of the body may still come: this connection cannot carry another request
+        headers = {"Connection": "close"}
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 

@@ -116,8 +116,11 @@ class KnowledgeBase:
         out = {}
         for package in {p for p, _ in refs}:
             ids = [d for p, d in refs if p == package and d is not None]
-            for d, names in self.database(package).catalog.document_names(ids).items():
-                out[(package, d)] = names
+            db = self.database(package)
+            with db.mutex:  # the catalog's one connection serves one call at a time
+                names = db.catalog.document_names(ids)
+            for d, name in names.items():
+                out[(package, d)] = name
         return out
 
     def sql(self, query: str, params=None, package=None):
@@ -154,7 +157,8 @@ class KnowledgeBase:
 
     def add_documents(self, documents: list, *, cold: bool, replace: bool) -> list[list[int]]:
         """Add documents, one commit each; returns each document's new memory ids ([] for one
-        already stored with the same text)."""
+        already stored with the same text). A document that fails raises DocumentFailed: its
+        index, its error, and the documents stored before it (they stay)."""
         self.require_writable()
         for i, doc in enumerate(documents):
             taken = sorted(set(doc.get("metadata", {})) & ADD_KEYWORDS)
@@ -165,9 +169,9 @@ class KnowledgeBase:
                 )
         with self.write_lock:
             ids = []
-            for doc in documents:
-                ids.append(
-                    self.db.add(
+            for i, doc in enumerate(documents):
+                try:
+                    added = self.db.add(
                         doc["text"],
                         source=doc.get("source"),
                         title=doc.get("title"),
@@ -176,7 +180,9 @@ class KnowledgeBase:
                         replace=replace,
                         **doc.get("metadata", {}),
                     )
-                )
+                except Exception as e:
+                    raise DocumentFailed(i, e, documents, ids) from e
+                ids.append(added)
             return ids
 
     def forget(self, memory_id: int) -> None:
@@ -184,11 +190,20 @@ class KnowledgeBase:
         with self.write_lock:
             self.db.forget(memory_id)
 
-    def write_sql(self, query: str, params=None):
-        """A statement on a writable server, where any may write (INSERT INTO documents, DELETE
-        FROM memories): run by the one writer."""
-        with self.write_lock:
-            return self.db.sql(query, params)
-
     def close(self) -> None:
         self.db.close()
+
+
+class DocumentFailed(Exception):
+    """Document `index` of a batch failed with `error`; `stored` are the documents committed
+    before it ({index, source, memory_ids, added}), which stay stored."""
+
+    def __init__(self, index: int, error: Exception, documents: list, ids: list):
+        super().__init__(f"documents[{index}]: {error}")
+        self.index, self.error = index, error
+        self.source = documents[index].get("source")
+        self.stored = [
+            {"index": i, "source": d.get("source"), "memory_ids": list(m), "added": bool(m)}
+            for i, (d, m) in enumerate(zip(documents, ids))
+        ]
+        self.untried = len(documents) - index - 1

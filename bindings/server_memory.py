@@ -5,23 +5,24 @@ mutex); writes run one at a time (`KnowledgeBase.write_lock`) and only on a serv
 with `--write`. `srv` (the app's state: kb, limits) arrives as an argument.
 """
 
-import base64
-import datetime
-import decimal
-import math
-import uuid
+import asyncio
+import logging
 
-import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
+from m3db.errors import M3DBError
 from m3db.search.plan import MAX_K
 
-from .server_errors import bad_request
+from .server_errors import ApiError, bad_request, from_m3db
 from .server_fields import Field, parse
-from .server_http import read_json
-from .server_openai import MEMORY_FIELDS
+from .server_http import read_json, wait_disconnect
+from .server_kb import DocumentFailed
+from .server_openai import MEMORY_FIELDS, PARAMS_DEPTH
+from .server_sql import Statement, jsonable
+
+log = logging.getLogger("m3db.server")
 
 SEARCH_FIELDS = [
     Field("query", ("string",), "a text to search for (embedded by the knowledge base's embedder)"),
@@ -54,31 +55,37 @@ ADD_FIELDS = [
 
 SQL_FIELDS = [
     Field("query", ("string",), "one SQL statement (docs/sql.md)", required=True),
-    Field("params", ("array", "object"), "values for ? (an array) or $name (an object)"),
+    Field("params", ("array", "object"), "values for ? (an array) or $name (an object)", check=PARAMS_DEPTH),
     Field("package", ("string",), "the package whose catalog to query (a server of several packages)"),
 ]
 
 
-def jsonable(value):
-    """A SQL value or metadata as JSON: arrays as lists, times as ISO text, bytes as base64,
-    NaN and infinities as null (JSON has no such numbers)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return jsonable(value.item())
-    if isinstance(value, (datetime.date, datetime.time, datetime.datetime)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode()
-    if isinstance(value, (decimal.Decimal, uuid.UUID, datetime.timedelta)):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def document_error(failed: DocumentFailed, request: Request) -> ApiError:
+    """The error of a batch whose document `failed.index` failed: its status and code, its
+    index first in the message, and the documents stored before it (`stored`, which stay)."""
+    e = failed.error
+    if isinstance(e, M3DBError):
+        error = from_m3db(e)
+        if error.status >= 500:
+            log.error("%s %s: documents[%d]: %s", request.method, request.url.path, failed.index, e)
+    else:  # a bug: the log keeps the traceback
+        log.error("%s %s: documents[%d] failed", request.method, request.url.path, failed.index, exc_info=e)
+        error = ApiError(500, f"the server failed ({type(e).__name__}); see its log", "server_error")
+    name = f"documents[{failed.index}]" + (f" (source {failed.source!r})" if failed.source is not None else "")
+    if failed.stored:
+        which = ", ".join(f"documents[{d['index']}]" for d in failed.stored)
+        verbs = "was stored before it and stays" if len(failed.stored) == 1 else "were stored before it and stay"
+        done = f"{which} {verbs} stored (each document is its own commit; see `stored`)"
+    else:
+        done = "no document of this request was stored"
+    rest = f"; the {failed.untried} after it were not tried" if failed.untried else ""
+    return ApiError(
+        error.status,
+        f"{name}: {error.message.rstrip('.')}. Nothing of {name} was stored; {done}{rest}",
+        error.code,
+        param=f"documents[{failed.index}]",
+        extra={"stored": failed.stored},
+    )
 
 
 class MemoryEndpoints:
@@ -88,7 +95,8 @@ class MemoryEndpoints:
         self.srv = srv
 
     async def body(self, request, fields):
-        return parse(await read_json(request, self.srv.limits.max_body_bytes), fields)
+        limits = self.srv.limits
+        return parse(await read_json(request, limits.max_body_bytes, limits.body_timeout), fields)
 
     async def search(self, request: Request) -> JSONResponse:
         """POST /v1/memories/search: recall by text or vector, with a filter."""
@@ -99,9 +107,15 @@ class MemoryEndpoints:
         if isinstance(query, str) and not query.strip():
             raise bad_request("query is empty; send the text to search for", param="query")
         kb = self.srv.kb
-        matches = await run_in_threadpool(
-            kb.recall, query, k=body.get("k", 5), where=body.get("where"), params=body.get("params")
-        )
+        where, params = body.get("where"), body.get("params")
+
+        def recall():
+            return kb.recall(query, k=body.get("k", 5), where=where, params=params)
+
+        if where is None:
+            matches = await run_in_threadpool(recall)
+        else:  # a filter is SQL from the client: under the statement time limit
+            matches = await run_in_threadpool(self.srv.sql.filtered, recall)
         data = await run_in_threadpool(self.describe, matches)
         return JSONResponse({"object": "list", "data": data, "plan": jsonable(matches.plan)})
 
@@ -179,23 +193,42 @@ class MemoryEndpoints:
         docs = []
         for i, doc in enumerate(body["documents"]):
             docs.append(parse(doc, DOCUMENT_FIELDS, what=f"documents[{i}]"))
-        ids = await run_in_threadpool(
-            self.srv.kb.add_documents, docs, cold=body.get("cold", False), replace=body.get("replace", False)
-        )
+        try:
+            ids = await run_in_threadpool(
+                self.srv.kb.add_documents, docs, cold=body.get("cold", False), replace=body.get("replace", False)
+            )
+        except DocumentFailed as failed:
+            raise document_error(failed, request) from failed.error
         data = [
             {"index": i, "source": d.get("source"), "memory_ids": list(m), "added": bool(m)}
             for i, (d, m) in enumerate(zip(docs, ids))
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    async def sql(self, request: Request) -> JSONResponse:
-        """POST /v1/sql: one statement; statements that write only on a server started with --write."""
+    async def sql(self, request: Request) -> Response:
+        """POST /v1/sql: one statement (statements that write only on a server started with
+        --write), under the server's SQL limits (server_sql.py). A client that disconnects
+        stops its statement."""
         body = await self.body(request, SQL_FIELDS)
-        kb = self.srv.kb
         if not body["query"].strip():
             raise bad_request("query is empty; send one SQL statement", param="query")
-        if kb.writable:
-            rows = await run_in_threadpool(kb.write_sql, body["query"], body.get("params"))
-        else:
-            rows = await run_in_threadpool(kb.sql, body["query"], body.get("params"), body.get("package"))
-        return JSONResponse({"columns": list(rows.columns), "rows": [jsonable(list(r)) for r in rows]})
+        statement = Statement()
+        work = asyncio.ensure_future(
+            run_in_threadpool(self.srv.sql.run, statement, body["query"], body.get("params"), body.get("package"))
+        )
+        gone = asyncio.ensure_future(wait_disconnect(request.receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: the server is stopping
+            statement.stop("shutting_down")
+            raise
+        finally:
+            gone.cancel()
+        if not work.done():
+            statement.stop("client_closed")
+            try:
+                await work  # the statement ends (interrupted) before its connection is let go
+            except Exception:
+                pass
+            raise ApiError(499, "the client closed the connection; the statement was stopped", "client_closed")
+        return Response(work.result(), media_type="application/json")

@@ -17,11 +17,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from m3db.model.memory import context_start
+from m3db.storage.catalog import MAX_JSON_DEPTH
 
 from .server_batch import Job
 from .server_errors import ApiError, bad_request
-from .server_fields import Field, parse
+from .server_fields import Field, nesting_limit, parse
 from .server_http import next_event, read_json, sse, wait_disconnect
+
+# a value bound to a parameter nests lists and objects at most as deep as metadata may (deeper
+# is a mistake, and the readers of such values recurse)
+PARAMS_DEPTH = nesting_limit(MAX_JSON_DEPTH)
 
 MEMORY_FIELDS = [
     Field(
@@ -38,7 +43,7 @@ MEMORY_FIELDS = [
         "a SQL filter over the columns of `memories` (metadata keys are columns), e.g. \"lang = 'en'\", "
         "or an object {column: value}",
     ),
-    Field("params", ("array",), "values bound to the ?s of `where`", maximum=64),
+    Field("params", ("array",), "values bound to the ?s of `where`", maximum=64, check=PARAMS_DEPTH),
 ]
 
 
@@ -200,6 +205,10 @@ class OpenAIEndpoints:
                 404, f"no model {name!r} is served here; this server serves {self.srv.kb.name!r}", "model_not_found"
             )
 
+    async def body(self, request: Request, fields) -> dict:
+        limits = self.srv.limits
+        return parse(await read_json(request, limits.max_body_bytes, limits.body_timeout), fields)
+
     async def models(self, request: Request) -> JSONResponse:
         """GET /v1/models: the one served knowledge base, as a model."""
         return JSONResponse({"object": "list", "data": [self.model_card()]})
@@ -216,7 +225,7 @@ class OpenAIEndpoints:
 
     async def chat(self, request: Request):
         """POST /v1/chat/completions."""
-        body = parse(await read_json(request, self.srv.limits.max_body_bytes), self.chat_fields)
+        body = await self.body(request, self.chat_fields)
         self.check_model(body["model"])
         if (
             "max_tokens" in body
@@ -240,7 +249,7 @@ class OpenAIEndpoints:
 
     async def completions(self, request: Request):
         """POST /v1/completions."""
-        body = parse(await read_json(request, self.srv.limits.max_body_bytes), self.completion_fields)
+        body = await self.body(request, self.completion_fields)
         self.check_model(body["model"])
         prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
         body.setdefault("max_tokens", 16)  # OpenAI's default for completions
@@ -262,8 +271,10 @@ class OpenAIEndpoints:
             raise bad_request(f"k={k}: this model reads at most {per_chunk} memories per chunk", param="k")
         if body.get("stream_options") is not None and not body.get("stream"):
             raise bad_request("stream_options applies to a streamed answer; send stream: true", param="stream_options")
-        if mode != "none":
-            await run_in_threadpool(kb.check_filter, where, params)
+        if mode != "none" and (where is not None or params is not None):
+            # SQL from the client: run once here under the statement time limit (recalls during
+            # generation read its result from the filter cache)
+            await run_in_threadpool(self.srv.sql.filtered, kb.check_filter, where, params)
         prompt_ids = await run_in_threadpool(tokenize)
         # memories sit on positions before the prompt (docs/decoder.md): those are taken too
         reserved = context_start(model.settings, model.sink_keys.shape[2]) if mode == "memory" else 0
@@ -440,7 +451,7 @@ class OpenAIEndpoints:
 
     async def embeddings(self, request: Request) -> JSONResponse:
         """POST /v1/embeddings: the knowledge base's retrieval embedder."""
-        body = parse(await read_json(request, self.srv.limits.max_body_bytes), EMBEDDING_FIELDS)
+        body = await self.body(request, EMBEDDING_FIELDS)
         self.check_model(body["model"])
         texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
         if not texts or any(not t.strip() for t in texts):

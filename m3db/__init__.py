@@ -24,6 +24,7 @@ from .errors import (
     ReadOnlyError,
     SpecMismatchError,
     StorageError,
+    TooManyRowsError,
 )
 from .knowledge import sources
 from .knowledge.answer import Answer, Source
@@ -67,6 +68,7 @@ __all__ = [
     "Source",
     "SpecMismatchError",
     "StorageError",
+    "TooManyRowsError",
     "VerifyReport",
     "__version__",
     "attach",

@@ -483,7 +483,7 @@ class Database:
     check_generate_options = staticmethod(answer.check_options)
 
     @_guarded
-    def sql(self, query, params=None) -> Rows:
+    def sql(self, query, params=None, *, max_rows=None) -> Rows:
         """Run one SQL statement; return Rows (tuples with .columns; .arrow(), .df(), .numpy()).
 
         DuckDB SQL over the catalog tables plus memory operations (docs/sql.md):
@@ -491,8 +491,10 @@ class Database:
         `SELECT * FROM generate('prompt', max_tokens => 64)`, `INSERT INTO documents (text, ...)
         VALUES (...)`, `DELETE FROM memories WHERE ...`, and `EXPLAIN` of each. params: a list
         for `?`/`$1`, or a dict for `$name`; always bound, never spliced into the text.
+        max_rows: refuse a result (or the documents an INSERT ... SELECT adds) of more rows with
+        TooManyRowsError, reading no further than one past it (a server's cap); None: no cap.
         """
-        return run_sql(self, query, params)
+        return run_sql(self, query, params, max_rows=max_rows)
 
     @_guarded
     def __len__(self):

@@ -72,6 +72,12 @@ class QueryError(M3DBError, ValueError):
     code = "query"
 
 
+class TooManyRowsError(QueryError):
+    """A statement gives more rows than the `max_rows` it was run with (db.sql's; a server's cap)."""
+
+    code = "too_many_rows"
+
+
 class DependencyError(M3DBError, ImportError):
     """An optional package that this call needs is not installed."""
 

@@ -736,3 +736,13 @@ def test_duckdb_itself_refuses_files_urls_and_extension_downloads(tmp_path):
             with pytest.raises(duckdb.Error):
                 con.execute(stmt)
         assert con.execute("SELECT count(*) FROM memories").fetchone() == (1,)
+
+
+def test_max_rows_refuses_past_the_cap_reading_one_row_more(tmp_path):
+    with m3db.connect(tmp_path / "kb", spec=small_spec()) as db:
+        assert len(db.sql("SELECT * FROM range(5)", max_rows=5)) == 5
+        # an endless result is refused after cap + 1 rows, not read to its end
+        with pytest.raises(m3db.TooManyRowsError, match="more than 5 rows"):
+            db.sql("SELECT * FROM range(100000000000000)", max_rows=5)
+        with pytest.raises(m3db.InvalidInputError, match="max_rows must be None or an integer"):
+            db.sql("SELECT 1", max_rows=-1)

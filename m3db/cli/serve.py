@@ -58,6 +58,60 @@ ARGUMENTS = [
         ("--grace",),
         dict(type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default 10)"),
     ),
+    (
+        ("--sql-timeout",),
+        dict(
+            type=float,
+            default=30.0,
+            dest="sql_timeout",
+            help="seconds one /v1/sql statement may run before it is interrupted (default 30)",
+        ),
+    ),
+    (
+        ("--sql-max-rows",),
+        dict(
+            type=int,
+            default=10_000,
+            dest="sql_max_rows",
+            help="the most rows a /v1/sql result may have (default 10000)",
+        ),
+    ),
+    (
+        ("--sql-max-bytes",),
+        dict(
+            type=int,
+            default=64 * 1024 * 1024,
+            dest="sql_max_bytes",
+            help="the largest /v1/sql result, in bytes of JSON (default 64 MiB)",
+        ),
+    ),
+    (
+        ("--header-timeout",),
+        dict(
+            type=float,
+            default=10.0,
+            dest="header_timeout",
+            help="seconds a connection may take to send a request's headers (default 10)",
+        ),
+    ),
+    (
+        ("--body-timeout",),
+        dict(
+            type=float,
+            default=30.0,
+            dest="body_timeout",
+            help="seconds a request's body may take to arrive (default 30; then 408)",
+        ),
+    ),
+    (
+        ("--max-connections",),
+        dict(
+            type=int,
+            default=1000,
+            dest="max_connections",
+            help="open connections (or running requests) past which a new one is answered 503 (default 1000)",
+        ),
+    ),
 ]
 
 
@@ -129,8 +183,16 @@ def serve(args) -> None:
         default_max_tokens=min(256, args.max_tokens),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        body_timeout=args.body_timeout,
+        sql_timeout=args.sql_timeout,
+        sql_max_rows=args.sql_max_rows,
+        sql_max_bytes=args.sql_max_bytes,
     )
     limits.check()
+    if not (0 < args.header_timeout < float("inf")):
+        raise InvalidInputError(f"--header-timeout {args.header_timeout}: expected a positive number of seconds")
+    if args.max_connections < 1:
+        raise InvalidInputError(f"--max-connections {args.max_connections}: expected a positive integer")
     if not 0 <= args.port <= 65535:
         raise InvalidInputError(f"--port {args.port}: expected 0-65535")
     api_key = args.api_key or os.environ.get("M3DB_API_KEY") or None
@@ -165,6 +227,12 @@ def serve_on(sock, args, *, paths, api_key, limits) -> None:
         )
         if not api_key and not loopback(args.host):
             say(f"warning: listening on {args.host} without an API key: anyone who can reach it may use it")
+        files = raise_open_files_limit()
+        # each connection holds a file descriptor: past the limit a connection is answered 503
+        # at once, and descriptors stay free for what is open now (model, database) and a margin
+        concurrency = args.max_connections
+        if files is not None:
+            concurrency = max(16, min(concurrency, files - open_files() - 64))
         config = uvicorn.Config(
             application,
             host=args.host,
@@ -172,13 +240,16 @@ def serve_on(sock, args, *, paths, api_key, limits) -> None:
             lifespan="on",
             timeout_graceful_shutdown=args.grace,
             log_level="info",
+            http=header_timeout_protocol(args.header_timeout),
+            limit_concurrency=concurrency,
+            timeout_keep_alive=5,
         )
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
         # handlers it found: ours turn it into Stopped, so the database is closed below (the
         # default SIGTERM handler would end the process before it could be)
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            graceful(uvicorn, config, application.state.batcher, args.grace).run(sockets=[sock])
+            graceful(uvicorn, config, application.state, args.grace).run(sockets=[sock])
         except Stopped as e:
             say(f"stopped by {e}")
         finally:
@@ -186,20 +257,27 @@ def serve_on(sock, args, *, paths, api_key, limits) -> None:
                 signal.signal(sig, handler)
     finally:
         if application is not None:
+            application.state.sql.stop()  # a statement still running would hold the database's mutex
             application.state.batcher.stop()
         db.close()
         say(f"closed {', '.join(paths)}")
     return None
 
 
-def graceful(uvicorn, config, batcher, grace: float):
-    """uvicorn's server, but generation still running when the grace ends is answered 503
-    (shutting_down) first: uvicorn cancels what is left, which a client sees as a bare 500."""
+def graceful(uvicorn, config, state, grace: float):
+    """uvicorn's server, but generation and SQL statements still running when the grace ends
+    are answered 503 (shutting_down) first: uvicorn cancels what is left, which a client sees as
+    a bare 500 (and a cancelled request's statement would go on running in its thread)."""
 
     def stop_beside():  # stop() waits for the worker: beside the loop, which must keep answering
-        threading.Thread(target=batcher.stop, name="m3db-stop", daemon=True).start()
+        state.sql.stop()
+        threading.Thread(target=state.batcher.stop, name="m3db-stop", daemon=True).start()
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            asyncio.get_running_loop().set_exception_handler(quiet_accept_errors())
+            await super().startup(sockets)
+
         async def shutdown(self, sockets=None):
             timer = asyncio.get_running_loop().call_later(max(0.0, grace - 0.5), stop_beside)
             try:
@@ -208,6 +286,116 @@ def graceful(uvicorn, config, batcher, grace: float):
                 timer.cancel()
 
     return Server(config)
+
+
+def raise_open_files_limit() -> int | None:
+    """Raise this process's soft limit on open files to its hard limit (each connection holds
+    one; a low soft limit, often 1024 or less, lets a few hundred idle connections starve the
+    server). Returns the soft limit now in force, or None where there is none to read."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    # an unlimited hard limit may still be over the kernel's own (nr_open): try smaller ones
+    for target in (1 << 20, 65536) if hard == unlimited else (hard,):
+        if soft == unlimited or target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            break
+        except (ValueError, OSError):
+            continue
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+def open_files() -> int:
+    """How many file descriptors this process holds now (64 where it cannot tell)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 64
+
+
+def header_timeout_protocol(timeout: float):
+    """uvicorn's HTTP protocol class, closing a connection that has not sent a whole request's
+    headers `timeout` seconds after it opened (or after its last response): uvicorn itself waits
+    for them forever, so slow or silent clients could hold every connection. A connection past
+    uvicorn's limit_concurrency is answered 503 and closed at once (uvicorn would keep it open
+    until its request came), so open connections never use up the open-files limit."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderTimeout(AutoHTTPProtocol):
+        _m3db_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            limit = self.limit_concurrency
+            if limit is not None and len(self.connections) > limit:
+                transport.write(BUSY)
+                transport.close()
+                return
+            self._m3db_arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._m3db_arm()
+
+        def connection_lost(self, exc):
+            self._m3db_disarm()
+            super().connection_lost(exc)
+
+        def _m3db_arm(self):
+            self._m3db_disarm()
+            if not self.transport.is_closing():
+                self._m3db_timer = self.loop.call_later(timeout, self._m3db_expire)
+
+        def _m3db_disarm(self):
+            if self._m3db_timer is not None:
+                self._m3db_timer.cancel()
+                self._m3db_timer = None
+
+        def _m3db_expire(self):
+            self._m3db_timer = None
+            waiting = self.cycle is None or self.cycle.response_complete  # no request since it was armed
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeout
+
+
+def quiet_accept_errors(every: float = 10.0):
+    """An event-loop exception handler logging asyncio's "socket.accept() out of system resource"
+    (out of open files) once per `every` seconds with a count, not once per attempt: Python 3.11
+    retries the accept up to the listen backlog (2048) times per loop turn, each with a
+    traceback, which filled the log with hundreds of thousands of lines."""
+    import logging
+    import time
+
+    log = logging.getLogger("m3db.server")
+    state = {"last": float("-inf"), "count": 0}
+
+    def handler(loop, context):
+        if context.get("message") != "socket.accept() out of system resource":
+            loop.default_exception_handler(context)
+            return
+        state["count"] += 1
+        now = time.monotonic()
+        if now - state["last"] >= every:
+            log.error(
+                "cannot accept connections: %s (%d times since the last report); lower --max-connections, or "
+                "raise the hard limit on open files (ulimit -Hn)",
+                context.get("exception"),
+                state["count"],
+            )
+            state["last"], state["count"] = now, 0
+
+    return handler
 
 
 def listen(host: str, port: int) -> socket.socket:

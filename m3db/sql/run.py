@@ -34,7 +34,7 @@ from typing import NamedTuple
 import duckdb
 import numpy as np
 
-from ..errors import InvalidInputError, QueryError, ReadOnlyError
+from ..errors import InvalidInputError, QueryError, ReadOnlyError, TooManyRowsError
 from ..search.plan import MAX_K
 from .check import MEMORY_FUNCTIONS, check_document_columns, excerpt, name_list
 from .plan import Planner
@@ -69,8 +69,12 @@ _CACHE = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
-def run(db, text, params=None) -> Rows:
-    """Run one SQL statement on `db`; return Rows. The entry point of Database.sql()."""
+def run(db, text, params=None, *, max_rows=None) -> Rows:
+    """Run one SQL statement on `db`; return Rows. The entry point of Database.sql().
+    max_rows: refuse (TooManyRowsError) a result, or an INSERT ... SELECT, of more rows, after
+    reading one more than it and no further; None: no cap."""
+    if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0):
+        raise InvalidInputError(f"max_rows must be None or an integer >= 0, got {max_rows!r}")
     if not isinstance(text, str):
         raise InvalidInputError(f"a SQL statement must be a string, got {type(text).__name__}")
     if params is not None and not isinstance(params, (list, tuple, dict)):
@@ -88,10 +92,10 @@ def run(db, text, params=None) -> Rows:
     if plan.explain:
         return _explain(db, plan, values)
     if plan.kind == "insert":
-        return _insert(db, plan, values)
+        return _insert(db, plan, values, max_rows)
     if plan.kind == "delete":
         return _delete(db, plan, values)
-    columns, rows, _ = _execute(db, plan.read, values)
+    columns, rows, _ = _execute(db, plan.read, values, max_rows=max_rows)
     return Rows(columns, rows)
 
 
@@ -146,7 +150,7 @@ def _bind(plan, params):
     return {internal: given[user] for internal, user in wanted.items()}
 
 
-def _execute(db, read, values, *, explain=None):
+def _execute(db, read, values, *, explain=None, max_rows=None):
     """Run the memory functions of `read`, then DuckDB; return (columns, rows, notes)."""
     notes = []
     for rc in read.recalls:
@@ -156,10 +160,19 @@ def _execute(db, read, values, *, explain=None):
     if read.direct is not None and explain is None:
         rows = _direct_rows(db, read, values)
         if rows is not None:
+            if max_rows is not None and len(rows) > max_rows:
+                raise _too_many(max_rows)
             return [c.name for c in read.direct], rows, notes
     sql = read.sql if explain is None else f"{explain} {read.sql}"
-    columns, rows = _duckdb(db, sql, {name: values[name] for name in read.sql_params}, read)
+    columns, rows = _duckdb(db, sql, {name: values[name] for name in read.sql_params}, read, max_rows)
     return columns, rows, notes
+
+
+def _too_many(max_rows):
+    return TooManyRowsError(
+        f"the statement gives more than {max_rows:,} rows (max_rows={max_rows}): add a LIMIT (with OFFSET to page), "
+        "select fewer rows, or aggregate"
+    )
 
 
 def _direct_rows(db, read, values):
@@ -177,11 +190,16 @@ def _direct_rows(db, read, values):
     return rows[start:] if limit is None else rows[start : start + limit]
 
 
-def _duckdb(db, sql, values, read=None):
+def _duckdb(db, sql, values, read=None, max_rows=None):
     try:
         cursor = db.catalog.con.execute(sql, values)
         columns = [d[0] for d in cursor.description] if cursor.description else []
-        return columns, cursor.fetchall()
+        if max_rows is None:
+            return columns, cursor.fetchall()
+        rows = cursor.fetchmany(max_rows + 1)  # one past the cap is enough to refuse: the rest is never read
+        if len(rows) > max_rows:
+            raise _too_many(max_rows)
+        return columns, rows
     except duckdb.Error as e:
         raise QueryError(_duckdb_message(e, read)) from e
 
@@ -313,8 +331,8 @@ def _generate_options(options):
     return out
 
 
-def _insert(db, plan, values):
-    columns, rows, _ = _execute(db, plan.read, values)
+def _insert(db, plan, values, max_rows=None):
+    columns, rows, _ = _execute(db, plan.read, values, max_rows=max_rows)
     names = plan.columns or columns
     if plan.columns and len(columns) != len(plan.columns):
         raise QueryError(

@@ -57,8 +57,14 @@ LOCKED_DOWN = {
     "enable_external_access": False,
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
+    # no progress bar: a long statement would draw one on the process's terminal or log
+    # (a server's log). DuckDB takes it per connection, not in the connect config: it is SET
+    # right after connecting, before the configuration is locked
+    "enable_progress_bar": False,
     "lock_configuration": True,
 }
+# the LOCKED_DOWN settings DuckDB refuses in duckdb.connect(config=...) ("not a global option")
+_SESSION_SETTINGS = ("enable_progress_bar",)
 
 
 MAX_JSON_DEPTH = 64  # nesting of a metadata value: deeper is a mistake, and readers recurse
@@ -164,7 +170,7 @@ class Catalog:
     def __init__(self, path, *, read_only=False):
         self.read_only = read_only
         try:
-            self.con = duckdb.connect(path, read_only=read_only, config=LOCKED_DOWN)
+            self.con = _locked_down(duckdb.connect(path, read_only=read_only, config=_connect_config()))
         except duckdb.IOException as e:
             msg = str(e)
             if "lock" in msg.lower():
@@ -518,8 +524,36 @@ class Catalog:
                 "API (add_memory, forget, compact)"
             )
 
+    def interrupt(self) -> None:
+        """Stop the statement running on the connection now (from another thread): it raises
+        DuckDB's InterruptException in the thread running it. Nothing happens when none runs."""
+        self.con.interrupt()
+
     def close(self) -> None:
         self.con.close()
+
+
+def _connect_config() -> dict:
+    config = {k: v for k, v in LOCKED_DOWN.items() if k not in _SESSION_SETTINGS}
+    config.pop("lock_configuration", None)  # locked by _locked_down, once the session settings are set
+    return config
+
+
+def _locked_down(con):
+    """The connection with LOCKED_DOWN's per-connection settings set, then its configuration
+    locked. A second connection to a file already open in this process shares the first one's
+    DuckDB instance, locked already: its global settings are the first's, and its per-connection
+    ones can no longer be set (best effort: they keep DuckDB's defaults)."""
+    try:
+        if not con.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
+            for name in _SESSION_SETTINGS:
+                con.execute(f"SET {name} = {str(LOCKED_DOWN[name]).lower()}")
+            if LOCKED_DOWN.get("lock_configuration"):
+                con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def _first_line(e):
