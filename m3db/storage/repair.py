@@ -8,24 +8,30 @@ and `codebook.msgpack` a trained codec's parameters (without it a pq database is
 
 `repair(path)`:
 1. takes the database's write lock (nobody else may have it open);
-2. moves the old catalog aside as `catalog.duckdb.damaged-N` (never deleted: it may hold what
-   a person wants to recover by hand) and removes the index files (a cache);
-3. reads every segment from front to back; a damaged stretch is skipped to the next record
+2. reads every segment from front to back; a damaged stretch is skipped to the next record
    whose frame checks out, and counted;
-4. keeps, per id, the record of the latest commit (and of those, the last written: a cold
+3. keeps, per id, the record of the latest commit (and of those, the last written: a cold
    memory's encoded record follows its text-only one), unless the forgotten log says a later
    or equal commit forgot it;
-5. writes a new catalog with those memories and their documents, in one transaction.
-The next open rebuilds the vector index from the new catalog, as after any index loss.
+4. writes the new catalog under a temporary name, `catalog.duckdb.repairing` (one transaction
+   with those memories and their documents), checkpoints and fsyncs it;
+5. removes the index files (a cache), moves the old catalog aside as `catalog.duckdb.damaged-N`
+   (never deleted: it may hold what a person wants to recover by hand) and renames the new one
+   into place.
+Until that rename there is no catalog that could say the segments are empty (a new catalog's
+recovery would remove every segment): a repair killed before it leaves the old catalog, or
+none, and a temporary file that the next repair removes before it starts again. The next open
+rebuilds the vector index from the new catalog, as after any index loss.
 
 Records written before repair fields existed lack the embedding: an `embedder` (with the
 spec's fingerprint) embeds their text again, or repair refuses and changes nothing. A memory
 whose commit was cut short by a crash between its fsync and its catalog commit comes back:
 its bytes were whole, and nothing else tells it from a committed one; so does one of a commit
-that failed and whose bytes could not be cut (a disk that stayed full: see writer.py's abort).
+that failed and whose bytes could not be cut (the cut itself failed: see writer.py's abort).
 Imports: storage modules only.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -33,15 +39,16 @@ import numpy as np
 from ..errors import FormatError, InvalidInputError
 from .catalog import Catalog, metadata_sql_type
 from .codec import codec_class, load_codec
+from .durable import fsync_path
 from .forgotten import ForgottenLog
 from .index import INDEX_FILE, STATE_FILE
 from .lock import DatabaseLock
-from .record import HEADER_SIZE, MAGIC, read_header, read_payload
-from .segment import HEADER_SIZE as SEGMENT_HEADER_SIZE
-from .segment import SegmentStore, segment_name
+from .segment import SegmentStore
 from .spec import MemorySpec
 from .store import CATALOG_FILE, CODEBOOK_FILE, SEGMENTS_DIR, SPEC_FILE
 from .writer import COLD, MemoryRow, insert_rows, payload_crc
+
+BUILDING = ".repairing"  # the new catalog is built as catalog.duckdb.repairing, renamed when whole
 
 
 def repair(path, *, embedder=None) -> dict[str, int | str]:
@@ -153,8 +160,9 @@ def _rebuild(directory, spec, embedder, codebook):
             )
         )
         seqs.append(int(d.get("seq", 0)))
-    moved = _move_aside(directory)
-    catalog = Catalog(os.path.join(directory, CATALOG_FILE))
+    building = os.path.join(directory, CATALOG_FILE + BUILDING)
+    _remove_catalog_file(building)  # a killed repair's: it is built again from the start
+    catalog = Catalog(building)
     try:
         catalog.create(spec.to_json(), spec.embedding_dim)
         catalog.begin()
@@ -175,6 +183,12 @@ def _rebuild(directory, spec, embedder, codebook):
         catalog.checkpoint()
     finally:
         catalog.close()
+    if os.path.exists(building + ".wal"):  # the checkpoint folds it in; a file left would be lost
+        raise FormatError(f"{building!r}: the new catalog's WAL was not checkpointed; nothing was changed, run again")
+    fsync_path(building)
+    moved = _move_aside(directory)
+    os.replace(building, os.path.join(directory, CATALOG_FILE))
+    fsync_path(directory)
     counts.update(memories=len(rows), documents=len(sources), moved_aside=moved)
     return counts
 
@@ -193,30 +207,20 @@ def _scan(segments):
     latest, counts = {}, {"records": 0, "superseded": 0, "damaged": 0}
     for number in segments.numbers():
         try:
-            data = segments.read(number, SEGMENT_HEADER_SIZE, segments.size(number) - SEGMENT_HEADER_SIZE)
+            found = list(segments.scan(number))
         except FormatError:
             counts["damaged"] += 1  # a segment whose own header is damaged: none of it can be trusted
             continue
-        pos = 0
-        while pos + HEADER_SIZE <= len(data):
-            where = f"{segment_name(number)} @ {pos + SEGMENT_HEADER_SIZE}"
-            try:
-                _, length, _ = read_header(data[pos : pos + HEADER_SIZE], where)
-                blob = data[pos : pos + HEADER_SIZE + length]
-                payload = read_payload(blob, where)
-                mid = int(payload["id"])
-            except (FormatError, KeyError, TypeError, ValueError):
+        for offset, blob, payload in found:
+            if payload is None:
                 counts["damaged"] += 1
-                nxt = data.find(MAGIC, pos + 1)  # on to the next frame that checks out
-                if nxt < 0:
-                    break
-                pos = nxt
                 continue
             counts["records"] += 1
+            mid = int(payload["id"])
             record = {
                 "payload": payload,
                 "segment": number,
-                "offset": pos + SEGMENT_HEADER_SIZE,
+                "offset": offset,
                 "length": len(blob),
                 "checksum": payload_crc(blob),
             }
@@ -226,8 +230,14 @@ def _scan(segments):
                 if old["payload"].get("seq", 0) > payload.get("seq", 0):
                     record = old  # a later commit's record was written earlier (compact copies keep order)
             latest[mid] = record
-            pos += HEADER_SIZE + length
     return latest, counts
+
+
+def _remove_catalog_file(path) -> None:
+    """Remove a DuckDB file and its WAL, where they exist."""
+    for name in (path, path + ".wal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
 
 
 def _move_aside(directory) -> str:

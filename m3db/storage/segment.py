@@ -8,16 +8,26 @@ byte: every record's checksums are verified by record.decode_record.
 
 Durability is the caller's protocol (writer.py): append, then `sync()`, then commit the
 catalog rows that point at the bytes. Bytes past the last committed record are garbage
-and `truncate()` cuts them on recovery.
+and `truncate()` cuts them on recovery (store.py, after `scan()` has shown what they hold).
+
+Appends are unbuffered: each record goes to the OS in the append that wrote it, so a failed
+write (a full disk) leaves nothing in a Python buffer that a later read, seal or close would
+write after the rollback has cut the file, and a rollback cuts with ftruncate, which a full
+disk does not refuse (no slower: docs/engine.md, "I/O faults", has the figures).
 """
 
+import errno
 import mmap
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 
 from ..errors import FormatError
 from .durable import fsync_path
+from .record import HEADER_SIZE as RECORD_HEADER_SIZE
+from .record import MAGIC as RECORD_MAGIC
+from .record import read_header, read_payload
 
 MAGIC = b"M3SG"
 VERSION = 1
@@ -85,8 +95,8 @@ class SegmentStore:
         """Append one framed record; return (segment number, offset). Not durable until sync()."""
         number, f = self._active_for(len(blob))
         offset = f.seek(0, os.SEEK_END)
-        f.write(blob)
         self._dirty.add(number)
+        _write_all(f, blob)
         return number, offset
 
     def _active_for(self, nbytes):
@@ -99,7 +109,7 @@ class SegmentStore:
         if numbers and self._active is None:
             last = numbers[-1]
             if self.size(last) + nbytes <= self.segment_size:
-                f = open(self.path(last), "r+b")
+                f = open(self.path(last), "r+b", buffering=0)
                 try:
                     check_segment_header(f.read(HEADER_SIZE), last, f"segment {segment_name(last)}")
                 except FormatError:
@@ -110,8 +120,8 @@ class SegmentStore:
         return self._create((numbers[-1] + 1) if numbers else 1)
 
     def _create(self, number):
-        f = open(self.path(number), "x+b")
-        f.write(segment_header(number))
+        f = open(self.path(number), "x+b", buffering=0)
+        _write_all(f, segment_header(number))
         self._dirty.add(number)
         self._active = (number, f)
         fsync_path(self.directory)
@@ -127,7 +137,6 @@ class SegmentStore:
         if self._active is not None:
             number, f = self._active
             if number in self._dirty:
-                f.flush()
                 os.fsync(f.fileno())
                 self._dirty.discard(number)
             f.close()
@@ -136,9 +145,7 @@ class SegmentStore:
     def sync(self) -> None:
         """Make every append so far durable."""
         if self._active is not None:
-            number, f = self._active
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(self._active[1].fileno())
         self._dirty.clear()
 
     def tail(self) -> tuple[int, int] | None:
@@ -146,7 +153,6 @@ class SegmentStore:
         if self._active is None:
             return None
         number, f = self._active
-        f.flush()
         return number, f.seek(0, os.SEEK_END)
 
     def mark(self) -> tuple[int, int]:
@@ -166,16 +172,16 @@ class SegmentStore:
             self.truncate(number, size)
 
     def truncate(self, number, size) -> None:
-        """Cut segment `number` back to `size` bytes (uncommitted garbage after it)."""
+        """Cut segment `number` back to `size` bytes (uncommitted garbage after it). A cut needs
+        no free space: it works on the full disk that failed the append it undoes."""
         self._unmap(number)
         if self._active is not None and self._active[0] == number:
-            f = self._active[1]
-            f.flush()
-            f.truncate(size)
-            os.fsync(f.fileno())
+            fd = self._active[1].fileno()
+            os.ftruncate(fd, size)
+            os.fsync(fd)
         else:
-            with open(self.path(number), "r+b") as f:
-                f.truncate(size)
+            with open(self.path(number), "r+b", buffering=0) as f:
+                os.ftruncate(f.fileno(), size)
                 os.fsync(f.fileno())
 
     def remove(self, number) -> None:
@@ -189,9 +195,8 @@ class SegmentStore:
     # -- reading ---------------------------------------------------------------------------
 
     def read(self, number, offset, length) -> bytes:
-        """The bytes [offset, offset+length) of a segment, copied out of its mmap."""
-        if self._active is not None and self._active[0] == number:
-            self._active[1].flush()
+        """The bytes [offset, offset+length) of a segment, copied out of its mmap (appends are
+        unbuffered: the map sees them, and a read never writes)."""
         m, mapped = self._maps.get(number, (None, 0))
         if m is None or offset + length > mapped:
             m, mapped = self._map(number)
@@ -201,6 +206,29 @@ class SegmentStore:
                 f"file ({mapped} bytes); the segment was truncated or the catalog is damaged"
             )
         return m[offset : offset + length]
+
+    def scan(self, number, start=HEADER_SIZE) -> Iterator[tuple[int, bytes | None, dict | None]]:
+        """Every record of segment `number` from byte `start` on, front to back: (offset, blob,
+        payload map) for each whose frame and checksums check out and whose payload has an id,
+        (offset, None, None) for each damaged stretch, skipped up to the next record magic. A
+        damaged segment header raises FormatError (nothing in the file can be trusted)."""
+        m, size = self._map(number)
+        pos = max(start, HEADER_SIZE)
+        while pos + RECORD_HEADER_SIZE <= size:
+            where = f"{segment_name(number)} @ {pos}"
+            try:
+                _, length, _ = read_header(m[pos : pos + RECORD_HEADER_SIZE], where)
+                blob = m[pos : pos + RECORD_HEADER_SIZE + length]
+                payload = read_payload(blob, where)
+                int(payload["id"])
+            except (FormatError, KeyError, TypeError, ValueError):
+                yield pos, None, None
+                pos = m.find(RECORD_MAGIC, pos + 1)  # on to the next frame that checks out
+                if pos < 0:
+                    return
+                continue
+            yield pos, blob, payload
+            pos += len(blob)
 
     def _map(self, number):
         self._unmap(number)
@@ -235,3 +263,13 @@ class SegmentStore:
         self._seal()
         for number in list(self._maps):
             self._unmap(number)
+
+
+def _write_all(f, data) -> None:
+    """Write all of `data` to the unbuffered file `f` (a raw write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.EIO, f"a segment write accepted none of {len(view)} bytes")
+        view = view[n:]

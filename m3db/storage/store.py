@@ -6,10 +6,12 @@ A database directory holds `catalog.duckdb` (catalog.py), `segments/NNNNNN.seg` 
 the in-RAM location table (locations.py) and the decoded-memory cache (memcache.py).
 
 Opening is recovery: bytes in segments past the last committed record are garbage of a killed
-write and are cut (only a writable open cuts), and the vector index, a cache of the catalog,
-is caught up from the catalog's stored embeddings. A package (a `.m3kb` file) is a store too:
-m3db.package.store opens one read-only over its extracted catalog and index, handing in its
-own segment reader, catalog class and no lock; nothing here knows about packages.
+write and are cut (only a writable open cuts) once their records show that a crash can have
+left them (every open checks; a catalog behind its segments is refused: see `_garbage`), and
+the vector index, a cache of the catalog, is caught up from the catalog's stored embeddings.
+A package (a `.m3kb` file) is a store too: m3db.package.store opens one read-only over its
+extracted catalog and index, handing in its own segment reader, catalog class and no lock;
+nothing here knows about packages.
 
 The store does not write records (writer.py), check input (validate.py), or check and compact
 (maintenance.py). Imports: storage modules only.
@@ -51,13 +53,18 @@ def holds_catalog(directory: str) -> bool:
 def require_catalog_if_data(directory: str) -> None:
     """Refuse a directory whose segments outlived its catalog: opening it would make a new, empty
     catalog and recovery would then delete every segment as unreferenced. Nothing is changed."""
-    if holds_catalog(directory):
-        return
+    if not holds_catalog(directory):
+        require_no_segments(directory, "is missing")
+
+
+def require_no_segments(directory: str, what: str) -> None:
+    """Refuse to make a new catalog beside segment files: `what` says what became of the old one
+    ("is missing"; "holds no tables": its catalog.duckdb.wal, which held them, was lost)."""
     segments = os.path.join(directory, SEGMENTS_DIR)
     found = sorted(n for n in os.listdir(segments) if n.endswith(".seg")) if os.path.isdir(segments) else []
     if found:
         raise FormatError(
-            f"{os.path.join(directory, CATALOG_FILE)} is missing, but {SEGMENTS_DIR}/ holds {len(found)} segment "
+            f"{os.path.join(directory, CATALOG_FILE)} {what}, but {SEGMENTS_DIR}/ holds {len(found)} segment "
             "file(s) of memories. Nothing was changed: rebuild it from them with `m3db check --repair` (or "
             "m3db.repair(path)), restore catalog.duckdb from a backup, or move the directory away to start a new "
             "database there"
@@ -125,6 +132,8 @@ class Store:
     def _open(self, spec, segments, catalog_class):
         self.catalog = catalog_class(os.path.join(self.directory, CATALOG_FILE), read_only=self.read_only)
         if self.catalog.is_new():
+            if segments is None:  # a package's catalog is its own (made from the package)
+                require_no_segments(self.directory, "holds no tables (lost with its catalog.duckdb.wal?)")
             if spec is None:
                 raise InvalidInputError(
                     f"{self.directory!r} holds no m3db catalog; pass spec= or a model to create one"
@@ -147,7 +156,7 @@ class Store:
             read_only=self.read_only,
         )
         self.locations = LocationTable(self.catalog.locations())
-        if not self.read_only:
+        if segments is None:  # a package's segments are immutable and match its catalog
             self._recover_segments()
         self.next_id = max(int(meta["next_id"]), self.locations.max_id() + 1)
         self.index = VectorIndex(stored.embedding_dim, self.directory, read_only=self.read_only)
@@ -183,17 +192,66 @@ class Store:
             return None
 
     def _recover_segments(self):
-        """Cut bytes past the last committed record; drop segments nothing points at."""
-        ends = self.catalog.segment_ends()
-        for number in self.segments.numbers():
-            end = ends.get(number)
+        """Cut bytes past the last committed record; drop segments nothing points at (a
+        writable open; every open checks first that only a crash's leftovers are there)."""
+        garbage = self._garbage()
+        if self.read_only:
+            return
+        for number, end in garbage:
             if end is None:
                 self.segments.remove(number)
-            elif self.segments.size(number) > end:
+            else:
                 self.segments.truncate(number, end)
         for name in (INDEX_FILE + ".tmp", STATE_FILE + ".tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.directory, name))
+
+    def _garbage(self) -> list[tuple[int, int | None]]:
+        """[(segment, end)]: the bytes of each segment past the last record the catalog points at
+        (end None: the whole segment), once shown to be what a crash or a failed rollback leaves.
+
+        Such bytes hold the records of the one commit a crash cut short (commit_seq + 1), copies
+        of committed records (compact, recompress, a cold memory's encoding) and records a commit
+        dropped (added and forgotten in one transaction): all of seq <= commit_seq + 1. A whole
+        record of a later commit proves the catalog lost commits (its WAL deleted or cut short,
+        an older copy restored); a segment the catalog points at that is missing, that it is not
+        the catalog of these segments. Either way cutting would destroy the only copy of those
+        memories: a FormatError names repair, and nothing is changed."""
+        ends = self.catalog.segment_ends()
+        present = self.segments.numbers()
+        garbage = [(n, ends.get(n)) for n in present if n not in ends or self.segments.size(n) > ends[n]]
+        if not garbage:
+            return []
+        missing = sorted(set(ends) - set(present))
+        if missing:
+            first = garbage[0][0]
+            raise self._mismatch(
+                f"it points at {SEGMENTS_DIR}/{segment_name(missing[0])}, which is missing, while "
+                f"{SEGMENTS_DIR}/{segment_name(first)} holds bytes it does not point at"
+            )
+        for number, end in garbage:
+            try:
+                records = list(self.segments.scan(number, end or 0))
+            except FormatError:
+                continue  # a damaged segment header: none of it is a record to keep
+            for offset, _, payload in records:
+                seq = payload.get("seq") if payload is not None else None
+                if isinstance(seq, int) and seq > self.commit_seq + 1:
+                    raise self._mismatch(
+                        f"{SEGMENTS_DIR}/{segment_name(number)} @ {offset} holds a whole record (memory "
+                        f"{payload['id']}) of commit {seq}, past the catalog's last commit {self.commit_seq}: the "
+                        "catalog lost commits (its catalog.duckdb.wal deleted or cut short, or an older copy "
+                        "restored)"
+                    )
+        return garbage
+
+    def _mismatch(self, why) -> FormatError:
+        return FormatError(
+            f"the catalog {self.path(CATALOG_FILE)!r} does not match the segments: {why}. Opening it would cut "
+            "records that no other file holds. Nothing was changed: rebuild the catalog from the segments with "
+            "`m3db check --repair` (the old catalog is kept aside), or restore the catalog.duckdb (and "
+            "catalog.duckdb.wal) that belong to these segments"
+        )
 
     def _catch_up_index(self):
         self.unsaved = 0
