@@ -143,15 +143,23 @@ def test_the_worker_sees_an_undamaged_database_as_correct(originals, tmp_path):
     assert np.isfinite(expected["query"]).all()
 
 
-def test_another_databases_index_files_are_found(originals, tmp_path):
+def test_another_databases_index_files_are_found(originals, tmp_path, monkeypatch):
     """Both index files of another database copied in (their state agrees with itself, and the
-    commit and count match): check() compares the vectors with the catalog's embeddings."""
-    root, _ = originals
+    commit and count match): an open compares a few vectors with the catalog's embeddings and
+    rebuilds the index; check() compares them all."""
+    root, expected = originals
     shutil.copytree(root / "kb", tmp_path / "kb")
     for name in ("index.usearch", "index.state"):
         shutil.copyfile(root / "other" / name, tmp_path / "kb" / name)
+    query = np.asarray(expected["query"], np.float32)
+    with m3db.connect(tmp_path / "kb", read_only=True) as db:
+        assert db.recall(query, k=5, where="id >= 0").ids == expected["top"] and db.check().ok
+    monkeypatch.setattr(m3db.storage.store, "INDEX_PROBES", 0)  # an open that compares none
     with m3db.connect(tmp_path / "kb", read_only=True) as db:
         report = db.check()
     assert not report.ok and "the index's vectors differ from the catalog's embeddings" in report.problems[0]
-    with m3db.connect(root / "kb", read_only=True) as db:
+    monkeypatch.undo()
+    with m3db.connect(tmp_path / "kb") as db:  # a writable open rebuilds the index and saves it
+        assert db.check().ok
+    with m3db.connect(tmp_path / "kb", read_only=True) as db:
         assert db.check().ok

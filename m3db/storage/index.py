@@ -34,6 +34,8 @@ EXPANSION_ADD = 64
 EXPANSION_SEARCH = 256
 # exact_all fetches this many more than asked, so equal scores at the cut rank by id
 TIE_MARGIN = 16
+# a stored vector is a unit vector in float16: its cosine with the float32 one is 1 within ~1e-3
+F16_COSINE_TOLERANCE = 1e-2
 
 
 class VectorIndex:
@@ -213,6 +215,22 @@ class VectorIndex:
             return self.exact(vector, self.keys(), count)
         order = order[:count]
         return ids[order], sims[order]
+
+    def contains(self, ids) -> np.ndarray:
+        """Which of `ids` the index holds (bool per id)."""
+        ids = np.asarray(ids, dtype=np.uint64)
+        return (
+            np.asarray(self.index.contains(ids), bool).reshape(len(ids))
+            if len(self.index)
+            else np.zeros(len(ids), bool)
+        )
+
+    def differs(self, ids, embeddings) -> np.ndarray:
+        """Which of `ids` (all held) store another vector than their `embeddings` made unit length
+        (in float16: cosine 1 within F16_COSINE_TOLERANCE; an all-zero embedding stays zero)."""
+        want = unit_rows(embeddings)
+        cos = (self.vectors(ids) * want).sum(axis=1)
+        return np.abs(cos - (want * want).sum(axis=1)) > F16_COSINE_TOLERANCE
 
     def vectors(self, ids) -> np.ndarray:
         """The stored (f16-rounded) vectors of `ids`, float32 (n, dim)."""

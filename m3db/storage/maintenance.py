@@ -15,7 +15,7 @@ from ..errors import FormatError, InvalidInputError, M3DBError, rolled_back
 from ..progress import progress_bar
 from .codec import codec_class
 from .durable import replace_file
-from .index import INDEX_FILE, STATE_FILE, unit_rows
+from .index import INDEX_FILE, STATE_FILE
 from .memcache import MemoryCache
 from .pq import MAX_TRAIN_VECTORS, MIN_TRAIN_VECTORS, train_pq
 from .record import REPAIR_FIELDS, decode_record, encode_record, read_payload
@@ -26,8 +26,6 @@ from .writer import payload_crc
 # a sample is read up to this many vectors per (layer, head): training fits MAX_TRAIN_VECTORS of them,
 # an eighth of what is read is held out to measure the stated error, the rest is unused
 READ_VECTORS = 2 * MAX_TRAIN_VECTORS
-# an index vector is the catalog's embedding, unit length, in float16: cosine 1 within ~1e-3
-INDEX_TOLERANCE = 1e-2
 
 
 class CheckReport:
@@ -78,17 +76,14 @@ def check(store) -> CheckReport:
 
 
 def _index_vectors_differ(store, ids, block=4096) -> list[str]:
-    """The index holds the right ids but other vectors (another database's index files copied in,
-    say): its vectors against the catalog's embeddings, which it is built from, within float16's
-    rounding of unit vectors."""
+    """The index holds the right ids but other vectors (another database's index files copied in:
+    an open rebuilds such an index when the few vectors it compares differ, but not when those
+    happen to agree): every vector against the catalog's embedding it is built from."""
     bad, first = 0, None
     for lo in range(0, len(ids), block):
         part = ids[lo : lo + block]
         got, emb = store.catalog.embeddings(ids=part)
-        want = unit_rows(emb)
-        cos = (store.index.vectors(got) * want).sum(axis=1)
-        norms = np.linalg.norm(want, axis=1)
-        off = np.abs(cos - norms * norms) > INDEX_TOLERANCE  # an all-zero embedding stays zero
+        off = store.index.differs(got, emb)
         bad += int(off.sum())
         if first is None and off.any():
             first = int(got[np.argmax(off)])

@@ -43,6 +43,7 @@ DEFAULT_CACHE_BYTES = 256 << 20
 # save the index once this many changes (or a quarter of its size) are unsaved: a crash then
 # costs at most that much catch-up on the next open
 INDEX_SAVE_EVERY = 50_000
+INDEX_PROBES = 16  # vectors compared with the catalog's at open: another database's index is caught
 
 
 def holds_catalog(directory: str) -> bool:
@@ -256,6 +257,9 @@ class Store:
     def _catch_up_index(self):
         self.unsaved = 0
         seq = self.index.load()
+        if seq >= 0 and not self._index_is_this_catalogs():
+            # another database's index files (their state agrees with itself): rebuilt, as a damaged one
+            self.index, seq = VectorIndex(self.index.dim, self.directory, read_only=self.read_only), -1
         if seq == self.commit_seq and len(self.index) == len(self.locations):
             return
         if 0 <= seq < self.commit_seq:
@@ -274,6 +278,18 @@ class Store:
         self.unsaved = len(self.index)
         if not self.read_only:
             self.save_index()
+
+    def _index_is_this_catalogs(self) -> bool:
+        """Do a few of the loaded index's vectors equal the catalog's embeddings of their ids
+        (unit length, float16)? An id the index lacks proves nothing here (catch-up adds it)."""
+        ids = self.locations.ids
+        if not len(ids):
+            return True
+        sample = np.unique(ids[np.linspace(0, len(ids) - 1, min(INDEX_PROBES, len(ids))).astype(np.int64)])
+        sample = sample[self.index.contains(sample)]
+        if not len(sample):
+            return True
+        return not self.index.differs(*self.catalog.embeddings(ids=sample)).any()
 
     # -- reading -------------------------------------------------------------------------------
 
