@@ -1,4 +1,6 @@
-"""Shared fixtures: a small memory spec, memory factories, and databases on disk and in RAM."""
+"""Shared fixtures: a small memory spec, memory factories, and databases on disk and in RAM;
+a database bound to the tiny decoder and the hashing embedder (`kb`; torch is imported only by
+the tests that use it)."""
 
 import numpy as np
 import pytest
@@ -74,3 +76,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny random decoder of the real architecture (m3db.model), once per module."""
+    from m3db.model.memory_model import MemoryModel
+
+    return MemoryModel.tiny()
+
+
+@pytest.fixture
+def kb(tiny, tmp_path):
+    """A database bound to the tiny decoder and the hashing embedder."""
+    from m3db.testing import HashEmbedder
+
+    db = m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder())
+    yield db
+    db.close()

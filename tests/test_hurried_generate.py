@@ -18,18 +18,6 @@ DOCS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return MemoryModel.tiny()
-
-
-@pytest.fixture
-def kb(tiny, tmp_path):
-    db = m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder())
-    yield db
-    db.close()
-
-
 def test_stop_tokens_are_token_ids_within_the_vocabulary(kb, tiny):
     # a string (OpenAI's `stop`) once replaced the stop set with one that never matched
     for strings in (["\n"], "\n", ("</s>",), [2, "x"]):

@@ -6,22 +6,6 @@ import pytest
 
 pytest.importorskip("torch")
 import m3db  # noqa: E402
-from m3db.model.memory_model import MemoryModel  # noqa: E402
-from m3db.testing import HashEmbedder  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return MemoryModel.tiny()
-
-
-@pytest.fixture
-def kb(tiny, tmp_path):
-    db = m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder())
-    yield db
-    if not db._closed:
-        db.close()
-
 
 INSERT = (
     "INSERT INTO documents (text, source, title, lang) VALUES "

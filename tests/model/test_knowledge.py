@@ -11,20 +11,6 @@ from m3db.knowledge.ingest import MAX_DOCUMENT_CHARS  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.testing import HashEmbedder  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    return MemoryModel.tiny()
-
-
-@pytest.fixture
-def kb(tiny, tmp_path):
-    db = m3db.connect(tmp_path / "kb", model=tiny, embedder=HashEmbedder())
-    yield db
-    if not db._closed:
-        db.close()
-
-
 DOCS = [
     {
         "text": "Tokyo is the capital of Japan. It is very large.",
