@@ -202,7 +202,9 @@ def test_a_merge_that_fails_leaves_no_empty_target(tmp_path, capsys):
 def test_ctrl_c_during_build_says_how_to_resume_in_one_line(tmp_path):
     script = textwrap.dedent(
         f"""
-        import sys, time
+        import signal, sys, time
+        # as at a terminal: a job started in the background (CI can be) inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import m3db.database
         def slow(*args, **kwargs):
             print("loading", file=sys.stderr, flush=True)
@@ -224,7 +226,7 @@ def test_ctrl_c_during_build_says_how_to_resume_in_one_line(tmp_path):
         assert lines[-1].strip() == "loading", lines
         p.send_signal(signal.SIGINT)
         rest = p.stderr.read()
-        assert p.wait(timeout=60) == 130
+        assert p.wait(timeout=60) == 130, rest
     finally:
         if p.poll() is None:
             p.kill()
