@@ -746,3 +746,20 @@ def test_max_rows_refuses_past_the_cap_reading_one_row_more(tmp_path):
             db.sql("SELECT * FROM range(100000000000000)", max_rows=5)
         with pytest.raises(m3db.InvalidInputError, match="max_rows must be None or an integer"):
             db.sql("SELECT 1", max_rows=-1)
+
+
+def test_refusals_name_the_statement_as_written(db):
+    for statement, word in (
+        ("CHECKPOINT", "CHECKPOINT"),
+        ("TRUNCATE memories", "TRUNCATE"),
+        ("-- x\nVACUUM", "VACUUM"),
+    ):
+        with pytest.raises(m3db.QueryError, match=f"^\\[query\\] {word} (statements are|is) not available"):
+            db.sql(statement)
+    with pytest.raises(m3db.QueryError, match="Simplify the statement") as raised:
+        db.sql("SELECT " + "+".join(["1"] * 20000))
+    assert "SET" not in str(raised.value)  # DuckDB's advice to SET a limit, which m3db SQL refuses
+    n = len(db)
+    with pytest.raises(m3db.QueryError, match="generate\\(\\) has the columns text, .* not id: in this DELETE"):
+        db.sql("EXPLAIN DELETE FROM memories WHERE id IN (SELECT id FROM generate('x', max_tokens => 2))")
+    assert len(db) == n

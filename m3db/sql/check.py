@@ -235,7 +235,12 @@ def _duckdb_parse(db, text):
     try:
         db.catalog.con.extract_statements(text)
     except duckdb.Error as e:
-        raise QueryError(str(e).strip()) from e
+        raise QueryError(duckdb_words(str(e).strip())) from e
+
+
+def duckdb_words(message) -> str:
+    """DuckDB's message, less its advice to SET a limit higher (m3db SQL runs no SET)."""
+    return re.sub(r'\s*Use "SET \w+ TO x" to increase[^.]*\.', " Simplify the statement.", message)
 
 
 def name_list(nodes) -> str:

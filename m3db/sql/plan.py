@@ -16,6 +16,8 @@ sqlglot trees), storage's catalog names and the errors; never run.py, the databa
 knowledge or cli, and never torch.
 """
 
+import re
+
 import sqlglot
 from sqlglot import exp
 
@@ -102,7 +104,7 @@ class Planner:
             if isinstance(tree, exp.Delete):
                 return self._delete(tree, explain)
             return Plan("read", self._read(tree), explain, self.style, self.user_params)
-        kind = tree.key.upper() if not isinstance(tree, exp.Command) else tree.name.upper()
+        kind = _verb(self.text)  # as written: sqlglot names some statements oddly (CHECKPOINT as COLUMN)
         if isinstance(tree, (exp.Update, exp.Create, exp.Drop, exp.Alter, exp.Merge, exp.TruncateTable)):
             raise QueryError(
                 f"{kind} is not available in m3db SQL: it would change the catalog behind the engine's "
@@ -505,6 +507,7 @@ class Planner:
                     f"DELETE FROM memories does not take {arg.upper()}; "
                     "write DELETE FROM memories [USING ...] WHERE ..."
                 )
+        _check_generate_subqueries(tree)
         qualifier = table.alias_or_name
         select = exp.select(exp.column("id", table=qualifier)).from_(table.copy())
         for other in tree.args.get("using") or []:
@@ -587,3 +590,32 @@ def _direct(tree, read, value):
         None if limit is None else value(None, "LIMIT", limit.expression),
         None if offset is None else value(None, "OFFSET", offset.expression),
     )
+
+
+def _verb(text) -> str:
+    """The statement's verb as the user wrote it ("TRUNCATE", "CHECKPOINT"), past comments and
+    EXPLAIN [ANALYZE]."""
+    words = re.findall(r"[A-Za-z_]+", re.sub(r"--[^\n]*|/\*.*?\*/", " ", text, flags=re.S))
+    while words and words[0].upper() in ("EXPLAIN", "ANALYZE"):
+        words = words[1:]
+    return words[0].upper() if words else "this"
+
+
+def _check_generate_subqueries(tree) -> None:
+    """In a DELETE, a subquery reading only generate() may name only generate()'s columns: any
+    other (`WHERE id IN (SELECT id FROM generate(...))`) is the outer memories' column, as SQL
+    correlates it, and matched every memory."""
+    for select in tree.find_all(exp.Select):
+        froms = [select.args.get("from_"), *(select.args.get("joins") or [])]
+        sources = [f.this for f in froms if f is not None]  # a table function is a Table around its call
+        calls = [s.this for s in sources if isinstance(s, exp.Table) and isinstance(s.this, exp.Func)]
+        if not sources or len(calls) < len(sources) or any(function_name(c) != "generate" for c in calls):
+            continue
+        aliases = {s.alias.lower() for s in sources} | {"generate", ""}
+        for column in select.find_all(exp.Column):
+            if column.table.lower() in aliases and column.name.lower() not in GENERATE_COLUMNS:
+                raise QueryError(
+                    f"generate() has the columns {', '.join(GENERATE_COLUMNS)}, not {column.name}: in this DELETE, "
+                    f"`{column.name}` would be memories.{column.name} (SQL reads it from the outer table) and match "
+                    "every memory. Choose memories by their own columns or with recall()"
+                )

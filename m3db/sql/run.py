@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, QueryError, ReadOnlyError, TooManyRowsError
 from ..search.plan import MAX_K
-from .check import MEMORY_FUNCTIONS, check_document_columns, excerpt, name_list
+from .check import MEMORY_FUNCTIONS, check_document_columns, duckdb_words, excerpt, name_list
 from .plan import Planner
 from .rows import Rows
 from .statement import Generate, Recall
@@ -205,7 +205,7 @@ def _duckdb(db, sql, values, read=None, max_rows=None):
 
 
 def _duckdb_message(e, read):
-    message = str(e).strip()
+    message = duckdb_words(str(e).strip())
     if read is not None and (read.recalls or read.generates):
         # DuckDB quotes the statement as rewritten (recall's rows unnested from lists), which
         # is not what the user wrote: keep its words, drop its excerpt
