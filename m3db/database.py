@@ -195,6 +195,11 @@ class Database:
             raise NotFoundError(
                 f"no package file at {self.path!r}; check the path (make one with `m3db pack DB OUT.m3kb`)"
             )
+        elif names_package(self.path) and os.path.isdir(self.path) and not holds_catalog(self.path):
+            raise InvalidInputError(
+                f"{self.path!r} is a folder, and a package (.m3kb) is a file: check the path (`m3db pack DB "
+                "OUT.m3kb` makes one); a new database is made under a name without .m3kb"
+            )
         else:
             self._open_directory(spec, bool(read_only), config, codec)
 

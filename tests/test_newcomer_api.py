@@ -165,3 +165,10 @@ def test_text_that_is_not_valid_unicode_is_named_wherever_it_enters(db):
     ):
         with pytest.raises(m3db.InvalidInputError, match=f"{where}: the text holds"):
             verb()
+
+
+def test_a_folder_named_like_a_package_is_not_made_a_database(tmp_path):
+    (tmp_path / "kb.m3kb").mkdir()
+    with pytest.raises(m3db.InvalidInputError, match="is a folder, and a package \\(.m3kb\\) is a file"):
+        tiny(tmp_path / "kb.m3kb")
+    assert os.listdir(tmp_path / "kb.m3kb") == []

@@ -8,6 +8,7 @@ import shutil
 import msgpack
 import numpy as np
 import pytest
+from conftest import make_memory, small_spec
 
 import m3db
 from m3db.errors import FormatError, InvalidInputError
@@ -213,7 +214,7 @@ def test_too_few_vectors_is_refused_with_the_number_needed():
     x = kv_like(np.random.default_rng(9), 2, 1, MIN_TRAIN_VECTORS - 1)
     with pytest.raises(InvalidInputError, match=f"at least {MIN_TRAIN_VECTORS}"):
         train_pq(x, x, m=8)
-    with pytest.raises(InvalidInputError, match="divide the head dim"):
+    with pytest.raises(InvalidInputError, match="dividing the head dim"):
         train_pq(x, x, m=7)
 
 
@@ -415,3 +416,14 @@ def test_a_database_of_blob_version_1_goes_on_at_it_until_recompressed(tmp_path)
         assert report["bytes_after"] < report["bytes_before"]
     with m3db.connect(path, read_only=True) as db:
         assert db.codec.version == 2 and db.codec.codebook == 2 and db.check().ok
+
+
+def test_train_codec_names_a_bad_m_or_seed_before_reading_the_sample(tmp_path):
+    with m3db.connect(tmp_path / "kb", spec=small_spec()) as db:
+        db.add_memories([make_memory(i) for i in range(3)])  # far too few: m and seed are checked first
+        with pytest.raises(m3db.InvalidInputError, match=r"got the keys \['keys'\]"):
+            db.train_codec("pq", sample=300, m={"keys": 4})
+        with pytest.raises(m3db.InvalidInputError, match="values got 3"):
+            db.train_codec("pq", sample=300, m={"keys": 4, "values": 3})
+        with pytest.raises(m3db.InvalidInputError, match="seed must be a non-negative integer, got 'x'"):
+            db.train_codec("pq", sample=300, seed="x")

@@ -110,3 +110,20 @@ def test_a_damaged_spec_file_is_reported_and_written_again(tmp_path):
     with m3db.connect(path) as db:
         assert db.check().ok
     assert (path / "spec.json").read_text() == good
+
+
+def test_a_repair_after_compact_never_hands_out_a_forgotten_id(tmp_path):
+    """compact() empties the forgotten log; it keeps the commit and the next id so far, so that a
+    rebuilt catalog does not give a new memory the id of a forgotten one (it gave id 8 here)."""
+    path = tmp_path / "kb"
+    with m3db.connect(path, spec=small_spec()) as db:
+        db.add_memories([make_memory(i) for i in range(10)])
+        db.forget(9)
+        db.forget(8)
+        db.compact()
+        seq = db.commit_seq
+    os.remove(path / "catalog.duckdb")
+    m3db.repair(path)
+    with m3db.connect(path) as db:
+        assert sorted(db.locations.ids.tolist()) == list(range(8))
+        assert db.add_memory(**make_memory(100)) == 10 and db.commit_seq == seq + 1

@@ -10,7 +10,8 @@ Each forget commit appends one frame, fsynced before the catalog commits:
 A torn or damaged frame ends the log (everything after it is ignored). A rolled-back forget
 cuts its frame again; if that fails, the frame names a forget that never committed, and
 repair drops those memories (what was being asked for anyway). compact() empties the log once
-no segment holds a forgotten record. Imports: errors, durable.
+no segment holds a forgotten record, leaving one frame with no ids and the next id: the high
+water mark a repair must not go below. Imports: errors, durable.
 """
 
 import os
@@ -20,7 +21,7 @@ import zlib
 import msgpack
 
 from ..errors import FormatError
-from .durable import fsync_path
+from .durable import fsync_path, replace_file
 
 FORGOTTEN_FILE = "forgotten.log"
 FRAME = struct.Struct("<II")
@@ -49,18 +50,37 @@ class ForgottenLog:
             f.truncate(mark)
             os.fsync(f.fileno())
 
-    def clear(self) -> None:
-        if os.path.exists(self.path):
-            self.truncate(0)
+    def clear(self, seq: int, next_id: int) -> None:
+        """Empty the log (no segment holds a forgotten record any more), keeping one frame with no
+        ids: the commit and the next id so far, so that a repair after the catalog is lost never
+        hands out again an id that was forgotten (and its commit numbers keep rising)."""
+        payload = msgpack.packb({"seq": int(seq), "ids": [], "next_id": int(next_id)})
+        replace_file(self.path, FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+
+    def high_water(self) -> tuple[int, int]:
+        """(the last commit, the next id) that the log has seen; (-1, 0) for none."""
+        seq, next_id = -1, 0
+        for entry in self._entries():
+            seq = max(seq, int(entry["seq"]))
+            next_id = max(next_id, int(entry.get("next_id", 0)), *(int(i) + 1 for i in entry["ids"]))
+        return seq, next_id
 
     def read(self) -> dict[int, int]:
         """{memory id: the last commit that forgot it}; a damaged tail is ignored."""
         out = {}
+        for entry in self._entries():
+            seq = int(entry["seq"])
+            for i in entry["ids"]:
+                out[int(i)] = max(seq, out.get(int(i), -1))
+        return out
+
+    def _entries(self):
+        """Each frame's map, in order, up to a damaged tail."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            return out
+            return
         pos = 0
         while pos + FRAME.size <= len(data):
             length, crc = FRAME.unpack_from(data, pos)
@@ -69,10 +89,8 @@ class ForgottenLog:
                 break  # a torn append (a crash, a full disk): nothing after it committed
             try:
                 entry = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-                seq, ids = int(entry["seq"]), [int(i) for i in entry["ids"]]
-            except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+                int(entry["seq"]), [int(i) for i in entry["ids"]], int(entry.get("next_id", 0))
+            except (AttributeError, KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
                 raise FormatError(f"{self.path}: a frame at byte {pos} has a valid checksum but is malformed") from e
-            for i in ids:
-                out[i] = max(seq, out.get(i, -1))
+            yield entry
             pos += FRAME.size + length
-        return out

@@ -17,7 +17,7 @@ from .codec import codec_class
 from .durable import replace_file
 from .index import INDEX_FILE, STATE_FILE
 from .memcache import MemoryCache
-from .pq import MAX_TRAIN_VECTORS, MIN_TRAIN_VECTORS, train_pq
+from .pq import MAX_TRAIN_VECTORS, MIN_TRAIN_VECTORS, check_m, train_pq
 from .record import REPAIR_FIELDS, decode_record, encode_record, read_payload
 from .segment import segment_name
 from .store import CODEBOOK_FILE
@@ -142,7 +142,7 @@ def compact(store) -> dict:
             removed += 1
     if removed == len(old):  # no segment holds a forgotten record now: repair needs no log
         with contextlib.suppress(OSError):
-            store.forgotten.clear()
+            store.forgotten.clear(store.commit_seq, store.next_id)
     after = sum(segments.size(n) for n in segments.numbers())
     return {"bytes_before": before, "bytes_after": after}
 
@@ -170,6 +170,9 @@ def train(store, name, *, sample, m=8, seed=0, progress=False):
     if codec_class(name).name != "pq":
         raise InvalidInputError(f"codec {name!r} is not trained; recompress into it without a sample")
     spec = store.spec
+    check_m(m, spec.head_dim)  # before the sample is read, and before "too few memories" hides it
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
     needed = math.ceil(MIN_TRAIN_VECTORS / spec.tokens_per_head)
     if not isinstance(sample, int) or isinstance(sample, bool) or sample < needed:
         raise InvalidInputError(
@@ -303,5 +306,5 @@ def take_rewrite(store, spec, codec, old) -> int:
             removed += 1
     if removed == len(old):
         with contextlib.suppress(OSError):
-            store.forgotten.clear()
+            store.forgotten.clear(store.commit_seq, store.next_id)
     return sum(segments.size(n) for n in segments.numbers())

@@ -232,6 +232,22 @@ def _sorted(value):
 # -- training ------------------------------------------------------------------------------------
 
 
+def check_m(m, head_dim) -> dict:
+    """pq's m ({"keys": m, "values": m'}, or one m for both) checked against the head dim."""
+    if isinstance(m, dict) and set(m) != set(PARTS):
+        raise InvalidInputError(
+            f"codec pq: m as a dict names each part, {{'keys': m, 'values': m'}}; got the keys {sorted(map(str, m))}"
+        )
+    ms = dict(m) if isinstance(m, dict) else {p: m for p in PARTS}
+    for part, v in ms.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1 or head_dim % v:
+            raise InvalidInputError(
+                f"codec pq: m (sub-vectors per vector, one byte each) must be a positive integer dividing the head "
+                f"dim {head_dim}; {part} got {v!r}"
+            )
+    return ms
+
+
 def train_pq(keys, values, *, m=8, codebook=1, iterations=15, seed=0, progress=None) -> PQCodec:
     """Train a PQCodec from a sample: `keys`, `values` float32 (L, H, V, D), V vectors of each
     (layer, head). m: sub-vectors per head vector (bytes per vector; D % m == 0), one for both
@@ -243,14 +259,7 @@ def train_pq(keys, values, *, m=8, codebook=1, iterations=15, seed=0, progress=N
             f"train_pq takes keys and values of one shape (L, H, V, D), got {keys.shape}, {values.shape}"
         )
     L, H, V, D = keys.shape
-    ms = dict(m) if isinstance(m, dict) else {p: m for p in PARTS}
-    if set(ms) != set(PARTS) or any(
-        not isinstance(v, int) or isinstance(v, bool) or v < 1 or D % v for v in ms.values()
-    ):
-        raise InvalidInputError(
-            f"codec pq: m (sub-vectors per vector, one byte each) must divide the head dim {D}, for keys and "
-            f"values, got {m!r}"
-        )
+    ms = check_m(m, D)
     if V < MIN_TRAIN_VECTORS:
         raise InvalidInputError(
             f"codec pq: a codebook trained on {V} vectors per (layer, head) is refused: k-means with {KSUB} "

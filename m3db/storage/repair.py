@@ -109,7 +109,11 @@ def _rebuild(directory, spec, embedder, codebook):
         latest, counts = _scan(segments)
     finally:
         segments.close()
-    forgotten = ForgottenLog(directory).read()
+    log = ForgottenLog(directory)
+    forgotten = log.read()
+    # compact() empties the log but keeps the commit and the next id so far: never go below them
+    # (a new memory must not get the id of a forgotten one)
+    high_seq, high_next_id = log.high_water()
     live = {i: r for i, r in latest.items() if forgotten.get(i, -1) < r["payload"].get("seq", 0)}
     counts["forgotten"] = len(latest) - len(live)
     missing = [i for i, r in live.items() if "embedding" not in r["payload"]]
@@ -176,9 +180,9 @@ def _rebuild(directory, spec, embedder, codebook):
             catalog.insert_document(doc)
         if rows:
             insert_rows(catalog, rows, np.array(seqs, dtype=np.int64))
-        last = max(seqs + list(forgotten.values()) + [0])
+        last = max(seqs + list(forgotten.values()) + [0, high_seq])
         catalog.set_meta("commit_seq", last)
-        catalog.set_meta("next_id", max(list(live) + list(forgotten) + [-1]) + 1)
+        catalog.set_meta("next_id", max(max(list(live) + list(forgotten) + [-1]) + 1, high_next_id))
         catalog.commit()
         catalog.checkpoint()
     finally:
