@@ -5,12 +5,14 @@ result nouns; the packages arrive opened (as read-only databases).
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 
-from ..errors import InvalidInputError, M3DBError, NotFoundError
+from ..errors import InvalidInputError, M3DBError, NotFoundError, SpecMismatchError
 from ..search.results import Match, Matches
 from ..storage.record import Memory
-from .manifest import is_package
+from ..storage.validate import check_path
+from .manifest import dump_manifest, is_package
 
 
 @dataclasses.dataclass(repr=False)
@@ -113,13 +115,15 @@ class PackageSet:
 def open_packages(paths, open_one) -> PackageSet:
     """A PackageSet of the packages at `paths` (see m3db.attach), each opened by `open_one(path)`
     (a read-only database; the caller's, since this layer sits below the database). Names must
-    differ, every path must be a package, and their memory specs must match each other."""
+    differ, every path must be a package, no package may be attached twice (one file under two
+    names, or a copy: every match would come twice), and their memory specs must match."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if isinstance(paths, dict):
-        named = [(str(n), os.fspath(p)) for n, p in paths.items()]
+        named = [(str(n), _entry_path(p, f"the entry {n!r}")) for n, p in paths.items()]
     elif isinstance(paths, (list, tuple)):
-        named = [(os.path.splitext(os.path.basename(os.fspath(p)))[0], os.fspath(p)) for p in paths]
+        paths = [_entry_path(p, f"entry {i}") for i, p in enumerate(paths)]
+        named = [(os.path.splitext(os.path.basename(p))[0], p) for p in paths]
         names = [n for n, _ in named]
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
@@ -135,16 +139,70 @@ def open_packages(paths, open_one) -> PackageSet:
             raise NotFoundError(f"no package file at {path!r}")
         if not is_package(path):
             raise InvalidInputError(f"{path!r} is not an m3db package; make one with `m3db pack DB OUT.m3kb`")
+    _refuse_same_file(named)
     opened = {}
     try:
         for name, path in named:
             opened[name] = open_one(path)
+        _refuse_same_package(opened, dict(named))
         (first, a), *rest = opened.items()
         for name, b in rest:
-            a.spec.require_same(b.spec, this=f"package {first!r}", that=f"package {name!r}")
+            _require_same_spec(first, a.spec, name, b.spec)
     except BaseException:
         for db in opened.values():
             with contextlib.suppress(Exception):
                 db.close()
         raise
     return PackageSet(opened)
+
+
+def _entry_path(path, where) -> str:
+    """One entry's path as text, or an error naming the entry (`where`: its place or its name)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidInputError(
+            f"attach(): {where} is {path!r} ({type(path).__name__}), not a package path; pass the path of a .m3kb file"
+        )
+    try:
+        return check_path(path)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"attach(): {where}: {str(e).split('] ', 1)[-1]}") from None
+
+
+def _refuse_same_file(named) -> None:
+    """One file under two names (or two paths to it: a link, `./`) would answer every recall twice."""
+    for i, (name_a, path_a) in enumerate(named):
+        for name_b, path_b in named[i + 1 :]:
+            if os.path.samefile(path_a, path_b):
+                raise InvalidInputError(
+                    f"packages {name_a!r} ({path_a!r}) and {name_b!r} ({path_b!r}) are the same file; attach it once"
+                )
+
+
+def _refuse_same_package(opened, paths) -> None:
+    """A copy of a package (the same manifest hash) would answer every recall twice too."""
+    seen = {}
+    for name, db in opened.items():
+        # a package's manifest is canonical JSON (the frame checks it), so this is its identity
+        digest = hashlib.sha256(dump_manifest(db.manifest)).hexdigest()
+        if digest in seen:
+            other = seen[digest]
+            raise InvalidInputError(
+                f"packages {other!r} ({paths[other]!r}) and {name!r} ({paths[name]!r}) are copies of one package "
+                f"(manifest sha256 {digest[:16]}...); attach it once"
+            )
+        seen[digest] = name
+
+
+def _require_same_spec(first, a, name, b) -> None:
+    """Packages recalled together must share one memory spec, codec included: the set has one
+    `spec` (a server fits its model to it), and attach(spec=...) checks one spec against each.
+    A codec alone differing is fixed without re-encoding, so the message says how."""
+    diffs = a.differences(b)
+    if [k for k, _, _ in diffs] == ["codec"]:
+        raise SpecMismatchError(
+            f"package {first!r} stores its memories in codec {a.codec!r}, package {name!r} in {b.codec!r}; "
+            f"packages attached together must share one codec. Nothing needs re-encoding: recompress the database "
+            f"{name!r} was packed from to {a.codec!r} and pack it again (`m3db recompress DB --codec {a.codec}`, "
+            f"then `m3db pack DB OUT.m3kb --force`), or {first!r}'s to {b.codec!r}"
+        )
+    a.require_same(b, this=f"package {first!r}", that=f"package {name!r}")

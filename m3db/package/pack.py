@@ -16,8 +16,12 @@ never writes; nothing in a package is unpickled or executed.
 """
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import secrets
+import threading
 import zlib
 
 import msgpack
@@ -54,6 +58,15 @@ from .manifest import (
 )
 
 PACKAGE_SEGMENT_SIZE = DEFAULT_SEGMENT_SIZE
+# a pack's temporary file: `<target>.tmp-<pid>-<random>` (one per call, so two packs of one target
+# in one process never share a file), or `<target>.tmp-<pid>`, the name earlier versions used
+_TEMPORARY = re.compile(r"(\d+)(?:-[0-9a-f]+)?")
+# the file names of the temporaries this process is writing now: the removal of dead ones keeps
+# them (their pid is ours). Names, not paths: one folder can be reached by several paths
+_writing: set[str] = set()
+_writing_lock = threading.Lock()
+# link() errors that mean "this filesystem has no hard links", not "the target exists"
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
 # -- pack ----------------------------------------------------------------------------------------
 
 
@@ -92,8 +105,10 @@ def pack(
 
     source: the database's path (the default name, and where errors say the problem is).
     name, description, version, license, attribution: strings stored in the manifest's
-    `about` (name defaults to the database directory's name). The file is written to a
-    temporary name beside `path` and renamed when complete. progress=True draws a bar on stderr.
+    `about` (name defaults to the database directory's name). overwrite: replace a file at
+    `path`; without it, a file there is an error, also one that appears while this pack runs.
+    The file is written to a temporary name of its own beside `path` and moved there when
+    complete. progress=True draws a bar on stderr.
     """
     about = {"name": name if name is not None else _default_name(source)}
     for key, value in (
@@ -111,9 +126,9 @@ def pack(
             )
     path = _check_target(os.fspath(path), store.directory, overwrite)
     remove_dead_temporaries(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    f, tmp = _create_temporary(path)
     try:
-        with open(tmp, "w+b") as f:
+        with f:
             f.write(bytes(HEADER_PAGE))  # the header is written last, once the manifest is known
             with progress_bar(progress, "memories", total=2 * len(store.locations), desc="pack") as bar:
                 manifest = _write_sections(store, source, f, about, bar)
@@ -126,14 +141,59 @@ def pack(
             f.write(pack_header(manifest_offset, raw))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _install(tmp, path, overwrite)
     except BaseException:
-        # a temporary file that cannot be removed now (a permission, the device) is overwritten
-        # by this process's next pack of the target, or removed by any pack once we are gone
+        # a temporary file that cannot be removed now (a permission, the device) is removed by
+        # a later pack of the target once this process is gone
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+    finally:
+        with _writing_lock:
+            _writing.discard(os.path.basename(tmp))
     return manifest
+
+
+def _create_temporary(path):
+    """(an open file, its name): a new file `<path>.tmp-<pid>-<random>` beside `path`, created
+    exclusively, so no other pack (another thread, another process) can be writing it. `open`'s
+    "x" mode, not mkstemp: the package gets the permissions the umask gives, not mkstemp's 0600."""
+    while True:
+        tmp = os.path.abspath(f"{path}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+        with _writing_lock:
+            _writing.add(os.path.basename(tmp))  # before the file exists: a listing that sees it sees this
+        try:
+            return open(tmp, "x+b"), tmp
+        except BaseException as e:
+            with _writing_lock:
+                _writing.discard(os.path.basename(tmp))
+            if not isinstance(e, FileExistsError):  # taken: only a leftover; draw another name
+                raise
+
+
+def _install(tmp, path, overwrite) -> None:
+    """Move the finished temporary to `path`. overwrite=False was checked when pack started, but
+    another process may have installed a package there since: a hard link fails on an existing
+    name where a rename would replace it, so that package is kept and this pack fails."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise InvalidInputError(
+            f"{path!r} exists (it was written while this pack ran); pass overwrite=True (or --force) to replace it"
+        ) from None
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+        # no hard links on this filesystem (FAT, some network shares): the check and the rename
+        # are separate steps here, so a package written in between is replaced
+        if os.path.exists(path):
+            raise InvalidInputError(f"{path!r} exists; pass overwrite=True (or --force) to replace it") from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
 
 
 def _check_target(path, home, overwrite) -> str:
@@ -161,16 +221,28 @@ def _check_target(path, home, overwrite) -> str:
 
 
 def remove_dead_temporaries(path) -> list[str]:
-    """Remove `path.tmp-<pid>` files that packs killed mid-write left behind (their process is
-    gone); a live pack's file is kept. Returns the names removed."""
+    """Remove the temporary files of `path` that packs killed mid-write left behind:
+    `path.tmp-<pid>-<random>` (and `path.tmp-<pid>`, the older name) whose process is gone, or
+    this process's own that no pack of it is writing now (one whose removal failed). A live
+    pack's file is kept. Returns the names removed."""
     folder, base = os.path.split(os.path.abspath(path))
+    prefix = base + ".tmp-"
+    me = os.getpid()
     removed = []
     for name in os.listdir(folder):
-        pid = name[len(base) + 5 :] if name.startswith(base + ".tmp-") else ""
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
-                removed.append(name)
+        found = _TEMPORARY.fullmatch(name[len(prefix) :]) if name.startswith(prefix) else None
+        if found is None:
+            continue
+        pid = int(found.group(1))
+        if pid == me:
+            with _writing_lock:
+                if name in _writing:
+                    continue
+        elif _alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
     return removed
 
 

@@ -19,7 +19,10 @@ reads an old entry).
 processes racing to open the same package each see a complete entry or none; the loser of the
 race drops its copy. Nothing outside the cache directory is ever written; entries are never
 changed once renamed, so any number of processes may read them. Then a store opens read-only
-over the entry, reading segments through `PackageSegments` and taking no lock.
+over the entry, reading segments through `PackageSegments` and taking no lock. An entry that
+fails to open, or whose index file fails its state's checksum (a disk error, a cache cleaner
+that deleted a file), is renamed aside, deleted and extracted again: it is only a copy of the
+package's sections, so damage there never outlives the next open.
 Imports: storage's public names, and this package's manifest, export and pack modules.
 """
 
@@ -28,6 +31,7 @@ import hashlib
 import json
 import mmap
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -41,7 +45,7 @@ from ..storage.index import INDEX_FILE, STATE_FILE, VectorIndex, file_crc32
 from ..storage.segment import HEADER_SIZE as SEG_HEADER_SIZE
 from ..storage.spec import MemorySpec
 from ..storage.store import CATALOG_FILE, Store
-from ..storage.validate import check_config
+from ..storage.validate import CONFIG_KEYS, check_config
 from .export import BUILTIN_TYPES, read_catalog
 from .manifest import Frame, check_segment_section, section_name, section_pieces
 
@@ -50,6 +54,9 @@ CACHE_ENV = "M3DB_CACHE_DIR"
 # open: a new version gives them a new name, so they are extracted afresh once
 INDEX_STATE_VERSION = 2
 STALE_SECONDS = 24 * 3600
+# connect()'s settings for writing: a package is read-only, so they are refused
+WRITING_KEYS = ("index_save_every", "segment_size")
+PACKAGE_CONFIG_KEYS = sorted([*(k for k in CONFIG_KEYS if k not in WRITING_KEYS), "cache_dir"])
 
 
 def cache_root(config=None) -> str:
@@ -135,35 +142,90 @@ class Package:
 
     def open_store(self, config=None) -> Store:
         """A read-only Store over this package: the catalog and index extracted to the cache
-        entry (once), segments read in place. config: connect()'s, plus "cache_dir"."""
-        config = dict(config or {})
-        cache_dir = config.pop("cache_dir", None)
-        if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
-            raise InvalidInputError(f"config 'cache_dir' must be a path, got {cache_dir!r}")
-        if "segment_size" in config or "index_save_every" in config:
-            raise InvalidInputError(
-                "config 'segment_size' and 'index_save_every' are for writing; a package is read-only"
-            )
-        config = check_config(config)
+        entry (once), segments read in place. config: connect()'s reading settings, plus
+        "cache_dir". A damaged entry (a file deleted, truncated, changed) is extracted again."""
+        cache_dir, config = _package_config(config)
         # keyed by content, and by the catalog format this m3db materializes it in
         entry = os.path.join(
             cache_root({"cache_dir": cache_dir}),
             f"{self.frame.manifest_sha256}-catalog{CATALOG_VERSION}-index{INDEX_STATE_VERSION}",
         )
-        segments = PackageSegments(os.path.abspath(self.path), self.frame)
+        replaced = False
+        while True:
+            fresh = not os.path.isdir(entry)
+            segments = PackageSegments(os.path.abspath(self.path), self.frame)
+            try:
+                if fresh:
+                    _extract(self.path, segments.map, self.frame, entry)
+            except BaseException:
+                segments.close()
+                raise
+            store, problem = self._open_entry(entry, segments, config)
+            if problem is None:
+                return store
+            if fresh or replaced:  # what was just extracted does not open: not a damaged cache
+                raise FormatError(
+                    f"{self.path!r}: its freshly extracted cache entry {entry!r} {problem}. Run "
+                    f"`m3db verify {self.path}`; if the package is intact, report this with that output"
+                )
+            # the cache is only a copy of the package's sections: a damaged entry (a disk error,
+            # a cleaner that deleted one file) is replaced, never reported on every open
+            _discard(entry)
+            replaced = True
+
+    def _open_entry(self, entry, segments, config) -> tuple[Store | None, str | None]:
+        """(the store over `entry`, None), or (None, what is wrong with the entry). The Store
+        closes `segments` when it fails to open."""
         try:
-            if not os.path.isdir(entry):
-                _extract(self.path, segments.map, self.frame, entry)
-        except BaseException:
-            segments.close()
-            raise
-        store = Store(entry, read_only=True, config=config, segments=segments, catalog_class=PackageCatalog, lock=False)
-        if store.spec != self.spec or len(store.locations) != self.manifest["counts"]["memories"]:
-            store.close()
-            raise FormatError(
-                f"the cache entry {entry!r} does not match {self.path!r}; delete the entry and open again"
+            store = Store(
+                entry, read_only=True, config=config, segments=segments, catalog_class=PackageCatalog, lock=False
             )
-        return store
+        except (M3DBError, OSError) as e:
+            first_line = (str(e).splitlines() or [type(e).__name__])[0]
+            return None, f"cannot be opened ({first_line[:300]})"
+        if store.spec != self.spec or len(store.locations) != self.manifest["counts"]["memories"]:
+            problem = "does not match the package's spec and counts"
+        elif store.index.saved_seq != store.commit_seq:
+            # the entry's index file failed its state's checksum (or was gone), so the store
+            # rebuilt the index in RAM, as it does on every open of this entry until it is replaced
+            problem = f"holds an {INDEX_FILE} that does not match its {STATE_FILE}"
+        else:
+            return store, None
+        store.close()
+        return None, problem
+
+
+def _package_config(config) -> tuple[object, dict]:
+    """(cache_dir, the checked reading settings) of connect()'s config for a package."""
+    if config is not None and not isinstance(config, dict):
+        raise InvalidInputError(f"config must be a dict, got {type(config).__name__}")
+    config = dict(config or {})
+    cache_dir = config.pop("cache_dir", None)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise InvalidInputError(f"config 'cache_dir' must be a path, got {cache_dir!r}")
+    if any(k in WRITING_KEYS for k in config):
+        raise InvalidInputError(
+            "config 'segment_size' and 'index_save_every' are for writing; a package is read-only. A package "
+            f"takes {PACKAGE_CONFIG_KEYS}"
+        )
+    unknown = sorted(str(k) for k in config if k not in CONFIG_KEYS)
+    if unknown:
+        # check_config would list the writing keys too, which a package refuses, and not cache_dir
+        raise InvalidInputError(f"unknown config key {unknown[0]!r}; a package takes {PACKAGE_CONFIG_KEYS}")
+    return cache_dir, check_config(config)
+
+
+def _discard(entry) -> None:
+    """Move a damaged cache entry aside (one rename: a process opening it next sees it whole or
+    not at all, and extracts afresh), then delete it. Another process may have moved it first."""
+    aside = os.path.join(os.path.dirname(entry), f".tmp-damaged-{secrets.token_hex(8)}")
+    try:
+        os.rename(entry, aside)
+    except FileNotFoundError:
+        return
+    # a process with the old entry open keeps reading its files (POSIX); what rmtree cannot
+    # remove now, _remove_stale removes after a day
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _extract(where, mm, frame, entry):
