@@ -287,8 +287,9 @@ class OpenAIEndpoints:
                 raise bad_request("the prompt is empty: give at least one token of text", param="prompt")
             if reserved + len(ids) + max_tokens > context:
                 memories = f" and {reserved} positions for memories" if reserved else ""
+                asked = f"with max_tokens={max_tokens}" if "max_tokens" in body else "with room for even one token"
                 raise bad_request(
-                    f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens}{memories} that is over the "
+                    f"the prompt has {len(ids)} tokens; {asked}{memories} that is over the "
                     f"model's context of {context} tokens: shorten the prompt or lower max_tokens",
                     "context_length_exceeded",
                     "messages" if chat else "prompt",

@@ -181,3 +181,19 @@ def test_explain_of_a_generate_checks_its_options_without_decoding(tmp_path):
         with pytest.raises(m3db.InvalidInputError, match="temperature must be a number in"):
             db.sql("EXPLAIN SELECT * FROM generate('hi', temperature => -1)")
         assert "does not run the decoder" in str(list(db.sql("EXPLAIN SELECT * FROM generate('hi')")))
+
+
+def test_k_past_what_the_model_reads_per_chunk_is_refused(kb):
+    kb.add_documents(DOCS, progress=False)
+    per_chunk = kb.models()[0].settings.memories_per_chunk
+    assert len(kb.generate("Where is Tokyo?", k=per_chunk, max_tokens=2).chunks) >= 1
+    with pytest.raises(m3db.InvalidInputError, match=f"reads at most {per_chunk} memories per chunk"):
+        kb.generate("Where is Tokyo?", k=per_chunk + 1, max_tokens=2)
+
+
+def test_a_torch_module_for_a_model_is_named_by_its_type(tmp_path):
+    import torch
+
+    with pytest.raises(m3db.InvalidInputError, match=r"model=<torch.nn.modules.linear.Linear> is not a loaded") as e:
+        m3db.connect(tmp_path / "kb", model=torch.nn.Linear(2, 2))
+    assert "in_features" not in str(e.value)  # not the module's printout

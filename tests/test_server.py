@@ -664,3 +664,10 @@ def test_bundled_model_served(tmp_path):
         assert s.stop() == 0
     finally:
         s.close()
+
+
+def test_a_prompt_over_the_context_without_max_tokens_does_not_blame_max_tokens(http):
+    body = {"model": "kb", "messages": [{"role": "user", "content": "x" * 3000}]}
+    error = error_of(http.post("/v1/chat/completions", json=body), 400)
+    assert error["code"] == "context_length_exceeded" and "with room for even one token" in error["message"]
+    assert "max_tokens=" not in error["message"]  # the client sent none

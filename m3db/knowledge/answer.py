@@ -84,7 +84,7 @@ def generate(
 
     memory=True reads explicit memories, recalled per 64-token chunk as the paper does;
     memory="rag" puts the same recalled references' text in front of the prompt;
-    memory=False uses no knowledge base. k: memories per chunk (default: the model's, 5);
+    memory=False uses no knowledge base. k: memories per chunk (default and most: the model's, 5);
     where/params: a recall filter. Sampling (`check_options` has the ranges): max_tokens >= 1;
     temperature in [0, 100], 0 greedy; top_p in (0, 1], nucleus sampling; seed in [0, 2**63 - 1].
     stop_tokens: token ids, not strings, that end the answer: None (the default) is the model's
@@ -112,6 +112,12 @@ def generate(
     k = sampling.pop("k")
     model, _ = db.models()
     stop_tokens = check_stop_tokens(stop_tokens, model)
+    per_chunk = getattr(getattr(model, "settings", None), "memories_per_chunk", None)
+    if k is not None and per_chunk is not None and k > per_chunk:
+        # the decoder has room for per_chunk memories before each chunk: more would be cut silently
+        raise InvalidInputError(
+            f"k={k}: this model reads at most {per_chunk} memories per chunk; pass k <= {per_chunk}"
+        )
     used = {}
 
     def retrieve(query_text, count) -> list[Retrieved]:

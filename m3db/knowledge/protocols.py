@@ -54,6 +54,12 @@ def require_protocols(model, embedder) -> None:
         missing = [a for a in wanted if not hasattr(obj, a)]
         if obj is not None and missing:
             raise InvalidInputError(
-                f"{name}={obj!r} is not a loaded {protocol.__name__} (it has no {', '.join(missing)}): pass one, "
+                f"{name}={_shown(obj)} is not a loaded {protocol.__name__} (it has no {', '.join(missing)}): pass one, "
                 f"e.g. {HINTS[protocol]}, or leave {name}= out for the bundled one"
             )
+
+
+def _shown(obj) -> str:
+    """A short name for what was passed: a string as written, anything else by its type (a torch
+    module's repr is its whole architecture)."""
+    return repr(obj) if isinstance(obj, (str, bytes, int, float)) else f"<{type(obj).__module__}.{type(obj).__name__}>"
