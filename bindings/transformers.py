@@ -121,6 +121,18 @@ def check_adapter_choice(mode: str, settings, adapter) -> None:
         )
 
 
+def check_vocabulary(hf_model, tokenizer: HFTokenizer) -> None:
+    """Refuse a tokenizer with more tokens than the model has embedding rows (another model's,
+    as a rule): its higher ids would fail only later, deep inside an embedding lookup."""
+    embeddings = hf_model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and tokenizer.vocab_size > rows:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model embeds only {rows}: it belongs to "
+            "another model; use the tokenizer saved with these weights (tokenizer.json in the checkpoint folder)"
+        )
+
+
 def settings_for(mode: str, n_layer: int, tokenizer: HFTokenizer) -> MemorySettings:
     """The memory settings of a memory mode for this model (dense: every layer, 32 tokens per
     head, as for the bundled model), with the model's own reference prefix."""
@@ -157,6 +169,7 @@ class HFMemoryModel(ReadingVerbs):
         family_of(hf_model.config)  # refuse an unsupported architecture before touching the model
         check_adapter_choice(memory_mode, settings, adapter)
         self.tokenizer = HFTokenizer(tokenizer)
+        check_vocabulary(hf_model, self.tokenizer)
         self.decoder = HFDecoder(hf_model)
         self.hf_model = hf_model
         self.fingerprint = model_fingerprint(hf_model, self.tokenizer)

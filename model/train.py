@@ -66,6 +66,20 @@ class TrainConfig:
     eval_texts: int = 16
     checkpoint_every: int = 10
 
+    def __post_init__(self):
+        # refused here, before a model loads: 0 steps would write an untrained adapter, and a
+        # zero interval or batch fails only after loading and a first evaluation
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} {value!r}: expected a positive whole number")
+        for name in ("text_batch", "warmup", "distractors", "eval_questions", "eval_texts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} {value!r}: expected a whole number >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr {self.lr!r}: expected a positive learning rate")
+
 
 class MemoryEncoder:
     """References -> memories with the frozen encoder, remembering the first `keep` seen
@@ -196,7 +210,15 @@ def _lr(cfg, step):
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def _save_checkpoint(out, adapter, opt, step, cfg):
+def _run_identity(model) -> dict:
+    """What a checkpoint was trained for: the base model and the memory settings. Resuming
+    another model's run would write an adapter labelled for this model from another's steps."""
+    from .memory_model import trained_for
+
+    return {"model": model.fingerprint, "settings": trained_for(model.settings)}
+
+
+def _save_checkpoint(out, adapter, opt, step, cfg, identity):
     from safetensors.torch import save_file
 
     tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
@@ -207,7 +229,7 @@ def _save_checkpoint(out, adapter, opt, step, cfg):
     save_file(tensors, os.path.join(out, CHECKPOINT + ".tmp"))
     os.replace(os.path.join(out, CHECKPOINT + ".tmp"), os.path.join(out, CHECKPOINT))
     with open(os.path.join(out, STATE + ".tmp"), "w") as f:
-        json.dump({"step": step, "config": dataclasses.asdict(cfg)}, f)
+        json.dump({"step": step, "config": dataclasses.asdict(cfg), **identity}, f)
     os.replace(os.path.join(out, STATE + ".tmp"), os.path.join(out, STATE))
 
 
@@ -280,11 +302,22 @@ def train(
     adapter.train().requires_grad_(True)
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
+    identity = json.loads(json.dumps(_run_identity(model)))  # as JSON reads it back (lists)
     if os.path.exists(os.path.join(out, STATE)):
         with open(os.path.join(out, STATE)) as f:
-            saved = json.load(f)["config"]
+            state = json.load(f)
+        saved = state["config"]
         if saved != json.loads(json.dumps(dataclasses.asdict(cfg))):
             raise ValueError(f"{out} holds a run with another configuration ({saved}); use a new directory")
+        theirs = {k: state.get(k) for k in identity}
+        if theirs["model"] is None:
+            raise ValueError(f"{out} holds a run that does not record its model (an older m3db's); use a new directory")
+        if theirs != identity:
+            raise ValueError(
+                f"{out} holds a run for model {str(theirs['model'])[:23]}... with settings {theirs['settings']}, "
+                f"not for this model {identity['model'][:23]}... with settings {identity['settings']}; "
+                "use a new directory"
+            )
         start = _load_checkpoint(out, adapter, opt)["step"]
         say(f"resuming at step {start}")
         _cut_log(os.path.join(out, LOG), start)  # steps past the checkpoint are trained again
@@ -342,7 +375,7 @@ def train(
         log.flush()
         out_of_time = seconds is not None and time.time() - t0 >= seconds
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
-            _save_checkpoint(out, adapter, opt, step + 1, cfg)
+            _save_checkpoint(out, adapter, opt, step + 1, cfg, identity)
         done = step + 1
         if out_of_time:
             say(f"time budget of {seconds:.0f} s spent at step {done} of {cfg.steps}; run again to resume")

@@ -8,18 +8,26 @@ fails when one does not).
 """
 
 import argparse
-import copy
 import json
 import os
 import sys
 from collections.abc import Callable
 
 from ..database import connect
-from ..errors import FormatError, InvalidInputError, M3DBError
+from ..errors import FormatError, InvalidInputError, M3DBError, SpecMismatchError
 from ..storage.repair import repair
 from . import build as build_cli
 from .build import ADAPTER_ARGUMENT, MODEL_ARGUMENT, PRECISION_ARGUMENT
 from .guard import CREATES, INTERRUPTED, quiet_stdout, require_database, require_package_file, require_text
+from .models import (
+    bundled_for_training,
+    check_train_arguments,
+    explain_mismatch,
+    model_from,
+    own_model,
+    say,
+    training_device,
+)
 from .serve import ARGUMENTS as SERVE_ARGUMENTS
 from .table import format_cell, format_table
 
@@ -38,36 +46,6 @@ def command(name, help, example, arguments=()) -> Callable[[Callable], Callable]
 
 
 EXTRA_ARGUMENTS = {}
-
-
-def own_model(path, memory_mode=None, adapter=None, device="cpu"):
-    """An HFMemoryModel loaded from a local folder or GGUF file, its errors as m3db's. adapter: a
-    reader adapter file for it, which means the sparse mode."""
-    from ..errors import DependencyError
-
-    if adapter is not None and memory_mode not in (None, "sparse"):
-        raise InvalidInputError(f"--adapter reads the sparse memory mode, not --memory-mode {memory_mode}")
-    mode = "sparse" if adapter is not None else (memory_mode or "dense")
-    try:
-        from ..bindings.transformers import HFMemoryModel
-    except ImportError as e:
-        raise DependencyError(f"--model needs the transformers extra ({e}): pip install 'm3db[transformers]'") from e
-    say(f"loading {path} through transformers ...")
-    try:
-        return HFMemoryModel.from_pretrained(path, memory_mode=mode, adapter=adapter, device=device)
-    except (ValueError, NotImplementedError) as e:
-        raise InvalidInputError(f"--model {path}: {e}") from e
-
-
-def model_from(args, memory_mode=None):
-    """The model that --model (and --adapter) name, or None for the bundled one."""
-    adapter = getattr(args, "adapter", None)
-    if adapter is not None and not args.model:
-        raise InvalidInputError(
-            "--adapter needs --model: it is a reader adapter for your own model (the bundled decoder reads "
-            "its bundled adapter in the sparse mode by itself)"
-        )
-    return own_model(args.model, memory_mode, adapter) if args.model else None
 
 
 @command("info", "show a database's (or a package's) memory spec, counts and files", "m3db info kb.m3db")
@@ -349,10 +327,8 @@ def cmd_train(args) -> dict[str, object]:
     from ..knowledge.chunk import chunk_text
     from ..model.train import TrainConfig, train
 
-    layers = _layers(args.layers) if args.layers else None  # checked before the model loads
-    if args.minutes is not None and args.minutes <= 0:
-        raise InvalidInputError(f"--minutes {args.minutes}: expected a positive number of minutes")
-    device = _training_device(args.device)
+    layers = check_train_arguments(args)  # before the model loads
+    device = training_device(args.device)
     try:
         cfg = TrainConfig(
             steps=args.steps,
@@ -368,7 +344,9 @@ def cmd_train(args) -> dict[str, object]:
                 changes["memory_layers"] = layers
             model = own_model(args.model, device=str(device)).for_training(**changes)
         else:
-            model = _bundled_for_training(layers, args.tokens_per_head, device)
+            model = bundled_for_training(layers, args.tokens_per_head, device)
+    except M3DBError:
+        raise  # already worded for the command line
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
     settings = model.settings
@@ -393,47 +371,6 @@ def cmd_train(args) -> dict[str, object]:
         "steps": cfg.steps,
         "log": os.path.join(args.path, "log.jsonl"),
     }
-
-
-def _bundled_for_training(layers, tokens_per_head, device):
-    """The bundled decoder in the memory settings to train for, on `device`."""
-    from ..knowledge.bundled import bundled
-    from ..model.memory_model import MemoryModel
-    from ..model.settings import MemorySettings
-
-    base, _ = bundled()
-    layers = layers or MemorySettings.sparse(base.decoder.cfg.n_layer).memory_layers
-    settings = MemorySettings(memory_layers=layers, tokens_per_head=tokens_per_head)
-    # a copy of the shared bundled decoder moves to the device, never the shared one
-    decoder = copy.deepcopy(base.decoder).to(device) if device.type != "cpu" else base.decoder
-    return MemoryModel(decoder, base.tokenizer, fingerprint=base.fingerprint, settings=settings)
-
-
-def _training_device(name: str):
-    """--device as a torch device, refused clearly when this machine has no such device."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InvalidInputError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"--device {name}: this machine has no CUDA GPU that torch can use; train on cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise InvalidInputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
-    return device
-
-
-def _layers(text):
-    """'0-14' or '0,5,10' -> a tuple of layer numbers."""
-    out = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise InvalidInputError(f"--layers {text!r}: expected ranges and numbers such as 0-14 or 0,5,10") from None
-    return tuple(out)
 
 
 _RECALL_ARGS = [
@@ -474,17 +411,33 @@ def cmd_recall(args) -> dict[str, list[object]]:
         MODEL_ARGUMENT,
         ADAPTER_ARGUMENT,
         PRECISION_ARGUMENT,
+        (
+            ("--raw",),
+            dict(
+                action="store_true",
+                help="send the question as plain completion text, not as a chat message (a base model without "
+                "a chat template; chosen by itself when the tokenizer has none)",
+            ),
+        ),
     ],
 )
 def cmd_ask(args) -> dict[str, object] | None:
     model = model_from(args)
-    with connect(args.path, read_only=True, model=model, precision=args.precision) as db:
+    raw = args.raw or not _has_chat_template(model)
+    if raw and not args.raw:
+        say("note: this model's tokenizer has no chat template; asking with the question as plain text (--raw)")
+    try:
+        db = connect(args.path, read_only=True, model=model, precision=args.precision)
+    except SpecMismatchError as e:
+        raise explain_mismatch(e, args.path, model, getattr(args, "adapter", None)) from e
+    with db:
         answer = db.generate(
-            [{"role": "user", "content": args.question}],
+            args.question if raw else [{"role": "user", "content": args.question}],
             max_tokens=args.max_tokens,
             memory={"memory": True, "rag": "rag", "none": False}[args.memory],
             k=args.k,
             where=args.where,
+            raw=raw,
         )
     out = {
         "question": args.question,
@@ -502,6 +455,12 @@ def cmd_ask(args) -> dict[str, object] | None:
     return out
 
 
+def _has_chat_template(model) -> bool:
+    """False only for your own model whose tokenizer has no chat template (a base model)."""
+    hf = getattr(getattr(model, "tokenizer", None), "hf", None)
+    return hf is None or bool(getattr(hf, "chat_template", None))
+
+
 @command(
     "serve",
     "serve the knowledge base over HTTP: OpenAI-compatible chat, completions, embeddings, plus memory endpoints",
@@ -512,11 +471,6 @@ def cmd_serve(args) -> None:
     from .serve import serve  # the server's packages load only for this command
 
     return serve(args)
-
-
-def say(text) -> None:
-    """A line for the user on stderr (stdout holds the result)."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,8 +17,8 @@ import sys
 import threading
 
 from ..database import attach, connect
-from ..errors import DependencyError, InvalidInputError
-from .build import PRECISION_ARGUMENT
+from ..errors import DependencyError, InvalidInputError, M3DBError, SpecMismatchError
+from .build import ADAPTER_ARGUMENT, PRECISION_ARGUMENT
 
 ARGUMENTS = [
     (("more",), dict(nargs="*", metavar="PACKAGE", help="more package files, served together with PATH")),
@@ -42,6 +42,7 @@ ARGUMENTS = [
             "SmolLM2-135M-Instruct)",
         ),
     ),
+    ADAPTER_ARGUMENT,
     PRECISION_ARGUMENT,
     (("--name",), dict(default=None, help="the model id clients send (default: the file name without extension)")),
     (("--max-tokens",), dict(type=int, default=1024, dest="max_tokens", help="the most tokens one answer may ask")),
@@ -119,14 +120,19 @@ def say(text) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def load_model(spec_text):
-    """(model, embedder) that --model names; either may be None (the bundled one)."""
+def load_model(spec_text, adapter=None):
+    """(model, embedder) that --model (and --adapter) name; either may be None (the bundled one)."""
+    if adapter is not None and (spec_text is None or not os.path.exists(spec_text)):
+        raise InvalidInputError(
+            "--adapter needs --model PATH: it is a reader adapter for your own model, a checkpoint folder or "
+            ".gguf file (a MODULE:FUNCTION factory attaches its own adapter)"
+        )
     if spec_text is None:
         return None, None
     if os.path.exists(spec_text):  # what `m3db build --model PATH` built with: the same model here
-        from .main import own_model
+        from .models import own_model
 
-        return own_model(spec_text), None
+        return own_model(spec_text, adapter=adapter), None
     module_name, sep, attr = spec_text.partition(":")
     if not sep or not module_name or not attr:
         raise InvalidInputError(
@@ -137,7 +143,15 @@ def load_model(spec_text):
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise InvalidInputError(f"--model {spec_text!r}: cannot load {attr} from {module_name}: {e}") from e
-    made = factory()
+    try:
+        made = factory()
+    except (M3DBError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 (the user's code: any failure is theirs to read)
+        raise InvalidInputError(
+            f"--model {spec_text!r}: {module_name}.{attr}() raised {type(e).__name__}: {e}; "
+            "run it in Python to see the traceback, or pass --debug"
+        ) from e
     return tuple(made) if isinstance(made, (tuple, list)) else (made, None)
 
 
@@ -214,8 +228,14 @@ def serve_on(sock, args, *, paths, api_key, limits) -> None:
 
     from ..bindings.server import app
 
-    model, embedder = load_model(args.model)
-    db = open_kb(paths, write=args.write, model=model, embedder=embedder, precision=args.precision)
+    adapter = getattr(args, "adapter", None)
+    model, embedder = load_model(args.model, adapter)
+    try:
+        db = open_kb(paths, write=args.write, model=model, embedder=embedder, precision=args.precision)
+    except SpecMismatchError as e:
+        from .models import explain_mismatch
+
+        raise explain_mismatch(e, paths[0], model, adapter) from e
     application = None
     try:
         application = app(db, name=args.name, api_key=api_key, write=args.write, limits=limits)
