@@ -58,7 +58,8 @@ class Limits:
     max_batch: rows decoded together; max_queue: generation requests queued or running (429
     past it). sql_timeout: seconds one /v1/sql statement may run (then it is interrupted: 400
     query_timeout); sql_max_rows, sql_max_bytes: the largest /v1/sql result, in rows and in
-    bytes of JSON (400 result_too_large past them).
+    bytes of JSON (400 result_too_large past them); sql_max_queue: /v1/sql statements waiting
+    for the database or running (429 past it: each may hold the database up to sql_timeout).
     """
 
     max_body_bytes: int = 4 * 1024 * 1024
@@ -70,6 +71,7 @@ class Limits:
     sql_timeout: float = 30.0
     sql_max_rows: int = 10_000
     sql_max_bytes: int = 64 * 1024 * 1024
+    sql_max_queue: int = 16
 
     def check(self) -> None:
         for f in dataclasses.fields(self):

@@ -159,12 +159,21 @@ class SqlRunner:
         self.kb, self.limits = kb, limits
         self.lock = threading.Lock()
         self.running: set[Statement] = set()
+        self.waiting = 0  # statements in run(): waiting for the database or running
         self.stopping = False
-        self.counts = {"statements": 0, "filters": 0, "timed_out": 0, "cancelled": 0, "too_large": 0, "refused": 0}
+        self.counts = {
+            "statements": 0,
+            "filters": 0,
+            "timed_out": 0,
+            "cancelled": 0,
+            "too_large": 0,
+            "refused": 0,
+            "queue_full": 0,
+        }
 
     def stats(self) -> dict:
         with self.lock:
-            return {**self.counts, "running": len(self.running)}
+            return {**self.counts, "running": len(self.running), "waiting": self.waiting}
 
     def count(self, what: str) -> None:
         with self.lock:
@@ -184,7 +193,7 @@ class SqlRunner:
         kb = self.kb
         db = kb.database(package)
         writer = kb.write_lock if kb.writable else contextlib.nullcontext()
-        with writer, db.mutex:
+        with self.queued(), writer, db.mutex:
             if statement.reason is None and not self.stopping:
                 tree, explain = parse_statement(db, query)  # as db.sql parses it; its errors are the engine's
                 try:
@@ -202,6 +211,27 @@ class SqlRunner:
                     self.count("too_large")
                     raise too_many_rows(self.limits.sql_max_rows) from None
         return self.encode(rows)
+
+    @contextlib.contextmanager
+    def queued(self):
+        """A place among the statements waiting for the database or running: each may hold it up
+        to the time limit, so a crowd of them would hold every endpoint that reads it for
+        crowd x limit; past sql_max_queue a statement is refused at once (429, as generation is)."""
+        with self.lock:
+            if self.waiting >= self.limits.sql_max_queue:
+                self.counts["queue_full"] += 1
+                raise ApiError(
+                    429,
+                    f"the server is busy: {self.waiting} /v1/sql statements are waiting or running, at most "
+                    f"{self.limits.sql_max_queue} (m3db serve --sql-max-queue); retry after a moment",
+                    "queue_full",
+                )
+            self.waiting += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.waiting -= 1
 
     def filtered(self, fn, *args, **kwargs):
         """fn(*args, **kwargs), a read that runs a recall filter (`where`: SQL from the client),

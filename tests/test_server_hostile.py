@@ -218,6 +218,36 @@ def test_shutdown_interrupts_a_running_statement(kb, tmp_path):
         s.close()
 
 
+def test_statements_past_the_sql_queue_are_refused_at_once(kb, tmp_path):
+    """Each statement may hold the database up to the time limit: a crowd of them would hold every
+    endpoint that reads it for crowd x limit. Past --sql-max-queue they get 429 at once."""
+    copy = tmp_path / "copy.m3db"
+    model, embedder = tiny()
+    with m3db.connect(copy, model=model, embedder=embedder) as db:
+        db.add_documents(DOCS, progress=False)
+    s = start([copy], "--sql-timeout", "3", "--sql-max-queue", "1")
+    try:
+        answer = {}
+
+        def endless():
+            with s.client(timeout=30) as c:
+                answer["r"] = c.post("/v1/sql", json={"query": ENDLESS})
+
+        thread = threading.Thread(target=endless)
+        thread.start()
+        time.sleep(0.5)
+        with s.client(timeout=30) as c:
+            started = time.monotonic()
+            error = error_of(c.post("/v1/sql", json={"query": "SELECT 1"}), 429, "queue_full")
+            assert time.monotonic() - started < 1 and "--sql-max-queue" in error["message"]
+            thread.join(30)
+            error_of(answer["r"], 400, "query_timeout")
+            assert c.post("/v1/sql", json={"query": "SELECT 1"}).json()["rows"] == [[1]]  # a place again
+            assert c.get("/v1/server").json()["sql"]["queue_full"] == 1
+    finally:
+        s.close()
+
+
 # -- 2. generate() in SQL --------------------------------------------------------------------
 
 

@@ -69,6 +69,15 @@ ARGUMENTS = [
         ),
     ),
     (
+        ("--sql-max-queue",),
+        dict(
+            type=int,
+            default=16,
+            dest="sql_max_queue",
+            help="/v1/sql statements waiting for the database or running; more get 429 (default 16)",
+        ),
+    ),
+    (
         ("--sql-max-rows",),
         dict(
             type=int,
@@ -201,6 +210,7 @@ def serve(args) -> None:
         sql_timeout=args.sql_timeout,
         sql_max_rows=args.sql_max_rows,
         sql_max_bytes=args.sql_max_bytes,
+        sql_max_queue=args.sql_max_queue,
     )
     limits.check()
     if not (0 < args.header_timeout < float("inf")):
