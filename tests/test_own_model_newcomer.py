@@ -14,7 +14,7 @@ from hf_tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from m3db.bindings.transformers import HFMemoryModel  # noqa: E402
 from m3db.cli.main import main, own_model  # noqa: E402
-from m3db.errors import InvalidInputError  # noqa: E402
+from m3db.errors import InvalidInputError, SpecMismatchError  # noqa: E402
 from m3db.model import train as train_mod  # noqa: E402
 from m3db.model.adapter import ReaderAdapter  # noqa: E402
 from m3db.model.memory_model import trained_for  # noqa: E402
@@ -128,6 +128,17 @@ def test_an_adapter_reads_with_the_settings_it_was_trained_for_and_is_asked_for(
     assert main(ask) == 1
     err = capsys.readouterr().err
     assert "sparse memory mode" in err and "--adapter" in err
+    # m3db serve opens it the same way: with --adapter, and without it the same advice
+    from m3db.cli.models import explain_mismatch
+    from m3db.cli.serve import load_model, open_kb
+
+    model, embedder = load_model(folder, path)
+    with open_kb([kb], write=False, model=model, embedder=embedder) as served:
+        assert served.spec.tokens_per_head == 4
+    model, embedder = load_model(folder)
+    with pytest.raises(SpecMismatchError) as raised:
+        open_kb([kb], write=False, model=model, embedder=embedder)
+    assert "sparse memory mode" in str(explain_mismatch(raised.value, kb, model, None))
 
 
 # 5. nonsense training arguments are refused before anything loads
