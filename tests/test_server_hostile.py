@@ -4,6 +4,7 @@ announce or never finish their headers, hundreds of idle connections under a low
 limit, parameters nested 500 deep, and a batch of documents that fails half way. One server
 for the module (the tiny model, short limits), and one more for shutdown."""
 
+import contextlib
 import json
 import pathlib
 import resource
@@ -190,52 +191,53 @@ def test_results_are_capped_in_rows_and_bytes(http):
     assert "--sql-max-bytes" in error["message"]
 
 
-def test_shutdown_interrupts_a_running_statement(kb, tmp_path):
-    # a server of its own: a long statement limit, a short grace; a copy of the knowledge base
-    # (the module's server holds it for writing)
+@contextlib.contextmanager
+def own_server(tmp_path, *args):
+    """A server of its own (other limits than the module's) on a copy of the knowledge base (the
+    module's server holds it for writing)."""
     copy = tmp_path / "copy.m3db"
     model, embedder = tiny()
     with m3db.connect(copy, model=model, embedder=embedder) as db:
         db.add_documents(DOCS, progress=False)
-    s = start([copy], "--sql-timeout", "600", "--grace", "1")
+    s = start([copy], *args)
     try:
-        answer = {}
+        yield s
+    finally:
+        s.close()
 
-        def endless():
-            with s.client(timeout=30) as c:
-                answer["r"] = c.post("/v1/sql", json={"query": ENDLESS})
 
-        thread = threading.Thread(target=endless)
-        thread.start()
-        time.sleep(0.5)
+def endless_statement(s) -> tuple[threading.Thread, dict]:
+    """ENDLESS posted to server `s` from a thread, running once this returns; its answer lands
+    in the dict under "r"."""
+    answer = {}
+
+    def post():
+        with s.client(timeout=30) as c:
+            answer["r"] = c.post("/v1/sql", json={"query": ENDLESS})
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    time.sleep(0.5)
+    return thread, answer
+
+
+def test_shutdown_interrupts_a_running_statement(tmp_path):
+    # a long statement limit, a short grace
+    with own_server(tmp_path, "--sql-timeout", "600", "--grace", "1") as s:
+        thread, answer = endless_statement(s)
         started = time.monotonic()
         assert s.stop(signal.SIGTERM, timeout=15) == 0, s.output()
         assert time.monotonic() - started < 6
         thread.join(10)
         error_of(answer["r"], 503, "shutting_down")
         assert "closed" in s.output()
-    finally:
-        s.close()
 
 
-def test_statements_past_the_sql_queue_are_refused_at_once(kb, tmp_path):
+def test_statements_past_the_sql_queue_are_refused_at_once(tmp_path):
     """Each statement may hold the database up to the time limit: a crowd of them would hold every
     endpoint that reads it for crowd x limit. Past --sql-max-queue they get 429 at once."""
-    copy = tmp_path / "copy.m3db"
-    model, embedder = tiny()
-    with m3db.connect(copy, model=model, embedder=embedder) as db:
-        db.add_documents(DOCS, progress=False)
-    s = start([copy], "--sql-timeout", "3", "--sql-max-queue", "1")
-    try:
-        answer = {}
-
-        def endless():
-            with s.client(timeout=30) as c:
-                answer["r"] = c.post("/v1/sql", json={"query": ENDLESS})
-
-        thread = threading.Thread(target=endless)
-        thread.start()
-        time.sleep(0.5)
+    with own_server(tmp_path, "--sql-timeout", "3", "--sql-max-queue", "1") as s:
+        thread, answer = endless_statement(s)
         with s.client(timeout=30) as c:
             started = time.monotonic()
             error = error_of(c.post("/v1/sql", json={"query": "SELECT 1"}), 429, "queue_full")
@@ -244,8 +246,6 @@ def test_statements_past_the_sql_queue_are_refused_at_once(kb, tmp_path):
             error_of(answer["r"], 400, "query_timeout")
             assert c.post("/v1/sql", json={"query": "SELECT 1"}).json()["rows"] == [[1]]  # a place again
             assert c.get("/v1/server").json()["sql"]["queue_full"] == 1
-    finally:
-        s.close()
 
 
 # -- 2. generate() in SQL --------------------------------------------------------------------
