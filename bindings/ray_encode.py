@@ -271,7 +271,14 @@ _FAILURE_CLASSES = {
     cls.__name__: cls
     for cls in (FileNotFoundError, PermissionError, OSError, ValueError, ImportError, RuntimeError, MemoryError)
 }
-_FAILURE_CLASSES.update({cls.__name__: cls for cls in M3DBError.__subclasses__()})
+
+
+def _subclasses(cls) -> list:
+    """cls and every class below it, at any depth (TooManyRowsError is a QueryError's)."""
+    return [cls, *(c for sub in cls.__subclasses__() for c in _subclasses(sub))]
+
+
+_FAILURE_CLASSES.update({cls.__name__: cls for cls in _subclasses(M3DBError)})
 
 
 def raise_failure(failure) -> None:

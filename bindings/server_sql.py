@@ -277,7 +277,7 @@ class SqlRunner:
                 catalog.con = con
             with self.lock:
                 self.running.discard(statement)
-        watcher.join()
+            watcher.join()  # finish() woke it: on every path, not only a statement that succeeded
 
     def encode(self, rows) -> bytes:
         try:

@@ -144,6 +144,7 @@ def test_generate_refuses_a_closed_database_before_decoding_and_reads_the_catalo
     answer = db.generate("Where is Tokyo?", max_tokens=2, k=1)
     assert held == [True] and answer.sources and answer.sources[0].document in ("wiki/Tokyo", "wiki/Paris")
     db.close()
+    assert calls  # the spy is on the path generate() takes: its silence below means something
     calls.clear()
     for memory in (False, True, "rag"):
         with pytest.raises(m3db.ClosedError, match="is closed; connect"):

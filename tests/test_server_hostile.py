@@ -134,7 +134,7 @@ def test_writing_statements_are_bounded_and_write_nothing_when_stopped(http):
     many = "INSERT INTO documents (text) SELECT 'doc ' || range FROM range(20000000)"
     started = time.monotonic()
     error_of(http.post("/v1/sql", json={"query": many}), 400, "result_too_large")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # not the seconds reading 20 million rows takes
     assert documents() == before
 
 
@@ -184,7 +184,7 @@ def test_results_are_capped_in_rows_and_bytes(http):
     started = time.monotonic()
     error = error_of(http.post("/v1/sql", json={"query": "SELECT * FROM range(20000000)"}), 400, "result_too_large")
     assert "LIMIT" in error["message"] and "--sql-max-rows" in error["message"]
-    assert time.monotonic() - started < 2  # refused at row 1001, not after reading 20 million
+    assert time.monotonic() - started < 5  # refused at row 1001, not after reading 20 million
     r = http.post("/v1/sql", json={"query": "SELECT * FROM range(20000000) LIMIT 1000"})
     assert r.status_code == 200 and len(r.json()["rows"]) == 1000
     error = error_of(
@@ -219,7 +219,7 @@ def endless_statement(s) -> tuple[threading.Thread, dict]:
 
     thread = threading.Thread(target=post)
     thread.start()
-    time.sleep(0.5)
+    time.sleep(0.5)  # (/v1/server waits for the database too: it cannot tell when the statement runs)
     return thread, answer
 
 
@@ -243,7 +243,8 @@ def test_statements_past_the_sql_queue_are_refused_at_once(tmp_path):
         with s.client(timeout=30) as c:
             started = time.monotonic()
             error = error_of(c.post("/v1/sql", json={"query": "SELECT 1"}), 429, "queue_full")
-            assert time.monotonic() - started < 1 and "--sql-max-queue" in error["message"]
+            # at once, not after the running statement's limit
+            assert time.monotonic() - started < SQL_TIMEOUT - 0.5 and "--sql-max-queue" in error["message"]
             thread.join(30)
             error_of(answer["r"], 400, "query_timeout")
             assert c.post("/v1/sql", json={"query": "SELECT 1"}).json()["rows"] == [[1]]  # a place again
@@ -321,7 +322,7 @@ def test_hundreds_of_idle_connections_under_a_low_files_limit(server, http):
             sockets.append(sock)
         started = time.monotonic()
         assert http.get("/health", timeout=5).status_code == 200
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5
         for sock in sockets:  # each is closed by the header timeout
             sock.settimeout(5)
             assert read_all(sock) == b""

@@ -166,7 +166,7 @@ def check_codec(path, codec) -> str:
 
 def cmd_build(args) -> dict[str, object]:
     from ..knowledge import sources
-    from .main import model_from, say
+    from .models import model_from, say
 
     if args.limit is not None and args.limit < 1:
         raise InvalidInputError(f"--limit must be a positive number of documents, got {args.limit}")

@@ -13,12 +13,12 @@ import ipaddress
 import os
 import signal
 import socket
-import sys
 import threading
 
 from ..database import attach, connect
 from ..errors import DependencyError, InvalidInputError, M3DBError, SpecMismatchError
 from .build import ADAPTER_ARGUMENT, PRECISION_ARGUMENT
+from .models import say
 
 ARGUMENTS = [
     (("more",), dict(nargs="*", metavar="PACKAGE", help="more package files, served together with PATH")),
@@ -123,10 +123,6 @@ ARGUMENTS = [
         ),
     ),
 ]
-
-
-def say(text) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def load_model(spec_text, adapter=None):

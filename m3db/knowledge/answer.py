@@ -166,7 +166,8 @@ def _number(v) -> bool:
 def check_options(*, max_tokens=128, k=None, temperature=0.0, top_p=1.0, seed=0) -> dict:
     """generate()'s sampling options checked, as the model's keyword arguments (floats made
     float, integers int) plus `k`. Both db.generate and SQL's generate() (through it) run this,
-    so both refuse the same values with the same words. k's upper bound is recall's own check."""
+    so both refuse the same values with the same words. k's upper bound (the model's memories per
+    chunk) is checked by generate(), which has the model."""
     if not _integer(max_tokens) or max_tokens < 1:
         raise InvalidInputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if k is not None and (not _integer(k) or k < 1):

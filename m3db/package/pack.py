@@ -44,6 +44,7 @@ from ..storage.segment import (
 from ..storage.segment import (
     VERSION as SEG_VERSION,
 )
+from ..storage.validate import check_path
 from ..version import __version__
 from .export import CHUNK_BYTES, CHUNK_ROWS, DOCUMENT_COLUMNS, MAX_CHUNK, META_KEYS, STREAM_NAME, STREAM_VERSION
 from .manifest import (
@@ -200,10 +201,7 @@ def _check_target(path, home, overwrite) -> str:
     """The package path, refused when writing it would harm the database or cannot work: inside
     the database's own directory, an existing directory, a folder that does not exist, or an
     existing file without overwrite."""
-    if not path or "\x00" in path:
-        raise InvalidInputError(f"pack(): {path!r} is not a usable file name")
-    if path.startswith("~"):  # the home folder, as connect() and a shell read it
-        path = os.path.expanduser(path)
+    path = check_path(path)  # as connect() reads a path: no empty name, NUL or stray space; ~ is home
     target, home = os.path.realpath(path), os.path.realpath(home)
     if target == home or target.startswith(home + os.sep):
         raise InvalidInputError(

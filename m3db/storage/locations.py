@@ -26,6 +26,16 @@ class LocationTable:
         i = np.searchsorted(self.ids, memory_id)
         return i < len(self.ids) and self.ids[i] == memory_id
 
+    def segment_ends(self) -> dict[int, int]:
+        """{segment number: end of its last record here} (the catalog's committed ones, in RAM)."""
+        seg = self.cols["segment"]
+        if not len(seg):
+            return {}
+        ends = self.cols["offset"].astype(np.int64) + self.cols["length"]
+        order = np.lexsort((ends, seg))  # by segment, the largest end last in each
+        last = np.r_[seg[order][1:] != seg[order][:-1], True]
+        return {int(k): int(v) for k, v in zip(seg[order][last], ends[order][last])}
+
     def find(self, memory_id) -> tuple[int, int, int, int] | None:
         """(segment, offset, length, checksum) or None."""
         i = np.searchsorted(self.ids, memory_id)

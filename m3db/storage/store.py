@@ -218,7 +218,7 @@ class Store:
         an older copy restored); a segment the catalog points at that is missing, that it is not
         the catalog of these segments. Either way cutting would destroy the only copy of those
         memories: a FormatError names repair, and nothing is changed."""
-        ends = self.catalog.segment_ends()
+        ends = self.locations.segment_ends()  # loaded from the catalog just before: no second query
         present = self.segments.numbers()
         garbage = [(n, ends.get(n)) for n in present if n not in ends or self.segments.size(n) > ends[n]]
         if not garbage:
