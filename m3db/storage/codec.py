@@ -16,75 +16,21 @@ Error bounds (checked by tests/test_codec.py on random and adversarial inputs):
 - pq (pq.py, trained): no per-element bound; the relative error measured on its training sample.
 
 `CODECS` are the codecs usable without parameters; `TRAINED_CODECS` names those that need them
-(their classes live in their own modules, imported when first asked for).
+(their classes live in their own modules: pq.py). `Codec`, the base class, lives in codec_base.py
+so that pq.py need not import this module, which imports it to register it; imported here, it
+keeps its name `codec.Codec` (m3db.Codec). Imports: errors, codec_base and pq only.
 """
 
 import dataclasses
-from typing import Self
 
 import msgpack
 import numpy as np
 
 from ..errors import FormatError, InvalidInputError
+from .codec_base import Codec
+from .pq import PQCodec
 
 F16_MAX = 65504.0
-
-
-class Codec:
-    """Base class: subclasses set `name`, `version` and implement encode/decode/bound."""
-
-    name = ""
-    version = 0
-    trained = False
-
-    def encode(self, x, *, part="keys") -> bytes:
-        """float32 array (..., D) -> bytes. part: "keys" or "values" (a trained codec has a
-        codebook for each; the others ignore it)."""
-        raise NotImplementedError
-
-    def check(self, x) -> None:
-        """Raise InvalidInputError if `x` holds values this codec cannot represent."""
-
-    def decode(self, data, shape, *, part="keys") -> np.ndarray:
-        """bytes -> float32 array of `shape`; raises FormatError if the size is wrong."""
-        raise NotImplementedError
-
-    def bound(self, x) -> np.ndarray:
-        """Per-element worst-case |x - decode(encode(x))|, as a float64 array shaped like x."""
-        raise NotImplementedError
-
-    def encoded_size(self, shape) -> int:
-        """How many bytes encode() returns for an array of `shape`."""
-        raise NotImplementedError
-
-    def params(self) -> dict[str, object]:
-        """Parameters to store in the catalog (plain msgpack-able values); none for untrained codecs."""
-        return {}
-
-    @classmethod
-    def reads(cls, version) -> bool:
-        """Whether this m3db reads blobs of `version` of this codec (a codec that changed its
-        blobs lists its older versions)."""
-        return version == cls.version
-
-    @classmethod
-    def from_params(cls, params, *, version=None) -> Self:
-        """The codec from its stored parameters, at `version` (None: this m3db's; a trained codec
-        keeps the version of its catalog row)."""
-        if params:
-            raise FormatError(f"codec {cls.name!r} takes no parameters, got {sorted(params)}")
-        return cls()
-
-    def _check_size(self, data, shape):
-        want = self.encoded_size(shape)
-        if len(data) != want:
-            raise FormatError(
-                f"codec {self.name} v{self.version}: {len(data)} bytes for shape {tuple(shape)}, "
-                f"expected {want}; the blob is corrupt"
-            )
-
-    def __repr__(self):
-        return f"<Codec {self.name} v{self.version}>"
 
 
 class F32Codec(Codec):
@@ -254,16 +200,13 @@ def encoded_floats(x, codec, part) -> np.ndarray:
 
 
 CODECS = {c.name: c for c in (F32Codec, F16Codec, Int8Codec, Int4Codec)}
-TRAINED_CODECS = ("pq",)  # need their parameters (a codebook) from the catalog
+TRAINED = {c.name: c for c in (PQCodec,)}  # need their parameters (a codebook) from the catalog
+TRAINED_CODECS = tuple(TRAINED)
 
 
 def codec_class(name, version=None) -> type[Codec]:
     """The codec class registered as `name` (and `version`, when given)."""
-    cls = CODECS.get(name)
-    if cls is None and name == "pq":
-        from .pq import PQCodec  # its own module: it imports this one
-
-        cls = PQCodec
+    cls = CODECS.get(name) or TRAINED.get(name)
     if cls is None:
         known = ", ".join(sorted(CODECS) + list(TRAINED_CODECS))
         raise InvalidInputError(f"unknown codec {name!r}; known codecs: {known}")

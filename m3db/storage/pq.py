@@ -1,9 +1,9 @@
 """The product-quantization codec (the paper's PQ): trained codebooks, one byte per sub-vector.
 
 Owns `PQCodec` (encode, decode, its parameters as checked bytes) and `train_pq` (k-means on a
-sample of a knowledge base's own keys and values). Imports: errors and codec.py only; numpy
-is all it needs (training and decoding), so reading a pq database needs nothing more than
-reading an int4 one.
+sample of a knowledge base's own keys and values). Imports: errors and codec_base.py only, never
+codec.py (which imports this module to register PQCodec); numpy is all it needs (training and
+decoding), so reading a pq database needs nothing more than reading an int4 one.
 
 A codebook per (memory layer, KV head, keys or values): the head vector of D dims is split
 into M sub-vectors of D / M dims, each replaced by the number (one byte) of its nearest of 256
@@ -40,7 +40,7 @@ import msgpack
 import numpy as np
 
 from ..errors import FormatError, InvalidInputError
-from .codec import Codec
+from .codec_base import Codec
 
 KSUB = 256  # centroids per sub-quantizer: one byte per code
 # each blob version's header: v1 the codebook's number and crc32; v2 the crc32 alone (it covers the number)
