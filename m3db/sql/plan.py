@@ -8,12 +8,12 @@ filtering, as db.recall(where=...) does), and the call is replaced by bound list
 in its place; generate() by one row of bound values. INSERT INTO documents is planned as the
 read of its source rows, DELETE FROM memories as the read of the ids to forget. The
 commonest memory query (recall's columns in score order) also gets a direct path that leaves
-DuckDB out (`_direct`).
+DuckDB out (direct.py decides it).
 
 This module owns the planner (its records are statement.py's); it runs nothing (run.py binds
 and runs plans, and caches them). It imports check.py, statement.py, tree.py (its helpers over
-sqlglot trees), storage's catalog names and the errors; never run.py, the database, package,
-knowledge or cli, and never torch.
+sqlglot trees), direct.py (the direct path), storage's catalog names and the errors; never
+run.py, the database, package, knowledge or cli, and never torch.
 """
 
 import re
@@ -36,10 +36,10 @@ from .check import (
     parse_statement,
     visible_cte,
 )
+from .direct import direct_path as _direct  # (the name tests/test_sql.py patches to turn the path off)
 from .statement import (
     ALWAYS_BOUND,
     MATCH_COLUMNS,
-    DirectColumn,
     Generate,
     LimitOffset,
     Plan,
@@ -55,7 +55,6 @@ from .tree import (
     number,
     output_names,
     placeholders,
-    simple_limit,
     unnested_relation,
     used_columns,
     within,
@@ -517,79 +516,6 @@ class Planner:
         if tree.args.get("with_"):
             select.set("with_", tree.args["with_"].copy())
         return Plan("delete", self._read(select), explain, self.style, self.user_params)
-
-
-def _direct(tree, read, value):
-    """Plan the direct path for the commonest memory query, which leaves DuckDB nothing to do
-    but hand back rows it was given: SELECT <recall's columns, maybe renamed, or *> FROM
-    recall(...) [ORDER BY score DESC] [LIMIT n [OFFSET m]], everything else pushed into the
-    recall. recall() already returns them best first, so m3db returns them itself and saves a
-    DuckDB round trip (about 0.5 ms, half a recall). DuckDB's column names are kept: the
-    relation's name for a column, the alias when renamed. JSON columns go through DuckDB, which
-    normalizes their text. tests/test_sql.py checks both paths give the same rows."""
-    rc = read.recalls[0]
-    if not isinstance(tree, exp.Select) or not isinstance((tree.args.get("from_") or exp.From()).this, exp.Subquery):
-        return
-    if tree.args["from_"].this.alias != rc.alias:
-        return
-    allowed = {"expressions", "from_", "order", "limit", "offset", "kind", "hint", "exclude", "operation_modifiers"}
-    if any(v for k, v in tree.args.items() if k not in allowed) or tree.args.get("kind") or tree.args.get("exclude"):
-        return
-    bound = {}  # lower-case name -> (name, bound list, DuckDB type) of each bound column
-    for i in rc.bound:
-        c = rc.columns[i]
-        bound[c.name.lower()] = (c.name, f"{rc.prefix}{i}", c.sql_type)
-    out = []
-    for e in tree.expressions:
-        name = None
-        if isinstance(e, exp.Alias) and isinstance(e.this, exp.Column):
-            name, e = e.alias, e.this
-        if isinstance(e, exp.Star) or (isinstance(e, exp.Column) and isinstance(e.this, exp.Star)):
-            if (
-                isinstance(e, exp.Column)
-                and e.table.lower() != rc.alias.lower()
-                or len(bound) != len(rc.columns)
-                or e.args.get("except")
-                or e.args.get("replace")
-                or e.args.get("rename")
-            ):
-                return
-            out += [DirectColumn(n, key) for n, key, _ in bound.values()]
-            continue
-        if (
-            not isinstance(e, exp.Column)
-            or e.table.lower() not in ("", rc.alias.lower())
-            or e.args.get("db")
-            or not isinstance(e.this, exp.Identifier)
-            or e.name.lower() not in bound
-        ):
-            return
-        column, key, _ = bound[e.name.lower()]
-        out.append(DirectColumn(name or column, key))
-    if any(t == "JSON" for _, key, t in bound.values() if key in {c.key for c in out}):
-        return
-    order = tree.args.get("order")
-    if order is not None:
-        # score is never NULL, so where NULLs sort does not matter
-        key = order.expressions[0].this if len(order.expressions) == 1 else None
-        if (
-            not isinstance(key, exp.Column)
-            or key.name.lower() != "score"
-            or not order.expressions[0].args.get("desc")
-            or key.table.lower() not in ("", rc.alias.lower())
-        ):
-            return
-        score = bound["score"][1]  # (always bound)
-        if not key.table and any(c.name.lower() == "score" and c.key != score for c in out):
-            return  # ORDER BY score names the output column of that name, another one
-    limit, offset = tree.args.get("limit"), tree.args.get("offset")
-    if not simple_limit(limit, offset):
-        return
-    read.direct = out
-    read.direct_limit = LimitOffset(
-        None if limit is None else value(None, "LIMIT", limit.expression),
-        None if offset is None else value(None, "OFFSET", offset.expression),
-    )
 
 
 def _verb(text) -> str:
