@@ -9,7 +9,7 @@ here lazily, never at module level.
 
 import threading
 
-from ..errors import DependencyError, InvalidInputError, SpecMismatchError
+from ..errors import DependencyError, InvalidInputError
 from .protocols import Embedder, MemoryModel, spec_fields
 
 _BUNDLED = {}
@@ -112,13 +112,13 @@ def bind_embedder(spec, embedder=None):
     """An embedder (the bundled one when None) checked against the spec's embedder fields, for
     verbs that need no decoder (recall by text)."""
     embedder = embedder or bundled_embedder()
-    theirs = {"embedder_fingerprint": embedder.fingerprint, "embedding_dim": embedder.dim}
-    diffs = [(k, getattr(spec, k), v) for k, v in theirs.items() if getattr(spec, k) != v]
-    if diffs:
-        lines = "; ".join(f"{k}: the database has {a!r}, the embedder gives {b!r}" for k, a, b in diffs)
-        raise SpecMismatchError(
-            f"this database was built with another embedder ({lines}). Open it with the embedder that built it"
-        )
+    spec.require_same(
+        {"embedder_fingerprint": embedder.fingerprint, "embedding_dim": embedder.dim},
+        that="the embedder",
+        verb="gives",
+        what="this database was built with another embedder",
+        advice="Open it with the embedder that built it",
+    )
     return embedder
 
 
@@ -146,12 +146,12 @@ def bind(spec, model=None, embedder=None, *, memory_mode=None, precision=None) -
         default_model, default_embedder = bundled(memory_mode or spec, precision if model is None else None)
         model, embedder = model or default_model, embedder or default_embedder
     model = at_precision(model, precision)
-    theirs = type(spec).from_dict(spec_fields(model, embedder, spec.codec))
-    diffs = spec.differences(theirs)
-    if diffs:
-        lines = "; ".join(f"{k}: the database has {a!r}, the model gives {b!r}" for k, a, b in diffs)
-        raise SpecMismatchError(
-            f"this database was built by another model or embedder ({lines}). Open it with the model "
-            "that built it, or re-encode it for this one from its stored text (m3db.reencode, `m3db reencode`)"
-        )
+    spec.require_same(
+        type(spec).from_dict(spec_fields(model, embedder, spec.codec)),
+        that="the model",
+        verb="gives",
+        what="this database was built by another model or embedder",
+        advice="Open it with the model that built it, or re-encode it for this one from its stored text "
+        "(m3db.reencode, `m3db reencode`)",
+    )
     return model, embedder

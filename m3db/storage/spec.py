@@ -7,6 +7,7 @@ against it. Opening with a different spec is refused with a message naming both 
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Self
 
 import numpy as np
@@ -16,6 +17,11 @@ from .codec import codec_class
 
 # positions are stored as uint8, so a reference can hold at most 256 tokens
 MAX_REFERENCE_LENGTH = 256
+# what a spec mismatch advises unless its caller knows better (MemorySpec.require_same)
+REENCODE_ADVICE = (
+    "Memories are bound to the model that wrote them: open with the matching model, or re-encode the "
+    "knowledge base for this one (`m3db reencode`)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,18 +105,28 @@ class MemorySpec:
     # -- comparison ----------------------------------------------------------------------
 
     def differences(self, other) -> list[tuple[str, object, object]]:
-        """[(field, this value, other value)] for every field that differs."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [(k, mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]]
+        """[(field, this value, other value)] for every field that differs. `other`: a MemorySpec,
+        or a mapping of some of its fields (those alone are compared, in its order)."""
+        mine = self.to_dict()
+        theirs = other if isinstance(other, Mapping) else other.to_dict()
+        return [(k, mine[k], v) for k, v in theirs.items() if mine[k] != v]
 
-    def require_same(self, other, *, this="the database", that="the given spec") -> None:
+    def require_same(
+        self,
+        other,
+        *,
+        this="the database",
+        that="the given spec",
+        verb="has",
+        what="memory spec mismatch",
+        advice=REENCODE_ADVICE,
+    ) -> None:
+        """Raise SpecMismatchError if `other` (as `differences` takes it) differs, naming each field
+        on both sides: "<what> (<field>: <this> has <a>, <that> <verb> <b>; ...). <advice>"."""
         diffs = self.differences(other)
         if diffs:
-            lines = "; ".join(f"{k}: {this} has {a!r}, {that} has {b!r}" for k, a, b in diffs)
-            raise SpecMismatchError(
-                f"memory spec mismatch ({lines}). Memories are bound to the model that wrote them: "
-                "open with the matching model, or re-encode the knowledge base for this one (`m3db reencode`)"
-            )
+            lines = "; ".join(f"{k}: {this} has {a!r}, {that} {verb} {b!r}" for k, a, b in diffs)
+            raise SpecMismatchError(f"{what} ({lines}). {advice}")
 
     # -- checking one memory -------------------------------------------------------------
 
