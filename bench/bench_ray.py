@@ -24,8 +24,7 @@ def build_rates(args, folder):
     import ray
 
     import m3db
-    from m3db.bindings.ray import build
-    from m3db.bindings.ray_encode import BundledModels, TinyModels
+    from m3db.bindings.ray import BundledModels, TinyModels, build
 
     if args.model == "tiny":
         from m3db.model.memory_model import MemoryModel

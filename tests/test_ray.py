@@ -19,8 +19,7 @@ import pytest
 ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 import m3db  # noqa: E402
-from m3db.bindings.ray import build, build_shards  # noqa: E402
-from m3db.bindings.ray_encode import TinyModels, TransformersModels  # noqa: E402
+from m3db.bindings.ray import TinyModels, TransformersModels, build, build_shards  # noqa: E402
 from m3db.cli import main  # noqa: E402
 from m3db.knowledge.ingest import MAX_DOCUMENT_CHARS  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402

@@ -219,7 +219,7 @@ def _build_on_ray(args, docs, mode, say):
 
     try:
         from ..bindings import ray as ray_build
-        from ..bindings.ray_encode import BundledModels, TransformersModels
+        from ..bindings.ray import BundledModels, TransformersModels
     except ImportError as e:
         raise DependencyError(f"--ray needs the ray extra ({e}): pip install 'm3db[ray]'") from e
     models = TransformersModels(args.model, mode or "dense") if args.model else BundledModels(mode)

@@ -29,7 +29,7 @@ from m3db.errors import DependencyError, InvalidInputError
 from m3db.progress import progress_bar
 from m3db.storage.store import holds_catalog
 
-from .ray_encode import (
+from .worker import (
     BatchEncoder,
     BuildReport,
     BundledModels,

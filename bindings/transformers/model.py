@@ -36,8 +36,8 @@ from m3db.model.generate import ReadingVerbs
 from m3db.model.memory_model import trained_for
 from m3db.model.settings import MEMORY_MODES, MemorySettings
 
-from .hf_decoder import SUPPORTED_FAMILIES, HFDecoder, UnsupportedModel, family_of
-from .hf_tokenizer import HFTokenizer
+from .decoder import SUPPORTED_FAMILIES, HFDecoder, UnsupportedModel, family_of
+from .tokenizer import HFTokenizer
 
 __all__ = ["AdapterError", "AdapterRequired", "HFMemoryModel", "SUPPORTED_FAMILIES", "UnsupportedModel"]
 
