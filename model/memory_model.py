@@ -1,8 +1,9 @@
 """The memory model: decoder + tokenizer + memory settings, with the verbs the engine calls.
 
 Owns the `MemoryModel` entry object: `memory_spec_fields()` (what the engine's memory spec
-records), `encode(texts)` (write memories), `generate(prompt, retriever=...)` and `stream(...)`
-(read them). The engine reaches the model only through these verbs and the `Retriever`
+records; `model_spec_fields` is that record's one home, for the bindings' models too),
+`encode(texts)` (write memories), `generate(prompt, retriever=...)` and `stream(...)` (read
+them). The engine reaches the model only through these verbs and the `Retriever`
 callback, so it never imports torch. Must not import the engine (`m3db`).
 """
 
@@ -158,19 +159,7 @@ class MemoryModel(ReadingVerbs):
 
     def memory_spec_fields(self) -> dict:
         """The model's part of the engine's memory spec (plain JSON values)."""
-        cfg, s = self.decoder.cfg, self.settings
-        return {
-            "model_fingerprint": self.fingerprint,
-            "memory_layers": [int(i) for i in s.memory_layers],
-            "kv_heads": cfg.n_kv_head,
-            "head_dim": cfg.head_dim,
-            "tokens_per_head": s.tokens_per_head,
-            "rope_base": float(cfg.rope_base),
-            "rope_scaling": cfg.rope_scaling,
-            "reference_length": s.reference_length,
-            "reference_prefix": s.reference_prefix,
-            "position_policy": s.position_policy,
-        }
+        return model_spec_fields(self.fingerprint, self.decoder.cfg, self.settings)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -190,6 +179,29 @@ class MemoryModel(ReadingVerbs):
     # -- reading -----------------------------------------------------------------------------
 
     # generate_many, generate, stream and prompt_ids: ReadingVerbs (m3db.model.generate)
+
+
+def model_spec_fields(fingerprint: str, cfg, settings: MemorySettings) -> dict:
+    """A model's part of the engine's memory spec (plain JSON values), from its fingerprint, its
+    decoder's config (n_kv_head, head_dim, rope_base, rope_scaling: a `DecoderConfig` or a
+    binding's shape of the same names) and its resolved memory settings. The one home of these
+    fields for every model (`MemoryModel` and the transformers binding's `HFMemoryModel`), so
+    two models that compute the same write the same spec. rope_base is a float whatever type the
+    config holds, as `MemorySpec.rope_base` declares it: the spec is stored as JSON text, where an
+    int base would be written 10000, not 10000.0."""
+    s = settings
+    return {
+        "model_fingerprint": fingerprint,
+        "memory_layers": [int(i) for i in s.memory_layers],
+        "kv_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "tokens_per_head": s.tokens_per_head,
+        "rope_base": float(cfg.rope_base),
+        "rope_scaling": cfg.rope_scaling,
+        "reference_length": s.reference_length,
+        "reference_prefix": s.reference_prefix,
+        "position_policy": s.position_policy,
+    }
 
 
 def trained_for(settings: MemorySettings) -> dict:

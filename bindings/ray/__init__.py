@@ -2,17 +2,24 @@
 docs/distributed.md). The model's forward pass over every reference, the expensive part of a
 build, runs in a pool of Ray actors; the database's single writer commits what they send back.
 
-    from m3db.bindings.ray import build, build_shards
+    from m3db.bindings.ray import build, build_shards, TransformersModels
     build("kb.m3db", documents, workers=4)                   # one database, one writer
     build_shards("shards/", documents, shards=8)             # eight packages, served together
+    build("kb.m3db", documents, models=TransformersModels("path/to/model"))
 
-The rooms: `driver.py` (`build`, `build_shards`: the actor pool and the checks before it
-starts), `worker.py` (the model recipes, a worker's half and the writer's half).
+The rooms: `driver.py` (`build`, `build_shards`: the actor pool, the checks before it starts,
+the reports), `models.py` (the picklable recipes each worker loads its model from:
+`BundledModels`, `TransformersModels`, `TinyModels`), `worker.py` (`BatchEncoder`: a batch of
+documents in, encoded memories out, and the msgpack wire format), `writer.py` (`commit_batch`:
+one encoded batch in, one commit out, counted in a `BuildReport`).
 
-Imports: this package re-exports only.
+Imports: this package re-exports only. Its modules import ray, the engine's public names
+(`m3db`, `m3db.errors`, `m3db.extend`) and `m3db.model`; importing it needs no ray (its verbs
+say what to install) and no torch.
 """
 
 from .driver import ShardReport, build, build_shards
-from .worker import BuildReport, BundledModels, TinyModels, TransformersModels
+from .models import BundledModels, TinyModels, TransformersModels
+from .writer import BuildReport
 
 __all__ = ["BuildReport", "BundledModels", "ShardReport", "TinyModels", "TransformersModels", "build", "build_shards"]

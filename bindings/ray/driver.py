@@ -1,6 +1,8 @@
-"""Knowledge-base builds on Ray (`pip install 'm3db[ray]'`): the model's forward pass over every
-reference, the expensive part of a build, runs in a pool of Ray actors; the database's single
-writer commits what they send back. docs/distributed.md tells how to run it on a cluster.
+"""The driver of a Ray build: `build` (one database, this process its one writer) and
+`build_shards` (one package per worker), the actor pool, and the checks made before it starts.
+The model's forward pass over every reference, the expensive part of a build, runs in a pool of
+Ray actors; the database's single writer commits what they send back. docs/distributed.md tells
+how to run it on a cluster.
 
     from m3db.bindings.ray import build, build_shards
     build("kb.m3db", documents, workers=4)                   # one database, one writer
@@ -10,12 +12,13 @@ writer commits what they send back. docs/distributed.md tells how to run it on a
 `uri`, `metadata`, or strings; a list or any iterable) or a `ray.data.Dataset` with those
 columns. Documents go in batches of `batch_size` consecutive documents, the unit add_documents
 commits; a worker encodes a batch as the local build does, so the records are the local build's
-bit for bit (ray_encode.py says why the batches matter). A rerun skips committed documents.
+bit for bit (worker.py says why the batches matter). A rerun skips committed documents.
 
 Sharded: each shard (a contiguous run of batches) is encoded and written by its own worker into
 its own package (`part-NNN.m3kb`); `m3db.connect([...parts])` serves them as one knowledge base
 and `m3db merge` (m3db.package.merge) makes one database of them, equal to a local build.
-Imports: ray, the engine's public API, ray_encode.py.
+Imports: ray, the engine's public names (`m3db`, `m3db.errors`, `m3db.extend`), this package's
+models.py, worker.py and writer.py.
 """
 
 import contextlib
@@ -26,19 +29,11 @@ import shutil
 
 import m3db
 from m3db.errors import DependencyError, InvalidInputError
-from m3db.progress import progress_bar
-from m3db.storage.store import holds_catalog
+from m3db.extend import holds_catalog, progress_bar
 
-from .worker import (
-    BatchEncoder,
-    BuildReport,
-    BundledModels,
-    commit_batch,
-    pack_batch,
-    pack_failure,
-    spec_of,
-    unpack,
-)
+from .models import BundledModels, spec_of
+from .worker import BatchEncoder, pack_batch, pack_failure, unpack
+from .writer import BuildReport, commit_batch
 
 try:
     import ray
@@ -126,7 +121,7 @@ def build(
     actors; this process is the one writer. Returns a BuildReport; a bad document is in its
     `errors` (input position, source, the problem) and the rest of its batch is committed.
 
-    models: what each worker loads (default: the bundled model, `memory_mode`); ray_encode's
+    models: what each worker loads (default: the bundled model, `memory_mode`); models.py's
     BundledModels, TransformersModels(path) or TinyModels, or your own picklable callable
     returning (model, embedder). cpus_per_worker: Ray's CPU reservation per actor (default: what
     leaves READ_RESERVE_CPUS free); gpus_per_worker: GPUs per actor. threads: torch threads per

@@ -1,22 +1,24 @@
-"""m3db.bindings.transformers: explicit memories for your own Hugging Face transformers model.
+"""`HFMemoryModel`: explicit memories for a Hugging Face transformers causal LM.
 
 Owns `HFMemoryModel`, the model interface that `m3db.connect(path, model=...)` uses
 (`memory_spec_fields`, `count_tokens`, `encode`, `generate` with none / rag / memory, the
 fingerprint) implemented over a Llama-family transformers causal LM (Llama and SmolLM2,
-Mistral, Qwen2, Qwen3). Writing and reading memories run the bundled decoder's own code paths
-(`m3db.model.encoder`, `m3db.model.memory`, `m3db.model.generate`) over the model's own modules
-(`hf_decoder.HFDecoder`), so the two implementations cannot drift apart. The sparse mode reads
-through a reader adapter trained for the model by the bundled training loop
-(`m3db.model.train.train` over `HFMemoryModel.for_training()`; `m3db train OUT --model PATH`).
-docs/bindings.md.
+Mistral, Qwen2, Qwen3), and what it refuses before loading (device, memory mode, adapter
+choice, a tokenizer of another model). Writing and reading memories run the bundled decoder's
+own code paths (`m3db.model.encoder`, `m3db.model.memory`, `m3db.model.generate`) over the
+model's own modules (`decoder.HFDecoder`), and the memory spec's fields are the bundled model's
+own (`m3db.model.memory_model.model_spec_fields`), so the two implementations cannot drift
+apart. The sparse mode reads through a reader adapter trained for the model by the bundled
+training loop (`m3db.model.train.train` over `HFMemoryModel.for_training()`;
+`m3db train OUT --model PATH`). docs/bindings.md.
 
     from m3db.bindings.transformers import HFMemoryModel
     model = HFMemoryModel.from_pretrained("path/to/Qwen2.5-0.5B-Instruct", device="cpu")
     db = m3db.connect("kb.m3db", model=model)
     sparse = HFMemoryModel.from_pretrained(path, memory_mode="sparse", adapter="run/adapter.safetensors")
 
-Imports torch and transformers; the engine never imports this module. Must not import the
-engine's internals (only `m3db.model`).
+Imports: torch, transformers (when loading), `m3db.model`, and this package's decoder.py and
+tokenizer.py; never the engine (`m3db`), which never imports this module either.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from m3db.model import encoder as memory_encoder
 from m3db.model.adapter import AdapterError, ReaderAdapter
 from m3db.model.generate import ReadingVerbs
-from m3db.model.memory_model import trained_for
+from m3db.model.memory_model import model_spec_fields, trained_for
 from m3db.model.settings import MEMORY_MODES, MemorySettings
 
 from .decoder import SUPPORTED_FAMILIES, HFDecoder, UnsupportedModel, family_of
@@ -273,20 +275,8 @@ class HFMemoryModel(ReadingVerbs):
     # -- the memory spec ---------------------------------------------------------------------
 
     def memory_spec_fields(self) -> dict:
-        """The model's part of the engine's memory spec (plain JSON values)."""
-        cfg, s = self.decoder.cfg, self.settings
-        return {
-            "model_fingerprint": self.fingerprint,
-            "memory_layers": [int(i) for i in s.memory_layers],
-            "kv_heads": cfg.n_kv_head,
-            "head_dim": cfg.head_dim,
-            "tokens_per_head": s.tokens_per_head,
-            "rope_base": cfg.rope_base,
-            "rope_scaling": cfg.rope_scaling,
-            "reference_length": s.reference_length,
-            "reference_prefix": s.reference_prefix,
-            "position_policy": s.position_policy,
-        }
+        """The model's part of the engine's memory spec (plain JSON values), as the bundled model's."""
+        return model_spec_fields(self.fingerprint, self.decoder.cfg, self.settings)
 
     def bytes_per_memory(self, bytes_per_number: float = 2.0) -> int:
         """Bytes of one full memory's keys and values (every kept token), at bytes_per_number
