@@ -13,6 +13,7 @@ and results), sql/, package/, knowledge/ (text in, answers out), cli/; database.
 from .database import CheckReport, Database, attach, connect
 from .errors import (
     ClosedError,
+    ContextLengthError,
     DependencyError,
     DuplicateIdError,
     FormatError,
@@ -30,8 +31,8 @@ from .knowledge import sources
 from .knowledge.answer import Answer, Source
 from .knowledge.ingest import IngestReport
 from .knowledge.reencode import reencode
-from .package.multi import PackageSet
 from .package.verify import VerifyReport, verify
+from .package_set import PackageSet
 from .search.results import Match, Matches
 from .sql.rows import Rows
 from .storage.codec import CODECS, Codec
@@ -45,6 +46,7 @@ __all__ = [
     "CODECS",
     "CheckReport",
     "ClosedError",
+    "ContextLengthError",
     "Codec",
     "Database",
     "DependencyError",

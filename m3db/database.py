@@ -11,20 +11,20 @@ import contextlib
 import functools
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 
 import numpy as np
 
-from .errors import ClosedError, InvalidInputError, M3DBError, NotFoundError, storage_error
-from .knowledge import answer, ingest, warm
-from .knowledge.bundled import bind, bind_embedder, bundled, check_memory_mode, check_precision
-from .knowledge.protocols import require_protocols, spec_fields
-from .package.manifest import is_package
-from .package.multi import PackageSet, open_packages
+from .errors import ClosedError, InvalidInputError, M3DBError, storage_error
+from .knowledge import ingest, warm
+from .knowledge.answer import Answer, AnswerPlan, check_generate_options
+from .knowledge.bundled import bind, bind_embedder, check_memory_mode, check_precision
+from .knowledge.protocols import require_protocols
+from .opening import open_path
+from .package.multi import open_packages
 from .package.pack import pack
-from .package.store import Package
+from .package_set import PackageSet
 from .search.filters import FilterCache
 from .search.plan import EXACT_LIMIT, MAX_K, plan_search
 from .search.results import Match, Matches
@@ -36,8 +36,7 @@ from .storage.catalog import CATALOG_ERRORS, check_text, damaged
 from .storage.maintenance import CheckReport
 from .storage.record import Memory
 from .storage.spec import MemorySpec
-from .storage.store import Store, holds_catalog, require_catalog_if_data, require_place_for_new
-from .storage.validate import check_config, check_memory, check_path, existing_parent, names_package
+from .storage.validate import check_memory, check_path
 from .storage.writer import Writer
 
 # a model-bound database's codec: docs/quality.md measured int4 within noise of int8, f16 and
@@ -105,9 +104,11 @@ def attach(paths, *, spec=None, config=None, model=None, embedder=None, precisio
     other: a mismatch is a SpecMismatchError naming both sides. model, embedder: as for
     connect(); each package is checked against them.
     """
-    return open_packages(
-        paths,
-        lambda path: Database(path, spec=spec, config=config, model=model, embedder=embedder, precision=precision),
+    return PackageSet(
+        open_packages(
+            paths,
+            lambda path: Database(path, spec=spec, config=config, model=model, embedder=embedder, precision=precision),
+        )
     )
 
 
@@ -164,103 +165,28 @@ class Database:
         if spec is not None and not isinstance(spec, MemorySpec):
             raise InvalidInputError(f"spec must be a MemorySpec or a dict, got {type(spec).__name__}")
         self.path = check_path(path)
-        self._model = self._embedder = None  # bound on first use of a text verb
         self._model_arg, self._embedder_arg, self._memory_mode = model, embedder, memory_mode
         self._precision = precision
         self._mutex = threading.RLock()
         self._closed = True
-        self._tempdir = None
-        self.manifest = None  # a package's
-        try:
-            self._open(spec, read_only, config, codec)
-        except OSError as e:
-            if isinstance(e, M3DBError):
-                raise
-            raise storage_error(e, f"opening {self.path!r}") from e
+        opened = open_path(
+            self.path,
+            spec=spec,
+            read_only=read_only,
+            config=config,
+            codec=codec,
+            model=model,
+            embedder=embedder,
+            memory_mode=memory_mode,
+            precision=precision,
+        )
+        self.store, self.manifest, self._tempdir = opened.store, opened.manifest, opened.tempdir
+        self._model, self._embedder = opened.model, opened.embedder  # None until the first text verb
         self.read_only = self.store.read_only
         self._config = self.store.config
         self.writer = None if self.read_only else Writer(self.store)
         self._filter_cache = FilterCache(self.store.catalog, checked_filter)
         self._closed = False
-
-    def _open(self, spec, read_only, config, codec):
-        if (
-            self.path != ":memory:"
-            and os.path.isfile(self.path)
-            and (is_package(self.path) or names_package(self.path))
-        ):
-            self._open_package(spec, config)
-        elif names_package(self.path) and not os.path.exists(self.path):
-            # a .m3kb name is a package to open, never a database to create: a typo must not make one
-            raise NotFoundError(
-                f"no package file at {self.path!r}; check the path (make one with `m3db pack DB OUT.m3kb`)"
-            )
-        elif names_package(self.path) and os.path.isdir(self.path) and not holds_catalog(self.path):
-            raise InvalidInputError(
-                f"{self.path!r} is a folder, and a package (.m3kb) is a file: check the path (`m3db pack DB "
-                "OUT.m3kb` makes one); a new database is made under a name without .m3kb"
-            )
-        else:
-            self._open_directory(spec, bool(read_only), config, codec)
-
-    def _open_package(self, spec, config):
-        """A packed knowledge base (.m3kb): read-only, segments read in place (package/store.py).
-        A spec or model that does not match is refused from the manifest, before anything is
-        extracted."""
-        package = Package(self.path)
-        if spec is not None:
-            package.spec.require_same(spec, this=f"the package {self.path!r}", that="the given spec")
-        if self._model_arg is not None or self._embedder_arg is not None:
-            self._bind_models(self._model_arg, self._embedder_arg, spec=package.spec)
-        self.store = package.open_store(config)
-        self.manifest = package.manifest
-
-    def _open_directory(self, spec, read_only, config, codec):
-        config = check_config(config)
-        if self.path == ":memory:":
-            if read_only:
-                raise InvalidInputError("a ':memory:' database cannot be read_only: it starts empty")
-            # segments need files to mmap: a private temporary directory, removed on close
-            self._tempdir = tempfile.mkdtemp(prefix="m3db-memory-")
-            directory, created = self._tempdir, True
-        else:
-            directory = os.path.abspath(self.path)
-            if os.path.exists(directory) and not os.path.isdir(directory):
-                raise InvalidInputError(f"{self.path!r} is a file; an m3db database is a directory")
-            parent = existing_parent(directory)
-            if not os.path.isdir(parent):
-                raise InvalidInputError(
-                    f"{parent!r} is a file, so {self.path!r} cannot be a database directory under it; "
-                    "choose another path"
-                )
-            require_catalog_if_data(directory)  # (Store checks too; here it fails before a model loads)
-            if read_only and not holds_catalog(directory):
-                raise NotFoundError(f"no m3db database at {self.path!r}; create it with a writable connect(path)")
-            if not holds_catalog(directory):
-                require_place_for_new(directory, self.path)
-            created = not os.path.exists(directory)
-            os.makedirs(directory, exist_ok=True)
-        self.store = None
-        try:
-            if spec is None and not holds_catalog(directory):
-                # bound to a model: the spec comes from it (loading the bundled one if none is given)
-                model, embedder = self._model_arg, self._embedder_arg
-                if model is None or embedder is None:
-                    default_model, default_embedder = bundled(self._memory_mode, self._precision)
-                    model, embedder = model or default_model, embedder or default_embedder
-                spec = MemorySpec(**spec_fields(model, embedder, codec))
-                self._model, self._embedder = model, embedder
-            self.store = Store(directory, spec=spec, read_only=read_only, config=config)
-            if self._model is None and (
-                self._model_arg is not None or self._embedder_arg is not None or self._memory_mode is not None
-            ):
-                self._bind_models(self._model_arg, self._embedder_arg)  # a mismatch fails at open, not later
-        except BaseException:
-            if self.store is not None:
-                self.store.close(save=False)
-            if created:  # a failed creation leaves nothing behind
-                shutil.rmtree(directory, ignore_errors=True)
-            raise
 
     # -- what the layers below hold ------------------------------------------------------------
 
@@ -482,10 +408,56 @@ class Database:
             self._embedder = bind_embedder(self.spec, self._embedder_arg)
         return self._embedder.embed([text])[0]
 
-    # Answer `prompt` with the memories it recalls (m3db.knowledge.answer.generate has the options)
-    generate = answer.generate
-    # generate()'s sampling options checked without decoding (SQL's EXPLAIN of a generate())
-    check_generate_options = staticmethod(answer.check_options)
+    def generate(
+        self,
+        prompt,
+        *,
+        max_tokens=128,
+        memory=True,
+        k=None,
+        where=None,
+        params=None,
+        temperature=0.0,
+        top_p=1.0,
+        stop_tokens=None,
+        seed=0,
+        raw=False,
+    ) -> Answer:
+        """Answer `prompt`: a question (a string, sent as the user's message under the model's
+        chat template), or chat messages [{"role", "content"}]; raw=True sends a string as
+        plain completion text instead.
+
+        memory=True reads explicit memories, recalled per 64-token chunk as the paper does;
+        memory="rag" puts the same recalled references' text in front of the prompt;
+        memory=False uses no knowledge base. k: memories per chunk (default and most: the model's, 5);
+        where/params: a recall filter. Sampling: max_tokens >= 1; temperature in [0, 100], 0
+        greedy; top_p in (0, 1], nucleus sampling; seed in [0, 2**63 - 1]. stop_tokens: token
+        ids, not strings, that end the answer: None (the default) is the model's end-of-turn and
+        end-of-text tokens; [] stops only at max_tokens. Returns an Answer with the memories it
+        used (its `sources`). Every surface (SQL's generate(), `m3db ask`, the server) answers
+        through the same plan (m3db.knowledge.answer.AnswerPlan).
+        """
+        self._require_open()  # before the model loads: a closed database would fail only after decoding
+        plan = AnswerPlan(self, self.models()[0], memory=memory, k=k, where=where, params=params)
+        return plan.generate(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_tokens=stop_tokens,
+            seed=seed,
+            raw=raw,
+        )
+
+    # generate()'s options checked without decoding (SQL's generate(), its EXPLAIN too)
+    check_generate_options = staticmethod(check_generate_options)
+
+    @_guarded
+    def documents_of(self, matches) -> list[tuple[str | None, str | None]]:
+        """(source, title) of each match's document, in order ((None, None) where it has none):
+        how an answer names its sources."""
+        names = self.catalog.document_names([m.document_id for m in matches])
+        return [names.get(m.document_id, (None, None)) for m in matches]
 
     @_guarded
     def sql(self, query, params=None, *, max_rows=None) -> Rows:

@@ -16,9 +16,20 @@ class M3DBError(Exception):
 
 
 class InvalidInputError(M3DBError, ValueError):
-    """An argument is malformed: wrong shape, dtype, value or type."""
+    """An argument is malformed: wrong shape, dtype, value or type. `option`, when set, names
+    the argument at fault (a server reports it as the request field to fix)."""
 
     code = "invalid_input"
+
+    def __init__(self, *args, option: str | None = None):
+        super().__init__(*args)
+        self.option = option
+
+
+class ContextLengthError(InvalidInputError):
+    """A prompt and the answer asked for do not fit the model's context."""
+
+    code = "context_length"
 
 
 class SpecMismatchError(M3DBError, ValueError):

@@ -34,6 +34,30 @@ class ContextTooLong(ValueError):
     """A prompt (with its references, in rag mode) and max_tokens do not fit the model's context."""
 
 
+def context_room(model, mode: str) -> int:
+    """Positions a prompt and its answer may take in `mode`: the model's context less the
+    positions memories sit on before the prompt (docs/decoder.md), taken in memory mode only."""
+    reserved = context_start(model.settings, model.sink_keys.shape[2]) if mode == "memory" else 0
+    return model.decoder.cfg.max_seq_len - reserved
+
+
+def check_context(model, prompt_lengths: Sequence[int], max_tokens: int | None, mode: str) -> None:
+    """Raise ContextTooLong unless each prompt and `max_tokens` new tokens fit the context in
+    `mode`; max_tokens=None checks room for one token (a caller that chose no max_tokens). The
+    one check of the context: the loop runs it, and so does a server before it queues a request."""
+    context = model.decoder.cfg.max_seq_len
+    room = context_room(model, mode)
+    longest = max(prompt_lengths)
+    if longest + (max_tokens or 1) <= room:
+        return
+    asked = f"with max_tokens={max_tokens}" if max_tokens is not None else "with room for even one token"
+    memories = f" and {context - room} positions for memories" if context > room else ""
+    raise ContextTooLong(
+        f"the prompt has {longest} tokens; {asked}{memories} it needs {context - room + longest + (max_tokens or 1)} "
+        f"positions, over the model's context of {context} tokens: shorten the prompt or lower max_tokens"
+    )
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen and when generation ends.
@@ -122,16 +146,7 @@ class GenerationLoop:
         # a bundled model's reader has its adapter merged in (model.quantize); others (the
         # transformers binding) apply theirs on top
         self.adapter = getattr(model, "reader_adapter", model.adapter)
-        # memories sit on positions before the context (docs/decoder.md): those are taken too
-        reserved = context_start(self.set, model.sink_keys.shape[2]) if mode == "memory" else 0
-        longest = max(len(p) for p in prompts)
-        if reserved + longest + s.max_tokens > self.cfg.max_seq_len:
-            raise ContextTooLong(
-                f"the prompt has {longest} tokens; with max_tokens={s.max_tokens}"
-                + (f" and {reserved} positions for memories" if reserved else "")
-                + f" it needs {reserved + longest + s.max_tokens}, over the model's context of {self.cfg.max_seq_len} "
-                "tokens: shorten the prompt or lower max_tokens"
-            )
+        check_context(model, [len(p) for p in prompts], s.max_tokens, mode)
         self.prompts = prompts
         self.B = len(prompts)
         self.pad = model.tokenizer.pad_id
@@ -143,7 +158,7 @@ class GenerationLoop:
 
     # -- retrieval ---------------------------------------------------------------------------
 
-    def _retrieve(self, b: int, ids: Sequence[int]) -> list:
+    def retrieve(self, b: int, ids: Sequence[int]) -> list:
         text = self.m.tokenizer.decode(ids, skip_special=True)
         if not text or self.k == 0:
             return []
@@ -177,7 +192,7 @@ class GenerationLoop:
     # -- prefill -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _prefill_memory(self) -> torch.Tensor:
+    def prefill_memory(self) -> torch.Tensor:
         """Prompt in chunks, each reading its own memories. Chunks are aligned on the right
         end of the (left-padded) batch, so the last prompt chunk, whose memories the first
         generated chunk keeps, is a full chunk."""
@@ -191,10 +206,10 @@ class GenerationLoop:
             rows = []
             for b in range(self.B):
                 own = self.prompts[b][max(0, c0 - pads[b]) : max(0, c1 - pads[b])]
-                items = self._retrieve(b, own) if own else []
+                items = self.retrieve(b, own) if own else []
                 rows.append(items)
                 if own:
-                    self._record(b, "prompt", max(0, c0 - pads[b]), c1 - pads[b], items)
+                    self.record(b, "prompt", max(0, c0 - pads[b]), c1 - pads[b], items)
             self._set_memory(rows)
             v = valid[:, c0:c1]
             logits = self.reader(
@@ -209,7 +224,7 @@ class GenerationLoop:
         return logits[:, -1]
 
     @torch.no_grad()
-    def _prefill_text(self) -> torch.Tensor:
+    def prefill_text(self) -> torch.Tensor:
         """One forward over each row's context: references (rag) + prompt + generated so far."""
         rows = []
         for b in range(self.B):
@@ -239,7 +254,7 @@ class GenerationLoop:
         self.npos = valid.sum(dim=1)
         return logits[:, -1]
 
-    def _record(self, b: int, kind: str, start: int, end: int, items: list) -> None:
+    def record(self, b: int, kind: str, start: int, end: int, items: list) -> None:
         self.items[b] = items
         self.current[b] = tuple(int(it.id) for it in items)
         self.chunks[b].append(ChunkMemories(kind, start, end, self.current[b]))
@@ -255,13 +270,13 @@ class GenerationLoop:
         # `yield` leaks into the caller and into other interleaved generators (and is undone
         # under them when this one ends); each model call below disables grad itself.
         if self.mode == "memory":
-            last = self._prefill_memory()
+            last = self.prefill_memory()
         else:
             if self.mode == "rag":
                 for b in range(self.B):
                     # the references precede the whole prompt; the query is its last chunk
-                    self._record(b, "prompt", 0, len(self.prompts[b]), self._retrieve(b, self.prompts[b][-self.C :]))
-            last = self._prefill_text()
+                    self.record(b, "prompt", 0, len(self.prompts[b]), self.retrieve(b, self.prompts[b][-self.C :]))
+            last = self.prefill_text()
         for b in range(self.B):
             if self.mode != "none":
                 self.chunks[b].append(ChunkMemories("generated", 0, 0, self.current[b]))
@@ -285,13 +300,13 @@ class GenerationLoop:
             if all(self.done) or n == s.max_tokens:
                 break
             if self.mode != "none" and n % self.C == 0:
-                last = self._refresh(n)
+                last = self.refresh(n)
                 if last is not None:
                     continue
-            last = self._feed(out)
+            last = self.feed(out)
 
     @torch.no_grad()
-    def _feed(self, out: list[int | None]) -> torch.Tensor:
+    def feed(self, out: list[int | None]) -> torch.Tensor:
         """One decoding step: each active row's last token in, next-token logits (B, vocab) out."""
         feed = torch.tensor([[t if t is not None else self.pad] for t in out])  # (B, 1)
         v = torch.tensor([[t is not None] for t in out])  # (B, 1)
@@ -302,7 +317,7 @@ class GenerationLoop:
         return last
 
     @torch.no_grad()
-    def _refresh(self, n: int) -> torch.Tensor | None:
+    def refresh(self, n: int) -> torch.Tensor | None:
         """Retrieve again with each active row's last chunk_length generated tokens.
 
         memory: swap the cache's memory slots, then the caller feeds the last token as usual
@@ -312,13 +327,13 @@ class GenerationLoop:
         for b in range(self.B):
             items = self.items[b]
             if not self.done[b]:
-                items = self._retrieve(b, self.gen[b][-self.C :])
-                self._record(b, "generated", n, n, items)
+                items = self.retrieve(b, self.gen[b][-self.C :])
+                self.record(b, "generated", n, n, items)
             rows.append(items)
         if self.mode == "memory":
             self._set_memory(rows)
             return None
-        return self._prefill_text()
+        return self.prefill_text()
 
     def results(self) -> list:
         out = []
@@ -404,6 +419,14 @@ class ReadingVerbs:
     """generate_many / generate / stream over the generation loop, for any memory model with a
     `tokenizer` (encode, apply_chat_template) and the loop's parts: the bundled MemoryModel and
     the bindings' HFMemoryModel share them."""
+
+    def context_room(self, mode: str) -> int:
+        """Positions a prompt and its answer may take in `mode` (see `context_room`)."""
+        return context_room(self, mode)
+
+    def check_context(self, prompt_lengths: Sequence[int], max_tokens: int | None, mode: str) -> None:
+        """Raise ContextTooLong unless the prompts and max_tokens fit (see `check_context`)."""
+        check_context(self, prompt_lengths, max_tokens, mode)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: text as is, chat messages through the chat template."""

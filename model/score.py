@@ -51,12 +51,12 @@ def answer_logprobs(
     # the start of `GenerationLoop.run`: memory prefills chunk by chunk; rag retrieves once with the
     # last prompt chunk and prefills the references' text; none prefills the prompt alone
     if mode == "memory":
-        last = loop._prefill_memory()
+        last = loop.prefill_memory()
     else:
         if mode == "rag":
             for b, p in enumerate(prompt_ids):
-                loop._record(b, "prompt", 0, len(p), loop._retrieve(b, p[-C:]))
-        last = loop._prefill_text()
+                loop.record(b, "prompt", 0, len(p), loop.retrieve(b, p[-C:]))
+        last = loop.prefill_text()
     loop.done = [False] * loop.B
     out: list[list[float]] = [[] for _ in prompt_ids]
     for step in range(n_max):
@@ -77,10 +77,10 @@ def answer_logprobs(
             break
         # the rest of `GenerationLoop.run`'s step: re-retrieve after every C tokens, else feed
         if mode != "none" and n % C == 0:
-            last = loop._refresh(n)
+            last = loop.refresh(n)
             if last is not None:
                 continue
-        last = loop._feed(fed)
+        last = loop.feed(fed)
     return out
 
 

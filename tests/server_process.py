@@ -21,16 +21,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m m3db.cli serve PATHS... ARGS...` until stop(); its log goes to a file (a pipe
-    nobody reads would fill with access logs and block the server)."""
+    """`python -m m3db.cli serve PATHS... ARGS...` (or `python SCRIPT PATHS... PORT ARGS...`) until
+    stop(); its log goes to a file (a pipe nobody reads would fill with access logs and block
+    the server)."""
 
-    def __init__(self, paths, *args, api_key=None, timeout=60.0):
+    def __init__(self, paths, *args, api_key=None, timeout=60.0, script=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONPATH=str(ROOT), M3DB_API_KEY="")
         cmd = [sys.executable, "-m", "m3db.cli", "serve", *map(str, paths), "--port", str(self.port), *args]
+        if script is not None:  # a Python program of the caller's, taking PATHS... PORT
+            cmd = [sys.executable, str(script), *map(str, paths), str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)

@@ -50,7 +50,7 @@ def no_model(monkeypatch):
     def stub(*args, **kwargs):
         raise m3db.DependencyError("stub: the bundled model would load here")
 
-    for module in ("m3db.database", "m3db.knowledge.bundled"):
+    for module in ("m3db.opening", "m3db.knowledge.bundled"):
         monkeypatch.setattr(sys.modules[module], "bundled", stub)
 
 
@@ -128,7 +128,7 @@ def test_build_refuses_another_codec_for_an_existing_database(tmp_path, capsys, 
     from m3db.testing import HashEmbedder
 
     tiny = MemoryModel.tiny(seed=0)
-    for module in ("m3db.database", "m3db.knowledge.bundled"):  # the tiny decoder stands in for SmolLM2
+    for module in ("m3db.opening", "m3db.knowledge.bundled"):  # the tiny decoder stands in for SmolLM2
         monkeypatch.setattr(sys.modules[module], "bundled", lambda *a, **k: (tiny, HashEmbedder()))
     notes = tmp_path / "notes"
     notes.mkdir()
@@ -205,11 +205,11 @@ def test_ctrl_c_during_build_says_how_to_resume_in_one_line(tmp_path):
         import signal, sys, time
         # as at a terminal: a job started in the background (CI can be) inherits SIGINT ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        import m3db.database
+        import m3db.opening
         def slow(*args, **kwargs):
             print("loading", file=sys.stderr, flush=True)
             time.sleep(60)
-        m3db.database.bundled = slow
+        m3db.opening.bundled = slow
         from m3db.cli import main
         sys.exit(main(["build", {str(tmp_path / "kb.m3db")!r}, "--from", "wikipedia", "--limit", "3"]))
         """

@@ -1,6 +1,9 @@
 """The layers of docs/architecture.md, read from the source (ast) and enforced.
 
 - each engine module imports only the layers its own may use (function-level imports too);
+- bindings import only the engine's public API (`m3db`, `m3db.errors`, `m3db.extend`), the
+  model and their own binding's package, and one binding never imports another's modules
+  except through that binding's package (its __init__);
 - no import cycles among m3db's modules (module-level imports: what runs at import time);
 - no module imports another module's underscore names (m3db, model/ and bindings/);
 - only storage/catalog.py (and sql/, which runs users' statements) imports duckdb, only
@@ -22,10 +25,16 @@ ALLOWED = {
     "package": {"storage", "search"},
     "knowledge": {"storage", "model"},
     "testing": {"storage"},
-    "database": {"storage", "search", "sql", "package", "knowledge"},
-    "cli": {"storage", "search", "sql", "package", "knowledge", "database", "model", "bindings"},
-    "init": {"storage", "search", "sql", "package", "knowledge", "database", "cli", "testing"},
+    # the facade: database.py, and beside it what composes databases (opening, package_set)
+    "database": {"storage", "search", "sql", "package", "knowledge", "facade"},
+    "facade": {"storage", "search", "sql", "package", "knowledge"},
+    "extend": {"storage", "search", "sql", "package", "knowledge", "testing"},
+    "cli": {"storage", "search", "sql", "package", "knowledge", "database", "facade", "model", "bindings"},
+    "init": {"storage", "search", "sql", "package", "knowledge", "database", "facade", "cli", "testing"},
 }
+FACADE = {"opening", "package_set"}  # modules beside database.py: the facade's parts
+# what a binding may import of the engine: the public API, on purpose (m3db/extend.py)
+PUBLIC = {"m3db", "m3db.errors", "m3db.extend"}
 
 
 def modules():
@@ -74,6 +83,8 @@ def layer(name):
         return "init"
     if parts[1] in BASE:
         return "base"
+    if parts[1] in FACADE:
+        return "facade"
     return parts[1]
 
 
@@ -102,6 +113,42 @@ def test_layers_import_only_what_they_may():
                     continue
                 bad.append(f"{path.relative_to(ROOT)}:{line}: the {mine} layer imports {module} ({theirs})")
     assert not bad, "\n".join(bad)
+
+
+def test_bindings_use_only_the_public_api():
+    known = modules()
+    bad = []
+    for name, path in known.items():
+        if layer(name) != "bindings":
+            continue
+        room = ".".join(name.split(".")[:3])  # m3db.bindings.server, .transformers, .ray
+        for target, _, names, line in imports(name, path):
+            for module in resolve(target, names, known):
+                if module in PUBLIC or layer(module) == "model":
+                    continue
+                if layer(module) == "bindings" and (module == room or module.startswith(room + ".")):
+                    continue  # its own room
+                if layer(module) == "bindings" and module.count(".") == 2:
+                    continue  # another binding, through its package (the Ray build loads your transformers model)
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {name} imports {module}, not the public API")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_bindings_have_their_rooms():
+    known = modules()
+    for room in ("server", "transformers", "ray"):
+        assert f"m3db.bindings.{room}" in known and (ROOT / "bindings" / room / "__init__.py").exists()
+    flat = [p.name for p in (ROOT / "bindings").glob("*.py") if p.name != "__init__.py"]
+    assert not flat, f"bindings/ holds rooms, not files: {flat}"
+
+
+def test_no_module_is_over_600_lines():
+    long = []
+    for name, path in modules().items():
+        n = len(path.read_text().splitlines())
+        if n > 600:
+            long.append(f"{path.relative_to(ROOT)}: {n} lines")
+    assert not long, "split by concept (docs/architecture.md): " + "; ".join(long)
 
 
 def test_the_model_and_bindings_do_not_import_the_engine():

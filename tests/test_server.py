@@ -165,7 +165,7 @@ def test_stream_chunks_have_openai_shapes(http):
 
 
 def test_finish_reasons_are_openai_values():
-    from m3db.bindings.server_openai import finish_reason
+    from m3db.bindings.server.openai import finish_reason
 
     # m3db's Answer says "empty" when the model ends its turn before any text: to OpenAI, a stop
     assert [finish_reason(r) for r in ("stop", "length", "empty")] == ["stop", "length", "stop"]

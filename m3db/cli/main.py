@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from ..database import connect
 from ..errors import FormatError, InvalidInputError, M3DBError, SpecMismatchError
+from ..knowledge.answer import GENERATION_MODES
 from ..storage.repair import repair
 from . import build as build_cli
 from .build import ADAPTER_ARGUMENT, MODEL_ARGUMENT, PRECISION_ARGUMENT
@@ -23,6 +24,7 @@ from .models import (
     bundled_for_training,
     check_train_arguments,
     explain_mismatch,
+    load_model,
     model_from,
     own_model,
     say,
@@ -386,8 +388,8 @@ _RECALL_ARGS = [
 def cmd_recall(args) -> dict[str, list[object]]:
     with connect(args.path, read_only=True) as db:
         matches = db.recall(args.text, k=args.k, where=args.where)
-        names = db.catalog.document_names([m.document_id for m in matches])
-    rows = [[m.id, round(m.score, 4), names.get(m.document_id, (None,))[0], m.text] for m in matches]
+        names = db.documents_of(matches)
+    rows = [[m.id, round(m.score, 4), document, m.text] for m, (document, _) in zip(matches, names)]
     return {"columns": ["id", "score", "document", "text"], "rows": rows}
 
 
@@ -401,7 +403,7 @@ def cmd_recall(args) -> dict[str, list[object]]:
             ("--memory",),
             dict(
                 default="memory",
-                choices=["memory", "rag", "none"],
+                choices=GENERATION_MODES,
                 help="read memories (default), put the references' text in the prompt (rag), or neither",
             ),
         ),
@@ -422,19 +424,19 @@ def cmd_recall(args) -> dict[str, list[object]]:
     ],
 )
 def cmd_ask(args) -> dict[str, object] | None:
-    model = model_from(args)
+    model, embedder = load_model(args.model, getattr(args, "adapter", None))
     raw = args.raw or not _has_chat_template(model)
     if raw and not args.raw:
         say("note: this model's tokenizer has no chat template; asking with the question as plain text (--raw)")
     try:
-        db = connect(args.path, read_only=True, model=model, precision=args.precision)
+        db = connect(args.path, read_only=True, model=model, embedder=embedder, precision=args.precision)
     except SpecMismatchError as e:
         raise explain_mismatch(e, args.path, model, getattr(args, "adapter", None)) from e
     with db:
         answer = db.generate(
             args.question if raw else [{"role": "user", "content": args.question}],
             max_tokens=args.max_tokens,
-            memory={"memory": True, "rag": "rag", "none": False}[args.memory],
+            memory=args.memory,
             k=args.k,
             where=args.where,
             raw=raw,

@@ -6,6 +6,7 @@ fix, never a traceback from transformers, safetensors or gguf (main prints `erro
 """
 
 import copy
+import importlib
 import os
 import sys
 
@@ -173,3 +174,36 @@ def training_device(name: str):
     if device.type not in ("cpu", "cuda"):
         raise InvalidInputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
     return device
+
+
+def load_model(spec_text, adapter=None):
+    """(model, embedder) that --model (and --adapter) name; either may be None (the bundled one)."""
+    if adapter is not None and (spec_text is None or not os.path.exists(spec_text)):
+        raise InvalidInputError(
+            "--adapter needs --model PATH: it is a reader adapter for your own model, a checkpoint folder or "
+            ".gguf file (a MODULE:FUNCTION factory attaches its own adapter)"
+        )
+    if spec_text is None:
+        return None, None
+    if os.path.exists(spec_text):  # what `m3db build --model PATH` built with: the same model here
+        return own_model(spec_text, adapter=adapter), None
+    module_name, sep, attr = spec_text.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidInputError(
+            f"--model {spec_text!r}: no such file or folder; expected a transformers model (a local checkpoint "
+            "folder or a .gguf file) or MODULE:FUNCTION (like my_models:load)"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise InvalidInputError(f"--model {spec_text!r}: cannot load {attr} from {module_name}: {e}") from e
+    try:
+        made = factory()
+    except (M3DBError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 (the user's code: any failure is theirs to read)
+        raise InvalidInputError(
+            f"--model {spec_text!r}: {module_name}.{attr}() raised {type(e).__name__}: {e}; "
+            "run it in Python to see the traceback, or pass --debug"
+        ) from e
+    return tuple(made) if isinstance(made, (tuple, list)) else (made, None)

@@ -6,19 +6,12 @@ SIGINT or SIGTERM, then stops generation and closes the database. The server's m
 (Starlette, uvicorn, torch) are imported inside `serve`, so `import m3db` stays light.
 """
 
-import asyncio
-import errno
-import importlib
-import ipaddress
 import os
-import signal
-import socket
-import threading
 
 from ..database import attach, connect
-from ..errors import DependencyError, InvalidInputError, M3DBError, SpecMismatchError
+from ..errors import DependencyError, InvalidInputError, SpecMismatchError
 from .build import ADAPTER_ARGUMENT, PRECISION_ARGUMENT
-from .models import say
+from .models import load_model, say
 
 ARGUMENTS = [
     (("more",), dict(nargs="*", metavar="PACKAGE", help="more package files, served together with PATH")),
@@ -125,41 +118,6 @@ ARGUMENTS = [
 ]
 
 
-def load_model(spec_text, adapter=None):
-    """(model, embedder) that --model (and --adapter) name; either may be None (the bundled one)."""
-    if adapter is not None and (spec_text is None or not os.path.exists(spec_text)):
-        raise InvalidInputError(
-            "--adapter needs --model PATH: it is a reader adapter for your own model, a checkpoint folder or "
-            ".gguf file (a MODULE:FUNCTION factory attaches its own adapter)"
-        )
-    if spec_text is None:
-        return None, None
-    if os.path.exists(spec_text):  # what `m3db build --model PATH` built with: the same model here
-        from .models import own_model
-
-        return own_model(spec_text, adapter=adapter), None
-    module_name, sep, attr = spec_text.partition(":")
-    if not sep or not module_name or not attr:
-        raise InvalidInputError(
-            f"--model {spec_text!r}: no such file or folder; expected a transformers model (a local checkpoint "
-            "folder or a .gguf file) or MODULE:FUNCTION (like my_models:load)"
-        )
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise InvalidInputError(f"--model {spec_text!r}: cannot load {attr} from {module_name}: {e}") from e
-    try:
-        made = factory()
-    except (M3DBError, KeyboardInterrupt):
-        raise
-    except Exception as e:  # noqa: BLE001 (the user's code: any failure is theirs to read)
-        raise InvalidInputError(
-            f"--model {spec_text!r}: {module_name}.{attr}() raised {type(e).__name__}: {e}; "
-            "run it in Python to see the traceback, or pass --debug"
-        ) from e
-    return tuple(made) if isinstance(made, (tuple, list)) else (made, None)
-
-
 def fit_to_spec(model, spec):
     """The bundled decoder class reads with memory settings; a database records its own (dense
     or sparse), so a model loaded from a file takes the database's settings when it is the
@@ -193,7 +151,7 @@ def serve(args) -> None:
     try:
         import uvicorn  # noqa: F401 (serve_on runs it; imported here to fail before anything starts)
 
-        from ..bindings.server import Limits
+        from ..bindings.server import Limits, listen
     except ImportError as e:
         raise DependencyError(f"m3db serve needs the server extra ({e}): pip install 'm3db[server]'") from e
     limits = Limits(
@@ -230,9 +188,7 @@ def serve(args) -> None:
 
 def serve_on(sock, args, *, paths, api_key, limits) -> None:
     """Open the knowledge base, serve it on the bound socket until a signal, close it."""
-    import uvicorn
-
-    from ..bindings.server import app
+    from ..bindings.server import run
 
     adapter = getattr(args, "adapter", None)
     model, embedder = load_model(args.model, adapter)
@@ -242,227 +198,22 @@ def serve_on(sock, args, *, paths, api_key, limits) -> None:
         from .models import explain_mismatch
 
         raise explain_mismatch(e, paths[0], model, adapter) from e
-    application = None
     try:
-        application = app(db, name=args.name, api_key=api_key, write=args.write, limits=limits)
-        name = application.state.kb.name
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        say(
-            f"serving {', '.join(paths)} as model {name!r} at http://{host}:{sock.getsockname()[1]}/v1 "
-            f"({'writable' if args.write else 'read-only'}; {'API key required' if api_key else 'no API key'})"
-        )
-        if not api_key and not loopback(args.host):
-            say(f"warning: listening on {args.host} without an API key: anyone who can reach it may use it")
-        files = raise_open_files_limit()
-        # each connection holds a file descriptor: past the limit a connection is answered 503
-        # at once, and descriptors stay free for what is open now (model, database) and a margin
-        concurrency = args.max_connections
-        if files is not None:
-            concurrency = max(16, min(concurrency, files - open_files() - 64))
-        config = uvicorn.Config(
-            application,
+        say(f"opened {', '.join(paths)}")
+        run(
+            db,
             host=args.host,
             port=args.port,
-            lifespan="on",
-            timeout_graceful_shutdown=args.grace,
-            log_level="info",
-            http=header_timeout_protocol(args.header_timeout),
-            limit_concurrency=concurrency,
-            timeout_keep_alive=5,
+            name=args.name,
+            api_key=api_key,
+            write=args.write,
+            limits=limits,
+            grace=args.grace,
+            header_timeout=args.header_timeout,
+            max_connections=args.max_connections,
+            sock=sock,
+            say=say,
         )
-        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with the
-        # handlers it found: ours turn it into Stopped, so the database is closed below (the
-        # default SIGTERM handler would end the process before it could be)
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            graceful(uvicorn, config, application.state, args.grace).run(sockets=[sock])
-        except Stopped as e:
-            say(f"stopped by {e}")
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
     finally:
-        if application is not None:
-            application.state.sql.stop()  # a statement still running would hold the database's mutex
-            application.state.batcher.stop()
         db.close()
         say(f"closed {', '.join(paths)}")
-    return None
-
-
-def graceful(uvicorn, config, state, grace: float):
-    """uvicorn's server, but generation and SQL statements still running when the grace ends
-    are answered 503 (shutting_down) first: uvicorn cancels what is left, which a client sees as
-    a bare 500 (and a cancelled request's statement would go on running in its thread)."""
-
-    def stop_beside():  # stop() waits for the worker: beside the loop, which must keep answering
-        state.sql.stop()
-        threading.Thread(target=state.batcher.stop, name="m3db-stop", daemon=True).start()
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            asyncio.get_running_loop().set_exception_handler(quiet_accept_errors())
-            await super().startup(sockets)
-
-        async def shutdown(self, sockets=None):
-            timer = asyncio.get_running_loop().call_later(max(0.0, grace - 0.5), stop_beside)
-            try:
-                await super().shutdown(sockets)
-            finally:
-                timer.cancel()
-
-    return Server(config)
-
-
-def raise_open_files_limit() -> int | None:
-    """Raise this process's soft limit on open files to its hard limit (each connection holds
-    one; a low soft limit, often 1024 or less, lets a few hundred idle connections starve the
-    server). Returns the soft limit now in force, or None where there is none to read."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    unlimited = resource.RLIM_INFINITY
-    # an unlimited hard limit may still be over the kernel's own (nr_open): try smaller ones
-    for target in (1 << 20, 65536) if hard == unlimited else (hard,):
-        if soft == unlimited or target <= soft:
-            break
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            break
-        except (ValueError, OSError):
-            continue
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-
-
-def open_files() -> int:
-    """How many file descriptors this process holds now (64 where it cannot tell)."""
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return 64
-
-
-def header_timeout_protocol(timeout: float):
-    """uvicorn's HTTP protocol class, closing a connection that has not sent a whole request's
-    headers `timeout` seconds after it opened (or after its last response): uvicorn itself waits
-    for them forever, so slow or silent clients could hold every connection. A connection past
-    uvicorn's limit_concurrency is answered 503 and closed at once (uvicorn would keep it open
-    until its request came), so open connections never use up the open-files limit."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-    class HeaderTimeout(AutoHTTPProtocol):
-        _m3db_timer = None
-
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            limit = self.limit_concurrency
-            if limit is not None and len(self.connections) > limit:
-                transport.write(BUSY)
-                transport.close()
-                return
-            self._m3db_arm()
-
-        def on_response_complete(self):
-            super().on_response_complete()
-            self._m3db_arm()
-
-        def connection_lost(self, exc):
-            self._m3db_disarm()
-            super().connection_lost(exc)
-
-        def _m3db_arm(self):
-            self._m3db_disarm()
-            if not self.transport.is_closing():
-                self._m3db_timer = self.loop.call_later(timeout, self._m3db_expire)
-
-        def _m3db_disarm(self):
-            if self._m3db_timer is not None:
-                self._m3db_timer.cancel()
-                self._m3db_timer = None
-
-        def _m3db_expire(self):
-            self._m3db_timer = None
-            waiting = self.cycle is None or self.cycle.response_complete  # no request since it was armed
-            if waiting and not self.transport.is_closing():
-                self.transport.close()
-
-    return HeaderTimeout
-
-
-def quiet_accept_errors(every: float = 10.0):
-    """An event-loop exception handler logging asyncio's "socket.accept() out of system resource"
-    (out of open files) once per `every` seconds with a count, not once per attempt: Python 3.11
-    retries the accept up to the listen backlog (2048) times per loop turn, each with a
-    traceback, which filled the log with hundreds of thousands of lines."""
-    import logging
-    import time
-
-    log = logging.getLogger("m3db.server")
-    state = {"last": float("-inf"), "count": 0}
-
-    def handler(loop, context):
-        if context.get("message") != "socket.accept() out of system resource":
-            loop.default_exception_handler(context)
-            return
-        state["count"] += 1
-        now = time.monotonic()
-        if now - state["last"] >= every:
-            log.error(
-                "cannot accept connections: %s (%d times since the last report); lower --max-connections, or "
-                "raise the hard limit on open files (ulimit -Hn)",
-                context.get("exception"),
-                state["count"],
-            )
-            state["last"], state["count"] = now, 0
-
-    return handler
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (uvicorn listens on it), or an error that says why not."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as e:
-        raise InvalidInputError(
-            f"--host {host!r} is not an address this machine can listen on ({e.strerror}); "
-            "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
-        ) from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        why = {
-            errno.EADDRINUSE: f"port {port} is already in use on {host} (another server, or an m3db serve "
-            "still running): stop it, or choose another port with --port",
-            errno.EADDRNOTAVAIL: f"{host!r} is not an address of this machine: use 127.0.0.1 or 0.0.0.0 with --host",
-            errno.EACCES: f"port {port} needs privileges on this machine: choose one above 1023 with --port",
-        }.get(e.errno, f"cannot listen on {host} port {port}: {e.strerror}")
-        raise InvalidInputError(why) from None
-    return sock
-
-
-class Stopped(Exception):
-    """SIGINT or SIGTERM arrived (uvicorn has already shut the server down)."""
-
-
-def on_signal(signum, frame):
-    raise Stopped(signal.Signals(signum).name)
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

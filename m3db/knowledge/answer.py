@@ -1,20 +1,30 @@
-"""Answers: generation with memory (or text RAG, or none) and the sources it used.
+"""Answers: the one road from a question to an answer with its sources.
 
-`generate(db, prompt, ...)` is Database.generate: the model decodes, and each 64-token chunk
-recalls its memories through the database's public `recall` (decoded), as the paper does.
-`check_options` is the one check of generate()'s sampling options: this verb runs it, and so
-does SQL's generate(), whose options arrive here through db.generate.
-Imports: errors and the catalog's text check; the database and its bound model arrive as arguments.
+However a question arrives (Python's `generate`, SQL's generate(), `m3db ask`, the HTTP server,
+several attached packages), it goes through an `AnswerPlan`: the generation mode, k and its
+bound, the recall filter, the context check, the retriever each 64-token chunk recalls through
+(as the paper does) and the sources of what was read live here once. A surface only translates
+its protocol (and the server batches and streams; it runs the plan's retriever in its batched
+loop). `check_options` is the one check of the sampling options.
+
+The knowledge a plan reads is anything with the two verbs of `Knowledge`: a Database, or a
+PackageSet (whose memory ids repeat across packages; the plan hands the decoder ids unique to
+one generation). Imports: errors and the catalog's text check; the knowledge and the model
+arrive as arguments.
 """
 
 import dataclasses
 import math
 import numbers
+from typing import Protocol
 
-from ..errors import ClosedError, InvalidInputError, M3DBError
+from ..errors import ContextLengthError, InvalidInputError, M3DBError
 from ..storage.catalog import check_text
 
-MODES = {True: "memory", False: "none", "rag": "rag", "memory": "memory", "none": "none"}  # memory= -> mode
+# how an answer uses the knowledge base: read recalled memories, put the same references' text
+# in front of the prompt (text RAG), or neither. The one list: SQL, the CLI and the server take
+# theirs from here (the decoder's loop names the same three, tests/model/test_knowledge.py checks)
+GENERATION_MODES = ("memory", "rag", "none")
 # the finish reason of an answer with no text: the model's first token ended its turn. An
 # empty answer must say so, not pass as a normal "stop" (docs/knowledge.md lists the causes)
 EMPTY = "empty"
@@ -22,22 +32,36 @@ TEMPERATURE_MAX = 100.0  # far past where sampling is uniform noise; SQL's gener
 SEED_MAX = 2**63 - 1  # torch seeds are 64-bit; SQL's BIGINT holds this range
 
 
+def generation_mode(memory) -> str:
+    """The generation mode generate()'s `memory=` names: True or "memory" reads memories,
+    "rag" their text, False or "none" neither (strings in any case)."""
+    if isinstance(memory, bool):
+        return "memory" if memory else "none"
+    if isinstance(memory, str) and memory.lower() in GENERATION_MODES:
+        return memory.lower()
+    raise InvalidInputError(
+        f"generate()'s memory must be 'memory', 'rag', 'none', True or False, got {memory!r}", option="memory"
+    )
+
+
 @dataclasses.dataclass
 class Source:
-    """A memory an answer used: its id, text, and the document it came from."""
+    """A memory an answer used: its id, text, and the document it came from; `package` names
+    the package it was read from when several were attached (None otherwise)."""
 
     id: int
     text: str
     document: str | None
     title: str | None
+    package: str | None = None
 
 
 @dataclasses.dataclass
 class Answer:
     """The result of generate(): the text, why it stopped ("stop", "length", or "empty": the
     model ended its turn before any text), which memories each chunk read
-    (`chunks`: [(kind, start, end, memory ids)]), and `sources`, every memory used, in order
-    of first use."""
+    (`chunks`: [(kind, start, end, memory ids)]; over several packages an id is
+    (package, id)), and `sources`, every memory used, in order of first use."""
 
     text: str
     finish_reason: str
@@ -49,109 +73,157 @@ class Answer:
         return self.text
 
 
+class Knowledge(Protocol):
+    """What a plan reads: a Database or a PackageSet."""
+
+    def recall(self, query, k=5, where=None, params=None, *, decode=False) -> list: ...
+    def documents_of(self, matches) -> list: ...
+
+
 class Retrieved:
     """A recalled memory (a Match with its decoded `memory`) shaped as the decoder's MemoryItem."""
 
     __slots__ = ("id", "text", "token_count", "positions", "keys", "values")
 
-    def __init__(self, match):
+    def __init__(self, match, item_id=None):
         m = match.memory
-        self.id, self.text = match.id, match.text
+        self.id, self.text = match.id if item_id is None else item_id, match.text
         self.token_count = m.token_count if m is not None and m.token_count is not None else 0
         self.positions = None if m is None else m.positions
         self.keys = None if m is None else m.keys
         self.values = None if m is None else m.values
 
 
-def generate(
-    db,
-    prompt,
-    *,
-    max_tokens=128,
-    memory=True,
-    k=None,
-    where=None,
-    params=None,
-    temperature=0.0,
-    top_p=1.0,
-    stop_tokens=None,
-    seed=0,
-    raw=False,
-) -> Answer:
-    """Answer `prompt`: a question (a string, sent as the user's message under the model's
-    chat template), or chat messages [{"role", "content"}]; raw=True sends a string as
-    plain completion text instead.
+class AnswerPlan:
+    """How questions asked alike are answered from `knowledge` by `model`: the checked mode, k
+    and filter, built once per question (or once per batch of questions that share them).
 
-    memory=True reads explicit memories, recalled per 64-token chunk as the paper does;
-    memory="rag" puts the same recalled references' text in front of the prompt;
-    memory=False uses no knowledge base. k: memories per chunk (default and most: the model's, 5);
-    where/params: a recall filter. Sampling (`check_options` has the ranges): max_tokens >= 1;
-    temperature in [0, 100], 0 greedy; top_p in (0, 1], nucleus sampling; seed in [0, 2**63 - 1].
-    stop_tokens: token ids, not strings, that end the answer: None (the default) is the model's
-    end-of-turn and end-of-text tokens (`model.default_stop_tokens`); [] stops only at
-    max_tokens. Returns an Answer with the memories it used.
+    memory: True/"memory", "rag" or False/"none" (`generation_mode`). k: memories per chunk,
+    None for the model's (5), at most what the model reads per chunk. where/params: a recall
+    filter. Refused at once, before any decoding, with `option` naming the argument at fault.
     """
-    if db.closed:  # before any decoding: a closed database would only fail once the answer is made
-        raise ClosedError(f"the database {db.path!r} is closed; connect() again to use it")
-    mode = MODES.get(memory)
-    if mode is None:
-        raise InvalidInputError(f"memory must be True, False or 'rag', got {memory!r}")
-    if not isinstance(raw, bool):
-        raise InvalidInputError(f"raw must be True or False, got {raw!r}")
-    if isinstance(prompt, str) and not prompt.strip():
-        raise InvalidInputError("the prompt is empty")
-    for i, message in enumerate([prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []):
-        content = message.get("content") if isinstance(message, dict) else message
-        if isinstance(content, str):  # the tokenizer takes only valid Unicode (TypeError otherwise)
-            check_text("the prompt" if isinstance(prompt, str) else f"message #{i}'s content", content)
-    if isinstance(prompt, str) and not raw:
-        # a question typed as a string is a user message: an instruct model handed it as raw
-        # completion text ends at once (an empty answer); raw=True keeps plain completion
-        prompt = [{"role": "user", "content": prompt}]
-    sampling = check_options(max_tokens=max_tokens, k=k, temperature=temperature, top_p=top_p, seed=seed)
-    k = sampling.pop("k")
-    model, _ = db.models()
-    stop_tokens = check_stop_tokens(stop_tokens, model)
-    per_chunk = getattr(getattr(model, "settings", None), "memories_per_chunk", None)
-    if k is not None and per_chunk is not None and k > per_chunk:
-        # the decoder has room for per_chunk memories before each chunk: more would be cut silently
-        raise InvalidInputError(
-            f"k={k}: this model reads at most {per_chunk} memories per chunk; pass k <= {per_chunk}"
-        )
-    used = {}
 
-    def retrieve(query_text, count) -> list[Retrieved]:
-        n = count if k is None else k
+    def __init__(self, knowledge: Knowledge, model, *, memory=True, k=None, where=None, params=None):
+        self.knowledge, self.model = knowledge, model
+        self.mode = generation_mode(memory)
+        k = check_options(k=k)["k"]
+        per_chunk = getattr(getattr(model, "settings", None), "memories_per_chunk", None)
+        if k is not None and per_chunk is not None and k > per_chunk:
+            # the decoder has room for per_chunk memories before each chunk: more would be cut silently
+            raise InvalidInputError(
+                f"k={k}: this model reads at most {per_chunk} memories per chunk; pass k <= {per_chunk}", option="k"
+            )
+        if self.mode == "none" and (k is not None or where is not None or params is not None):
+            raise InvalidInputError(
+                'k, where and params choose memories; with memory="none" (False) none are read', option="memory"
+            )
+        self.k = k
+        self.where, self.params = where, params
+
+    # -- before decoding ---------------------------------------------------------------------
+
+    def room(self) -> int | None:
+        """Positions a prompt and its answer may take (the model's context, less the memories'
+        positions in memory mode); None for a model that does not say."""
+        room = getattr(self.model, "context_room", None)
+        return None if room is None else room(self.mode)
+
+    def check_context(self, prompt_lengths, max_tokens) -> None:
+        """ContextLengthError unless every prompt (token counts) and max_tokens new tokens fit
+        the model's context; max_tokens=None checks room for one token. The model's own check
+        (m3db.model.generate.check_context) words it; a model without one checks when it decodes."""
+        check = getattr(self.model, "check_context", None)
+        if check is None:
+            return
+        try:
+            check(list(prompt_lengths), max_tokens, self.mode)
+        except ValueError as e:
+            raise ContextLengthError(str(e), option="max_tokens" if max_tokens is not None else "prompt") from e
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def reading(self) -> "Reading | None":
+        """A retriever for one generation (None in mode "none"); it keeps what it handed out."""
+        return None if self.mode == "none" else Reading(self)
+
+    def generate(
+        self, prompt, *, max_tokens=128, temperature=0.0, top_p=1.0, stop_tokens=None, seed=0, raw=False
+    ) -> Answer:
+        """Answer one prompt: checked, decoded by the model with this plan's retriever, and its
+        sources named. See `Database.generate` for the options."""
+        if not isinstance(raw, bool):
+            raise InvalidInputError(f"raw must be True or False, got {raw!r}", option="raw")
+        if isinstance(prompt, str) and not prompt.strip():
+            raise InvalidInputError("the prompt is empty", option="prompt")
+        for i, message in enumerate(
+            [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
+        ):
+            content = message.get("content") if isinstance(message, dict) else message
+            if isinstance(content, str):  # the tokenizer takes only valid Unicode (TypeError otherwise)
+                check_text("the prompt" if isinstance(prompt, str) else f"message #{i}'s content", content)
+        if isinstance(prompt, str) and not raw:
+            # a question typed as a string is a user message: an instruct model handed it as raw
+            # completion text ends at once (an empty answer); raw=True keeps plain completion
+            prompt = [{"role": "user", "content": prompt}]
+        sampling = check_options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        sampling.pop("k")
+        stop_tokens = check_stop_tokens(stop_tokens, self.model)
+        reading = self.reading()
+        try:
+            g = self.model.generate(prompt, retriever=reading, mode=self.mode, stop_tokens=stop_tokens, **sampling)
+        except ValueError as e:  # the model's word for bad input (a prompt over its context, ...)
+            if isinstance(e, M3DBError):  # already m3db's own word (a recall's QueryError, ...): kept as is
+                raise
+            raise InvalidInputError(str(e)) from e
+        ids = [i for c in g.chunks for i in c.memory_ids]
+        sources = [] if reading is None else reading.sources(ids)
+        chunks = [
+            (c.kind, c.start, c.end, [i if reading is None else reading.memory_id(i) for i in c.memory_ids])
+            for c in g.chunks
+        ]
+        finish = EMPTY if g.finish_reason == "stop" and not g.text.strip() else g.finish_reason
+        return Answer(g.text, finish, self.mode, chunks, sources)
+
+
+class Reading:
+    """One generation's retriever (the decoder's `Retriever`): each call recalls a chunk's
+    memories through the plan's knowledge. Every memory handed to the decoder gets an id
+    unique within the generation (its own id, or a number where several packages' ids
+    repeat); `used` maps it to its Match, so the sources of any rows' memory ids follow."""
+
+    def __init__(self, plan: AnswerPlan):
+        self.plan = plan
+        self.used: dict = {}
+        self.keys: dict = {}  # (package, id) -> the id handed to the decoder, for package sets
+
+    def __call__(self, query_text: str, count: int) -> list[Retrieved]:
+        plan = self.plan
+        n = count if plan.k is None else min(plan.k, count)
         if n <= 0 or not query_text.strip():
             return []
-        matches = db.recall(query_text, k=n, where=where, params=params, decode=(mode == "memory"))
-        for m in matches:
-            used.setdefault(m.id, m)
-        return [Retrieved(m) for m in matches]
+        matches = plan.knowledge.recall(query_text, n, plan.where, plan.params, decode=(plan.mode == "memory"))
+        items = []
+        for match in matches:
+            package = getattr(match, "package", None)
+            item_id = match.id if package is None else self.keys.setdefault((package, match.id), len(self.keys))
+            self.used.setdefault(item_id, match)
+            items.append(Retrieved(match, item_id))
+        return items
 
-    try:
-        g = model.generate(
-            prompt,
-            retriever=None if mode == "none" else retrieve,
-            mode=mode,
-            stop_tokens=stop_tokens,
-            **sampling,
-        )
-    except ValueError as e:  # the model's word for bad input (a prompt over its context, ...)
-        if isinstance(e, M3DBError):  # already m3db's own word (a recall's QueryError, ...): kept as is
-            raise
-        raise InvalidInputError(str(e)) from e
-    chunks = [(c.kind, c.start, c.end, list(c.memory_ids)) for c in g.chunks]
-    first_use = [i for i in dict.fromkeys(i for c in chunks for i in c[3]) if i in used]
-    # the decoding above ran outside the mutex (it is long, and recall takes the lock itself);
-    # this read shares the catalog's one DuckDB connection with other threads' verbs
-    with db.mutex:
-        if db.closed:  # closed by another thread while the answer was decoded
-            raise ClosedError(f"the database {db.path!r} was closed while generate() ran; connect() again")
-        docs = db.catalog.document_names([used[i].document_id for i in first_use])
-    sources = [Source(i, used[i].text, *docs.get(used[i].document_id, (None, None))) for i in first_use]
-    finish = EMPTY if g.finish_reason == "stop" and not g.text.strip() else g.finish_reason
-    return Answer(g.text, finish, mode, chunks, sources)
+    def memory_id(self, item_id):
+        """The memory behind an id handed to the decoder: its id, or (package, id)."""
+        match = self.used.get(item_id)
+        package = getattr(match, "package", None)
+        return item_id if package is None else (package, match.id)
+
+    def sources(self, item_ids) -> list[Source]:
+        """The Sources of the memories behind `item_ids`, each once, in order of first use."""
+        matches = [self.used[i] for i in dict.fromkeys(item_ids) if i in self.used]
+        names = self.plan.knowledge.documents_of(matches) if matches else []
+        return [
+            Source(m.id, m.text, document, title, getattr(m, "package", None))
+            for m, (document, title) in zip(matches, names)
+        ]
 
 
 def _integer(v) -> bool:
@@ -167,29 +239,42 @@ def check_options(*, max_tokens=128, k=None, temperature=0.0, top_p=1.0, seed=0)
     """generate()'s sampling options checked, as the model's keyword arguments (floats made
     float, integers int) plus `k`. Both db.generate and SQL's generate() (through it) run this,
     so both refuse the same values with the same words. k's upper bound (the model's memories per
-    chunk) is checked by generate(), which has the model."""
+    chunk) is checked by AnswerPlan, which has the model."""
     if not _integer(max_tokens) or max_tokens < 1:
-        raise InvalidInputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        raise InvalidInputError(f"max_tokens must be a positive integer, got {max_tokens!r}", option="max_tokens")
     if k is not None and (not _integer(k) or k < 1):
         raise InvalidInputError(
             f"generate()'s k must be None (the model's default, 5) or an integer >= 1 (memories per chunk), "
-            f"got {k!r}; memory=False reads no memories"
+            f"got {k!r}; memory=False reads no memories",
+            option="k",
         )
     if not _integer(seed) or not 0 <= seed <= SEED_MAX:
-        raise InvalidInputError(f"generate()'s seed must be an integer in [0, {SEED_MAX}], got {seed!r}")
+        raise InvalidInputError(f"generate()'s seed must be an integer in [0, {SEED_MAX}], got {seed!r}", option="seed")
     # NaN fails every comparison, so it is refused by name (torch would fail deep in sampling)
     if not _number(temperature) or not math.isfinite(temperature) or not 0 <= temperature <= TEMPERATURE_MAX:
         raise InvalidInputError(
-            f"generate()'s temperature must be a number in [0, {TEMPERATURE_MAX:g}] (0: greedy), got {temperature!r}"
+            f"generate()'s temperature must be a number in [0, {TEMPERATURE_MAX:g}] (0: greedy), got {temperature!r}",
+            option="temperature",
         )
     if not _number(top_p) or not math.isfinite(top_p) or not 0 < top_p <= 1:
-        raise InvalidInputError(f"generate()'s top_p must be a number in (0, 1] (1: no nucleus cut), got {top_p!r}")
+        raise InvalidInputError(
+            f"generate()'s top_p must be a number in (0, 1] (1: no nucleus cut), got {top_p!r}", option="top_p"
+        )
     return {
         "max_tokens": int(max_tokens),
         "k": None if k is None else int(k),
         "temperature": float(temperature),
         "top_p": float(top_p),
         "seed": int(seed),
+    }
+
+
+def check_generate_options(*, memory=True, k=None, max_tokens=128, temperature=0.0, top_p=1.0, seed=0) -> dict:
+    """generate()'s options checked without a model (SQL runs this, EXPLAIN included): the
+    checked sampling options and k, and `memory` as the generation mode it names."""
+    return {
+        "memory": generation_mode(memory),
+        **check_options(max_tokens=max_tokens, k=k, temperature=temperature, top_p=top_p, seed=seed),
     }
 
 

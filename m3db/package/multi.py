@@ -1,6 +1,7 @@
-"""Several packages at once: `PackageSet` recalls from each and merges by score; each match names
-its package. Their memory specs must match (m3db.attach checks). Imports: errors and search's
-result nouns; the packages arrive opened (as read-only databases).
+"""Several packages at once, below the facade: opening them together (names, refusals, one
+memory spec) and recalling from each, merged by score; each match names its package. The
+facade's `PackageSet` (m3db/package_set.py) holds what this opens. Imports: errors, search's
+result nouns and the manifest; the packages arrive opened (as read-only databases).
 """
 
 import contextlib
@@ -10,7 +11,6 @@ import os
 
 from ..errors import InvalidInputError, M3DBError, NotFoundError, SpecMismatchError
 from ..search.results import Match, Matches
-from ..storage.record import Memory
 from ..storage.validate import check_path
 from .manifest import dump_manifest, is_package
 
@@ -40,80 +40,30 @@ class PackageMatches(Matches):
         return f"<Matches {len(self)} keys={self.keys}>"
 
 
-class PackageSet:
-    """Packages attached to one connection: recalled together, merged by score.
+def merge_recalls(packages, vector, k, where, params, *, decode=False) -> PackageMatches:
+    """The k memories nearest `vector` across `packages` ({name: read-only database}), best first.
 
-    `packages` maps each name to its read-only Database. All share one memory spec (`spec`).
+    Each package is recalled with the same k and filter (see Database.recall), then the
+    results are merged by score; ties go to the package attached first, then the lower id.
     """
-
-    def __init__(self, packages):
-        self.packages = dict(packages)
-        first = next(iter(self.packages.items()), None)
-        self.spec = first[1].spec if first else None
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.packages)
-
-    def recall(self, vector, k=5, where=None, params=None, *, decode=False) -> PackageMatches:
-        """The k memories nearest `vector` across every package, best first (PackageMatches).
-
-        Each package is recalled with the same k and filter (see Database.recall), then the
-        results are merged by score; ties go to the package attached first, then the lower id.
-        """
-        found = []
-        plans = {}
-        for rank, (name, db) in enumerate(self.packages.items()):
-            try:
-                matches = db.recall(vector, k, where, params, decode=decode)
-            except M3DBError as e:
-                raise type(e)(f"package {name!r}: {str(e).split('] ', 1)[-1]}") from e
-            plans[name] = matches.plan
-            for m in matches:
-                found.append(
-                    (
-                        -m.score,
-                        rank,
-                        m.id,
-                        PackageMatch(m.id, m.score, m.text, m.metadata, m.document_id, m.memory, name),
-                    )
-                )
-        found.sort(key=lambda t: t[:3])
-        return PackageMatches([t[3] for t in found[:k]], {"strategy": "merge", "packages": plans})
-
-    def get(self, package, memory_id) -> Memory:
-        """The memory `memory_id` of the package named `package`, decoded."""
-        return self._package(package).get(memory_id)
-
-    def sql(self, package, query, params=None) -> list[tuple[object, ...]]:
-        """One read-only SQL statement over the catalog of the package named `package`."""
-        return self._package(package).sql(query, params)
-
-    def _package(self, name):
-        if name not in self.packages:
-            raise NotFoundError(f"no package named {name!r} is attached; attached: {', '.join(self.packages)}")
-        return self.packages[name]
-
-    def __len__(self):
-        return sum(len(db) for db in self.packages.values())
-
-    def close(self) -> None:
-        for db in self.packages.values():
-            if not db.closed:
-                db.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self):
-        return f"<m3db.PackageSet {', '.join(f'{n}={len(db)}' for n, db in self.packages.items())}>"
+    found = []
+    plans = {}
+    for rank, (name, db) in enumerate(packages.items()):
+        try:
+            matches = db.recall(vector, k, where, params, decode=decode)
+        except M3DBError as e:
+            raise type(e)(f"package {name!r}: {str(e).split('] ', 1)[-1]}") from e
+        plans[name] = matches.plan
+        for m in matches:
+            found.append(
+                (-m.score, rank, m.id, PackageMatch(m.id, m.score, m.text, m.metadata, m.document_id, m.memory, name))
+            )
+    found.sort(key=lambda t: t[:3])
+    return PackageMatches([t[3] for t in found[:k]], {"strategy": "merge", "packages": plans})
 
 
-def open_packages(paths, open_one) -> PackageSet:
-    """A PackageSet of the packages at `paths` (see m3db.attach), each opened by `open_one(path)`
+def open_packages(paths, open_one) -> dict:
+    """{name: opened package} of the packages at `paths` (see m3db.attach), each opened by `open_one(path)`
     (a read-only database; the caller's, since this layer sits below the database). Names must
     differ, every path must be a package, no package may be attached twice (one file under two
     names, or a copy: every match would come twice), and their memory specs must match."""
@@ -153,7 +103,7 @@ def open_packages(paths, open_one) -> PackageSet:
             with contextlib.suppress(Exception):
                 db.close()
         raise
-    return PackageSet(opened)
+    return opened
 
 
 def _entry_path(path, where) -> str:

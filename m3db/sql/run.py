@@ -43,7 +43,6 @@ from .statement import Generate, Recall
 
 DEFAULT_K = 5  # as db.recall
 MAX_GENERATE_TOKENS = 4096  # a statement cannot ask the decoder for an unbounded KV cache
-MODE_NAMES = {True: "memory", "rag": "rag", False: "none"}  # generate()'s memory option -> its mode
 PLAN_CACHE_SIZE = 256
 
 
@@ -290,9 +289,11 @@ def _run_generate(db, g, values, *, dry):
         raise InvalidInputError(f"generate()'s prompt must be a text, got {type(prompt).__name__}")
     options = {name: _evaluate(db, v, values) for name, v in g.options.items()}
     kwargs = _generate_options(options)
-    if dry:  # EXPLAIN: the decoder does not run, but the options are checked as it would check them
-        db.check_generate_options(**{k: v for k, v in kwargs.items() if k != "memory"})
-        text, finish, mode, sources = "", "", MODE_NAMES[kwargs["memory"]], []
+    # the options checked as db.generate checks them (EXPLAIN too, which never runs the decoder);
+    # the mode as the answer names it, for EXPLAIN
+    kwargs["memory"] = db.check_generate_options(**kwargs)["memory"]
+    if dry:
+        text, finish, mode, sources = "", "", kwargs["memory"], []
     else:
         answer = db.generate(prompt, where=g.where, **kwargs)
         text, finish, mode = answer.text, answer.finish_reason, answer.mode
@@ -304,19 +305,12 @@ def _run_generate(db, g, values, *, dry):
 
 
 def _generate_options(options):
-    """generate()'s named arguments as db.generate's keyword arguments: the memory mode's SQL
-    spellings translated, DECIMAL literals made floats, and a statement's own bounds on
-    max_tokens and k. The types and ranges of the sampling options (temperature, top_p, seed)
-    are checked by db.generate itself (knowledge/answer.py's check_options, which this layer
-    may not import), so SQL and Python refuse the same values with the same words; EXPLAIN,
-    which never runs the decoder, checks them through db.check_generate_options."""
-    out = {"max_tokens": 128, "memory": True}
-    memory = options.get("memory", True)
-    modes = {"memory": True, "rag": "rag", "none": False, True: True, False: False}
-    if isinstance(memory, (str, bool)) and (memory.lower() if isinstance(memory, str) else memory) in modes:
-        out["memory"] = modes[memory.lower() if isinstance(memory, str) else memory]
-    else:
-        raise InvalidInputError(f"generate()'s memory must be 'memory', 'rag', 'none', true or false, got {memory!r}")
+    """generate()'s named arguments as db.generate's keyword arguments: DECIMAL literals made
+    floats, and a statement's own bounds on max_tokens and k. The memory mode and the types and
+    ranges of the sampling options are checked by db.check_generate_options (the knowledge
+    layer's, which this layer may not import), so SQL and Python refuse the same values with
+    the same words."""
+    out = {"max_tokens": 128, "memory": options.get("memory", True)}
     # a statement cannot ask the decoder for an unbounded KV cache, nor recall past MAX_K
     for name, low, high in (("max_tokens", 1, MAX_GENERATE_TOKENS), ("k", 1, MAX_K)):
         if name in options:
@@ -461,7 +455,7 @@ def _describe(db, note):
     g, kwargs = note.generate, note.options
     lines = [
         f"prompt: {excerpt(note.prompt, 60)!r}",
-        f"mode: {MODE_NAMES[kwargs['memory']]}, max_tokens: {kwargs['max_tokens']}, "
+        f"mode: {kwargs['memory']}, max_tokens: {kwargs['max_tokens']}, "
         f"k per 64-token chunk: {kwargs.get('k', 'the model default')}",
     ]
     if g.where:

@@ -48,7 +48,7 @@ class LimitOffset(NamedTuple):
 
 
 class DirectColumn(NamedTuple):
-    """An output column of the direct path (see _direct): its name and the bound list it is."""
+    """An output column of the direct path (see direct.py): its name and the bound list it is."""
 
     name: str
     key: str
@@ -84,7 +84,7 @@ class Read:
     recalls: list
     generates: list
     # the direct path, when the statement only picks recall's columns in score order (see
-    # _direct): its output columns (DirectColumn) and its LIMIT and OFFSET
+    # direct.py): its output columns (DirectColumn) and its LIMIT and OFFSET
     direct: list | None = None
     direct_limit: LimitOffset | None = None
 

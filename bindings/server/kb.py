@@ -5,7 +5,7 @@ packages attached together, behind one set of verbs.
 packages, so a memory is named by (package, id) there; recall by text embeds once and recalls
 every package; the model is the one every package was checked against. It also owns the
 single-writer rule: writes run one at a time (`write`), reads alongside them, each verb under
-the database's own mutex. Imports: the m3db facade and the knowledge layer's public nouns.
+the database's own mutex. Imports: the m3db facade and m3db.extend (the answer plan).
 """
 
 import threading
@@ -14,7 +14,7 @@ import numpy as np
 
 import m3db
 from m3db.errors import InvalidInputError, M3DBError, NotFoundError, ReadOnlyError
-from m3db.knowledge.answer import Retrieved
+from m3db.extend import AnswerPlan
 
 # the keyword arguments of Database.add: a metadata key by one of these names cannot be passed
 ADD_KEYWORDS = frozenset(("text", "source", "title", "uri", "cold", "replace"))
@@ -77,8 +77,6 @@ class KnowledgeBase:
     def recall(self, query, *, k: int, where=None, params=None, decode: bool = False):
         """The k nearest memories (a query text or a vector), best first, as Matches (with the
         plan that found them); a package set's matches name their `package`."""
-        if self.packages and isinstance(query, str):
-            query = self.primary.embed_query(query)  # once, not once per package
         if isinstance(query, list):
             query = np.asarray(query, dtype=np.float32)
         return self.db.recall(query, k, where, params, decode=decode)
@@ -90,9 +88,6 @@ class KnowledgeBase:
             return
         probe = np.full(self.spec.embedding_dim, 1.0, np.float32)
         self.db.recall(probe, 1, where, params)
-
-    def package_of(self, match) -> str | None:
-        return getattr(match, "package", None) if self.packages else None
 
     def database(self, package):
         """The database holding a package's memories (the served one when not a package set)."""
@@ -111,41 +106,13 @@ class KnowledgeBase:
     def get(self, memory_id: int, package=None):
         return self.database(package).get(memory_id)
 
-    def documents(self, refs) -> dict:
-        """{(package, document id): (source, title)} for (package, document id) pairs."""
-        out = {}
-        for package in {p for p, _ in refs}:
-            ids = [d for p, d in refs if p == package and d is not None]
-            db = self.database(package)
-            with db.mutex:  # the catalog's one connection serves one call at a time
-                names = db.catalog.document_names(ids)
-            for d, name in names.items():
-                out[(package, d)] = name
-        return out
-
     def sql(self, query: str, params=None, package=None):
         return self.database(package).sql(query, params)
 
-    def retriever(self, *, mode: str, k, where, params, used: dict):
-        """The decoder's Retriever over this knowledge base. Each memory handed to the decoder
-        gets an id unique within the generation (a package set's ids repeat across packages);
-        `used` maps it to its Match."""
-        keys: dict = {}
-
-        def retrieve(query_text: str, count: int) -> list:
-            n = count if k is None else min(k, count)
-            if n <= 0 or not query_text.strip():
-                return []
-            items = []
-            for match in self.recall(query_text, k=n, where=where, params=params, decode=(mode == "memory")):
-                item = Retrieved(match)
-                if self.packages:
-                    item.id = keys.setdefault((match.package, match.id), len(keys))
-                used.setdefault(item.id, match)
-                items.append(item)
-            return items
-
-        return retrieve
+    def plan(self, *, memory, k, where, params):
+        """The engine's answer plan for requests asked alike (mode, k, filter): the checks, the
+        retriever and the sources every surface shares (m3db.extend.AnswerPlan)."""
+        return AnswerPlan(self.db, self.model(), memory=memory, k=k, where=where, params=params)
 
     # -- writing (one writer) ----------------------------------------------------------------
 

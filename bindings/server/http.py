@@ -9,7 +9,7 @@ import json
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from .server_errors import ApiError, bad_request
+from .errors import ApiError, bad_request
 
 
 async def read_json(request: Request, max_bytes: int, timeout: float | None = None):

@@ -1,16 +1,8 @@
-"""m3db.bindings.server: an OpenAI-compatible HTTP API over a knowledge base, as an ASGI app.
-
-    import m3db
-    from m3db.bindings.server import app
-    application = app(m3db.connect("kb.m3db", read_only=True))   # run it with uvicorn
-
-`app(db)` serves a database (a directory or a `.m3kb` package) or a PackageSet of several
-packages: the OpenAI endpoints (models, chat completions, completions, embeddings) in
-server_openai.py, the memory endpoints (search, get, forget, add documents, SQL) in
-server_memory.py, the batcher that decodes concurrent requests together in server_batch.py,
-request checks in server_fields.py and their OpenAPI document in server_schema.py. This module
-composes them: routes, the API key, errors in OpenAI's shape, and shutdown. `m3db serve`
-(m3db/cli/serve.py) runs it under uvicorn. docs/server.md describes the API.
+"""The ASGI app: `app(db)` serves a database (a directory or a `.m3kb` package) or a PackageSet of
+several packages: the OpenAI endpoints (openai.py), the memory endpoints (memory.py), the
+batcher (batch.py), request checks (fields.py) and their OpenAPI document (schema.py). This
+module composes them: routes, the API key, errors in OpenAI's shape, and shutdown. `run`
+(hosting.py) serves it under uvicorn; docs/server.md describes the API.
 
 Starlette (not FastAPI): a small, maintained ASGI toolkit with streaming responses and
 lifespan events and nothing else; request checking and the OpenAPI document come from our own
@@ -34,14 +26,14 @@ from starlette.routing import Route
 import m3db
 from m3db.errors import InvalidInputError, M3DBError
 
-from .server_batch import Batcher
-from .server_errors import ApiError, from_m3db
-from .server_http import error_response
-from .server_kb import KnowledgeBase
-from .server_memory import ADD_FIELDS, SEARCH_FIELDS, SQL_FIELDS, MemoryEndpoints
-from .server_openai import EMBEDDING_FIELDS, OpenAIEndpoints
-from .server_schema import openapi
-from .server_sql import SqlRunner
+from .batch import Batcher
+from .errors import ApiError, from_m3db
+from .http import error_response
+from .kb import KnowledgeBase
+from .memory import ADD_FIELDS, SEARCH_FIELDS, SQL_FIELDS, MemoryEndpoints
+from .openai import EMBEDDING_FIELDS, OpenAIEndpoints
+from .schema import openapi
+from .sql import SqlRunner
 
 log = logging.getLogger("m3db.server")
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible endpoints: models, chat completions, completions, embeddings.
 
-Requests are checked against the field tables below (bindings/server_fields.py), tokenized
+Requests are checked against the field tables below (fields.py), tokenized
 here, and handed to the batcher as jobs; answers come back in OpenAI's shapes, as JSON or as
 server-sent events ending with `data: [DONE]`. m3db's additions are extra body fields
 (`memory`, `k`, `where`, `params`) and an extra response field, `memories`: the memories the
@@ -16,13 +16,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from m3db.model.memory import context_start
-from m3db.storage.catalog import MAX_JSON_DEPTH
+from m3db.errors import ContextLengthError, InvalidInputError
+from m3db.extend import GENERATION_MODES, MAX_JSON_DEPTH
 
-from .server_batch import Job
-from .server_errors import ApiError, bad_request
-from .server_fields import Field, nesting_limit, parse
-from .server_http import next_event, read_json, sse, wait_disconnect
+from .batch import Job
+from .errors import ApiError, bad_request, from_m3db
+from .fields import Field, nesting_limit, parse
+from .http import next_event, read_json, sse, wait_disconnect
 
 # a value bound to a parameter nests lists and objects at most as deep as metadata may (deeper
 # is a mistake, and the readers of such values recurse)
@@ -34,7 +34,7 @@ MEMORY_FIELDS = [
         ("string",),
         "how the answer uses the knowledge base: read recalled memories (default), put the same "
         "references' text in the prompt (rag), or neither",
-        choices=("memory", "rag", "none"),
+        choices=GENERATION_MODES,
     ),
     Field("k", ("integer",), "memories recalled per 64-token chunk (default: the model's, 5)", minimum=1, maximum=64),
     Field(
@@ -262,38 +262,27 @@ class OpenAIEndpoints:
 
     async def generate(self, request, body, model, tokenize, *, chat: bool):
         kb, limits = self.srv.kb, self.srv.limits
-        mode, k = body.get("memory", "memory"), body.get("k")
         where, params = body.get("where"), body.get("params")
-        if mode == "none" and (k is not None or where is not None or params is not None):
-            raise bad_request('k, where and params choose memories; with memory="none" none are read', param="memory")
-        per_chunk = model.settings.memories_per_chunk
-        if k is not None and k > per_chunk:
-            raise bad_request(f"k={k}: this model reads at most {per_chunk} memories per chunk", param="k")
         if body.get("stream_options") is not None and not body.get("stream"):
             raise bad_request("stream_options applies to a streamed answer; send stream: true", param="stream_options")
-        if mode != "none" and (where is not None or params is not None):
+        plan = await run_in_threadpool(
+            engine_checked, kb.plan, memory=body.get("memory", "memory"), k=body.get("k"), where=where, params=params
+        )
+        if plan.mode != "none" and (where is not None or params is not None):
             # SQL from the client: run once here under the statement time limit (recalls during
             # generation read its result from the filter cache)
             await run_in_threadpool(self.srv.sql.filtered, kb.check_filter, where, params)
         prompt_ids = await run_in_threadpool(tokenize)
-        # memories sit on positions before the prompt (docs/decoder.md): those are taken too
-        reserved = context_start(model.settings, model.sink_keys.shape[2]) if mode == "memory" else 0
-        context = model.decoder.cfg.max_seq_len
-        longest = max(len(ids) for ids in prompt_ids)
+        if any(not ids for ids in prompt_ids):
+            raise bad_request("the prompt is empty: give at least one token of text", param="prompt")
+        asked = body.get("max_tokens")
+        try:
+            plan.check_context([len(ids) for ids in prompt_ids], asked)
+        except ContextLengthError as e:
+            raise ApiError(400, from_m3db(e).message, "context_length_exceeded", param="messages" if chat else "prompt")
         # a request that names no max_tokens gets the default, or the room its prompt leaves
-        max_tokens = body.get("max_tokens", max(1, min(limits.default_max_tokens, context - reserved - longest)))
-        for ids in prompt_ids:
-            if not ids:
-                raise bad_request("the prompt is empty: give at least one token of text", param="prompt")
-            if reserved + len(ids) + max_tokens > context:
-                memories = f" and {reserved} positions for memories" if reserved else ""
-                asked = f"with max_tokens={max_tokens}" if "max_tokens" in body else "with room for even one token"
-                raise bad_request(
-                    f"the prompt has {len(ids)} tokens; {asked}{memories} that is over the "
-                    f"model's context of {context} tokens: shorten the prompt or lower max_tokens",
-                    "context_length_exceeded",
-                    "messages" if chat else "prompt",
-                )
+        longest = max(len(ids) for ids in prompt_ids)
+        max_tokens = asked if asked is not None else max(1, min(limits.default_max_tokens, plan.room() - longest))
         stop = body.get("stop") or []
         events = asyncio.Queue()
         jobs = [
@@ -301,10 +290,7 @@ class OpenAIEndpoints:
                 events,
                 i,
                 ids,
-                mode=mode,
-                k=k,
-                where=where,
-                params=params,
+                plan=plan,
                 max_tokens=max_tokens,
                 temperature=temperature(body),
                 top_p=float(body.get("top_p", 1.0)),
@@ -345,7 +331,7 @@ class OpenAIEndpoints:
             results = await self.collect(jobs, events, first, gone)
         finally:
             gone.cancel()
-        return JSONResponse(self.answer(results, head, chat=chat, mode=mode))
+        return JSONResponse(self.answer(results, head, chat=chat, mode=plan.mode))
 
     async def collect(self, jobs, events, first, gone) -> list[dict]:
         results = [None] * len(jobs)
@@ -479,6 +465,17 @@ class OpenAIEndpoints:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
+
+
+def engine_checked(make, **options):
+    """`make(**options)`, with the engine's refusal of an option (InvalidInputError naming it)
+    answered as a 400 naming that request field."""
+    try:
+        return make(**options)
+    except InvalidInputError as e:
+        if e.option is None:
+            raise
+        raise bad_request(from_m3db(e).message, param=e.option) from e
 
 
 # below this, sampling is greedy decoding (its limit as the temperature goes to 0), and

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from .server_errors import bad_request
+from .errors import bad_request
 
 JSON_TYPES = {
     "string": (str,),

@@ -28,7 +28,7 @@ import time
 from m3db.errors import M3DBError
 from m3db.model.generate import ContextTooLong, Sampling, run
 
-from .server_errors import ApiError, bad_request, from_m3db
+from .errors import ApiError, bad_request, from_m3db
 
 log = logging.getLogger("m3db.server")
 
@@ -48,10 +48,7 @@ class Job:
         index: int,
         prompt_ids,
         *,
-        mode,
-        k,
-        where,
-        params,
+        plan,
         max_tokens,
         temperature,
         top_p,
@@ -59,7 +56,7 @@ class Job:
         stop,
     ):
         self.loop, self.events, self.index = asyncio.get_running_loop(), events, index
-        self.prompt_ids, self.mode, self.k, self.where, self.params = list(prompt_ids), mode, k, where, params
+        self.prompt_ids, self.plan = list(prompt_ids), plan
         self.max_tokens, self.temperature, self.top_p, self.seed = max_tokens, temperature, top_p, seed
         self.stops = tuple(s for s in stop if s)
         self.cancelled = False
@@ -68,7 +65,9 @@ class Job:
         self.reported = False
         self.answered = False
         alone = temperature > 0 and seed is not None  # a seeded sample must not share a random stream
-        self.key = (mode, k, json.dumps(where), json.dumps(params), temperature, top_p, id(self) if alone else None)
+        # a batch shares one plan: the requests in it asked for the same mode, k and filter
+        shared = (plan.mode, plan.k, json.dumps(plan.where), json.dumps(plan.params))
+        self.key = (*shared, temperature, top_p, id(self) if alone else None)
 
     def cancel(self) -> None:
         """The client is gone: the worker stops decoding this row (and the batch, if it was the last)."""
@@ -283,10 +282,7 @@ class Batcher:
     def decode(self, batch: list[Job]) -> None:
         first = batch[0]
         model = self.kb.model()
-        used: dict = {}
-        retriever = None
-        if first.mode != "none":
-            retriever = self.kb.retriever(mode=first.mode, k=first.k, where=first.where, params=first.params, used=used)
+        reading = first.plan.reading()  # the engine's retriever; it keeps what it handed out
         if first.temperature > 0:
             seed = first.seed if first.seed is not None else secrets.randbelow(2**31)
         else:
@@ -300,7 +296,7 @@ class Batcher:
         )
         try:
             loop, steps = run(
-                model, [j.prompt_ids for j in batch], mode=first.mode, retriever=retriever, sampling=sampling
+                model, [j.prompt_ids for j in batch], mode=first.plan.mode, retriever=reading, sampling=sampling
             )
         except ContextTooLong as e:
             if len(batch) > 1:  # the longest max_tokens may not fit beside another's prompt: each alone
@@ -317,7 +313,7 @@ class Batcher:
                 for row, (job, token) in enumerate(zip(batch, out)):
                     job.step(token, tokenizer)
                     if job.finish in ("stop", "length") and not job.reported:
-                        self.report(job, loop.chunks[row], used)
+                        self.report(job, loop.chunks[row], reading)
                 if all(job.finish for job in batch):
                     break
         finally:
@@ -329,12 +325,12 @@ class Batcher:
             if job.finish == "cancelled":
                 self.counts["cancelled"] += 1
             elif not job.reported:
-                self.report(job, loop.chunks[row], used)
+                self.report(job, loop.chunks[row], reading)
 
-    def report(self, job: Job, chunks, used: dict) -> None:
+    def report(self, job: Job, chunks, reading) -> None:
         """A finished job's result, sent as soon as its row ends (not when the batch does): its
         text, finish reason, token counts and the memories it read (`chunks`: its row's
-        ChunkMemories in the loop)."""
+        ChunkMemories in the loop; `reading`: the batch's retriever, None in mode "none")."""
         job.reported = True  # before the work below: a failure there must not report it twice
         ids = []
         for c in chunks:
@@ -342,16 +338,11 @@ class Batcher:
             if c.kind == "generated" and c.start > 0 and c.start >= len(job.ids):
                 continue
             ids.extend(c.memory_ids)
-        matches = [used[i] for i in dict.fromkeys(ids) if i in used]
-        refs = {(self.kb.package_of(m), m.document_id) for m in matches}
-        names = self.kb.documents(refs) if refs else {}
         memories = []
-        for m in matches:
-            package = self.kb.package_of(m)
-            document, title = names.get((package, m.document_id), (None, None))
-            item = {"id": m.id, "document": document, "title": title, "text": m.text}
-            if package is not None:
-                item["package"] = package
+        for source in reading.sources(ids) if reading is not None else []:
+            item = {"id": source.id, "document": source.document, "title": source.title, "text": source.text}
+            if source.package is not None:
+                item["package"] = source.package
             memories.append(item)
         job.answered = True
         job.emit(

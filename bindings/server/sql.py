@@ -37,9 +37,9 @@ import numpy as np
 from sqlglot import exp
 
 from m3db.errors import TooManyRowsError
-from m3db.sql.check import function_name, parse_statement
+from m3db.extend import function_name, parse_statement
 
-from .server_errors import ApiError, bad_request
+from .errors import ApiError, bad_request
 
 POLL = 0.05  # seconds between interrupts while a stopped statement has not ended yet
 

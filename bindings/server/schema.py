@@ -3,8 +3,8 @@
 Imports: the server's field tables.
 """
 
-from .server_fields import object_schema
-from .server_memory import ADD_FIELDS, DOCUMENT_FIELDS
+from .fields import object_schema
+from .memory import ADD_FIELDS, DOCUMENT_FIELDS
 
 ERROR = {
     "description": "an error, in OpenAI's shape",

@@ -13,14 +13,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from m3db.errors import M3DBError
-from m3db.search.plan import MAX_K
+from m3db.extend import MAX_K
 
-from .server_errors import ApiError, bad_request, from_m3db
-from .server_fields import Field, parse
-from .server_http import read_json, wait_disconnect
-from .server_kb import DocumentFailed
-from .server_openai import MEMORY_FIELDS, PARAMS_DEPTH
-from .server_sql import Statement, jsonable
+from .errors import ApiError, bad_request, from_m3db
+from .fields import Field, parse
+from .http import read_json, wait_disconnect
+from .kb import DocumentFailed
+from .openai import MEMORY_FIELDS, PARAMS_DEPTH
+from .sql import Statement, jsonable
 
 log = logging.getLogger("m3db.server")
 
@@ -120,12 +120,9 @@ class MemoryEndpoints:
         return JSONResponse({"object": "list", "data": data, "plan": jsonable(matches.plan)})
 
     def describe(self, matches) -> list[dict]:
-        kb = self.srv.kb
-        names = kb.documents({(kb.package_of(m), m.document_id) for m in matches})
         out = []
-        for m in matches:
-            package = kb.package_of(m)
-            document, title = names.get((package, m.document_id), (None, None))
+        for m, (document, title) in zip(matches, self.srv.kb.db.documents_of(matches)):
+            package = getattr(m, "package", None)
             item = {
                 "id": m.id,
                 "score": m.score,
@@ -160,7 +157,7 @@ class MemoryEndpoints:
 
         def read():
             m = kb.get(memory_id, package)
-            document, title = kb.documents({(package, m.document_id)}).get((package, m.document_id), (None, None))
+            ((document, title),) = kb.database(package).documents_of([m])
             out = {
                 "id": m.id,
                 "text": m.text,
@@ -207,7 +204,7 @@ class MemoryEndpoints:
 
     async def sql(self, request: Request) -> Response:
         """POST /v1/sql: one statement (statements that write only on a server started with
-        --write), under the server's SQL limits (server_sql.py). A client that disconnects
+        --write), under the server's SQL limits (sql.py). A client that disconnects
         stops its statement."""
         body = await self.body(request, SQL_FIELDS)
         if not body["query"].strip():
