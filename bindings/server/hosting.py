@@ -57,6 +57,8 @@ def run(
         raise InvalidInputError(f"header_timeout {header_timeout}: expected a positive number of seconds")
     if max_connections < 1:
         raise InvalidInputError(f"max_connections {max_connections}: expected a positive integer")
+    if sock is None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
+        raise InvalidInputError(f"port {port!r}: expected an integer in 0-65535 (0: any free port)")
     own_socket = sock is None
     if own_socket:
         sock = listen(host, port)
@@ -244,8 +246,8 @@ def listen(host: str, port: int) -> socket.socket:
         )[0]
     except socket.gaierror as e:
         raise InvalidInputError(
-            f"--host {host!r} is not an address this machine can listen on ({e.strerror}); "
-            "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+            f"host {host!r} is not an address this machine can listen on ({e.strerror}); "
+            "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface) (--host, or host=)"
         ) from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -255,9 +257,10 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         why = {
             errno.EADDRINUSE: f"port {port} is already in use on {host} (another server, or an m3db serve "
-            "still running): stop it, or choose another port with --port",
-            errno.EADDRNOTAVAIL: f"{host!r} is not an address of this machine: use 127.0.0.1 or 0.0.0.0 with --host",
-            errno.EACCES: f"port {port} needs privileges on this machine: choose one above 1023 with --port",
+            "still running): stop it, or choose another port (--port, or port=)",
+            errno.EADDRNOTAVAIL: f"{host!r} is not an address of this machine: use 127.0.0.1 or 0.0.0.0 "
+            "(--host, or host=)",
+            errno.EACCES: f"port {port} needs privileges on this machine: choose one above 1023 (--port, or port=)",
         }.get(e.errno, f"cannot listen on {host} port {port}: {e.strerror}")
         raise InvalidInputError(why) from None
     return sock
