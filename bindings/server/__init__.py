@@ -16,7 +16,24 @@ package only translates HTTP, batches and streams. docs/server.md describes the 
 server extra: pip install 'm3db[server]'.
 """
 
-from .app import Limits, app
+from .app import BearerAuth, Limits, app
+from .errors import ApiError
 from .hosting import listen, run
+from .kb import DocumentFailed, KnowledgeBase
+from .sql import SqlRunner, Statement, jsonable
 
-__all__ = ["Limits", "app", "listen", "run"]
+# the parts another binding reuses rather than copies (m3db.bindings.mcp: the knowledge base and
+# its single-writer rule, SQL under the time limit and caps, the API key, the port bound first)
+__all__ = [
+    "ApiError",
+    "BearerAuth",
+    "DocumentFailed",
+    "KnowledgeBase",
+    "Limits",
+    "SqlRunner",
+    "Statement",
+    "app",
+    "jsonable",
+    "listen",
+    "run",
+]

@@ -20,6 +20,9 @@ from ..storage.repair import repair
 from . import build as build_cli
 from .build import ADAPTER_ARGUMENT, MODEL_ARGUMENT, PRECISION_ARGUMENT
 from .guard import CREATES, INTERRUPTED, quiet_stdout, require_database, require_package_file, require_text
+from .mcp import ARGUMENTS as MCP_ARGUMENTS
+from .mcp import EXAMPLE as MCP_EXAMPLE
+from .mcp import HELP as MCP_HELP
 from .models import (
     bundled_for_training,
     check_train_arguments,
@@ -473,6 +476,13 @@ def cmd_serve(args) -> None:
     from .serve import serve  # the server's packages load only for this command
 
     return serve(args)
+
+
+@command("mcp", MCP_HELP, MCP_EXAMPLE, arguments=MCP_ARGUMENTS)
+def cmd_mcp(args) -> None:
+    from .mcp import mcp  # the MCP SDK loads only for this command
+
+    return mcp(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
