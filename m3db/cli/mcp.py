@@ -3,7 +3,7 @@
 
 Argument handling only: the options are `m3db serve`'s (the same names, types and defaults,
 taken from serve.ARGUMENTS, with help worded for MCP) plus --port, which switches from stdio to
-HTTP. Opens the knowledge base as `m3db serve` does (serve.open_kb), binds the port first on
+HTTP. Opens the knowledge base as `m3db serve` does (serve.open_served), binds the port first on
 HTTP, runs the binding until the client goes or a signal, then closes the database. On stdio,
 stdout is the protocol's: what loading prints goes to stderr. The binding's modules (the MCP
 SDK, uvicorn, torch) are imported inside `mcp`, so `import m3db` stays light.
@@ -14,11 +14,11 @@ import dataclasses
 import os
 import sys
 
-from ..errors import InvalidInputError, SpecMismatchError
+from ..errors import InvalidInputError
 from .build import ADAPTER_ARGUMENT, PRECISION_ARGUMENT
-from .models import explain_mismatch, load_model, say
+from .models import say
 from .serve import ARGUMENTS as SERVE_ARGUMENTS
-from .serve import open_kb
+from .serve import open_served
 
 
 def serve_argument(flag: str, **changes) -> tuple:
@@ -86,13 +86,8 @@ def mcp(args) -> None:
     host = args.host or "127.0.0.1"
     sock = listen(host, args.port) if http else None  # a port in use fails before the model loads
     try:
-        adapter = getattr(args, "adapter", None)
         with contextlib.redirect_stdout(sys.stderr):  # on stdio, stdout carries the protocol alone
-            model, embedder = load_model(args.model, adapter)
-            try:
-                db = open_kb(paths, write=args.write, model=model, embedder=embedder, precision=args.precision)
-            except SpecMismatchError as e:
-                raise explain_mismatch(e, paths[0], model, adapter) from e
+            db = open_served(args, paths)
         try:
             say(f"opened {', '.join(paths)}")
             run(

@@ -186,18 +186,24 @@ def serve(args) -> None:
         sock.close()
 
 
-def serve_on(sock, args, *, paths, api_key, limits) -> None:
-    """Open the knowledge base, serve it on the bound socket until a signal, close it."""
-    from ..bindings.server import run
-
+def open_served(args, paths):
+    """The knowledge base a serving command (serve, mcp) opens: the model that --model and
+    --adapter name, fitted to the database's spec, and a mismatch explained."""
     adapter = getattr(args, "adapter", None)
     model, embedder = load_model(args.model, adapter)
     try:
-        db = open_kb(paths, write=args.write, model=model, embedder=embedder, precision=args.precision)
+        return open_kb(paths, write=args.write, model=model, embedder=embedder, precision=args.precision)
     except SpecMismatchError as e:
         from .models import explain_mismatch
 
         raise explain_mismatch(e, paths[0], model, adapter) from e
+
+
+def serve_on(sock, args, *, paths, api_key, limits) -> None:
+    """Open the knowledge base, serve it on the bound socket until a signal, close it."""
+    from ..bindings.server import run
+
+    db = open_served(args, paths)
     try:
         say(f"opened {', '.join(paths)}")
         run(
