@@ -18,7 +18,7 @@ from .knowledge.protocols import Embedder, MemoryModel, spec_fields
 from .progress import progress_bar
 from .search.plan import MAX_K
 from .sql.check import function_name, parse_statement
-from .storage.catalog import MAX_JSON_DEPTH
+from .storage.catalog import MAX_JSON_DEPTH, check_metadata_key  # whether a key can be a metadata column
 from .storage.codec import EncodedArray, codec_class
 from .storage.store import holds_catalog
 from .testing import HashEmbedder  # the Ray binding's TinyModels: an Embedder that needs no weights
@@ -38,6 +38,7 @@ __all__ = [
     "bundled",
     "bundled_embedder",
     "check_document",
+    "check_metadata_key",
     "chunk_text",
     "codec_class",
     "function_name",
