@@ -329,3 +329,16 @@ def test_a_bad_memory_mode_is_refused_before_anything_is_made(tmp_path):
     with pytest.raises(m3db.InvalidInputError, match="not both"):
         m3db.connect(tmp_path / "b", memory_mode="sparse", spec=small_spec())
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_document_forgotten_and_added_again_in_one_transaction_is_kept(kb):
+    # the add saw the committed catalog, found the same text stored and skipped it; the commit
+    # then forgot the memories, and the document was gone
+    kb.add_documents([{"text": "Vell is the capital of Zorblax.", "source": "z"}], progress=False)
+    old = [r[0] for r in kb.sql("SELECT id FROM memories")]
+    with kb.transaction():
+        kb.forget(old)
+        kb.add_documents([{"text": "Vell is the capital of Zorblax.", "source": "z"}], replace=True, progress=False)
+    rows = kb.sql("SELECT m.text FROM memories m JOIN documents d ON m.document_id = d.id WHERE d.source = 'z'")
+    assert [r[0] for r in rows] == ["Vell is the capital of Zorblax."]
+    assert not set(old) & {r[0] for r in kb.sql("SELECT id FROM memories")}

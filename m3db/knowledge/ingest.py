@@ -209,10 +209,18 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
 
 
 def _stored(db, source):
-    """(document id, its chunks [(memory id, start, end, text)]) of a committed source, else (None, [])."""
+    """(document id, its chunks [(memory id, start, end, text)]) of a committed source, else (None, []).
+    Inside db.transaction(), memories that transaction forgets are not stored: a document whose
+    memories are all being forgotten is added again, not skipped as already there (it was lost
+    at commit)."""
     with db.mutex:  # the catalog's one connection serves one call at a time (threads share a database)
         existing = db.catalog.document_id(source)
-        return existing, ([] if existing is None else db.catalog.document_chunks(existing))
+        chunks = [] if existing is None else db.catalog.document_chunks(existing)
+        leaving = db.writer.forgotten() if db.writer is not None else set()
+    kept = [c for c in chunks if c[0] not in leaving]
+    if chunks and not kept:
+        return None, []
+    return existing, kept
 
 
 def _same(pieces, stored) -> bool:

@@ -258,6 +258,11 @@ class Writer:
             else:
                 pending.forget.append(i)
 
+    def forgotten(self) -> set[int]:
+        """Committed memories the open transaction has staged for removal (empty outside one):
+        a reader of the catalog inside the transaction must not count them as stored."""
+        return set(self.pending.forget) if self.pending is not None else set()
+
     # -- committing ----------------------------------------------------------------------------
 
     def commit(self) -> None:
