@@ -136,7 +136,7 @@ def test_bindings_use_only_the_public_api():
 
 def test_the_bindings_have_their_rooms():
     known = modules()
-    for room in ("server", "transformers", "ray", "mcp", "llamaindex"):
+    for room in ("server", "transformers", "ray", "mcp", "langchain", "llamaindex"):
         assert f"m3db.bindings.{room}" in known and (ROOT / "bindings" / room / "__init__.py").exists()
     flat = [p.name for p in (ROOT / "bindings").glob("*.py") if p.name != "__init__.py"]
     assert not flat, f"bindings/ holds rooms, not files: {flat}"
