@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .errors import ClosedError, InvalidInputError, M3DBError, storage_error
-from .knowledge import ingest, warm
+from .knowledge import ingest, sync, warm
 from .knowledge.answer import Answer, AnswerPlan, check_generate_options
 from .knowledge.bundled import bind, bind_embedder, check_memory_mode, check_precision
 from .knowledge.protocols import require_protocols
@@ -324,6 +324,11 @@ class Database:
         return ingest.add_documents(
             self, documents, batch_size=batch_size, progress=progress, cold=cold, replace=replace
         )
+
+    def sync(self, documents, *, dry_run=False, **options) -> sync.SyncReport:
+        """Hold exactly `documents` (sources.files(folder)) in one commit: m3db.knowledge.sync.sync has the rules."""
+        self._require_open()
+        return sync.sync(self, documents, dry_run=dry_run, **options)
 
     @_guarded
     def warm_up(self, *, batch_size=16, progress=True) -> int:

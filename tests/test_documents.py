@@ -241,9 +241,8 @@ def test_build_refuses_folders_and_files_it_cannot_read_up_front(tmp_path, capsy
         assert not (tmp_path / "kb").exists()
 
 
-@pytest.fixture
-def tiny_bundled(monkeypatch):
-    """The tiny decoder and the hashing embedder stand in for the bundled model in the CLI."""
+def use_tiny_model(monkeypatch):
+    """The tiny decoder and the hashing embedder stand in for the bundled model (the CLI's too); the pair."""
     pytest.importorskip("torch")
     from m3db.model.memory_model import MemoryModel
     from m3db.testing import HashEmbedder
@@ -252,6 +251,11 @@ def tiny_bundled(monkeypatch):
     for module in ("m3db.opening", "m3db.knowledge.bundled"):
         monkeypatch.setattr(sys.modules[module], "bundled", lambda *a, **k: pair)
     return pair
+
+
+@pytest.fixture
+def tiny_bundled(monkeypatch):
+    return use_tiny_model(monkeypatch)
 
 
 def test_a_build_from_a_folder_cites_pages_and_sections_and_lists_what_it_skipped(tmp_path, capsys, tiny_bundled):

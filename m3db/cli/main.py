@@ -18,6 +18,7 @@ from ..errors import FormatError, InvalidInputError, M3DBError, SpecMismatchErro
 from ..knowledge.answer import GENERATION_MODES
 from ..storage.repair import repair
 from . import build as build_cli
+from . import sync as sync_cli
 from .build import ADAPTER_ARGUMENT, MODEL_ARGUMENT, PRECISION_ARGUMENT
 from .guard import CREATES, INTERRUPTED, quiet_stdout, require_database, require_package_file, require_text
 from .mcp import ARGUMENTS as MCP_ARGUMENTS
@@ -293,6 +294,8 @@ cmd_build = command("build", build_cli.BUILD_HELP, build_cli.BUILD_EXAMPLE, buil
 cmd_merge = command("merge", build_cli.MERGE_HELP, build_cli.MERGE_EXAMPLE, build_cli.MERGE_ARGUMENTS)(
     build_cli.cmd_merge
 )
+# sync lives in sync.py; SYNC_ARGUMENTS is the one list of its options
+cmd_sync = command("sync", sync_cli.SYNC_HELP, sync_cli.SYNC_EXAMPLE, sync_cli.SYNC_ARGUMENTS)(sync_cli.cmd_sync)
 
 
 @command(
