@@ -18,6 +18,7 @@ INTERRUPTED = {
     "build": "interrupted; every committed batch is kept: run the same command again to resume",
     "merge": "interrupted; every merged commit is kept: run the same command again to resume",
     "reencode": "interrupted; every staged batch is kept: run the same command again to resume",
+    "sync": "interrupted; nothing was changed (a sync is one commit): run the same command again",
     "train": "interrupted; the last checkpoint is kept: run the same command again to resume",
 }
 # command-line text that reaches the model or the catalog (paths may hold any bytes: not these)
