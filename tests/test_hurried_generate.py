@@ -198,3 +198,10 @@ def test_a_torch_module_for_a_model_is_named_by_its_type(tmp_path):
     with pytest.raises(m3db.InvalidInputError, match=r"model=<torch.nn.modules.linear.Linear> is not a loaded") as e:
         m3db.connect(tmp_path / "kb", model=torch.nn.Linear(2, 2))
     assert "in_features" not in str(e.value)  # not the module's printout
+
+
+def test_a_memory_mode_given_as_generate_s_memory_says_where_it_belongs(kb):
+    with pytest.raises(
+        m3db.InvalidInputError, match=r"'sparse' is a memory mode, chosen when the knowledge base is built"
+    ):
+        kb.generate("hello?", memory="sparse")

@@ -39,8 +39,12 @@ def generation_mode(memory) -> str:
         return "memory" if memory else "none"
     if isinstance(memory, str) and memory.lower() in GENERATION_MODES:
         return memory.lower()
+    hint = ""
+    if isinstance(memory, str) and memory.lower() in ("dense", "sparse"):
+        # the other "mode": how a knowledge base's memories are encoded, chosen when it is built
+        hint = f"; {memory!r} is a memory mode, chosen when the knowledge base is built (connect(memory_mode=...))"
     raise InvalidInputError(
-        f"generate()'s memory must be 'memory', 'rag', 'none', True or False, got {memory!r}", option="memory"
+        f"generate()'s memory must be 'memory', 'rag', 'none', True or False, got {memory!r}{hint}", option="memory"
     )
 
 
