@@ -101,8 +101,12 @@ def main():
                         got_sql = timed(lambda: db.sql(sql, [q, *params]), samples)
                     else:
                         got_duckdb = timed(lambda: db.sql(sql_duckdb, [q, *params]), samples)
-                if [r[0] for r in got_sql] != got_py.ids or [r[0] for r in got_duckdb] != got_py.ids:
-                    raise SystemExit(f"SQL and Python recalls differ for filter {name!r}: {got_sql} vs {got_py.ids}")
+                for path, got in (("SQL", got_sql), ("SQL through DuckDB", got_duckdb)):
+                    if [r[0] for r in got] != got_py.ids:
+                        raise SystemExit(
+                            f"{path} and Python recalls differ for filter {name!r} (query {i}): "
+                            f"{[(r[0], r[1]) for r in got]} vs {list(zip(got_py.ids, got_py.scores))}"
+                        )
             plan = got_py.plan
             row = {"filter": name, "selectivity": round(plan.get("selectivity", 1.0), 4), "strategy": plan["strategy"]}
             for key, samples in (("python", python_ms), ("sql", sql_ms), ("sql_duckdb", duckdb_ms)):

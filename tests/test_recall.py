@@ -86,6 +86,34 @@ def test_small_index_ranks_equal_scores_by_id(mem_db):
     assert got.ids == sorted(got.ids) and got.ids == [int(i) for i in sorted(mem_db.locations.ids.tolist())[:5]]
 
 
+def near_ties(db, n=40):
+    """n memories whose cosines to e0 (the query) rise with the id by less than 1e-6 near the
+    top: e = (1, (n - i) * 1e-4, 0, ...). Metadata bucket = i % 2."""
+    items = []
+    for i in range(n):
+        e = np.zeros(16, np.float32)
+        e[0], e[1] = 1.0, (n - i) * 1e-4
+        items.append(dict(make_memory(i, metadata={"bucket": i % 2}), embedding=e))
+    db.add_memories(items)
+    q = np.zeros(16, np.float32)
+    q[0] = 1.0
+    return q
+
+
+@pytest.mark.parametrize(
+    "where,best", [(None, range(30, 40)), ("bucket >= 0", range(30, 40)), ("bucket = 1", range(21, 40, 2))]
+)
+def test_exact_recall_ranks_by_the_score_it_returns(mem_db, where, best):
+    # scores 1e-7 apart: exact recall ranks by the score it returns, ties by id, so the k best
+    # come back best first (a key rounded to 1e-6 put lower ids first and cut better ones)
+    q = near_ties(mem_db)
+    got = mem_db.recall(q, k=10, where=where)
+    assert got.plan["strategy"] == "exact"
+    assert sorted(got.ids) == list(best)
+    ranked = list(zip([-s for s in got.scores], got.ids))
+    assert ranked == sorted(ranked)
+
+
 def test_expansion_search_config_trades_speed_for_recall(tmp_path):
     path = tmp_path / "kb"
     with m3db.connect(path, spec=small_spec()) as db:

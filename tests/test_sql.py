@@ -385,6 +385,26 @@ def test_direct_path_equals_duckdb_with_every_limit(db, sql, monkeypatch):
         assert [tuple(r) for r in got] == [tuple(r) for r in want], statement
 
 
+def test_order_by_score_keeps_recall_order_on_near_ties(tmp_path):
+    # bench_sql.py's check: scores 1e-7 apart, ranked by db.recall, re-sorted by DuckDB's
+    # ORDER BY score DESC; both paths give db.recall's order only if it is the scores' order
+    with m3db.connect(tmp_path / "ties", spec=small_spec()) as d:
+        items = []
+        for i in range(40):
+            e = np.zeros(16, np.float32)
+            e[0], e[1] = 1.0, (40 - i) * 1e-4  # a higher id is nearer e0, near the top by < 1e-6
+            items.append(make_memory(i, metadata={"bucket": i % 2}, embedding=e))
+        d.add_memories(items)
+        q = np.zeros(16, np.float32)
+        q[0] = 1.0
+        for where, params in [("bucket = ?", [1]), ("bucket >= ?", [0])]:
+            want = d.recall(q, k=10, where=where, params=params)
+            assert want.plan["strategy"] == "exact"
+            for select in ("id, score, text", "id, score, upper(text) AS t"):  # direct, through DuckDB
+                rows = d.sql(f"SELECT {select} FROM recall(?, k => 10) WHERE {where} ORDER BY score DESC", [q, *params])
+                assert ids(rows) == want.ids, (select, where)
+
+
 def test_direct_path_is_only_taken_for_plain_shapes(db):
     for sql in [
         "SELECT id FROM recall(?) ORDER BY score ASC",

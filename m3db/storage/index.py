@@ -198,7 +198,8 @@ class VectorIndex:
         return np.asarray(m.keys, dtype=np.int64), (1.0 - np.asarray(m.distances, dtype=np.float32))
 
     def exact_all(self, vector, count) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine top-`count` over the whole index, ranked as `exact` ranks (ties by id).
+        """Exact cosine top-`count` over the whole index, ranked as `exact` ranks (by the
+        similarity returned, ties by id).
         USearch's own brute-force scan: 0.11 ms over 2,048 384-dim vectors, where gathering
         them for `exact` takes 3 ms. It ranks ties in slot order, which differs between two
         indexes built in different orders, so it over-fetches and re-ranks; a tie that runs past
@@ -209,9 +210,8 @@ class VectorIndex:
         m = self.index.search(unit_rows(vector), count=fetch, exact=True)
         ids = np.asarray(m.keys, dtype=np.int64)
         sims = 1.0 - np.asarray(m.distances, dtype=np.float32)
-        key = np.round(sims, 6)
-        order = np.lexsort((ids, -key))
-        if len(ids) == fetch < len(self.index) and key[order[min(count, len(ids)) - 1]] <= key.min():
+        order = np.lexsort((ids, -sims))
+        if len(ids) == fetch < len(self.index) and sims[order[min(count, len(ids)) - 1]] <= sims.min():
             return self.exact(vector, self.keys(), count)
         order = order[:count]
         return ids[order], sims[order]
@@ -248,16 +248,18 @@ class VectorIndex:
         q = np.asarray(vector, dtype=np.float32)
         # equal vectors (repeated text) must tie exactly, but a matmul may round equal rows
         # differently (BLAS blocks rows unevenly): a row-wise sum does the same work for equal
-        # rows. Ranked by the similarity rounded to 1e-6, ties by id.
+        # rows. Ranked by the similarity returned (float32), ties by id: a key coarser than the
+        # score (it was rounded to 1e-6) put a lower id before a higher score, so SQL's ORDER BY
+        # score DESC reordered the rows, and a better id could lose its place at the cut.
         norms = np.sqrt((mat * mat).sum(axis=1, dtype=np.float64))
         sims = (mat * q).sum(axis=1, dtype=np.float64) / (norms * np.linalg.norm(q.astype(np.float64)) + 1e-30)
-        key = np.round(sims, 6)
+        sims = sims.astype(np.float32)
         count = min(count, len(ids))
         # every id scoring at least the count-th best, so that a tie at the cut goes by id too
-        cut = -np.partition(-key, count - 1)[count - 1]
-        top = np.nonzero(key >= cut)[0]
-        top = top[np.lexsort((ids[top], -key[top]))][:count]
-        return ids[top], sims[top].astype(np.float32)
+        cut = -np.partition(-sims, count - 1)[count - 1]
+        top = np.nonzero(sims >= cut)[0]
+        top = top[np.lexsort((ids[top], -sims[top]))][:count]
+        return ids[top], sims[top]
 
     def close(self) -> None:
         self.index = None
