@@ -1,14 +1,18 @@
 """Ingest: documents in, chunked, embedded, encoded and committed as memories.
 
 `add_documents(db, documents)` is Database.add_documents: it checks each document, skips those
-whose source is already committed (so a rerun resumes), chunks the rest into references of at
-most the spec's reference length, embeds them, encodes them (warm start) or stores only their
-text (cold start), and commits every batch through the database's public `add_memories`.
+already committed as they are (the same source, chunks, title, uri and metadata: a rerun
+resumes), chunks the rest into references of at most the spec's reference length, embeds them,
+encodes them (warm start) or stores only their text (cold start), and commits every batch through
+the database's public `add_memories`. A stored source given with other text, title, uri or
+metadata is an error, or with replace=True is stored again: its old memories forgotten, its row
+restated (the writer's `restate_document`) and its new memories added, in one commit.
 Imports: errors, progress and this package's chunker; the database arrives as an argument.
 """
 
 import dataclasses
 import hashlib
+import json
 
 from ..errors import InvalidInputError
 from ..progress import progress_bar
@@ -66,11 +70,18 @@ def add_documents(
     return report
 
 
-def _conflict(source, where):
+def _conflict(source, where, same_text=False):
+    if same_text:
+        return (
+            f"a document with source {source!r} is already {where} with the same text but another title, uri or "
+            "metadata. A source names one document: pass replace=True to store it as given (its memories are encoded "
+            "again and replace the old ones in one commit), or leave out the fields that differ"
+        )
     return (
         f"a document with source {source!r} is already {where} with other text. A source names one document: "
         "pass a unique source= for a new document, or replace=True to forget the stored document's memories and "
-        "add the new text in the same commit (the same text again is skipped, so a rerun resumes)"
+        "add the new text, title, uri and metadata in the same commit (the same document again is skipped, so a "
+        "rerun resumes)"
     )
 
 
@@ -125,27 +136,32 @@ def check_document(doc, position) -> dict:
 
 def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
     todo, chunks, stale = [], [], []
-    seen = {}  # source -> text, within this batch
+    seen = {}  # source -> (text, row), within this batch
     fresh = set()  # sources not in the database when checked
+    replaced = set()  # stored sources whose row this commit restates
     for doc in batch:
         source = doc["source"]
         if source in seen:
-            if seen[source] != doc["text"]:
+            if seen[source][0] != doc["text"]:
                 raise InvalidInputError(_conflict(source, "twice in this call"))
+            if seen[source][1] != _row(doc):
+                raise InvalidInputError(
+                    f"a document with source {source!r} is twice in this call with the same text but another title, "
+                    "uri or metadata: which one to store is not known; pass each source once"
+                )
             report.documents_skipped += 1
             continue
-        seen[source] = doc["text"]
+        seen[source] = (doc["text"], _row(doc))
         pieces = chunk_text(doc["text"], model.count_tokens, db.spec.reference_length)
-        existing, stored = _stored(db, source)
+        existing, stored, info = _stored(db, source)
         if existing is None:
             fresh.add(source)
         else:
-            if _same(pieces, stored):
+            if not _changed(doc, pieces, stored, info, replace, "in the database"):
                 report.documents_skipped += 1  # committed before: a rerun resumes past it
                 continue
-            if not replace:
-                raise InvalidInputError(_conflict(source, "in the database"))
             stale.extend(mid for mid, *_ in stored)
+            replaced.add(source)
         if not pieces:
             report.documents_empty += 1
             continue
@@ -158,12 +174,7 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
     encoded = None if cold or not texts else model.encode(texts)
     items, i = {}, 0  # source -> its memories
     for doc, pieces in todo:
-        document = {
-            "source": doc["source"],
-            "title": doc["title"],
-            "uri": doc["uri"],
-            "metadata": doc["metadata"] or None,
-        }
+        document = _row(doc)
         for piece in pieces:
             item = dict(
                 embedding=vectors[i],
@@ -183,23 +194,27 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
                 )
             items.setdefault(doc["source"], []).append(item)
             i += 1
-    with db.transaction():  # replaced documents: their old memories go in the same commit
+    with db.transaction():  # replaced documents: their old memories and their row go in the same commit
         for doc, pieces in todo:
             if doc["source"] not in fresh:
                 continue
             # another thread sharing this database may have committed it since it was checked
-            existing, stored = _stored(db, doc["source"])
+            existing, stored, info = _stored(db, doc["source"])
             if existing is None:
                 continue
-            if _same(pieces, stored):
+            if _changed(doc, pieces, stored, info, replace, "in the database"):
+                stale.extend(mid for mid, *_ in stored)
+                replaced.add(doc["source"])
+            else:
                 del items[doc["source"]]
                 report.documents_skipped += 1
-            elif replace:
-                stale.extend(mid for mid, *_ in stored)
-            else:
-                raise InvalidInputError(_conflict(doc["source"], "in the database"))
         if stale:
             db.forget(stale)
+        for doc, _ in todo:
+            if doc["source"] in replaced and doc["source"] in items:
+                # the row says what the new memories say: restated before they are staged (their
+                # records carry their document's row, for repair)
+                db.writer.restate_document(_row(doc))
         new = [item for memories in items.values() for item in memories]
         ids = db.add_memories(new) if new else []
     if ids_out is not None:
@@ -208,19 +223,54 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
     report.memories_added += len(ids)
 
 
+def _row(doc) -> dict:
+    """The `documents` row a checked document asks for (what its memories' records carry)."""
+    return {"source": doc["source"], "title": doc["title"], "uri": doc["uri"], "metadata": doc["metadata"] or None}
+
+
+def _changed(doc, pieces, stored, info, replace, where) -> bool:
+    """Whether a stored document is to be replaced by `doc`: False when it is the same document
+    (the same chunks, and `doc`'s row matches the stored one: skipped, so a rerun resumes), True
+    when it differs and replace=True; an InvalidInputError naming replace=True when it differs
+    without it."""
+    same_text = _same(pieces, stored)
+    if same_text and (not pieces or _described(_row(doc), info, exactly=replace)):
+        return False
+    if not replace:
+        raise InvalidInputError(_conflict(doc["source"], where, same_text))
+    return True
+
+
+def _described(row, info, *, exactly) -> bool:
+    """True when the stored row `info` says what `row` says of title, uri and metadata: all three
+    when `exactly` (replace=True stores the row as passed, a field left out as empty), else the
+    ones `row` gives (a re-add without replace=True that leaves a field out says nothing of it).
+    Values compare as JSON text: 1 and True, 1 and 1.0 differ, as the stored columns keep them."""
+    if info is None:
+        return False
+    info = dict(info, metadata=info.get("metadata") or None)  # add_memory may have stored {}
+
+    def canonical(value):
+        return json.dumps(value, sort_keys=True, default=repr)
+
+    keys = [key for key in ("title", "uri", "metadata") if exactly or row[key] is not None]
+    return all(canonical(row[key]) == canonical(info.get(key)) for key in keys)
+
+
 def _stored(db, source):
-    """(document id, its chunks [(memory id, start, end, text)]) of a committed source, else (None, []).
-    Inside db.transaction(), memories that transaction forgets are not stored: a document whose
-    memories are all being forgotten is added again, not skipped as already there (it was lost
-    at commit)."""
+    """(document id, its chunks [(memory id, start, end, text)], its row {source, title, uri,
+    metadata}) of a committed source, else (None, [], None). Inside db.transaction(), memories
+    that transaction forgets are not stored: a document whose memories are all being forgotten
+    is added again, not skipped as already there (it was lost at commit)."""
     with db.mutex:  # the catalog's one connection serves one call at a time (threads share a database)
         existing = db.catalog.document_id(source)
         chunks = [] if existing is None else db.catalog.document_chunks(existing)
+        info = None if existing is None else db.catalog.document_info(existing)
         leaving = db.writer.forgotten() if db.writer is not None else set()
     kept = [c for c in chunks if c[0] not in leaving]
     if chunks and not kept:
-        return None, []
-    return existing, kept
+        return None, [], None
+    return existing, kept, info
 
 
 def _same(pieces, stored) -> bool:

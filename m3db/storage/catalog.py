@@ -369,6 +369,15 @@ class Catalog:
             ],
         )
 
+    def update_document(self, doc) -> None:
+        """Set a stored document's title, uri and metadata (a replace: the row says what the
+        document's new memories were added with); its id, source and created_at stay."""
+        metadata = doc.get("metadata")
+        self.con.execute(
+            "UPDATE documents SET title = ?, uri = ?, metadata = ? WHERE id = ?",
+            [doc.get("title"), doc.get("uri"), None if metadata is None else json.dumps(metadata), doc["id"]],
+        )
+
     def document_info(self, document_id) -> dict | None:
         """{"source", "title", "uri", "metadata"} of a document (what its memories' records carry)."""
         row = self.con.execute(

@@ -12,7 +12,8 @@ and `codebook.msgpack` a trained codec's parameters (without it a pq database is
    whose frame checks out, and counted;
 3. keeps, per id, the record of the latest commit (and of those, the last written: a cold
    memory's encoded record follows its text-only one), unless the forgotten log says a later
-   or equal commit forgot it;
+   or equal commit forgot it; a document's row is what its newest kept record says (a replace
+   restates the row and its new records carry it);
 4. writes the new catalog under a temporary name, `catalog.duckdb.repairing` (one transaction
    with those memories and their documents), checkpoints and fsyncs it;
 5. removes the index files (a cache), moves the old catalog aside as `catalog.duckdb.damaged-N`
@@ -128,14 +129,20 @@ def _rebuild(directory, spec, embedder, codebook):
         embedded = np.asarray(embedder.embed([live[i]["payload"]["text"] for i in missing]), dtype=np.float32)
         vectors = dict(zip(missing, embedded))
     counts["re_embedded"] = len(missing)
-    rows, seqs, documents = [], [], {}
+    rows, seqs, documents, newest = [], [], {}, {}
     for i in sorted(live):
         record = live[i]
         d = record["payload"]
         doc = d.get("document")
         document_id = d.get("document_id")
         if document_id is not None and isinstance(doc, dict) and doc.get("source") is not None:
-            documents.setdefault(int(document_id), dict(doc, id=int(document_id)))
+            # a replace restates a document's row: its newest records (the latest commit, and of
+            # it the last written) say what the row was last (older live ones come back only from
+            # a commit cut short between its fsync and its forgotten log)
+            when = (int(d.get("seq", 0)), record["segment"], record["offset"])
+            if when > newest.get(int(document_id), (-1, -1, -1)):
+                newest[int(document_id)] = when
+                documents[int(document_id)] = dict(doc, id=int(document_id))
         elif document_id is not None:
             document_id = None  # an older record names a document it cannot describe
         embedding = vectors[i] if i in vectors else np.frombuffer(d["embedding"], dtype="<f4").copy()

@@ -2,8 +2,9 @@
 
 Commit protocol (what makes a killed process safe):
 1. append every record of the commit to the active segment and fsync it;
-2. one DuckDB transaction: the memory rows (which point at those bytes), document rows,
-   deletions, and the new commit number;
+2. one DuckDB transaction: the memory rows (which point at those bytes), document rows (new
+   ones, and the replaced title, uri and metadata of restated ones), deletions, and the new
+   commit number;
 3. then the in-RAM location table and the vector index (a cache, saved now and then).
 A crash before 2 leaves only garbage bytes past the last committed record: recovery on open
 cuts them (store.py). A crash after 2 leaves the index behind: it is caught up on open.
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..errors import DuplicateIdError, InvalidInputError, M3DBError, NotFoundError, rolled_back, storage_error
 from .record import HEADER_SIZE, encode_record, repair_fields
-from .validate import CheckedMemory, widens, widest
+from .validate import CheckedMemory, check_document, widens, widest
 
 COLD = "cold"  # the codec column of a memory stored as text only, encoded on first read
 
@@ -51,13 +52,15 @@ class MemoryRow:
 
 @dataclasses.dataclass
 class PendingBatch:
-    """What the open transaction will commit: rows, new documents, forgotten ids, and the
-    segment mark to roll back to."""
+    """What the open transaction will commit: rows, new and restated documents, forgotten ids,
+    and the segment mark to roll back to."""
 
     mark: tuple
     next_id: int  # the store's next automatic id when the batch began: a rollback burns no ids
     rows: list = dataclasses.field(default_factory=list)  # [MemoryRow]
-    documents: list = dataclasses.field(default_factory=list)  # [{"id", "source", "title", "uri", "metadata"}]
+    # [{"id", "source", "title", "uri", "metadata", "stored"}]: stored is True for a restated
+    # document (its row is updated), False for a new one (inserted)
+    documents: list = dataclasses.field(default_factory=list)
     forget: list = dataclasses.field(default_factory=list)  # [memory id]
     ids: set = dataclasses.field(default_factory=set)  # ids taken by rows of this batch
     forgotten_mark: int | None = None  # the forgotten log's size before this commit's frame
@@ -172,8 +175,28 @@ class Writer:
             self._next_doc_id = self.store.catalog.next_document_id()
         doc_id = self._next_doc_id
         self._next_doc_id += 1
-        self.pending.documents.append(dict(info, id=doc_id))
+        self.pending.documents.append(dict(info, id=doc_id, stored=False))
         return doc_id
+
+    def restate_document(self, document: dict) -> int:
+        """Make `document` ({"source", and title, uri, metadata}) its source's row at this commit:
+        a new source is created, a stored one keeps its id and gets this title, uri and metadata
+        (None where absent), in the commit's one DuckDB transaction. The memories staged after
+        this call carry the new values in their records (repair takes a document's row from its
+        newest records), so a caller restates a document before it adds its new memories, and
+        forgets those that carry the old values in the same commit (add_documents' replace=True
+        does both). Return the document's id."""
+        check_document("the document", document)
+        row = {key: document.get(key) for key in ("source", "title", "uri", "metadata")}
+        for doc in self.pending.documents:
+            if doc["source"] == row["source"]:
+                doc.update(row)
+                return doc["id"]
+        existing = self.store.catalog.document_id(row["source"])
+        if existing is None:
+            return self._document_id(row)
+        self.pending.documents.append(dict(row, id=existing, stored=True))
+        return existing
 
     def stage(self, checked: list[CheckedMemory]) -> list[int]:
         """Assign ids, encode every record, append it; return the ids. (Encoding in a thread
@@ -278,7 +301,10 @@ class Writer:
                 p.forgotten_mark = store.forgotten.append(seq, p.forget)
             store.catalog.begin()
             for doc in p.documents:
-                store.catalog.insert_document(doc)
+                if doc["stored"]:
+                    store.catalog.update_document(doc)
+                else:
+                    store.catalog.insert_document(doc)
             if p.rows:
                 insert_rows(store.catalog, p.rows, seq)
             if p.forget:
