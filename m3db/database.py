@@ -286,9 +286,9 @@ class Database:
         """Chunk, embed, encode and commit one document; return its memory ids.
 
         source: a unique name for the document (default: a hash of the text, so adding the
-        same text twice adds nothing the second time). The same source with the same text is
-        skipped (returns []); with other text it is an error, unless replace=True, which
-        forgets the stored document's memories and adds the new text in one commit. Keyword
+        same text twice adds nothing the second time). The same source as stored is skipped
+        (returns []); with other text, title, uri or metadata it is an error, unless replace=True,
+        which forgets its memories and stores what was passed, row included, in one commit. Keyword
         arguments become metadata columns of its memories (`lang="en"` -> filter with
         where="lang = 'en'"). cold: see add_documents.
         """
@@ -309,10 +309,10 @@ class Database:
     ) -> ingest.IngestReport:
         """Add many documents (dicts with `text` and optional `source`, `title`, `uri`,
         `metadata`, or plain strings), committing every `batch_size` documents. A document
-        whose source is already committed with the same text is skipped, so re-running after
-        an interruption resumes where it stopped; with other text it is an error naming the
-        source, unless replace=True (its old memories are forgotten in the commit that adds
-        the new ones). Returns an IngestReport.
+        whose source is already committed as given is skipped, so re-running after an
+        interruption resumes where it stopped; with other text or document fields it is an error
+        naming the source, unless replace=True (its old memories are forgotten and its row
+        restated in the commit that adds the new ones). Returns an IngestReport.
 
         cold=False (warm start) encodes each memory now. cold=True (cold start, as in the
         paper) stores only the text and its embedding (ingest costs chunking and embedding,

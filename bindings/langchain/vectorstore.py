@@ -125,10 +125,6 @@ class M3DBVectorStore(VectorStore):
             documents[id_] = {"text": text, "source": id_, "metadata": columns_of(metadata)}
         if not documents:
             return []
-        # the same text under a stored id is skipped by add_documents even when its metadata
-        # changed: those documents are forgotten first (a commit of its own)
-        stored = self._documents(list(documents))
-        self.delete([i for i, doc in stored.items() if doc.metadata != metadata_of(documents[i]["metadata"])])
         try:
             self.db.add_documents(list(documents.values()), cold=self.cold, replace=True, progress=False)
         except SpecMismatchError as e:
