@@ -436,6 +436,26 @@ def test_full_queue_answers_429(small):
                 assert r.json()["choices"][0]["message"] == alone["choices"][0]["message"]
 
 
+def decoded_together(server, bodies):
+    """POST every body to /v1/chat/completions while a long stream holds the worker, and let go
+    once all are queued: requests that can share a batch are decoded in one. Their responses."""
+    # greedy, this prompt runs 941 tokens; the line iterator is held (one dropped closes the stream)
+    long = {"model": "kb", "prompt": "Once upon a time", "max_tokens": 1000, "memory": "none", "stream": True}
+    with server.client(timeout=30) as c, c.stream("POST", "/v1/completions", json=long) as r:
+        lines = r.iter_lines()
+        next(lines)
+        with server.client(timeout=30) as c2, concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            futures = [pool.submit(c2.post, "/v1/chat/completions", json=b) for b in bodies]
+            for _ in range(200):
+                if c.get("/v1/server").json()["generation"]["queued"] == len(bodies):
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the requests did not queue behind the long stream")
+            r.close()  # cancels the long stream
+            return [f.result() for f in futures]
+
+
 def test_a_failing_request_fails_alone_and_frees_its_queue_slot(small):
     """A request that fails inside the batcher or in its handler gets a 500 in OpenAI's shape,
     never a hang; its companion in a batch gets its own answer; no queue slot leaks; a
@@ -449,19 +469,7 @@ def test_a_failing_request_fails_alone_and_frees_its_queue_slot(small):
         # a bug in a handler: answered as a 500 by the handler, so the connection stays open
         error_of(c.post("/v1/chat/completions", json=chat_body(f"Where is {BUG}Vell?", 8)), 500)
         alone = c.post("/v1/chat/completions", json=good).json()
-        # hold the worker with a long stream, queue the poisoned request and a good one behind
-        # it, then let go: the two are decoded in one batch
-        long = dict(chat_body("Tell me a long story", max_tokens=1000), stream=True)
-        with c.stream("POST", "/v1/chat/completions", json=long) as r, concurrent.futures.ThreadPoolExecutor(2) as pool:
-            next(r.iter_lines())
-            with small.client(timeout=20) as c2:
-                futures = [pool.submit(c2.post, "/v1/chat/completions", json=b) for b in (poison, good)]
-                for _ in range(200):
-                    if c.get("/v1/server").json()["generation"]["queued"] == 2:
-                        break
-                    time.sleep(0.02)
-                r.close()  # cancels the long stream
-                together = [f.result() for f in futures]
+        together = decoded_together(small, [poison, good])
         assert error_of(together[0], 500)["code"] == "server_error"
         assert together[1].status_code == 200, together[1].text
         assert together[1].json()["choices"][0]["message"] == alone["choices"][0]["message"]
@@ -671,3 +679,68 @@ def test_a_prompt_over_the_context_without_max_tokens_does_not_blame_max_tokens(
     error = error_of(http.post("/v1/chat/completions", json=body), 400)
     assert error["code"] == "context_length_exceeded" and "with room for even one token" in error["message"]
     assert "max_tokens=" not in error["message"]  # the client sent none
+
+
+# -- rag: references recalled while decoding -------------------------------------------------
+
+
+def rag_overflow(model, chat=True, spare=40, max_tokens=8):
+    """A chat message's content (or a completion's prompt) whose prompt leaves `spare` positions
+    of the context beside max_tokens: it fits alone, not with any reference's text before it
+    (each reference is the prefix and the memory's text, over 40 tokens here)."""
+    room = model.decoder.cfg.max_seq_len - max_tokens - spare
+
+    def length(text):
+        if not chat:
+            return len(model.tokenizer.encode(text))
+        messages = [{"role": "user", "content": text}]
+        return len(model.tokenizer.encode(model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
+
+    text = "Where is Vell? " * ((room - length("")) // 15)
+    while length(text) < room:
+        text += "x"
+    assert length(text) == room
+    return text
+
+
+def test_a_rag_prompt_that_fits_alone_but_not_with_its_references_is_a_400(client, http, model):
+    """rag puts the references' text before the prompt, known only once recalled (while
+    decoding): a prompt that fits alone but not with them is the client's to fix (fewer
+    references, a shorter prompt, a lower max_tokens), not a 500 the openai client retries."""
+    content = rag_overflow(model)
+    body = {"model": "kb", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "memory": "rag"}
+    assert http.post("/v1/chat/completions", json=dict(body, memory="none")).status_code == 200  # it fits alone
+    for stream in (False, True):  # a stream that has sent nothing yet answers with the error itself
+        r = http.post("/v1/chat/completions", json=dict(body, stream=stream))
+        error = error_of(r, 400)
+        assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error", error
+        assert "fewer references (k), a shorter prompt or a lower max_tokens" in error["message"], error
+    prompt = rag_overflow(model, chat=False)
+    r = http.post("/v1/completions", json={"model": "kb", "prompt": prompt, "max_tokens": 8, "memory": "rag"})
+    assert error_of(r, 400)["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="fewer references"):
+        ask(client, content, max_tokens=8, extra_body={"memory": "rag"})
+    assert http.get("/health").status_code == 200
+
+
+def test_in_a_batch_only_the_rag_row_over_the_context_fails(small, model):
+    """Decoded in one batch with a request that fits, the rag request whose references overflow
+    the context gets its 400; the other gets the answer it gets alone."""
+    over = {
+        "model": "kb",
+        "messages": [{"role": "user", "content": rag_overflow(model)}],
+        "max_tokens": 8,
+        "memory": "rag",
+    }
+    good = dict(chat_body("Where is Vell?", 8), memory="rag")
+    with small.client(timeout=30) as c:
+        alone = c.post("/v1/chat/completions", json=good).json()
+        before = c.get("/v1/server").json()["generation"]
+        together = decoded_together(small, [over, good])
+        assert error_of(together[0], 400)["code"] == "context_length_exceeded"
+        assert together[1].status_code == 200, together[1].text
+        assert together[1].json()["choices"][0]["message"] == alone["choices"][0]["message"]
+        assert together[1].json()["memories"] == alone["memories"]
+        after = c.get("/v1/server").json()["generation"]
+        # the long stream, one batch of the two, then each alone
+        assert after["batches"] - before["batches"] == 4 and after["queued"] == after["running"] == 0, after

@@ -13,8 +13,11 @@ no longer read, and its answer is sent as soon as it ends. A sampled request wit
 decodes alone, so its seed reproduces its answer.
 
 A full queue answers 429. A client that disconnects cancels its job; a batch whose rows are
-all done or cancelled stops at once. Imports: the model's generation loop (this module is
-only imported by the server, which needs the model extra anyway) and the server's errors.
+all done or cancelled stops at once. In rag mode the references' text is known only once
+recalled, while decoding: a row whose references do not fit beside its prompt and max_tokens
+is a 400 context_length_exceeded, and its companions decode again alone. Imports: the model's
+generation loop (this module is only imported by the server, which needs the model extra
+anyway) and the server's errors.
 """
 
 import asyncio
@@ -238,6 +241,11 @@ class Batcher:
             if job.answered or job.cancelled:
                 continue
             if job.sent:
+                if isinstance(error, ContextTooLong):  # maybe a companion's references: say so
+                    error = ContextTooLong(
+                        f"{error} (this answer was decoded beside {len(batch) - 1} other request(s) and had sent "
+                        "text already, so it could not be decoded again alone)"
+                    )
                 self.fail(job, error)
                 continue
             job.restart()
@@ -247,7 +255,11 @@ class Batcher:
                 self.fail(job, e)
 
     def fail(self, job: Job, error: Exception) -> None:
-        if isinstance(error, M3DBError):
+        if isinstance(error, ContextTooLong):
+            # in rag mode the references' text is known only once recalled, while decoding: when
+            # it does not fit beside the prompt and max_tokens, the loop says so (k, prompt, max_tokens)
+            job.fail(bad_request(str(error), "context_length_exceeded"))
+        elif isinstance(error, M3DBError):
             job.fail(from_m3db(error))
         else:
             log.error("generation failed", exc_info=error)
@@ -303,7 +315,7 @@ class Batcher:
                 for job in batch:
                     self.decode([job])
                 return
-            first.fail(bad_request(str(e), "context_length_exceeded"))
+            self.fail(first, e)
             return
         self.counts["batches"] += 1
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(batch))
