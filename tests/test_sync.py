@@ -246,3 +246,19 @@ def test_a_killed_m3db_sync_leaves_the_old_or_the_new_state(tmp_path, tiny_bundl
         assert dump(trial) == new, k
         shutil.rmtree(trial)
     assert seen == {"old", "new"}  # the points straddle the commit
+
+
+def test_a_line_whose_metadata_changed_is_synced_as_a_fresh_build_would_store_it(tmp_path, tiny_bundled):
+    # the same text under new metadata: the chunks alone called it unchanged, and the stored row
+    # and memories kept the old topic
+    model, embedder = tiny_bundled
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "faq.jsonl").write_text('{"text": "Q: Rome? A: Italy.", "metadata": {"topic": "geo"}}\n')
+    with m3db.connect(tmp_path / "kb.m3db", model=model, embedder=embedder) as db:
+        db.add_documents(sources.files(folder), progress=False)
+        (folder / "faq.jsonl").write_text('{"text": "Q: Rome? A: Italy.", "metadata": {"topic": "history"}}\n')
+        report = db.sync(sources.files(folder), progress=False)
+        assert report.changed == [f"{folder}/faq.jsonl"] and report.documents_added == 1
+        assert db.recall("Rome", k=1, where="topic = 'history'") and not db.recall("Rome", k=1, where="topic = 'geo'")
+        assert db.sync(sources.files(folder), progress=False).documents_added == 0

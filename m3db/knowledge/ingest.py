@@ -144,14 +144,14 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
         if source in seen:
             if seen[source][0] != doc["text"]:
                 raise InvalidInputError(_conflict(source, "twice in this call"))
-            if seen[source][1] != _row(doc):
+            if seen[source][1] != document_row(doc):
                 raise InvalidInputError(
                     f"a document with source {source!r} is twice in this call with the same text but another title, "
                     "uri or metadata: which one to store is not known; pass each source once"
                 )
             report.documents_skipped += 1
             continue
-        seen[source] = (doc["text"], _row(doc))
+        seen[source] = (doc["text"], document_row(doc))
         pieces = chunk_text(doc["text"], model.count_tokens, db.spec.reference_length)
         existing, stored, info = _stored(db, source)
         if existing is None:
@@ -174,7 +174,7 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
     encoded = None if cold or not texts else model.encode(texts)
     items, i = {}, 0  # source -> its memories
     for doc, pieces in todo:
-        document = _row(doc)
+        document = document_row(doc)
         for piece in pieces:
             item = dict(
                 embedding=vectors[i],
@@ -214,7 +214,7 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
             if doc["source"] in replaced and doc["source"] in items:
                 # the row says what the new memories say: restated before they are staged (their
                 # records carry their document's row, for repair)
-                db.writer.restate_document(_row(doc))
+                db.writer.restate_document(document_row(doc))
         new = [item for memories in items.values() for item in memories]
         ids = db.add_memories(new) if new else []
     if ids_out is not None:
@@ -223,7 +223,7 @@ def _ingest(db, batch, model, embedder, report, ids_out, cold, replace):
     report.memories_added += len(ids)
 
 
-def _row(doc) -> dict:
+def document_row(doc) -> dict:
     """The `documents` row a checked document asks for (what its memories' records carry)."""
     return {"source": doc["source"], "title": doc["title"], "uri": doc["uri"], "metadata": doc["metadata"] or None}
 
@@ -234,14 +234,14 @@ def _changed(doc, pieces, stored, info, replace, where) -> bool:
     when it differs and replace=True; an InvalidInputError naming replace=True when it differs
     without it."""
     same_text = _same(pieces, stored)
-    if same_text and (not pieces or _described(_row(doc), info, exactly=replace)):
+    if same_text and (not pieces or described(document_row(doc), info, exactly=replace)):
         return False
     if not replace:
         raise InvalidInputError(_conflict(doc["source"], where, same_text))
     return True
 
 
-def _described(row, info, *, exactly) -> bool:
+def described(row, info, *, exactly) -> bool:
     """True when the stored row `info` says what `row` says of title, uri and metadata: all three
     when `exactly` (replace=True stores the row as passed, a field left out as empty), else the
     ones `row` gives (a re-add without replace=True that leaves a field out says nothing of it).

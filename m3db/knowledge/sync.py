@@ -7,7 +7,8 @@ stored document is in the scope when its `file` metadata (which every document f
 (added by hand, the Wikipedia summaries) are in no scope and never touched.
 
 The plan compares each document given with the stored one of the same source, by content: its
-chunks (text and spans), the test add_documents resumes by. A document is new, changed or the
+chunks (text and spans) and its row (title, uri, metadata), the test add_documents resumes by. A
+document is new, changed or the
 same; a stored document of the scope whose source is not given is gone, unless its file was given
 but could not be read this time (listed in `skipped`: its stored documents are kept). A file is
 reported as added (nothing of it was stored), deleted (nothing of it is given), changed or
@@ -28,7 +29,7 @@ import os
 
 from ..errors import InvalidInputError
 from .chunk import chunk_text
-from .ingest import check_document
+from .ingest import check_document, described, document_row
 
 
 @dataclasses.dataclass
@@ -103,18 +104,20 @@ def within(file, scope) -> bool:
 
 
 def stored_documents(db, scope) -> dict[str, dict]:
-    """{source: {"id", "file", "ids"}} of the stored documents (with memories) in the scope."""
+    """{source: {"id", "file", "ids", "row"}} of the stored documents (with memories) in the
+    scope; "row" is the document's {title, uri, metadata}."""
     rows = db.sql(
-        "SELECT d.id, d.source, d.metadata, list(m.id ORDER BY m.id) FROM documents d "
-        "JOIN memories m ON m.document_id = d.id GROUP BY d.id, d.source, d.metadata"
+        "SELECT d.id, d.source, d.title, d.uri, d.metadata, list(m.id ORDER BY m.id) FROM documents d "
+        "JOIN memories m ON m.document_id = d.id GROUP BY d.id, d.source, d.title, d.uri, d.metadata"
     )
     out = {}
-    for doc_id, source, metadata, ids in rows:
+    for doc_id, source, title, uri, metadata, ids in rows:
         if isinstance(metadata, str):
             metadata = json.loads(metadata)
         file = (metadata or {}).get("file")
         if isinstance(file, str) and within(file, scope):
-            out[source] = {"id": doc_id, "file": file, "ids": list(ids)}
+            row = {"title": title, "uri": uri, "metadata": metadata}
+            out[source] = {"id": doc_id, "file": file, "ids": list(ids), "row": row}
     return out
 
 
@@ -137,8 +140,9 @@ class Plan:
             before = stored.get(source)
             if before is None and not pieces:
                 continue  # empty: a build stores nothing of it either
-            if before is not None and [(p.start, p.end, p.text) for p in pieces] == old.get(before["id"]):
-                continue
+            same_text = before is not None and [(p.start, p.end, p.text) for p in pieces] == old.get(before["id"])
+            if same_text and described(document_row(doc), before["row"], exactly=True):
+                continue  # the same chunks under the same title, uri and metadata: as a build would store it
             self.todo.append(doc)
             self.new_memories += len(pieces)
             changed_files.add(file)
