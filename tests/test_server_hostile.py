@@ -378,3 +378,66 @@ def test_a_failed_document_is_named_with_what_was_stored(http):
     error = error_of(http.post("/v1/documents", json={"documents": body["documents"][1:2]}), 400, "invalid_input")
     assert error["message"].startswith("documents[0]") and "no document of this request was stored" in error["message"]
     assert error["stored"] == []
+
+
+# -- 6. a long ingest: shutdown, and a client that leaves ---------------------------------------
+
+# a ~300 KB document: seconds of chunking and encoding with the tiny model before its one commit
+LONG_TEXT = " ".join(f"Stone {i} lies by the river in the city of Vell." for i in range(6000))
+INGEST = {
+    "documents": [
+        {"text": "Quimby lies on the river Flent.", "source": "first"},
+        {"text": LONG_TEXT, "source": "long"},
+        {"text": "Never tried.", "source": "last"},
+    ]
+}
+
+
+def post_in_thread(s, body, path="/v1/documents") -> tuple[threading.Thread, dict]:
+    """`body` posted to server `s` from a thread; its answer lands in the dict under "r"."""
+    answer = {}
+
+    def post():
+        with s.client(timeout=120) as c:
+            answer["r"] = c.post(path, json=body)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread, answer
+
+
+def wait_memories(s, count: int) -> None:
+    """Until the served database holds `count` memories (/v1/server reads it beside a writer)."""
+    with s.client(timeout=10) as c:
+        for _ in range(600):
+            if c.get("/v1/server").json()["memories"] == count:
+                return
+            time.sleep(0.05)
+    pytest.fail(f"the server never held {count} memories")
+
+
+def sources_of(path) -> set:
+    model, embedder = tiny()
+    with m3db.connect(path, model=model, embedder=embedder, read_only=True) as db:
+        assert db.check().ok
+        return {r[0] for r in db.sql("SELECT source FROM documents")}
+
+
+def test_shutdown_during_an_ingest_answers_what_was_stored_within_the_grace(tmp_path):
+    """SIGTERM while a long document is chunked and encoded: within the grace the client gets
+    OpenAI's error shape naming the document stopped and listing those stored before it (which
+    stay); the server exits soon after, not when the encoding would have ended."""
+    with own_server(tmp_path, "--write", "--grace", "2") as s:
+        thread, answer = post_in_thread(s, INGEST)
+        wait_memories(s, len(DOCS) + 1)  # the first document is committed; the long one is under way
+        started = time.monotonic()
+        assert s.stop(signal.SIGTERM, timeout=60) == 0, s.output()
+        assert time.monotonic() - started < 2 + 3, s.output()
+        thread.join(10)
+        error = error_of(answer["r"], 503, "shutting_down")
+        assert error["message"].startswith("documents[1] (source 'long'): the server is shutting down"), error
+        assert "documents[0] was stored" in error["message"] and "the 1 after it were not tried" in error["message"]
+        [stored] = error["stored"]
+        assert stored["index"] == 0 and stored["source"] == "first" and stored["added"], error
+        assert "closed" in s.output()
+    assert sources_of(tmp_path / "copy.m3db") == {"bread", "zorblax", "first"}

@@ -39,6 +39,10 @@ log = logging.getLogger("m3db.server")
 
 __all__ = ["Limits", "app"]
 
+# seconds shutdown waits for a stopped ingest to reach its next stop point (a fraction of a
+# second: a few chunks encoded), so nothing writes to the database once its owner closes it
+INGEST_STOP = 30.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
@@ -204,6 +208,7 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
         yield
         srv.sql.stop()  # a running statement is interrupted: it would hold the database's mutex
         await run_in_threadpool(batcher.stop)  # generation ends before the owner closes the database
+        await run_in_threadpool(kb.stop_ingests, INGEST_STOP)  # so does an ingest, at its next stop point
 
     application = Starlette(
         routes=routes,

@@ -5,8 +5,9 @@ uvicorn runs the app (app.py) on a socket bound first (a port in use fails at on
 header timeout (uvicorn waits for headers forever, so silent clients could hold every
 connection), a connection limit answered 503 at once, the open-files limit raised to its hard
 limit, asyncio's accept errors logged once per 10 s instead of once per attempt, and a graceful
-shutdown on SIGINT/SIGTERM in which generation and SQL still running when the grace ends are
-answered 503 (shutting_down) rather than cut. Imports: uvicorn (the server extra), this package.
+shutdown on SIGINT/SIGTERM in which generation, SQL and document ingests still running when the
+grace ends are answered 503 (shutting_down) rather than cut. Imports: uvicorn (the server extra),
+this package.
 """
 
 import asyncio
@@ -21,7 +22,7 @@ import time
 
 from m3db.errors import InvalidInputError
 
-from .app import Limits, app
+from .app import INGEST_STOP, Limits, app
 
 log = logging.getLogger("m3db.server")
 
@@ -42,7 +43,7 @@ def run(
     say=print,
 ) -> None:
     """Serve `db` (a Database, or a PackageSet from m3db.attach) at http://host:port/v1 until
-    SIGINT or SIGTERM, then stop generation and SQL; the caller closes `db`.
+    SIGINT or SIGTERM, then stop generation, SQL and document ingests; the caller closes `db`.
 
     name: the model id clients send (default: the file name); api_key: require
     `Authorization: Bearer KEY`; write: accept writes (a database opened for writing); limits:
@@ -104,17 +105,20 @@ def run(
         if application is not None:
             application.state.sql.stop()  # a statement still running would hold the database's mutex
             application.state.batcher.stop()
+            application.state.kb.stop_ingests(INGEST_STOP)  # nothing writes once the caller closes `db`
         if own_socket:
             sock.close()
 
 
 def graceful(uvicorn, config, state, grace: float):
-    """uvicorn's server, but generation and SQL statements still running when the grace ends
-    are answered 503 (shutting_down) first: uvicorn cancels what is left, which a client sees as
-    a bare 500 (and a cancelled request's statement would go on running in its thread)."""
+    """uvicorn's server, but generation, SQL statements and document ingests still running when
+    the grace ends are answered 503 (shutting_down) first: uvicorn cancels what is left, which a
+    client sees as a bare 500 (and a cancelled request's statement or ingest would go on running
+    in its thread, which the process waits for on exit)."""
 
     def stop_beside():  # stop() waits for the worker: beside the loop, which must keep answering
         state.sql.stop()
+        state.kb.stop_ingests()  # each ends at its next stop point, the documents before it stored
         threading.Thread(target=state.batcher.stop, name="m3db-stop", daemon=True).start()
 
     class Server(uvicorn.Server):

@@ -5,9 +5,12 @@ packages attached together, behind one set of verbs.
 packages, so a memory is named by (package, id) there; recall by text embeds once and recalls
 every package; the model is the one every package was checked against. It also owns the
 single-writer rule: writes run one at a time (`write`), reads alongside them, each verb under
-the database's own mutex. Imports: the m3db facade and m3db.extend (the answer plan).
+the database's own mutex; and the ingests running (`Ingest`), which shutdown and a client that
+leaves stop. Imports: the m3db facade and m3db.extend (the answer plan).
 """
 
+import contextlib
+import itertools
 import threading
 
 import numpy as np
@@ -18,6 +21,9 @@ from m3db.extend import AnswerPlan
 
 # the keyword arguments of Database.add: a metadata key by one of these names cannot be passed
 ADD_KEYWORDS = frozenset(("text", "source", "title", "uri", "cold", "replace"))
+# chunks embedded or encoded between two looks at whether an ingest was stopped (half the
+# encoder's own batch of 16: a stop is reached within a fraction of a second on a CPU)
+SLICE = 8
 
 
 class KnowledgeBase:
@@ -36,6 +42,9 @@ class KnowledgeBase:
         self.writable = writable
         self.spec = db.spec
         self.write_lock = threading.Lock()  # one writer at a time; readers never wait for it
+        self.ingests: set[Ingest] = set()  # the add_documents calls running, which shutdown stops
+        self.stopping = False
+        self._ingests_changed = threading.Condition()
         self._bind_lock = threading.Lock()
         self._bind_error = None
 
@@ -122,10 +131,13 @@ class KnowledgeBase:
                 "this server is read-only: restart it with `m3db serve PATH --write` to add or forget memories"
             )
 
-    def add_documents(self, documents: list, *, cold: bool, replace: bool) -> list[list[int]]:
+    def add_documents(self, documents: list, *, cold: bool, replace: bool, ingest=None) -> list[list[int]]:
         """Add documents, one commit each; returns each document's new memory ids ([] for one
         already stored with the same text). A document that fails raises DocumentFailed: its
-        index, its error, and the documents stored before it (they stay)."""
+        index, its error, and the documents stored before it (they stay). `ingest` (an Ingest)
+        may stop the call: at the next document, or inside one at its next stop point
+        (`stop_points`); that document fails with IngestStopped and nothing of it is stored."""
+        ingest = ingest or Ingest()
         self.require_writable()
         for i, doc in enumerate(documents):
             taken = sorted(set(doc.get("metadata", {})) & ADD_KEYWORDS)
@@ -134,23 +146,98 @@ class KnowledgeBase:
                     f"documents[{i}]: metadata key {taken[0]!r} is a field of the document, not metadata; "
                     f"send it as the document's own field, or rename the metadata key"
                 )
-        with self.write_lock:
-            ids = []
-            for i, doc in enumerate(documents):
-                try:
-                    added = self.db.add(
-                        doc["text"],
-                        source=doc.get("source"),
-                        title=doc.get("title"),
-                        uri=doc.get("uri"),
-                        cold=cold,
-                        replace=replace,
-                        **doc.get("metadata", {}),
-                    )
-                except Exception as e:
-                    raise DocumentFailed(i, e, documents, ids) from e
-                ids.append(added)
-            return ids
+        ids = []
+        with self.running(ingest):
+            try:  # another write holds the writer: a stopped ingest does not wait for it
+                while not self.write_lock.acquire(timeout=0.1):
+                    ingest.check()
+            except IngestStopped as e:
+                raise DocumentFailed(0, e, documents, ids) from e
+            try:
+                with self.stop_points(ingest):
+                    for i, doc in enumerate(documents):
+                        try:
+                            ingest.check()
+                            added = self.db.add(
+                                doc["text"],
+                                source=doc.get("source"),
+                                title=doc.get("title"),
+                                uri=doc.get("uri"),
+                                cold=cold,
+                                replace=replace,
+                                **doc.get("metadata", {}),
+                            )
+                        except Exception as e:
+                            raise DocumentFailed(i, e, documents, ids) from e
+                        ids.append(added)
+            finally:
+                self.write_lock.release()
+        return ids
+
+    @contextlib.contextmanager
+    def running(self, ingest):
+        """`ingest` among the running ones while the block runs (stopped at once when the server
+        is already stopping)."""
+        with self._ingests_changed:
+            if self.stopping:
+                ingest.stop("shutting_down")
+            self.ingests.add(ingest)
+        try:
+            yield
+        finally:
+            with self._ingests_changed:
+                self.ingests.discard(ingest)
+                self._ingests_changed.notify_all()
+
+    def stop_ingests(self, timeout: float = 0.0) -> bool:
+        """Shutdown: refuse new ingests, stop the running ones, and wait up to `timeout` seconds
+        for them to end (each ends at its next stop point: the database is then no longer
+        written). Whether none is left running."""
+        with self._ingests_changed:
+            self.stopping = True
+            for ingest in self.ingests:
+                ingest.stop("shutting_down")
+            return self._ingests_changed.wait_for(lambda: not self.ingests, timeout)
+
+    @contextlib.contextmanager
+    def stop_points(self, ingest):
+        """Stop points inside a document, while this thread runs the block: m3db's ingest has no
+        stop of its own, and one long document is minutes of chunking, embedding and encoding
+        before its one commit. So the bound model's `count_tokens` (called while chunking), its
+        `encode` and the embedder's `embed` look at `ingest` first, and the last two take SLICE
+        chunks at a time (each chunk's memory and embedding are its own: slices give what one
+        call gives, but for float noise of another padding); stopped, the document ends before
+        its commit. Calls from other threads (a cold memory encoded for a reader) pass through."""
+        try:
+            model, embedder = self.models()
+        except M3DBError:  # the first document fails with the same error, as it would without this
+            yield
+            return
+        owner, active = threading.get_ident(), [True]
+
+        def mine() -> bool:  # a wrapper left in place (another server's overlapping ingest) passes through
+            return active[0] and threading.get_ident() == owner
+
+        installed = []
+        for obj, name, sliced in ((model, "count_tokens", False), (model, "encode", True), (embedder, "embed", True)):
+            call = getattr(obj, name, None)
+            own = getattr(obj, "__dict__", {}).get(name, MISSING)
+            if call is None:
+                continue
+            try:
+                setattr(obj, name, stop_point(call, ingest, sliced, mine))
+            except (AttributeError, TypeError):  # an object that takes no attribute: stops between documents only
+                continue
+            installed.append((obj, name, own))
+        try:
+            yield
+        finally:
+            active[0] = False
+            for obj, name, own in reversed(installed):
+                if own is MISSING:
+                    delattr(obj, name)
+                else:
+                    setattr(obj, name, own)
 
     def forget(self, memory_id: int) -> None:
         self.require_writable()
@@ -159,6 +246,56 @@ class KnowledgeBase:
 
     def close(self) -> None:
         self.db.close()
+
+
+MISSING = object()
+
+
+def stop_point(call, ingest, sliced: bool, mine):
+    """`call` (count_tokens, encode or embed) looking at `ingest` first when `mine()` (the
+    ingesting thread), and when `sliced`, going SLICE texts at a time with a look before each."""
+
+    def checked(texts, *args, **kwargs):
+        if not mine():
+            return call(texts, *args, **kwargs)
+        ingest.check()
+        if not sliced or isinstance(texts, str) or len(texts) <= SLICE:
+            return call(texts, *args, **kwargs)
+        parts = []
+        for start in range(0, len(texts), SLICE):
+            ingest.check()
+            parts.append(call(texts[start : start + SLICE], *args, **kwargs))
+        if isinstance(parts[0], np.ndarray):  # embed: (n, dim)
+            return np.concatenate(parts)
+        return list(itertools.chain.from_iterable(parts))  # encode: one memory per text
+
+    return checked
+
+
+class IngestStopped(Exception):
+    """An ingest was stopped (`reason`: "shutting_down" or "client_closed") before the document
+    it was on was committed."""
+
+    def __init__(self, reason: str):
+        why = {"shutting_down": "the server is shutting down", "client_closed": "the client closed the connection"}
+        super().__init__(f"{why.get(reason, reason)}: the ingest was stopped before this document's commit")
+        self.reason = reason
+
+
+class Ingest:
+    """One request's add_documents, and whether it was stopped: the client left, or the server
+    is shutting down. Looked at before each document and at the stop points inside one."""
+
+    def __init__(self):
+        self.reason = None
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise IngestStopped(self.reason)
 
 
 class DocumentFailed(Exception):

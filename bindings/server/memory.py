@@ -18,7 +18,7 @@ from m3db.extend import MAX_K
 from .errors import ApiError, bad_request, from_m3db
 from .fields import Field, parse
 from .http import read_json, wait_disconnect
-from .kb import DocumentFailed
+from .kb import DocumentFailed, Ingest, IngestStopped
 from .openai import MEMORY_FIELDS, PARAMS_DEPTH
 from .sql import Statement, jsonable
 
@@ -64,7 +64,9 @@ def document_error(failed: DocumentFailed, request: Request) -> ApiError:
     """The error of a batch whose document `failed.index` failed: its status and code, its
     index first in the message, and the documents stored before it (`stored`, which stay)."""
     e = failed.error
-    if isinstance(e, M3DBError):
+    if isinstance(e, IngestStopped):  # shutdown, or the client left: at a stop point, before its commit
+        error = ApiError(503 if e.reason == "shutting_down" else 499, str(e), e.reason)
+    elif isinstance(e, M3DBError):
         error = from_m3db(e)
         if error.status >= 500:
             log.error("%s %s: documents[%d]: %s", request.method, request.url.path, failed.index, e)
@@ -184,18 +186,25 @@ class MemoryEndpoints:
         return JSONResponse({"id": memory_id, "object": "memory", "deleted": True})
 
     async def add(self, request: Request) -> JSONResponse:
-        """POST /v1/documents: chunk, embed, encode and commit documents (a server started with --write)."""
-        self.srv.kb.require_writable()  # before reading a large body
+        """POST /v1/documents: chunk, embed, encode and commit documents (a server started with
+        --write). Shutdown stops the ingest (kb.stop_ingests): the document it was on is not
+        stored, those before it stay, and the answer is a 503 listing them."""
+        kb = self.srv.kb
+        kb.require_writable()  # before reading a large body
         body = await self.body(request, ADD_FIELDS)
         docs = []
         for i, doc in enumerate(body["documents"]):
             docs.append(parse(doc, DOCUMENT_FIELDS, what=f"documents[{i}]"))
+        ingest = Ingest()
         try:
             ids = await run_in_threadpool(
-                self.srv.kb.add_documents, docs, cold=body.get("cold", False), replace=body.get("replace", False)
+                kb.add_documents, docs, cold=body.get("cold", False), replace=body.get("replace", False), ingest=ingest
             )
         except DocumentFailed as failed:
             raise document_error(failed, request) from failed.error
+        except BaseException:  # cancelled: the grace ended before the ingest reached a stop point
+            ingest.stop("shutting_down")
+            raise
         data = [
             {"index": i, "source": d.get("source"), "memory_ids": list(m), "added": bool(m)}
             for i, (d, m) in enumerate(zip(docs, ids))
