@@ -1,8 +1,9 @@
 """`m3db serve` against hostile or careless clients: statements that would run for hours or
 return millions of rows, generate() smuggled through /v1/sql, clients that send less than they
 announce or never finish their headers, hundreds of idle connections under a low open-files
-limit, parameters nested 500 deep, and a batch of documents that fails half way. One server
-for the module (the tiny model, short limits), and one more for shutdown."""
+limit, parameters nested 500 deep, a batch of documents that fails half way, and a long ingest
+that shutdown stops or its client leaves. One server for the module (the tiny model, short
+limits), and more of their own for shutdown and ingests."""
 
 import contextlib
 import json
@@ -441,3 +442,24 @@ def test_shutdown_during_an_ingest_answers_what_was_stored_within_the_grace(tmp_
         assert stored["index"] == 0 and stored["source"] == "first" and stored["added"], error
         assert "closed" in s.output()
     assert sources_of(tmp_path / "copy.m3db") == {"bread", "zorblax", "first"}
+
+
+def test_a_client_that_leaves_an_ingest_frees_the_writer(tmp_path):
+    """A client that disconnects from a long POST /v1/documents stops its ingest at the next stop
+    point: the documents committed before stay, the one under way is not stored, and another
+    client's write gets the only writer at once, not when the encoding would have ended."""
+    with own_server(tmp_path, "--write") as s:
+        data = json.dumps(INGEST).encode()
+        sock = raw(s)
+        head = f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n"
+        sock.sendall(head.encode() + data)
+        wait_memories(s, len(DOCS) + 1)  # the first document is committed; the long one is under way
+        sock.close()
+        with s.client(timeout=120) as c:
+            started = time.monotonic()
+            r = c.post("/v1/documents", json={"documents": [{"text": "A one-line note.", "source": "note"}]})
+            assert r.status_code == 200 and r.json()["data"][0]["added"], r.text
+            assert time.monotonic() - started < 5
+        assert s.stop(signal.SIGTERM, timeout=60) == 0, s.output()
+        assert "the client closed the connection: documents[1] was stopped before its commit" in s.output()
+    assert sources_of(tmp_path / "copy.m3db") == {"bread", "zorblax", "first", "note"}

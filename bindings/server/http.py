@@ -95,6 +95,32 @@ async def wait_disconnect(receive) -> None:
             return
 
 
+async def unless_gone(request: Request, work, stop, what: str, *, left=None):
+    """The result of `work` (a coroutine run in a worker thread: a statement, an ingest) unless
+    the client disconnects first: then `stop("client_closed")`, wait for the work to end (it
+    stops at once, and lets go of what it holds), hand its error to `left`, and raise a 499.
+    Cancelled (the server is stopping), it calls `stop("shutting_down")`."""
+    work = asyncio.ensure_future(work)
+    work.add_done_callback(lambda w: w.cancelled() or w.exception())  # read, when no one waits for it
+    gone = asyncio.ensure_future(wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled: the grace ended before the work stopped
+        stop("shutting_down")
+        raise
+    finally:
+        gone.cancel()
+    if not work.done():
+        stop("client_closed")
+        try:
+            await work
+        except Exception as e:
+            if left is not None:
+                left(e)
+        raise ApiError(499, f"the client closed the connection; the {what} was stopped", "client_closed")
+    return work.result()
+
+
 async def next_event(events: asyncio.Queue, gone: asyncio.Future):
     """The next event, or None when the client disconnected first."""
     getter = asyncio.ensure_future(events.get())

@@ -5,7 +5,6 @@ mutex); writes run one at a time (`KnowledgeBase.write_lock`) and only on a serv
 with `--write`. `srv` (the app's state: kb, limits) arrives as an argument.
 """
 
-import asyncio
 import logging
 
 from starlette.concurrency import run_in_threadpool
@@ -17,7 +16,7 @@ from m3db.extend import MAX_K
 
 from .errors import ApiError, bad_request, from_m3db
 from .fields import Field, parse
-from .http import read_json, wait_disconnect
+from .http import read_json, unless_gone
 from .kb import DocumentFailed, Ingest, IngestStopped
 from .openai import MEMORY_FIELDS, PARAMS_DEPTH
 from .sql import Statement, jsonable
@@ -187,8 +186,9 @@ class MemoryEndpoints:
 
     async def add(self, request: Request) -> JSONResponse:
         """POST /v1/documents: chunk, embed, encode and commit documents (a server started with
-        --write). Shutdown stops the ingest (kb.stop_ingests): the document it was on is not
-        stored, those before it stay, and the answer is a 503 listing them."""
+        --write). Shutdown stops the ingest (kb.stop_ingests), and so does a client that
+        disconnects (it would hold the only writer for the whole encoding): the document it was
+        on is not stored, those before it stay, and the answer (to a shutdown) lists them."""
         kb = self.srv.kb
         kb.require_writable()  # before reading a large body
         body = await self.body(request, ADD_FIELDS)
@@ -196,15 +196,25 @@ class MemoryEndpoints:
         for i, doc in enumerate(body["documents"]):
             docs.append(parse(doc, DOCUMENT_FIELDS, what=f"documents[{i}]"))
         ingest = Ingest()
+        work = run_in_threadpool(
+            kb.add_documents, docs, cold=body.get("cold", False), replace=body.get("replace", False), ingest=ingest
+        )
+
+        def left(e: Exception) -> None:  # a write stopped half way: the operator may want to know
+            if isinstance(e, DocumentFailed):
+                log.warning(
+                    "%s %s: the client closed the connection: documents[%d] was stopped before its commit; the %d "
+                    "stored before it stay",
+                    request.method,
+                    request.url.path,
+                    e.index,
+                    len(e.stored),
+                )
+
         try:
-            ids = await run_in_threadpool(
-                kb.add_documents, docs, cold=body.get("cold", False), replace=body.get("replace", False), ingest=ingest
-            )
+            ids = await unless_gone(request, work, ingest.stop, "ingest", left=left)
         except DocumentFailed as failed:
             raise document_error(failed, request) from failed.error
-        except BaseException:  # cancelled: the grace ended before the ingest reached a stop point
-            ingest.stop("shutting_down")
-            raise
         data = [
             {"index": i, "source": d.get("source"), "memory_ids": list(m), "added": bool(m)}
             for i, (d, m) in enumerate(zip(docs, ids))
@@ -219,22 +229,5 @@ class MemoryEndpoints:
         if not body["query"].strip():
             raise bad_request("query is empty; send one SQL statement", param="query")
         statement = Statement()
-        work = asyncio.ensure_future(
-            run_in_threadpool(self.srv.sql.run, statement, body["query"], body.get("params"), body.get("package"))
-        )
-        gone = asyncio.ensure_future(wait_disconnect(request.receive))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled: the server is stopping
-            statement.stop("shutting_down")
-            raise
-        finally:
-            gone.cancel()
-        if not work.done():
-            statement.stop("client_closed")
-            try:
-                await work  # the statement ends (interrupted) before its connection is let go
-            except Exception:
-                pass
-            raise ApiError(499, "the client closed the connection; the statement was stopped", "client_closed")
-        return Response(work.result(), media_type="application/json")
+        work = run_in_threadpool(self.srv.sql.run, statement, body["query"], body.get("params"), body.get("package"))
+        return Response(await unless_gone(request, work, statement.stop, "statement"), media_type="application/json")
