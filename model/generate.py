@@ -31,7 +31,11 @@ MODES = ("memory", "none", "rag")
 
 
 class ContextTooLong(ValueError):
-    """A prompt (with its references, in rag mode) and max_tokens do not fit the model's context."""
+    """A prompt (with its references, in rag mode) and max_tokens do not fit the model's context.
+    `code` names the case for the engine, which cannot import this class: it answers it as its
+    ContextLengthError."""
+
+    code = "context_length"
 
 
 def context_room(model, mode: str) -> int:

@@ -178,6 +178,8 @@ class AnswerPlan:
         except ValueError as e:  # the model's word for bad input (a prompt over its context, ...)
             if isinstance(e, M3DBError):  # already m3db's own word (a recall's QueryError, ...): kept as is
                 raise
+            if getattr(e, "code", None) == "context_length":  # the model's ContextTooLong (rag's references too)
+                raise ContextLengthError(str(e), option="max_tokens") from e
             raise InvalidInputError(str(e)) from e
         ids = [i for c in g.chunks for i in c.memory_ids]
         sources = [] if reading is None else reading.sources(ids)

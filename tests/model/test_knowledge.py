@@ -129,14 +129,14 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(kb, tiny):
     context = tiny.decoder.cfg.max_seq_len
     long_prompt = "word " * context
     for memory in (True, False, "rag"):
-        with pytest.raises(m3db.InvalidInputError, match=f"over the model's context of {context} tokens"):
+        with pytest.raises(m3db.ContextLengthError, match=f"over the model's context of {context} tokens"):
             kb.generate(long_prompt, max_tokens=4, memory=memory)
     # fits without memories, but not with the positions that memories take
     just = "x" * (context - 8)
     assert kb.generate(just, max_tokens=4, memory=False, raw=True).text is not None
-    with pytest.raises(m3db.InvalidInputError, match="positions for memories"):
+    with pytest.raises(m3db.ContextLengthError, match="positions for memories"):
         kb.generate(just, max_tokens=4, memory=True, raw=True)
-    with pytest.raises(m3db.InvalidInputError, match="fewer references"):
+    with pytest.raises(m3db.ContextLengthError, match="fewer references"):  # the references' text, known late
         kb.generate(just, max_tokens=4, memory="rag", raw=True)
     with pytest.raises(m3db.InvalidInputError, match="over the model's context"):
         kb.generate("hi", max_tokens=10**9)  # refused before any cache is allocated
