@@ -39,6 +39,29 @@ HEADER_SIZE = HEADER.size  # 20
 FLAG_ZSTD = 1
 MAX_PAYLOAD = 64 << 20  # no memory is near this; a larger declared length is corruption
 REPAIR_FIELDS = ("embedding", "seq", "char_start", "char_end", "document")
+MAX_DIM = 1 << 31  # no axis of a memory's arrays is near this: a larger one is corruption
+_NONE = type(None)
+# the type of each payload field that m3db writes and reads (bool is not an int here)
+FIELD_TYPES = {
+    "id": (int,),
+    "cold": (bool,),
+    "codec": (str,),
+    "codec_version": (int,),
+    "shape": (list,),
+    "positions": (bytes,),
+    "keys": (bytes,),
+    "values": (bytes,),
+    "text": (str,),
+    "metadata": (dict,),
+    "document_id": (int, _NONE),
+    "ordinal": (int, _NONE),
+    "token_count": (int, _NONE),
+    "embedding": (bytes,),
+    "seq": (int,),
+    "char_start": (int, _NONE),
+    "char_end": (int, _NONE),
+    "document": (dict, _NONE),
+}
 # zstd barely shrinks dense quantized tensors; keep the compressed form only when it pays,
 # and decide from a small probe so that incompressible payloads cost little
 ZSTD_MIN_SAVING = 0.9
@@ -188,7 +211,23 @@ def read_payload(buf, where, *, expect_crc=None) -> dict:
         raise FormatError(f"{where}: record payload is malformed ({type(e).__name__}: {e})") from e
     if not isinstance(d, dict):
         raise FormatError(f"{where}: record payload is malformed (a {type(d).__name__}, not a map)")
+    check_fields(d, where)
     return d
+
+
+def check_fields(d, where) -> None:
+    """A FormatError unless each field of payload `d` that m3db reads has the type it writes
+    (FIELD_TYPES; the id is required and non-negative): whatever reads a payload that passed
+    read_payload (decode_record, repair's scan, merge) can take its fields as they are."""
+    if "id" not in d:
+        raise FormatError(f"{where}: record payload is malformed (no id)")
+    for name, value in d.items():
+        allowed = FIELD_TYPES.get(name)
+        if allowed is not None and type(value) not in allowed:
+            shown = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise FormatError(f"{where}: record field {name!r} is a {type(value).__name__}, expected {shown}")
+    if d["id"] < 0:
+        raise FormatError(f"{where}: record holds the negative id {d['id']}")
 
 
 def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True, codec=None) -> Memory:
@@ -197,50 +236,35 @@ def decode_record(buf, where, *, expect_id=None, expect_crc=None, arrays=True, c
     codebook is in the catalog, not in the record)."""
     d = read_payload(buf, where, expect_crc=expect_crc)
     try:
-        mid = int(d["id"])
+        mid = d["id"]
         if expect_id is not None and mid != expect_id:
             raise FormatError(f"{where}: record holds memory {mid}, the catalog expected {expect_id}")
+        fields = dict(
+            id=mid,
+            text=d["text"],
+            metadata=d["metadata"],
+            document_id=d["document_id"],
+            ordinal=d["ordinal"],
+            token_count=d.get("token_count"),
+        )
         if d.get("cold") is True:
-            return Memory(
-                mid,
-                d["text"],
-                None,
-                None,
-                None,
-                d["metadata"],
-                d["document_id"],
-                d["ordinal"],
-                d.get("token_count"),
-                cold=True,
-            )
-        shape = tuple(int(x) for x in d["shape"])
-        if len(shape) != 4:
-            raise FormatError(f"{where}: record shape {shape} is not (layers, heads, n, head_dim)")
+            return Memory(keys=None, values=None, positions=None, cold=True, **fields)
+        shape = tuple(d["shape"])
+        if len(shape) != 4 or not all(type(x) is int and 1 <= x < MAX_DIM for x in shape):
+            raise FormatError(f"{where}: record shape {str(shape)[:80]} is not (layers, heads, n, head_dim)")
         if not arrays:
-            return Memory(
-                mid, d["text"], None, None, None, d["metadata"], d["document_id"], d["ordinal"], d.get("token_count")
-            )
+            return Memory(keys=None, values=None, positions=None, **fields)
         codec = record_codec(d["codec"], d["codec_version"], codec, where)
         positions = np.frombuffer(d["positions"], dtype=np.uint8)
         if positions.size != shape[0] * shape[1] * shape[2]:
             raise FormatError(f"{where}: record has {positions.size} positions for shape {shape}")
         keys = codec.decode(d["keys"], shape, part="keys")
         values = codec.decode(d["values"], shape, part="values")
-    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+    except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, FormatError):
             raise
         raise FormatError(f"{where}: record payload is malformed ({type(e).__name__}: {e})") from e
-    return Memory(
-        mid,
-        d["text"],
-        keys,
-        values,
-        positions.reshape(shape[:3]).copy(),
-        d["metadata"],
-        d["document_id"],
-        d["ordinal"],
-        d.get("token_count"),
-    )
+    return Memory(keys=keys, values=values, positions=positions.reshape(shape[:3]).copy(), **fields)
 
 
 def record_codec(name, version, given, where):
