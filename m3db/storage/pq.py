@@ -33,6 +33,7 @@ training vectors per codebook, "crc32": of all the others (`params_crc`), which 
 codebook's identity in every blob}.
 """
 
+import math
 import struct
 import zlib
 
@@ -189,13 +190,25 @@ class PQCodec(Codec):
                 raise ValueError(f"fields {sorted(params)}, format {params.get('format')}")
             centroids = {}
             for p in PARTS:
-                shape = tuple(int(s) for s in params["shape"][p])
-                if len(shape) != 5 or shape[3] != KSUB or shape[2] != params["m"][p] or min(shape) < 1:
-                    raise ValueError(f"{p} shape {shape}")
+                shape = params["shape"][p]
+                if (
+                    not isinstance(shape, list)
+                    or len(shape) != 5
+                    or not all(_is_int(s, 1, 1 << 31) for s in shape)
+                    or shape[3] != KSUB
+                    or shape[2] != params["m"][p]
+                ):
+                    raise ValueError(f"{p} shape {str(shape)[:80]}")
                 blob = params[p]
-                if not isinstance(blob, bytes) or len(blob) != int(np.prod(shape)) * 4:
-                    raise ValueError(f"{p} centroid bytes of the wrong size (expected {int(np.prod(shape)) * 4})")
+                size = math.prod(shape) * 4
+                if not isinstance(blob, bytes) or len(blob) != size:
+                    raise ValueError(f"{p} centroid bytes of the wrong size (expected {size})")
                 centroids[p] = np.frombuffer(blob, dtype="<f4").reshape(shape)
+            # a codebook's number goes in a u32 of each v1 blob; counts and errors are plain numbers
+            if not _is_int(params["codebook"], 0, 1 << 32) or not _is_int(params["vectors"], 0, 1 << 63):
+                raise ValueError(f"codebook {str(params['codebook'])[:40]}, vectors {str(params['vectors'])[:40]}")
+            if not all(type(params["error"][p]) in (int, float) for p in PARTS):
+                raise ValueError(f"error {str(params['error'])[:80]}")
             described = {k: v for k, v in params.items() if k not in ("keys", "values", "crc32")}
             if params_crc(described, params["keys"], params["values"]) != params["crc32"]:
                 raise ValueError("crc32 mismatch")
@@ -204,9 +217,9 @@ class PQCodec(Codec):
             error = {p: float(params["error"][p]) for p in PARTS}
             return cls(
                 centroids,
-                codebook=int(params["codebook"]),
+                codebook=params["codebook"],
                 error=error,
-                vectors=int(params["vectors"]),
+                vectors=params["vectors"],
                 version=cls.version if version is None else version,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -217,6 +230,11 @@ class PQCodec(Codec):
     def __repr__(self):
         m = self.m
         return f"<Codec pq v{self.version} codebook {self.codebook}: {m['keys']} + {m['values']} bytes per key + value>"
+
+
+def _is_int(value, low, high) -> bool:
+    """Whether `value` is an int (not a bool) in [low, high)."""
+    return type(value) is int and low <= value < high
 
 
 def params_crc(described, keys, values) -> int:
