@@ -7,12 +7,15 @@ against it. Opening with a different spec is refused with a message naming both 
 
 import dataclasses
 import json
+import math
+import operator
 from collections.abc import Mapping
+from numbers import Real
 from typing import Self
 
 import numpy as np
 
-from ..errors import InvalidInputError, SpecMismatchError
+from ..errors import FormatError, InvalidInputError, SpecMismatchError
 from .codec import codec_class
 
 # positions are stored as uint8, so a reference can hold at most 256 tokens
@@ -50,20 +53,30 @@ class MemorySpec:
     codec: str = "int8"
 
     def __post_init__(self):
-        object.__setattr__(self, "memory_layers", tuple(int(x) for x in self.memory_layers))
         problems = []
+        try:  # layer numbers: integers (a numpy integer too), never a bool, a float or a string's digits
+            if isinstance(self.memory_layers, (str, bytes, Mapping)):
+                raise TypeError
+            items = list(self.memory_layers)
+            layers = tuple(operator.index(x) for x in items if not isinstance(x, bool))
+            if len(layers) != len(items):
+                raise TypeError
+        except TypeError:
+            layers = None
+        object.__setattr__(self, "memory_layers", layers if layers is not None else self.memory_layers)
+        if layers is None or not layers or min(layers) < 0 or len(set(layers)) != len(layers):
+            problems.append(
+                f"memory_layers must be distinct non-negative layer numbers, got {str(self.memory_layers)[:80]}"
+            )
         if not isinstance(self.model_fingerprint, str) or not self.model_fingerprint:
             problems.append("model_fingerprint must be a non-empty string")
-        if (
-            not self.memory_layers
-            or min(self.memory_layers) < 0
-            or len(set(self.memory_layers)) != len(self.memory_layers)
-        ):
-            problems.append(f"memory_layers must be distinct non-negative layer numbers, got {self.memory_layers}")
+        for name in ("embedder_fingerprint", "reference_prefix", "position_policy", "codec"):
+            if not isinstance(getattr(self, name), str):
+                problems.append(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
         for name in ("kv_heads", "head_dim", "tokens_per_head", "embedding_dim", "reference_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
+                problems.append(f"{name} must be a positive integer, got {str(value)[:40]!r}")
         if isinstance(self.reference_length, int) and self.reference_length > MAX_REFERENCE_LENGTH:
             problems.append(
                 f"reference_length must be <= {MAX_REFERENCE_LENGTH} (positions are uint8), got {self.reference_length}"
@@ -76,6 +89,11 @@ class MemorySpec:
             problems.append(
                 f"tokens_per_head ({self.tokens_per_head}) cannot exceed reference_length ({self.reference_length})"
             )
+        rope_base = self.rope_base
+        if not isinstance(rope_base, Real) or isinstance(rope_base, bool) or not math.isfinite(rope_base):
+            problems.append(f"rope_base must be a finite number, got {str(self.rope_base)[:40]!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            problems.append(f"rope_scaling must be a dict or None, got {type(self.rope_scaling).__name__}")
         if problems:
             raise InvalidInputError("invalid memory spec: " + "; ".join(problems))
         codec_class(self.codec)  # raises on an unknown codec name
@@ -92,15 +110,29 @@ class MemorySpec:
 
     @classmethod
     def from_dict(cls, d) -> Self:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        if not isinstance(d, Mapping):
+            raise InvalidInputError(f"a memory spec is a mapping of its fields, got a {type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
+        unknown = sorted(map(str, set(d) - known))
         if unknown:
             raise InvalidInputError(f"unknown memory spec fields {unknown}; known fields: {sorted(known)}")
+        missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING]
+        if missing:
+            raise InvalidInputError(f"the memory spec lacks the fields {missing}")
         return cls(**d)
 
     @classmethod
     def from_json(cls, text) -> Self:
-        return cls.from_dict(json.loads(text))
+        """The spec stored as JSON text (a catalog's meta, spec.json, a package's catalog): a
+        FormatError when the text is not a JSON object, an InvalidInputError naming each bad field."""
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise FormatError(f"the stored memory spec is not JSON ({type(e).__name__}: {str(e)[:200]})") from None
+        if not isinstance(d, dict):
+            raise FormatError(f"the stored memory spec is a JSON {type(d).__name__}, not an object")
+        return cls.from_dict(d)
 
     # -- comparison ----------------------------------------------------------------------
 
