@@ -201,7 +201,7 @@ def check_head(head, where, manifest) -> dict[str, object]:
             f"{CATALOG_VERSION}"
         )
     for key in ("commit_seq", "next_id"):
-        if not meta[key].isdigit() or len(meta[key]) > 19:
+        if not (meta[key].isascii() and meta[key].isdigit()) or len(meta[key]) > 19:  # "²".isdigit() too
             raise FormatError(
                 f"{where}: the catalog's meta {key} is {meta[key][:30]!r}, expected a non-negative integer"
             )
