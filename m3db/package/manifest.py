@@ -152,10 +152,12 @@ class Frame:
 def parse_manifest(raw, where) -> dict[str, object]:
     """Decode and check a manifest's fields and types (not its sections' placement)."""
     try:
-        m = json.loads(raw.decode("ascii"))
+        # NaN and Infinity are not JSON: Python reads them, and canonical form cannot write them
+        m = json.loads(raw.decode("ascii"), parse_constant=_not_json)
+        canonical = dump_manifest(m)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{where}: the manifest is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    if raw != dump_manifest(m):
+    if raw != canonical:
         raise FormatError(
             f"{where}: the manifest is not in canonical form (sorted keys, no spaces); it was not written by m3db pack"
         )
@@ -313,6 +315,10 @@ def segment_number(name) -> int:
 
 def section_name(number) -> str:
     return f"segment/{number:06d}"
+
+
+def _not_json(constant):
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def _obj(m, key, where):
