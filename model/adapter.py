@@ -45,15 +45,40 @@ class AdapterError(ValueError):
 
 
 def read_header(path) -> dict:
-    """The JSON header of an adapter file, without reading its tensors."""
+    """The JSON header of an adapter file, without reading its tensors: an object whose
+    `settings`, when present, is an object whose memory settings have their types (what the CLI
+    reads with, `SETTING_TYPES`); anything else is an AdapterError."""
     from safetensors import SafetensorError, safe_open
 
+    where = f"{os.fspath(path)!r} is not a readable m3db reader adapter"
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return json.loads(meta["m3db_adapter"])
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise AdapterError(f"{os.fspath(path)!r} is not a readable m3db reader adapter ({e})") from e
+        header = json.loads(meta["m3db_adapter"])
+    except (SafetensorError, OSError, KeyError, ValueError, RecursionError) as e:
+        raise AdapterError(f"{where} ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(header, dict):
+        raise AdapterError(f"{where} (its header is a JSON {type(header).__name__}, not an object)")
+    settings = header.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise AdapterError(f"{where} (its settings are a JSON {type(settings).__name__}, not an object)")
+    for key, check in SETTING_TYPES.items():
+        if settings and key in settings and not check(settings[key]):
+            raise AdapterError(f"{where} (its settings' {key} is {str(settings[key])[:80]})")
+    return header
+
+
+def _count(value, low) -> bool:
+    return type(value) is int and value >= low
+
+
+# what each memory setting in an adapter's header must be (read_header)
+SETTING_TYPES = {
+    "memory_layers": lambda v: v is None or (isinstance(v, list) and all(_count(i, 0) for i in v)),
+    "tokens_per_head": lambda v: _count(v, 1),
+    "reference_prefix": lambda v: isinstance(v, str),
+    "position_policy": lambda v: isinstance(v, str),
+}
 
 
 def _dims(cfg: DecoderConfig) -> dict:
