@@ -34,6 +34,9 @@ EXPANSION_ADD = 64
 EXPANSION_SEARCH = 256
 # exact_all fetches this many more than asked, so equal scores at the cut rank by id
 TIE_MARGIN = 16
+# the state file's fields, each an integer of at least this (index.state, read_state)
+STATE_FIELDS = {"seq": -1, "count": 0, "bytes": 0, "crc32": 0}
+MAX_STATE_BYTES = 4096  # a state file is ~70 bytes: a longer one is not one
 # a stored vector is a unit vector in float16: its cosine with the float32 one is 1 within ~1e-3
 F16_COSINE_TOLERANCE = 1e-2
 
@@ -69,10 +72,11 @@ class VectorIndex:
         path, state_path = self._path(INDEX_FILE), self._path(STATE_FILE)
         if not os.path.exists(path):
             return -1
+        state = read_state(state_path)
+        if state is None:
+            return -1
         try:
-            with open(state_path) as f:
-                state = json.load(f)
-            if os.path.getsize(path) != state["bytes"] or file_crc32(path) != state.get("crc32"):
+            if os.path.getsize(path) != state["bytes"] or file_crc32(path) != state["crc32"]:
                 # damaged, or saved before checksums: never hand USearch bytes it did not write
                 # (a damaged graph can crash the process); the catalog rebuilds it
                 return -1
@@ -93,7 +97,7 @@ class VectorIndex:
             self.is_view = False
             return -1
         self.index = index
-        self.saved_seq = int(state["seq"])
+        self.saved_seq = state["seq"]
         return self.saved_seq
 
     def save(self, seq) -> None:
@@ -120,12 +124,11 @@ class VectorIndex:
         saved), else what is wrong. The index in RAM was checked when it was loaded."""
         if self.directory is None or not os.path.exists(self._path(INDEX_FILE)):
             return None
+        state = read_state(self._path(STATE_FILE))
         try:
-            with open(self._path(STATE_FILE)) as f:
-                state = json.load(f)
-            if file_crc32(self._path(INDEX_FILE)) == state.get("crc32"):
+            if state is not None and file_crc32(self._path(INDEX_FILE)) == state["crc32"]:
                 return None
-        except (OSError, ValueError, AttributeError):
+        except OSError:
             pass
         return f"{INDEX_FILE} does not match the checksum in {STATE_FILE}; the next open rebuilds it from the catalog"
 
@@ -263,6 +266,22 @@ class VectorIndex:
 
     def close(self) -> None:
         self.index = None
+
+
+def read_state(path) -> dict[str, int] | None:
+    """The state file saved with the index: {"seq": the commit it holds (-1 or more), "count":
+    its vectors, "bytes": the index file's size, "crc32": its checksum}, or None when the file
+    is missing, unreadable or not such an object (then the index is rebuilt from the catalog)."""
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read(MAX_STATE_BYTES + 1))
+    except (OSError, ValueError, RecursionError):  # not JSON, not UTF-8 (a ValueError), nesting too deep
+        return None
+    if not isinstance(state, dict) or not all(
+        type(state.get(key)) is int and low <= state[key] < 1 << 64 for key, low in STATE_FIELDS.items()
+    ):
+        return None
+    return {key: state[key] for key in STATE_FIELDS}
 
 
 def unit_rows(vectors) -> np.ndarray:
