@@ -61,17 +61,17 @@ class ForgottenLog:
         """(the last commit, the next id) that the log has seen; (-1, 0) for none."""
         seq, next_id = -1, 0
         for entry in self._entries():
-            seq = max(seq, int(entry["seq"]))
-            next_id = max(next_id, int(entry.get("next_id", 0)), *(int(i) + 1 for i in entry["ids"]))
+            seq = max(seq, entry["seq"])
+            next_id = max(next_id, entry.get("next_id", 0), *(i + 1 for i in entry["ids"]))
         return seq, next_id
 
     def read(self) -> dict[int, int]:
         """{memory id: the last commit that forgot it}; a damaged tail is ignored."""
         out = {}
         for entry in self._entries():
-            seq = int(entry["seq"])
+            seq = entry["seq"]
             for i in entry["ids"]:
-                out[int(i)] = max(seq, out.get(int(i), -1))
+                out[i] = max(seq, out.get(i, -1))
         return out
 
     def _entries(self):
@@ -89,8 +89,22 @@ class ForgottenLog:
                 break  # a torn append (a crash, a full disk): nothing after it committed
             try:
                 entry = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-                int(entry["seq"]), [int(i) for i in entry["ids"]], int(entry.get("next_id", 0))
-            except (AttributeError, KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
-                raise FormatError(f"{self.path}: a frame at byte {pos} has a valid checksum but is malformed") from e
+            except (ValueError, msgpack.UnpackException):
+                entry = None
+            # what append and clear write: a commit, a list of ids and perhaps the next id, all
+            # non-negative integers (a float, a string of digits or a bool is not one)
+            if not (
+                isinstance(entry, dict)
+                and _is_count(entry.get("seq"))
+                and isinstance(entry.get("ids"), list)
+                and all(_is_count(i) for i in entry["ids"])
+                and _is_count(entry.get("next_id", 0))
+            ):
+                raise FormatError(f"{self.path}: a frame at byte {pos} has a valid checksum but is malformed")
             yield entry
             pos += FRAME.size + length
+
+
+def _is_count(value) -> bool:
+    """A non-negative integer that fits a BIGINT (an id, a commit number)."""
+    return type(value) is int and 0 <= value < 1 << 63
