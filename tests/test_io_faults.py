@@ -1,10 +1,13 @@
-"""The I/O fault sweep: every write, fsync, rename, mkdir, remove, index save and catalog commit
-inside add, forget, a transaction, compact, pack, the index save at close and creating a
-database fails in turn (N = 1, 2, ... until the operation runs clean), with ENOSPC, EIO and
-EACCES, once (transient) and from then on (a disk that stays full). After each trial:
+"""The I/O fault sweep: every write, fsync, rename, mkdir, remove, and each C++ library's write
+(USearch's index save; DuckDB's connect, commit, an INSERT's writes, checkpoint; each raising
+what that library really raises: tests/io_faults.py) inside add, forget, a transaction,
+compact, pack, the index save at close and creating a database fails in turn (N = 1, 2, ...
+until the operation runs clean), with ENOSPC, EIO and EACCES, once (transient) and from then on
+(a disk that stays full). After each trial:
 
-- the operation raised an m3db error (never a raw one) and changed nothing, or it returned and
-  did all it should (a fault after the commit point is absorbed: the index catches up later);
+- the operation raised StorageError (never a raw error, nor one that blames the bytes on disk),
+  with the fault's errno, and changed nothing, or it returned and did all it should (a fault after the commit point is
+  absorbed: the index catches up later, and a failed index save warns, IndexSaveWarning);
 - the open handle shows exactly that state, and retrying the operation on it works;
 - reopening shows exactly that state, bit-exact, and check() is clean.
 
@@ -19,12 +22,14 @@ import hashlib
 import itertools
 import os
 import shutil
+import warnings
 
 import pytest
 from conftest import make_memory, small_spec
 from io_faults import IOFaults
 
 import m3db
+from m3db.storage.store import IndexSaveWarning
 
 SLOW = os.environ.get("M3DB_SLOW") == "1"
 EVERY_SAVE = {"index_save_every": 1}  # every commit saves the index: its save is inside each write
@@ -202,13 +207,21 @@ def judge(db, work, op, n, error, persistent, expected_states, retry_on_handle) 
     before, after = expected_states
     op.prepare(db, work)
     raised = None
-    with IOFaults(n, error, persistent=persistent):
+    with IOFaults(n, error, persistent=persistent) as faults, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             op.act(db, work)
         except Exception as e:  # judged below: only an m3db error is acceptable
             raised = e
     if raised is not None and not isinstance(raised, m3db.M3DBError):
         return f"raw {type(raised).__name__}: {raised}"
+    if raised is not None and not isinstance(raised, m3db.StorageError):  # a FormatError would blame the bytes
+        return f"an I/O fault raised {type(raised).__name__}, not StorageError: {raised}"
+    if isinstance(raised, m3db.StorageError) and raised.errno != error:
+        return f"the StorageError lost the errno ({raised.errno}, not {error}): {raised}"
+    warned = [w for w in caught if issubclass(w.category, IndexSaveWarning)]
+    if raised is None and "index-save" in faults.failed and not warned:
+        return "an index save failed after the commit point, and nothing said so"
     expected = before if raised is not None else after
     problem = op.settled(work, raised, persistent)
     if problem:

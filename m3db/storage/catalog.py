@@ -16,8 +16,18 @@ Only this module talks to DuckDB. Tables (users may read them with plain SQL):
 
 Memory ids are unique by the engine's rule (checked on add and by `check()`), not by a
 DuckDB key: an ART key slows bulk inserts and m3db already holds an id map in memory.
+
+DuckDB reports an operating system's failure (a full disk, a file-size limit, a permission, a
+read-only mount) as text in IOException (connect, a statement's own writes),
+TransactionException (COMMIT: "Failed to commit: Could not write file ...") and FatalException
+(CHECKPOINT, which also invalidates the database until it is reopened). This module is where
+they enter m3db: each method that writes turns them into StorageError (`storage_failure`),
+and `damaged` does for a read; any other DuckDB error is left to the caller (a damaged file,
+a query).
 """
 
+import contextlib
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -25,7 +35,14 @@ from collections.abc import Iterator
 import duckdb
 import numpy as np
 
-from ..errors import FormatError, InvalidInputError, LockedError, QueryError, ReadOnlyError
+from ..errors import FormatError, InvalidInputError, LockedError, M3DBError, QueryError, ReadOnlyError, storage_error
+from .durable import os_error
+
+# what a metadata value may be (values.py); importers take these names from the catalog too
+from .values import MAX_JSON_DEPTH as MAX_JSON_DEPTH
+from .values import check_json_value as check_json_value
+from .values import check_text as check_text
+from .values import metadata_sql_type as metadata_sql_type
 
 CATALOG_VERSION = 2  # 2: char_start, char_end
 
@@ -67,9 +84,6 @@ LOCKED_DOWN = {
 _SESSION_SETTINGS = ("enable_progress_bar",)
 
 
-MAX_JSON_DEPTH = 64  # nesting of a metadata value: deeper is a mistake, and readers recurse
-
-
 # what DuckDB raises; the layers above catch it by this name (only this module imports duckdb)
 CATALOG_ERRORS = (duckdb.Error,)
 REPAIR_HINT = (
@@ -78,9 +92,13 @@ REPAIR_HINT = (
 )
 
 
-def damaged(path, e) -> FormatError:
+def damaged(path, e) -> M3DBError:
     """A DuckDB failure on m3db's own queries: the catalog file is damaged (its blocks carry
-    checksums, so a flipped byte fails a read rather than giving a wrong row)."""
+    checksums, so a flipped byte fails a read rather than giving a wrong row), a FormatError;
+    unless DuckDB reports an operating system's failure (a StorageError: the file may be whole)."""
+    failure = storage_failure(e, "using the catalog")
+    if failure is not None:
+        return failure
     return FormatError(
         f"the catalog {path!r} cannot be read ({_first_line(e)}): the file is damaged. Nothing was changed; "
         "rebuild it from the segments with `m3db check --repair` (the damaged file is kept aside), or restore "
@@ -88,70 +106,61 @@ def damaged(path, e) -> FormatError:
     )
 
 
-def metadata_sql_type(key, value) -> str | None:
-    """The DuckDB column type a metadata value is stored as, or an InvalidInputError. A value is
-    accepted only when reading it back gives an equal value (see check_json_value)."""
-    check_json_value(f"metadata {key!r}", value)
-    if value is None:
+_FILE_IN_MESSAGE = re.compile(r'file "([^"]+)"')
+_INVALIDATED = "database has been invalidated"
+
+
+def storage_failure(e, what) -> M3DBError | None:
+    """The StorageError for a DuckDB error that reports an operating system's failure (its text
+    ends with the strerror: 'Could not write file "...": No space left on device'), or None.
+    After a FatalException DuckDB refuses every statement until the database is reopened: the
+    error says so."""
+    text = str(e).strip()
+    found = os_error(text, None)
+    if found is None:
         return None
-    if isinstance(value, bool):
-        return "BOOLEAN"
-    if isinstance(value, int):
-        return "BIGINT"
-    if isinstance(value, float):
-        return "DOUBLE"
-    if isinstance(value, str):
-        return "VARCHAR"
-    return "JSON"
+    name = _FILE_IN_MESSAGE.findall(text)
+    found.filename = name[-1] if name else None
+    if _INVALIDATED in text:
+        what = f"{what} (DuckDB stopped this catalog after an earlier write failed: reopen the database)"
+    elif isinstance(e, duckdb.FatalException):
+        what = f"{what} (DuckDB stopped this catalog: reopen the database)"
+    return storage_error(found, what)
 
 
-def check_json_value(what, value) -> None:
-    """Refuse what would not read back equal: types other than str, int, float, bool, None and
-    lists and dicts of them (a tuple reads back as a list), dict keys that are not strings (JSON
-    and msgpack readers turn them into strings or refuse them), integers past 64 bits, NaN and
-    infinities, strings that are not UTF-8 (lone surrogates), nesting past MAX_JSON_DEPTH."""
-    stack = [(value, 0)]
-    while stack:
-        v, depth = stack.pop()
-        if v is None or isinstance(v, bool):
-            continue
-        if isinstance(v, int):
-            if not -(2**63) <= v < 2**63:
-                raise InvalidInputError(f"{what}: integer {v} does not fit in 64 bits")
-        elif isinstance(v, float):
-            if v != v or v in (float("inf"), float("-inf")):
-                raise InvalidInputError(f"{what}: {v} is not a finite number")
-        elif isinstance(v, str):
-            check_text(what, v)
-        elif isinstance(v, (list, dict)):
-            if depth >= MAX_JSON_DEPTH:
-                raise InvalidInputError(f"{what}: lists and dicts nest deeper than {MAX_JSON_DEPTH} levels; flatten it")
-            if isinstance(v, dict):
-                for k in v:
-                    if not isinstance(k, str):
-                        raise InvalidInputError(
-                            f"{what}: dict key {k!r} is a {type(k).__name__}; keys must be strings (use str(key))"
-                        )
-                    check_text(what, k)
-                stack.extend((item, depth + 1) for item in v.values())
-            else:
-                stack.extend((item, depth + 1) for item in v)
-        else:
-            raise InvalidInputError(
-                f"{what} holds a {type(v).__name__}; metadata values may be str, int, float, bool, None, or "
-                "lists/dicts of those: convert it first (e.g. str(value), list(value) or value.isoformat())"
-            )
-
-
-def check_text(what, text) -> None:
-    """A string must be storable as UTF-8 (a lone surrogate, say from a bad decode, is not)."""
+@contextlib.contextmanager
+def _registered(con, name, data):
+    """`data` registered as the view `name` for the block. A statement that fails inside a
+    transaction aborts it, and DuckDB then refuses the unregister too: that error must not
+    replace the statement's (a full disk's IOException became 'Current transaction is
+    aborted')."""
+    con.register(name, data)
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidInputError(
-            f"{what}: the text holds {text[e.start : e.end]!r} at position {e.start}, which is not valid Unicode "
-            "(a lone surrogate, often from decoding bytes with errors='surrogateescape'); fix the decoding"
-        ) from None
+        yield
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.unregister(name)
+        raise
+    con.unregister(name)
+
+
+def _writes(what):
+    """Method decorator: DuckDB's reports of an operating system's failure raise StorageError."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except duckdb.Error as e:
+                failure = storage_failure(e, what)
+                if failure is None:
+                    raise
+                raise failure from e
+
+        return wrapper
+
+    return decorate
 
 
 def check_metadata_key(key) -> None:
@@ -178,8 +187,14 @@ class Catalog:
                     f"the catalog {path!r} is open in another process ({msg.splitlines()[0]}). DuckDB allows one "
                     "writing process, or many read_only=True processes, never both"
                 ) from e
+            failure = storage_failure(e, "opening the catalog")  # a permission, a read-only mount, a full disk
+            if failure is not None:
+                raise failure from e
             raise FormatError(f"cannot open the catalog {path!r}: {msg}{REPAIR_HINT}") from e
         except duckdb.Error as e:
+            failure = storage_failure(e, "opening the catalog")
+            if failure is not None:
+                raise failure from e
             raise FormatError(f"cannot open the catalog {path!r}: {e}{REPAIR_HINT}") from e
         self.path = path
         self._columns = None
@@ -191,6 +206,7 @@ class Catalog:
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
         ).fetchone()[0]
 
+    @_writes("creating the catalog")
     def create(self, spec_json, embedding_dim) -> None:
         c = self.con
         c.execute("BEGIN")
@@ -227,6 +243,7 @@ class Catalog:
             )
         return rows
 
+    @_writes("writing the catalog")
     def set_meta(self, key, value) -> None:
         self.con.execute("UPDATE meta SET value = ? WHERE key = ?", [str(value), key])
 
@@ -243,24 +260,30 @@ class Catalog:
     def metadata_columns(self) -> dict[str, str]:
         return {k: v for k, v in self.columns().items() if k not in BUILTIN_COLUMNS}
 
+    @_writes("adding a metadata column to the catalog")
     def add_metadata_column(self, key, sql_type) -> None:
         self.con.execute(f'ALTER TABLE memories ADD COLUMN "{key}" {sql_type}')
         self._columns = None
 
     # -- transactions ----------------------------------------------------------------------
 
+    @_writes("starting a catalog transaction")
     def begin(self) -> None:
         self.require_writable()
         self.con.execute("BEGIN")
 
+    @_writes("committing to the catalog")
     def commit(self) -> None:
         self.con.execute("COMMIT")
 
     def rollback(self) -> None:
+        """Roll back the open transaction; never raises (it runs while another error is on its
+        way out): after a failed COMMIT DuckDB has no transaction open, and after a
+        FatalException it refuses every statement (nothing uncommitted survives either)."""
         try:
             self.con.execute("ROLLBACK")
-        except duckdb.TransactionException:
-            pass  # nothing was open
+        except duckdb.Error:
+            pass  # nothing was open, or DuckDB invalidated the database
         self._columns = None  # an ALTER may have been rolled back
 
     def require_writable(self) -> None:
@@ -270,6 +293,7 @@ class Catalog:
 
     # -- writing (inside begin/commit) -----------------------------------------------------
 
+    @_writes("writing memories to the catalog")
     def insert_memories(self, batch) -> None:
         """batch: {column: numpy array or object array}; built-in columns plus metadata columns."""
         names = list(batch)
@@ -278,37 +302,31 @@ class Catalog:
             f'"{n}"::FLOAT[]' if n == "embedding" else (f'"{n}"::JSON' if self.columns().get(n) == "JSON" else f'"{n}"')
             for n in names
         )
-        self.con.register("_m3db_batch", batch)
-        try:
+        with _registered(self.con, "_m3db_batch", batch):
             self.con.execute(f"INSERT INTO memories ({cols}) SELECT {select} FROM _m3db_batch")
-        finally:
-            self.con.unregister("_m3db_batch")
 
+    @_writes("writing the catalog")
     def delete_memories(self, ids, commit_seq) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         batch = {"id": ids, "commit_seq": np.full(len(ids), commit_seq, dtype=np.int64)}
-        self.con.register("_m3db_forget", batch)
-        try:
+        with _registered(self.con, "_m3db_forget", batch):
             self.con.execute("DELETE FROM memories WHERE id IN (SELECT id FROM _m3db_forget)")
             self.con.execute("INSERT INTO forgotten SELECT id, commit_seq FROM _m3db_forget")
-        finally:
-            self.con.unregister("_m3db_forget")
 
+    @_writes("writing the catalog")
     def move_memories(self, ids, segments, offsets) -> None:
         batch = {
             "id": np.asarray(ids, np.int64),
             "segment": np.asarray(segments, np.int32),
             "offset": np.asarray(offsets, np.int64),
         }
-        self.con.register("_m3db_move", batch)
-        try:
+        with _registered(self.con, "_m3db_move", batch):
             self.con.execute(
                 'UPDATE memories SET segment = b.segment, "offset" = b."offset" FROM _m3db_move b WHERE '
                 "memories.id = b.id"
             )
-        finally:
-            self.con.unregister("_m3db_move")
 
+    @_writes("writing the catalog")
     def relocate_memories(self, ids, segments, offsets, lengths, checksums, codec) -> None:
         """Point memories at new records (a cold memory's first encoding)."""
         batch = {
@@ -318,16 +336,14 @@ class Catalog:
             "length": np.asarray(lengths, np.int32),
             "checksum": np.asarray(checksums, np.uint64),
         }
-        self.con.register("_m3db_relocate", batch)
-        try:
+        with _registered(self.con, "_m3db_relocate", batch):
             self.con.execute(
                 'UPDATE memories SET segment = b.segment, "offset" = b."offset", length = b.length, '
                 "checksum = b.checksum, codec = ? FROM _m3db_relocate b WHERE memories.id = b.id",
                 [codec],
             )
-        finally:
-            self.con.unregister("_m3db_relocate")
 
+    @_writes("writing the catalog")
     def rewrite_memories(self, batch) -> None:
         """Point memories at records of another model (a re-encode): batch {id, segment, offset,
         length, checksum, codec, token_count} arrays, plus `embedding` rows when re-embedded."""
@@ -335,11 +351,8 @@ class Catalog:
         if "embedding" in batch:
             sets.append("embedding")
         columns = ", ".join(f"{c} = b.{c}" if c != "embedding" else "embedding = b.embedding::FLOAT[]" for c in sets)
-        self.con.register("_m3db_rewrite", batch)
-        try:
+        with _registered(self.con, "_m3db_rewrite", batch):
             self.con.execute(f"UPDATE memories SET {columns} FROM _m3db_rewrite b WHERE memories.id = b.id")
-        finally:
-            self.con.unregister("_m3db_rewrite")
 
     def cold_ids(self) -> np.ndarray:
         """Ids of the memories not encoded yet (codec 'cold'), ascending."""
@@ -356,6 +369,7 @@ class Catalog:
         row = self.con.execute("SELECT params FROM codecs WHERE name = ? AND version = ?", [name, version]).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
+    @_writes("writing the catalog")
     def insert_document(self, doc) -> None:
         metadata = doc.get("metadata")
         self.con.execute(
@@ -369,6 +383,7 @@ class Catalog:
             ],
         )
 
+    @_writes("writing the catalog")
     def update_document(self, doc) -> None:
         """Set a stored document's title, uri and metadata (a replace: the row says what the
         document's new memories were added with); its id, source and created_at stay."""
@@ -406,21 +421,21 @@ class Catalog:
         """The id the next new document gets."""
         return self.con.execute("SELECT coalesce(max(id), 0) + 1 FROM documents").fetchone()[0]
 
+    @_writes("writing the catalog")
     def insert_documents(self, batch) -> None:
         """Insert documents given as columns {id, source, title, uri, metadata (JSON text), created_at}."""
-        self.con.register("_m3db_docs", batch)
-        try:
+        with _registered(self.con, "_m3db_docs", batch):
             self.con.execute(
                 "INSERT INTO documents(id, source, title, uri, metadata, created_at) "
                 "SELECT id, source, title, uri, metadata::JSON, created_at FROM _m3db_docs"
             )
-        finally:
-            self.con.unregister("_m3db_docs")
 
+    @_writes("writing the catalog")
     def insert_codec(self, name, version, params) -> None:
         """Store a trained codec's parameters (msgpack bytes, or None)."""
         self.con.execute("INSERT INTO codecs VALUES (?, ?, ?)", [name, version, params])
 
+    @_writes("writing the catalog")
     def replace_codec(self, name, version, params) -> None:
         """Store a trained codec's parameters (msgpack bytes), replacing those of the same name at
         any version (inside the transaction that re-encodes every record with them: no record is
@@ -428,6 +443,7 @@ class Catalog:
         self.con.execute("DELETE FROM codecs WHERE name = ?", [name])
         self.insert_codec(name, version, params)
 
+    @_writes("checkpointing the catalog")
     def checkpoint(self) -> None:
         """Write DuckDB's WAL into the database file (a finished catalog then is one file)."""
         self.con.execute("CHECKPOINT")

@@ -7,6 +7,13 @@ bytes: a damaged graph can crash the process) but rebuilt from the catalog. On o
 caught up from the catalog (adds after that commit, removals from the `forgotten`
 tombstones), or fully reconciled when the state file does not match.
 
+USearch reports every failure as RuntimeError or ValueError, an operating system's error only
+as its text ("Operation not permitted"; a write that fell short, a full disk or a file-size
+limit, as "Failed to serialize into stream", leaving a partial file). This module is where
+they enter m3db: a save that fails raises StorageError (the errno read from the text where it
+names one) and leaves no temporary file; a load or view that fails is a rebuild, never an
+error (docs/errors.md has the table of what each really raised).
+
 USearch has no predicate filter in Python, so filtered recall (m3db.search.plan) asks this module
 for exact scores over an allowed set or for an over-fetched candidate list.
 Never `add()` to an index opened as a view (it can crash the process): a view is only used
@@ -21,7 +28,8 @@ from typing import Self
 import numpy as np
 from usearch.index import Index
 
-from .durable import fsync_path
+from ..errors import StorageError, storage_error
+from .durable import fsync_path, os_error, remove_quietly
 
 INDEX_FILE = "index.usearch"
 STATE_FILE = "index.state"
@@ -101,23 +109,31 @@ class VectorIndex:
         return self.saved_seq
 
     def save(self, seq) -> None:
-        """Write temp, fsync, rename; then the state file the same way."""
+        """Write temp, fsync, rename; then the state file the same way. A failure raises
+        StorageError and leaves the saved files as they were (or the index file new and its
+        state file old: a mismatch the next open rebuilds), and no temporary file."""
         if self.directory is None or self.read_only:
             return
         self._materialize()
-        tmp = self._path(INDEX_FILE + ".tmp")
+        tmp, state_tmp = self._path(INDEX_FILE + ".tmp"), self._path(STATE_FILE + ".tmp")
+        try:
+            self._write(seq, tmp, state_tmp)
+        except (OSError, RuntimeError, ValueError) as e:
+            remove_quietly(tmp, state_tmp)  # a partial file on a full disk holds the space it took
+            raise save_error(e, tmp) from e
+        self.saved_seq = int(seq)
+
+    def _write(self, seq, tmp, state_tmp) -> None:
         self.index.save(tmp)
         fsync_path(tmp)
-        os.replace(tmp, self._path(INDEX_FILE))
         path = self._path(INDEX_FILE)
+        os.replace(tmp, path)
         state = {"seq": int(seq), "count": len(self.index), "bytes": os.path.getsize(path), "crc32": file_crc32(path)}
-        tmp = self._path(STATE_FILE + ".tmp")
-        with open(tmp, "w") as f:
+        with open(state_tmp, "w") as f:
             f.write(json.dumps(state))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self._path(STATE_FILE))
-        self.saved_seq = int(seq)
+        os.replace(state_tmp, self._path(STATE_FILE))
 
     def verify_file(self) -> str | None:
         """None when the saved index file matches the checksum in its state file (or nothing is
@@ -291,6 +307,19 @@ def unit_rows(vectors) -> np.ndarray:
     v = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True)
     return (v / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def save_error(e: Exception, tmp) -> StorageError:
+    """What saving the index raised, as a StorageError: an OSError of the Python side, or
+    USearch's RuntimeError or ValueError, whose text names the OS error when it has one."""
+    if isinstance(e, StorageError):
+        return e
+    if not isinstance(e, OSError):
+        text = f"USearch: {e}"
+        if "serialize" in str(e):  # its fwrite fell short: the errno is not kept
+            text += " (a write fell short: a full disk or a file-size limit)"
+        e = os_error(str(e), tmp) or OSError(None, text, tmp)
+    return storage_error(e, "saving the vector index")
 
 
 def file_crc32(path, block=8 << 20) -> int:

@@ -19,10 +19,11 @@ The store does not write records (writer.py), check input (validate.py), or chec
 
 import contextlib
 import os
+import warnings
 
 import numpy as np
 
-from ..errors import FormatError, InvalidInputError, NotFoundError
+from ..errors import FormatError, InvalidInputError, NotFoundError, StorageError, storage_error
 from .catalog import CATALOG_ERRORS, Catalog, damaged
 from .codec import stored_codec
 from .durable import replace_file
@@ -44,6 +45,14 @@ DEFAULT_CACHE_BYTES = 256 << 20
 # costs at most that much catch-up on the next open
 INDEX_SAVE_EVERY = 50_000
 INDEX_PROBES = 16  # vectors compared with the catalog's at open: another database's index is caught
+
+
+class IndexSaveWarning(RuntimeWarning):
+    """Saving the vector index failed after a commit, at an open or at close (a full disk, a
+    permission, a read-only mount). Nothing is lost and no write failed: the index is a cache of
+    the catalog, which holds every commit; the save is tried again after as many changes again
+    and at close, and an open catches the index up from the catalog. `Store.index_save_error`
+    holds the StorageError until a save succeeds."""
 
 
 def holds_catalog(directory: str) -> bool:
@@ -255,7 +264,9 @@ class Store:
         )
 
     def _catch_up_index(self):
-        self.unsaved = 0
+        self.unsaved = 0  # changes the saved index lacks
+        self.since_save = 0  # changes since the last save was tried (a failed one waits this long)
+        self.index_save_error = None  # the StorageError of the last save, until one succeeds
         seq = self.index.load()
         if seq >= 0 and not self._index_is_this_catalogs():
             # another database's index files (their state agrees with itself): rebuilt, as a damaged one
@@ -277,7 +288,7 @@ class Store:
             self.index.add(ids, emb)
         self.unsaved = len(self.index)
         if not self.read_only:
-            self.save_index()
+            self.try_save_index("opened (the index in memory is caught up), but")
 
     def _index_is_this_catalogs(self) -> bool:
         """Do a few of the loaded index's vectors equal the catalog's embeddings of their ids
@@ -323,28 +334,50 @@ class Store:
     # -- the index, a cache of the catalog -------------------------------------------------------
 
     def index_changed(self, n: int) -> None:
-        """Count `n` changes the saved index lacks; save it when enough have piled up."""
+        """Count `n` changes the saved index lacks; save it when enough have piled up (after a
+        failed save, once as many changes again have: a disk that stays full does not pay a
+        whole index write at every commit)."""
         self.unsaved += n
+        self.since_save += n
         every = self.config.get("index_save_every", INDEX_SAVE_EVERY)
-        if self.unsaved >= max(every, len(self.index) // 4):
-            # this runs after a commit: the commit stands whatever happens here. A failed save
-            # (a full disk, a permission) leaves the saved index behind, and the next save or
-            # the next open catches it up from the catalog
-            with contextlib.suppress(OSError):
-                self.save_index()
+        if self.since_save >= max(every, len(self.index) // 4):
+            self.try_save_index(f"commit {self.commit_seq} stands, but")
 
     def save_index(self) -> None:
+        """Save the index now; a failure raises StorageError (index.py)."""
+        self.since_save = 0
         self.index.save(self.commit_seq)
         self.unsaved = 0
+        self.index_save_error = None
+
+    def try_save_index(self, context: str) -> bool:
+        """Save the index; a failure (StorageError) is kept in `index_save_error` and warned as
+        an IndexSaveWarning starting with `context`, never raised: it runs after a commit, at an
+        open that has caught the index up, or at close, and the commit stands whatever happens
+        here (the saved index stays behind; the next save or open catches it up)."""
+        try:
+            self.save_index()
+            return True
+        except OSError as e:  # index.py raises StorageError (an OSError) for whatever failed
+            error = e if isinstance(e, StorageError) else storage_error(e, "saving the vector index")
+            self.index_save_error = error
+            warnings.warn(
+                f"{context} the vector index could not be saved: {error}. Nothing is lost: the catalog holds every "
+                f"commit, and the index, a cache of it, is saved again after more changes and at close; an open "
+                f"catches it up from the catalog ({self.unsaved} changes behind)",
+                IndexSaveWarning,
+                stacklevel=3,
+            )
+            return False
 
     def close(self, *, save: bool = True) -> None:
         """Save the index if it is behind (writable stores), then release every file. A save
-        that fails (a full disk, a permission) does not fail the close: every commit is in the
-        catalog already, and the next open catches the index up from it."""
+        that fails (a full disk, a permission) does not fail the close: it warns (an
+        IndexSaveWarning); every commit is in the catalog already, and the next open catches the
+        index up from it."""
         try:
             if save and not self.read_only and self.index is not None and self.unsaved:
-                with contextlib.suppress(OSError):
-                    self.save_index()
+                self.try_save_index("closed, but")
         finally:
             for part in (self.segments, self.catalog, self.index, self.lock):
                 if part is None:

@@ -8,6 +8,10 @@ Commit protocol (what makes a killed process safe):
 3. then the in-RAM location table and the vector index (a cache, saved now and then).
 A crash before 2 leaves only garbage bytes past the last committed record: recovery on open
 cuts them (store.py). A crash after 2 leaves the index behind: it is caught up on open.
+A failure before 2 (a StorageError: the catalog and index modules turn what DuckDB and USearch
+raise into m3db's errors) rolls the commit back; nothing after 2 fails the commit: the verb
+returns, and a failed index save warns (store.try_save_index), never raises, so that an
+error never reports as not written a commit that a retry or a reopen then finds.
 
 Items arrive checked (validate.py's CheckedMemory); the writer assigns ids and documents,
 encodes records, and stages them in a `PendingBatch` until the outermost transaction ends.
@@ -311,7 +315,7 @@ class Writer:
                 store.catalog.delete_memories(p.forget, seq)
             store.catalog.set_meta("commit_seq", seq)
             store.catalog.set_meta("next_id", store.next_id)
-            store.catalog.commit()
+            store.catalog.commit()  # the commit point: nothing below may fail the commit
         except BaseException as e:
             self.abort()
             if isinstance(e, M3DBError) or not isinstance(e, Exception):
