@@ -39,6 +39,7 @@ from .storage.codec import CODECS, Codec
 from .storage.record import Memory
 from .storage.repair import repair
 from .storage.spec import MemorySpec
+from .storage.store import IndexSaveWarning
 from .version import __version__
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "DependencyError",
     "DuplicateIdError",
     "FormatError",
+    "IndexSaveWarning",
     "IngestReport",
     "InvalidInputError",
     "LockedError",
