@@ -85,9 +85,18 @@ def cmd_info(args) -> dict[str, object]:
             dict(
                 action="store_true",
                 help="when the catalog is missing or cannot be read, rebuild it from the segments' records "
-                "(the old one is moved aside, never deleted), then check",
+                "(the old one is moved aside, never deleted), then check; what the repair lost or could not "
+                "vouch for is listed as problems (exit 1)",
             ),
-        )
+        ),
+        (
+            ("--accept-resurrection",),
+            dict(
+                action="store_true",
+                help="with --repair: keep the memories that forgotten.log (damaged or missing) and the index cannot "
+                "vouch were never forgotten, where repair would refuse; they are listed, to forget again",
+            ),
+        ),
     ],
 )
 def cmd_check(args) -> dict[str, object]:
@@ -98,14 +107,16 @@ def cmd_check(args) -> dict[str, object]:
         if not args.repair or not os.path.isdir(args.path) or "catalog" not in str(e):
             raise
         say(f"{e}\nrebuilding the catalog from the segments ...")
-        repaired = repair(args.path)
+        repaired = repair(args.path, accept_resurrection=args.accept_resurrection)
         db = connect(args.path)  # a writable open rebuilds the vector index from the new catalog
     with db:
         report = db.check()
-    out = {"ok": report.ok, "checked": report.checked, "problems": report.problems}
+    # a repair that lost memories or could not vouch for some is no ok, however clean the result checks
+    problems = (repaired["problems"] if repaired is not None else []) + report.problems
+    out = {"ok": not problems, "checked": report.checked, "problems": problems}
     if repaired is not None:
         out["repaired"] = repaired
-    if not report.ok:
+    if problems:
         _emit(out, args)
         raise SystemExit(1)
     return out

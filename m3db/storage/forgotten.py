@@ -31,6 +31,7 @@ MAX_FRAME = 64 << 20
 class ForgottenLog:
     def __init__(self, directory):
         self.path = os.path.join(directory, FORGOTTEN_FILE)
+        self.extent = None  # set by each read: see frames()
 
     def append(self, seq: int, ids) -> int:
         """Append one commit's forgotten ids, durably; return the size before (the rollback mark)."""
@@ -54,8 +55,25 @@ class ForgottenLog:
         """Empty the log (no segment holds a forgotten record any more), keeping one frame with no
         ids: the commit and the next id so far, so that a repair after the catalog is lost never
         hands out again an id that was forgotten (and its commit numbers keep rising)."""
-        payload = msgpack.packb({"seq": int(seq), "ids": [], "next_id": int(next_id)})
-        replace_file(self.path, FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+        self.rewrite({}, seq, next_id)
+
+    def rewrite(self, forgotten: dict[int, int], seq: int, next_id: int) -> None:
+        """Write the log anew, whole, in one atomic replace: a frame per commit of `forgotten`
+        ({id: the commit that forgot it}) in commit order, then the high water frame (no ids,
+        the commit and the next id so far) that clear() leaves (repair, after it found the log
+        damaged or missing, writes what it kept out)."""
+        commits = {}
+        for i, s in forgotten.items():
+            commits.setdefault(int(s), []).append(int(i))
+        entries = [{"seq": s, "ids": sorted(ids)} for s, ids in sorted(commits.items())]
+        entries.append({"seq": int(seq), "ids": [], "next_id": int(next_id)})
+        payloads = [msgpack.packb(entry) for entry in entries]
+        replace_file(self.path, b"".join(FRAME.pack(len(p), zlib.crc32(p)) + p for p in payloads))
+
+    def frames(self) -> list[dict]:
+        """Every whole frame's map, in order, up to a damaged tail; `extent` then says how far
+        they reach: (bytes read as whole frames, the file's size), or None when there is no file."""
+        return list(self._entries())
 
     def high_water(self) -> tuple[int, int]:
         """(the last commit, the next id) that the log has seen; (-1, 0) for none."""
@@ -76,6 +94,7 @@ class ForgottenLog:
 
     def _entries(self):
         """Each frame's map, in order, up to a damaged tail."""
+        self.extent = None
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -103,6 +122,7 @@ class ForgottenLog:
                 raise FormatError(f"{self.path}: a frame at byte {pos} has a valid checksum but is malformed")
             yield entry
             pos += FRAME.size + length
+        self.extent = (pos, len(data))  # pos < len(data): a damaged or torn tail was not read
 
 
 def _is_count(value) -> bool:

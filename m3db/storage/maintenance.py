@@ -72,7 +72,27 @@ def check(store) -> CheckReport:
         problems.append("spec.json differs from the catalog's spec (repair would use it); a writable open rewrites it")
     if not np.array_equal(store.locations.ids, uniq):
         problems.append("the in-memory location table differs from the catalog")
+    problems += _forgotten_log_problems(store)
     return CheckReport(len(ids), problems)
+
+
+def _forgotten_log_problems(store) -> list[str]:
+    """forgotten.log must read whole: a damaged tail hides the forgets written there, and every
+    later one (appended after it), from a repair of a lost catalog (repair.py)."""
+    try:
+        store.forgotten.frames()
+    except FormatError as e:
+        return [str(e)]
+    except OSError as e:
+        return [f"{store.forgotten.path} cannot be read ({e.strerror})"]
+    extent = store.forgotten.extent
+    if extent is None or extent[0] == extent[1]:
+        return []
+    return [
+        f"{store.forgotten.path} is damaged from byte {extent[0]} of {extent[1]}: a repair could not read the "
+        "forgets written there or after it (it would refuse, or bring those memories back); `m3db compact` writes "
+        "the log anew"
+    ]
 
 
 def _index_vectors_differ(store, ids, block=4096) -> list[str]:
