@@ -4,6 +4,10 @@
     python bench/heldout.py --quick          # smoke test: 12 questions, 4 conditions
     python bench/heldout.py --only none,dense5,dense1   # a subset of the conditions
     python bench/heldout.py --from-json bench/out/heldout.json   # tables of a saved run
+    # compressed configurations of your own: NAME=LAYERS:TOKENS:CODEC[:own] (CODEC int4, int8
+    # or pqK/V; pq's codebook trained on bench/codec_sample.py's texts, or with :own on the
+    # bench's 42 entries as `m3db recompress` would), read through --memory-adapter (a, d or a file)
+    python bench/heldout.py --memory l18=18-29:32:pq8/16 --ks 1 --only l18_1+m
 
 What it measures, and why it cannot be learned by form:
 - Knowledge base: short encyclopedia entries about invented things (towns, ships, minerals,
@@ -60,6 +64,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from codec_sample import codec_sample  # noqa: E402
 
 import m3db  # noqa: E402
 from m3db.model.adapter import BUNDLED_FILE, ReaderAdapter  # noqa: E402
@@ -259,7 +266,8 @@ class Condition:
     k: int = 5
     settings: str = "dense"  # a key of `settings_table`
     codec: str = "int4"
-    adapter: str = ""  # "" base weights; "a" the sparse reader adapter (--adapter); "d" the dense one (--dense-adapter)
+    adapter: str = ""  # "" base weights; "a" the sparse reader adapter (--adapter); "d" the dense one
+    # (--dense-adapter); "m" --memory-adapter's
     base: str = "none"  # the condition its memory's own gain is measured against
 
 
@@ -273,6 +281,32 @@ def settings_table(n_layer: int) -> dict[str, MemorySettings]:
         "dense16": MemorySettings(tokens_per_head=16),
         "dense64": MemorySettings(tokens_per_head=64),
     }
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """ "15-29" or "15,17,19-21" -> the layer numbers."""
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return tuple(sorted(set(out)))
+
+
+def memory_conditions(specs: list[str], ks: list[int]) -> tuple[dict[str, MemorySettings], list[Condition]]:
+    """--memory NAME=LAYERS:TOKENS:CODEC[:own]: settings and a condition per k (NAME_k+m), read
+    through --memory-adapter and measured against none through the same adapter."""
+    table, out = {}, []
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        layers, tokens, codec, *flags = rest.split(":")
+        if flags not in ([], ["own"]) or not (codec in ("int4", "int8") or re.fullmatch(r"pq\d+/\d+", codec)):
+            raise SystemExit(f"--memory {spec!r}: expected NAME=LAYERS:TOKENS:int4|int8|pqK/V[:own]")
+        table[name] = MemorySettings(memory_layers=parse_layers(layers), tokens_per_head=int(tokens))
+        codec = ":".join([codec, *flags])
+        for k in ks:
+            label = f"L{layers} {tokens}/head {codec}"
+            out.append(Condition(f"{name}_{k}+m", f"{label} + adapter, k={k}", "memory", k, name, codec, "m", "none+m"))
+    return table, out
 
 
 def curve_conditions() -> list[Condition]:
@@ -456,8 +490,10 @@ def recall_lists(db, questions, k: int) -> tuple[dict, float]:
     """Per question, the texts of its k memories: recall's top k, the relevant entry forced in
     last if recall missed it. Returns ({question: [text]}, hit rate of plain recall)."""
     out, hits = {}, 0
+    known = {q.entry for q in questions}
     for q in questions:
-        texts = [m.text for m in db.recall(q.question, k=k)]
+        # a database may hold other texts too (a pq codebook's sample): only the bench's entries count
+        texts = [m.text for m in db.recall(q.question, k=k + 60) if m.text in known][:k]
         if q.entry in texts:
             hits += 1
         else:
@@ -475,6 +511,15 @@ def run(args, say) -> dict:
         for key in ("dense", "sparse"):
             table[f"{key}-{sel}"] = table[key].with_(token_selection=sel)
     conds = conditions(dense_adapter=bool(args.dense_adapter))
+    if args.memory:
+        extra, mem_conds = memory_conditions(args.memory, args.ks)
+        table.update(extra)
+        conds += [Condition("none+m", "none + memory adapter", "none", adapter="m", base="none+m")]
+        for k in args.ks:
+            conds.append(
+                Condition(f"rag{k}+m", f"text RAG + memory adapter, k={k}", "rag", k, adapter="m", base="none+m")
+            )
+        conds += mem_conds
     if args.curve:
         if not args.dense_adapter:
             raise SystemExit("--curve reads through the dense adapter: give --dense-adapter FILE")
@@ -499,7 +544,11 @@ def run(args, say) -> dict:
         conds = [c for c in conds if c.name in keep or c.name in bases]
     adapters = {
         name: ReaderAdapter.load(path, base.decoder.cfg, base_fingerprint=base.fingerprint)
-        for name, path in (("a", args.adapter), ("d", args.dense_adapter))
+        for name, path in (
+            ("a", args.adapter),
+            ("d", args.dense_adapter),
+            ("m", {"a": args.adapter, "d": args.dense_adapter}.get(args.memory_adapter, args.memory_adapter)),
+        )
         if any(c.adapter == name for c in conds)
     }
     entries, questions = build(args.entities, args.per_entity, args.seed)
@@ -518,18 +567,31 @@ def run(args, say) -> dict:
         if key in dbs:
             continue
         t = time.perf_counter()
+        codec, _, own = key[1].partition(":")
+        pq = codec.startswith("pq")
+        model_w = base.with_settings(table[key[0]], adapter=None)
         db = m3db.connect(
-            os.path.join(tmp.name, f"{key[0]}-{key[1]}.m3db"),
-            model=base.with_settings(table[key[0]], adapter=None),
+            os.path.join(tmp.name, f"{key[0]}-{key[1].replace('/', '-').replace(':', '-')}.m3db"),
+            model=model_w,
             embedder=embedder,
-            codec=key[1],
+            codec="f16" if pq else codec,  # pq: written in f16, then recompressed by a trained codebook
         )
+        m = dict(zip(("keys", "values"), (int(x) for x in codec[2:].split("/")))) if pq else None
+        if pq and not own:  # the codebook learns other memories first; the bench's are encoded with it
+            sample = codec_sample(args.pq_sample, model_w.count_tokens)
+            db.add_documents([{"text": x, "source": f"sample/{i}"} for i, x in enumerate(sample)], progress=False)
+            rep = db.train_codec("pq", sample=10 * len(sample), m=m, seed=0)
+            say(f"  pq {m} trained on {len(sample)} other texts: error {rep['error']}")
         rep = db.add_documents([{"text": e, "source": f"entry/{i}"} for i, e in enumerate(entries)], progress=False)
         if rep.memories_added != len(entries):
             raise SystemExit(f"{key}: {rep.memories_added} memories from {len(entries)} entries: an entry was chunked")
-        size = float(list(db.sql("SELECT avg(length) FROM memories"))[0][0])
+        if pq and own:  # `m3db recompress --codec pq` on this knowledge base: trained on its own memories
+            rep = db.train_codec("pq", sample=len(entries), m=m, seed=0)
+            say(f"  pq {m} trained on the bench's own {len(entries)} entries: error {rep['error']}")
+        lengths = dict(db.sql("SELECT text, length FROM memories"))
+        size = float(np.mean([lengths[e] for e in entries]))
         dbs[key] = (db, size)
-        say(f"built {key[0]} {key[1]} in {time.perf_counter() - t:.0f} s")
+        say(f"built {key[0]} {key[1]} in {time.perf_counter() - t:.0f} s: {size:,.0f} bytes per memory")
     first = dbs[("dense", "int4")][0] if ("dense", "int4") in dbs else next(iter(dbs.values()))[0]
     lists, hit = recall_lists(first, questions, 5)
     say(f"recall: the relevant entry is in the top 5 for {hit:.1%} of questions")
@@ -652,11 +714,21 @@ def main():
         "--dense-adapter", default=None, help="a reader adapter for the dense default: adds its conditions (+d)"
     )
     ap.add_argument("--curve", action="store_true", help="add bytes/quality points through the adapters")
+    ap.add_argument(
+        "--memory",
+        action="append",
+        default=[],
+        help="a configuration to measure, NAME=LAYERS:TOKENS:CODEC[:own] (conditions NAME_K+m); repeatable",
+    )
+    ap.add_argument("--memory-adapter", default="a", help="what --memory reads through: a, d or an adapter file")
+    ap.add_argument("--ks", default="5,1", help="--memory's k values")
+    ap.add_argument("--pq-sample", type=int, default=300, help="texts a pq codebook trains on (bench/codec_sample.py)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "heldout.json"))
     ap.add_argument("--from-json", default=None)
     args = ap.parse_args()
     args.selection = [s for s in args.selection.split(",") if s]
+    args.ks = [int(k) for k in args.ks.split(",") if k]
     t0 = time.perf_counter()
 
     def say(msg):

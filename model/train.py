@@ -65,6 +65,12 @@ class TrainConfig:
     eval_questions: int = 32
     eval_texts: int = 16
     checkpoint_every: int = 10
+    # an adapter file whose weights start the run ("" = a fresh adapter): e.g. a shipped one, to
+    # teach it other memory settings or a codec's error without relearning reading from zero
+    init: str = ""
+    # the codec round trip every memory takes before it is read (a label, "" = none): the
+    # transform itself is `train(memory_transform=...)`; recorded so a resume with another is refused
+    memory_codec: str = ""
 
     def __post_init__(self):
         # refused here, before a model loads: 0 steps would write an untrained adapter, and a
@@ -83,14 +89,18 @@ class TrainConfig:
 
 class MemoryEncoder:
     """References -> memories with the frozen encoder, remembering the first `keep` seen
-    (references recur across steps: encoding one costs about as much as training on it)."""
+    (references recur across steps: encoding one costs about as much as training on it).
+    transform: encoded dict -> encoded dict, applied once to each fresh memory (a codec's round
+    trip, so the reader trains on memories as they are stored)."""
 
-    def __init__(self, model, keep=8_000):
-        self.model, self.keep, self.cache = model, keep, {}
+    def __init__(self, model, keep=8_000, transform=None):
+        self.model, self.keep, self.cache, self.transform = model, keep, {}, transform
 
     def __call__(self, texts):
         todo = sorted({t for t in texts if t not in self.cache})
         fresh = dict(zip(todo, self.model.encode(todo))) if todo else {}
+        if self.transform is not None:
+            fresh = {t: self.transform(e) for t, e in fresh.items()}
         out = [self.cache.get(t) or fresh[t] for t in texts]
         for t, e in fresh.items():
             if len(self.cache) < self.keep:
@@ -275,6 +285,7 @@ def train(
     say=print,
     eval_sets: dict | None = None,
     seconds: float | None = None,
+    memory_transform=None,
 ):
     """Train (or resume training) a reader adapter for `model`'s memory settings in directory
     `out`; write `out/adapter.safetensors` and return it. wiki: {title: document} of the
@@ -299,6 +310,16 @@ def train(
         settings=trained_for(model.settings),
         seed=cfg.seed,
     ).to(model.decoder.device)
+    if cfg.init:
+        start_from = ReaderAdapter.load(cfg.init, model.decoder.cfg, base_fingerprint=model.fingerprint)
+        if (start_from.rank, start_from.alpha, start_from.targets) != (adapter.rank, adapter.alpha, adapter.targets):
+            raise ValueError(
+                f"init adapter {cfg.init} has rank {start_from.rank}, alpha {start_from.alpha}, targets "
+                f"{start_from.targets}; this run trains rank {adapter.rank}, alpha {adapter.alpha}, {adapter.targets}"
+            )
+        adapter.load_state_dict(start_from.state_dict())
+    if bool(cfg.memory_codec) != (memory_transform is not None):
+        raise ValueError("memory_codec names the transform given as memory_transform: give both or neither")
     adapter.train().requires_grad_(True)
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
@@ -306,7 +327,9 @@ def train(
     if os.path.exists(os.path.join(out, STATE)):
         with open(os.path.join(out, STATE)) as f:
             state = json.load(f)
-        saved = state["config"]
+        # fields added since a checkpoint was written read as their defaults
+        saved = {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))), **state["config"]}
+        saved["mix"] = state["config"].get("mix", saved["mix"])
         if saved != json.loads(json.dumps(dataclasses.asdict(cfg))):
             raise ValueError(f"{out} holds a run with another configuration ({saved}); use a new directory")
         theirs = {k: state.get(k) for k in identity}
@@ -321,12 +344,13 @@ def train(
         start = _load_checkpoint(out, adapter, opt)["step"]
         say(f"resuming at step {start}")
         _cut_log(os.path.join(out, LOG), start)  # steps past the checkpoint are trained again
-    encoder = MemoryEncoder(model)
+    encoder = MemoryEncoder(model, transform=memory_transform)
     log = open(os.path.join(out, LOG), "a")
     if start == 0:
         log.truncate(0)
-        before = evaluate(model, None, questions, texts, encoder, eval_sets)
-        log.write(json.dumps({"step": 0, "eval": before, "adapter": False}) + "\n")
+        # step 0: the weights the run starts from (the base weights, or the init adapter)
+        before = evaluate(model, adapter if cfg.init else None, questions, texts, encoder, eval_sets)
+        log.write(json.dumps({"step": 0, "eval": before, "adapter": bool(cfg.init)}) + "\n")
         say(f"before training: {before}")
     from tqdm import tqdm
 
