@@ -49,12 +49,25 @@ class Field:
 
 
 def is_type(value, json_type) -> bool:
-    """Whether a decoded JSON value is of an OpenAPI type (a bool is not a number, NaN is not one)."""
+    """Whether a decoded JSON value is of an OpenAPI type (a bool is not a number, NaN is not one;
+    a number with a zero fraction, 2.0, is an integer, as JSON Schema says)."""
     if json_type in ("integer", "number") and isinstance(value, bool):
         return False
-    if json_type == "number" and isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return False
+    if json_type == "integer" and isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, JSON_TYPES[json_type])
+
+
+def as_declared(f: Field, value):
+    """The value as the field's code reads it: an integer sent as 2.0 (JSON Schema's integer
+    too, and what some clients' JSON encoders write) becomes 2; arrays of integers likewise."""
+    if isinstance(value, float) and "integer" in f.types and "number" not in f.types and value.is_integer():
+        return int(value)
+    if isinstance(value, list) and f.items == "integer":
+        return [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+    return value
 
 
 def parse(body, fields: list[Field], *, what: str = "the request body") -> dict:
@@ -75,7 +88,7 @@ def parse(body, fields: list[Field], *, what: str = "the request body") -> dict:
             if f.required:
                 raise bad_request(f"{what} needs the field {f.name!r}: {f.description}", "missing_field", f.name)
             continue
-        value = body[f.name]
+        value = as_declared(f, body[f.name])
         check_value(f, value)
         out[f.name] = value
     return out
