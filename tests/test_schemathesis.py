@@ -126,7 +126,7 @@ def load(server, *, deterministic=True, max_examples=None, phases=("examples", "
     for item in raw["paths"].values():
         for op in item.values():
             # ?package= is for a server of several packages (the document lists it on every
-            # server: app.py does not tell schema.py which); on one database it is always a 400
+            # server: app.py does not pass openapi(packages=) yet); on one database it is always a 400
             op["parameters"] = [p for p in op.get("parameters", []) if p["name"] != "package"]
             if op.get("operationId") == "addDocuments":
                 # known finding (the engine's, m3db/knowledge/ingest.py): a metadata key is checked

@@ -493,9 +493,12 @@ def served_model(title: str) -> str | None:
     return title[len(prefix) :] if title.startswith(prefix) else None
 
 
-def openapi(routes, *, title: str, version: str, auth: bool, model: str | None = None) -> dict:
+def openapi(
+    routes, *, title: str, version: str, auth: bool, model: str | None = None, packages: bool | None = None
+) -> dict:
     """The OpenAPI 3.1 document for `routes`: (path, method, summary, body fields or None).
-    model: the served model id (default: read from the title, "m3db: NAME")."""
+    model: the served model id (default: read from the title, "m3db: NAME"); packages: whether
+    several packages are served (False: no ?package=, which one database refuses; default: listed)."""
     model = model if model is not None else served_model(title)
     paths: dict = {}
     bodies = examples(model)
@@ -515,7 +518,7 @@ def openapi(routes, *, title: str, version: str, auth: bool, model: str | None =
         params = [p.strip("{}") for p in path.split("/") if p.startswith("{")]
         if params:
             op["parameters"] = [path_parameter(p, model) for p in params]
-        if "{memory_id}" in path:
+        if "{memory_id}" in path and packages is not False:
             op["parameters"].append(
                 {
                     "name": "package",
