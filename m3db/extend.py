@@ -13,7 +13,7 @@ Imports: the layers below the facade (re-exports only).
 from .knowledge.answer import GENERATION_MODES, AnswerPlan, Reading, Source, generation_mode
 from .knowledge.bundled import bind, bundled, bundled_embedder
 from .knowledge.chunk import chunk_text
-from .knowledge.ingest import check_document
+from .knowledge.ingest import check_document, document_source
 from .knowledge.protocols import Embedder, MemoryModel, spec_fields
 from .progress import progress_bar
 from .search.plan import MAX_K
@@ -40,6 +40,7 @@ __all__ = [
     "check_document",
     "check_metadata_key",
     "chunk_text",
+    "document_source",
     "codec_class",
     "function_name",
     "generation_mode",

@@ -62,11 +62,7 @@ FIELD_CODES = {"invalid_type", "unknown_field", "missing_field", "unsupported_fi
 #   may still mean nothing (SQL that does not parse, a filter on an unknown column, a vector of
 #   the wrong length, k over what the model reads): 400s by design. `field_tables_agree`
 #   checks what the document does promise.
-# - unsupported_method, a known finding in app.py (not this test's to fix): a 405 for an
-#   undeclared method (TRACE /v1/models) has no `Allow` header, which RFC 9110 requires:
-#   app.on_http_error answers Starlette's HTTPException with a new JSONResponse and drops
-#   e.headers, where Starlette put `Allow`.
-EXCLUDED = [st_checks.positive_data_acceptance, st_checks.unsupported_method]
+EXCLUDED = [st_checks.positive_data_acceptance]
 
 
 def field_tables_agree(ctx, response, case):
@@ -121,20 +117,10 @@ def servers(tmp_path_factory):
 
 
 def load(server, *, deterministic=True, max_examples=None, phases=("examples", "coverage", "fuzzing"), modes="all"):
-    """The server's document as Schemathesis reads it, with two changes for the run (below)."""
+    """The server's document as Schemathesis reads it, its links' bodies taken whole (below)."""
     raw = httpx.get(server.url + "/openapi.json", headers=headers_for(server.api_key), timeout=DEADLINE).json()
     for item in raw["paths"].values():
         for op in item.values():
-            # ?package= is for a server of several packages (the document lists it on every
-            # server: app.py does not pass openapi(packages=) yet); on one database it is always a 400
-            op["parameters"] = [p for p in op.get("parameters", []) if p["name"] != "package"]
-            if op.get("operationId") == "addDocuments":
-                # known finding (the engine's, m3db/knowledge/ingest.py): a metadata key is checked
-                # only when it is stored, so a key with a null value, or any key of a document
-                # whose text gives no memory (""), is taken without the 400 the document's
-                # propertyNames promises: the run does not test that rule
-                document = op["requestBody"]["content"]["application/json"]["schema"]["properties"]["documents"]
-                del document["items"]["properties"]["metadata"]["propertyNames"]
             for link in op["responses"]["200"].get("links", {}).values():
                 if "requestBody" in link:  # a linked body is the whole body, not merged into a random one
                     link["x-schemathesis"] = {"merge_body": False}

@@ -178,6 +178,8 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
         title=f"m3db: {kb.name}",
         version=m3db.__version__,
         auth=bool(api_key),
+        model=kb.name,
+        packages=bool(kb.packages),
     )
 
     async def server_state(request: Request) -> JSONResponse:
@@ -201,7 +203,12 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
         return JSONResponse(schema)
 
     extra = {"/v1/server": server_state, "/health": health, "/openapi.json": schema_doc}
-    routes = [Route(p, guarded(h or extra[p]), methods=[m]) for p, m, _, _, h in table]
+    # one route per path, whatever its methods: a 405's Allow then lists them all (Starlette
+    # names only the first route's when a path has several)
+    handlers: dict = {}
+    for p, m, _, _, h in table:
+        handlers.setdefault(p, {})[m] = guarded(h or extra[p])
+    routes = [Route(p, by_method(methods), methods=list(methods)) for p, methods in handlers.items()]
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -267,7 +274,18 @@ async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
         404: f"no endpoint {request.url.path}; see /openapi.json for the endpoints",
         405: f"{request.method} is not allowed on {request.url.path}; see /openapi.json",
     }.get(e.status_code, str(e.detail))
-    return error_response(ApiError(e.status_code, message, codes.get(e.status_code, "http_error")))
+    response = error_response(ApiError(e.status_code, message, codes.get(e.status_code, "http_error")))
+    response.headers.update(e.headers or {})  # a 405's Allow (RFC 9110), which Starlette puts there
+    return response
+
+
+def by_method(methods: dict):
+    """One endpoint answering each method with its handler (HEAD with GET's, as Starlette does)."""
+
+    async def endpoint(request: Request):
+        return await methods["GET" if request.method == "HEAD" else request.method](request)
+
+    return endpoint
 
 
 async def on_crash(request: Request, e: Exception) -> JSONResponse:

@@ -17,7 +17,7 @@ import numpy as np
 
 import m3db
 from m3db.errors import InvalidInputError, M3DBError, NotFoundError, ReadOnlyError
-from m3db.extend import AnswerPlan
+from m3db.extend import AnswerPlan, document_source
 
 # the keyword arguments of Database.add: a metadata key by one of these names cannot be passed
 ADD_KEYWORDS = frozenset(("text", "source", "title", "uri", "cold", "replace"))
@@ -298,6 +298,12 @@ class Ingest:
             raise IngestStopped(self.reason)
 
 
+def stored_source(doc: dict) -> str | None:
+    """The source a request's document is (or would be) stored under: its own, or its text's hash."""
+    text = doc.get("text")
+    return document_source(text, doc.get("source")) if isinstance(text, str) else doc.get("source")
+
+
 class DocumentFailed(Exception):
     """Document `index` of a batch failed with `error`; `stored` are the documents committed
     before it ({index, source, memory_ids, added}), which stay stored."""
@@ -305,9 +311,9 @@ class DocumentFailed(Exception):
     def __init__(self, index: int, error: Exception, documents: list, ids: list):
         super().__init__(f"documents[{index}]: {error}")
         self.index, self.error = index, error
-        self.source = documents[index].get("source")
+        self.source = stored_source(documents[index])
         self.stored = [
-            {"index": i, "source": d.get("source"), "memory_ids": list(m), "added": bool(m)}
+            {"index": i, "source": stored_source(d), "memory_ids": list(m), "added": bool(m)}
             for i, (d, m) in enumerate(zip(documents, ids))
         ]
         self.untried = len(documents) - index - 1

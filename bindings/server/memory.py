@@ -8,6 +8,7 @@ with `--write`. `srv` (the app's state: kb, limits) arrives as an argument.
 import logging
 
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -17,7 +18,7 @@ from m3db.extend import MAX_K
 from .errors import ApiError, bad_request, from_m3db
 from .fields import Field, parse
 from .http import read_json, unless_gone
-from .kb import DocumentFailed, Ingest, IngestStopped
+from .kb import DocumentFailed, Ingest, IngestStopped, stored_source
 from .openai import MEMORY_FIELDS, PARAMS_DEPTH
 from .sql import Statement, jsonable
 
@@ -140,6 +141,8 @@ class MemoryEndpoints:
 
     def memory_id(self, request) -> int:
         text = request.path_params["memory_id"]
+        if text == "search":  # /v1/memories/search is POST's alone: its other methods land here
+            raise HTTPException(405, headers={"Allow": "POST"})
         if not (text.isascii() and text.isdigit()) or len(text) > 19:  # not "٣", which int() reads as 3
             raise bad_request(f"a memory id is a non-negative integer, got {text!r}", param="memory_id")
         return int(text)
@@ -216,7 +219,7 @@ class MemoryEndpoints:
         except DocumentFailed as failed:
             raise document_error(failed, request) from failed.error
         data = [
-            {"index": i, "source": d.get("source"), "memory_ids": list(m), "added": bool(m)}
+            {"index": i, "source": stored_source(d), "memory_ids": list(m), "added": bool(m)}
             for i, (d, m) in enumerate(zip(docs, ids))
         ]
         return JSONResponse({"object": "list", "data": data})

@@ -16,7 +16,7 @@ import json
 
 from ..errors import InvalidInputError
 from ..progress import progress_bar
-from ..storage.catalog import check_text
+from ..storage.catalog import check_metadata_key, check_text
 from .chunk import chunk_text
 
 MAX_DOCUMENT_CHARS = 20_000_000  # 20 M characters: larger is almost surely not one document
@@ -93,6 +93,11 @@ def _known_length(documents):
         return None
 
 
+def document_source(text: str, source: str | None) -> str:
+    """The source a document is stored under: its own, or (None or "") a hash of its text."""
+    return source or "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def check_document(doc, position) -> dict:
     """A document (a dict with `text`, or a string) checked and normalised: text, source (default: a
     hash of the text), title, uri and metadata (Nones dropped); InvalidInputError names the problem."""
@@ -129,7 +134,12 @@ def check_document(doc, position) -> dict:
             f"document #{position} has {len(text):,} characters, over the {MAX_DOCUMENT_CHARS:,} limit; split it "
             "into several documents"
         )
-    source = doc.get("source") or "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    source = document_source(text, doc.get("source"))
+    for key in doc.get("metadata") or {}:  # every key, a None's and an empty document's too: refused alike
+        try:
+            check_metadata_key(key)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"document #{position}: {str(e).split('] ', 1)[-1]}") from None
     metadata = {k: v for k, v in (doc.get("metadata") or {}).items() if v is not None}
     return {"text": text, "source": source, "title": doc.get("title"), "uri": doc.get("uri"), "metadata": metadata}
 

@@ -164,7 +164,7 @@ def _writes(what):
 
 
 def check_metadata_key(key) -> None:
-    if not isinstance(key, str) or not _IDENT.match(key):
+    if not isinstance(key, str) or not _IDENT.fullmatch(key):  # match's $ also matches before a final newline
         raise InvalidInputError(
             f"metadata key {key!r} is not a plain identifier (letters, digits, _; not starting with a digit)"
         )
