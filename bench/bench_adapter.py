@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from m3db import sources
 from m3db.model.adapter import ReaderAdapter
-from m3db.model.memory import Memory
+from m3db.model.memory import EncodedMemory
 from m3db.model.memory_model import MemoryModel
 from m3db.model.score import answer_logprob
 from m3db.model.settings import MemorySettings
@@ -49,9 +49,9 @@ def evaluate(model, mode, questions):
         refs = list(q.references)
         rng.shuffle(refs)
         mems = (
-            [Memory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip(refs, model.encode(refs)))]
+            [EncodedMemory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip(refs, model.encode(refs)))]
             if mode == "memory"
-            else [Memory(i, t, 0, None, None, None) for i, t in enumerate(refs)]
+            else [EncodedMemory(i, t, 0, None, None, None) for i, t in enumerate(refs)]
         )
 
         def retrieve(query, k, mems=mems):

@@ -33,7 +33,7 @@ import torch
 
 from m3db.model.generate import Sampling, run
 from m3db.model.gguf_loader import find_bundled_gguf
-from m3db.model.memory import Memory
+from m3db.model.memory import EncodedMemory
 from m3db.model.memory_model import MemoryModel
 from m3db.model.quantize import PRECISIONS
 from m3db.model.settings import MemorySettings
@@ -53,7 +53,7 @@ def text_of(model: MemoryModel, rng: random.Random, head: str, tokens: int) -> l
     return model.tokenizer.encode(" ".join(words))[:tokens]
 
 
-def hash_retriever(memories: dict[int, Memory]):
+def hash_retriever(memories: dict[int, EncodedMemory]):
     """k distinct memories chosen by a stable hash of the query text."""
     ids = sorted(memories)
 
@@ -165,7 +165,9 @@ def main() -> None:
         model.tokenizer.decode(text_of(model, rng, f"Record {i}:", args.reference_tokens))
         for i in range(args.references)
     ]
-    memories = {100 + i: Memory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(refs, model.encode(refs)))}
+    memories = {
+        100 + i: EncodedMemory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(refs, model.encode(refs)))
+    }
     retriever = hash_retriever(memories)
     mem_bytes = sum(m.keys.nbytes + m.values.nbytes + m.positions.nbytes for m in memories.values()) / len(memories)
     print(

@@ -38,7 +38,7 @@ import torch
 
 from m3db.bindings.transformers import HFMemoryModel
 from m3db.model.gguf_loader import find_bundled_gguf
-from m3db.model.memory import Memory
+from m3db.model.memory import EncodedMemory
 
 MODES = ("hf", "none", "memory", "rag")
 WORDS = (
@@ -55,7 +55,7 @@ def text_of(model: HFMemoryModel, rng: random.Random, head: str, tokens: int) ->
     return model.tokenizer.encode(" ".join(words))[:tokens]
 
 
-def hash_retriever(memories: dict[int, Memory]):
+def hash_retriever(memories: dict[int, EncodedMemory]):
     """k distinct memories chosen by a stable hash of the query text."""
     ids = sorted(memories)
 
@@ -175,7 +175,9 @@ def main() -> None:
     model = HFMemoryModel.from_pretrained(args.model or find_bundled_gguf(), device=args.device)
     print(f"{model} on {args.device} ({model.cache_dtype}), loaded in {time.perf_counter() - t:.1f} s")
     refs = [model.tokenizer.decode(text_of(model, rng, f"Record {i}:", 120)) for i in range(args.references)]
-    memories = {100 + i: Memory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(refs, model.encode(refs)))}
+    memories = {
+        100 + i: EncodedMemory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(refs, model.encode(refs)))
+    }
     print(
         f"torch threads={torch.get_num_threads()}; {args.references} references of ~120 tokens in a dict; "
         f"{model.bytes_per_memory(4) / 1024:.0f} KiB fp32 per memory (keys and values)"

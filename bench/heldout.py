@@ -71,7 +71,7 @@ from codec_sample import codec_sample  # noqa: E402
 import m3db  # noqa: E402
 from m3db.model.adapter import BUNDLED_FILE, ReaderAdapter  # noqa: E402
 from m3db.model.embedder import Embedder  # noqa: E402
-from m3db.model.memory import Memory  # noqa: E402
+from m3db.model.memory import EncodedMemory  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.score import answer_logprobs  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
@@ -601,7 +601,7 @@ def run(args, say) -> dict:
         ids = {t: i for i, t in db.sql("SELECT id, text FROM memories")}
         mems = db.get_many([ids[e] for e in entries])
         decoded[key] = {
-            e: Memory(int(m.id), m.text, int(m.token_count), m.positions, m.keys, m.values)
+            e: EncodedMemory(int(m.id), m.text, int(m.token_count), m.positions, m.keys, m.values)
             for e, m in zip(entries, mems)
         }
     results = {}

@@ -8,7 +8,7 @@ from .decoder import Decoder, DecoderConfig
 from .encoder import ReferenceTooLong
 from .generate import ChunkMemories, Generation, Sampling
 from .gguf_loader import WeightsNotFound
-from .memory import Memory, MemoryItem, Retriever
+from .memory import EncodedMemory, MemoryItem, Retriever
 from .memory_model import MemoryModel
 from .settings import MemorySettings
 
@@ -17,7 +17,7 @@ __all__ = [
     "Decoder",
     "DecoderConfig",
     "Generation",
-    "Memory",
+    "EncodedMemory",
     "MemoryItem",
     "MemoryModel",
     "MemorySettings",

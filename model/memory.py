@@ -48,8 +48,9 @@ class Retriever(Protocol):
 
 
 @dataclass(frozen=True)
-class Memory:
-    """A plain `MemoryItem` (what tests and in-process stores use)."""
+class EncodedMemory:
+    """A plain `MemoryItem` made from what `encode()` returned (what tests and in-process stores
+    use); not to be confused with `m3db.Memory`, a record read from a database."""
 
     id: int
     text: str
@@ -59,7 +60,7 @@ class Memory:
     values: np.ndarray
 
     @classmethod
-    def from_encoded(cls, id: int, text: str, encoded: dict) -> "Memory":
+    def from_encoded(cls, id: int, text: str, encoded: dict) -> "EncodedMemory":
         return cls(
             id=id,
             text=text,

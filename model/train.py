@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import ReaderAdapter
-from .memory import Memory, context_start, place
+from .memory import EncodedMemory, context_start, place
 from .train_data import TrainingData, eval_facts, held_out, shuffled
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -139,7 +139,7 @@ def make_batch(model, examples, encoder, rng, *, with_memory=True):
         for r in refs:
             row = []
             for text in r:
-                row.append(Memory.from_encoded(i, text, encoded[i]))
+                row.append(EncodedMemory.from_encoded(i, text, encoded[i]))
                 i += 1
             items.append(row)
         s, cfg = model.settings, model.decoder.cfg

@@ -18,7 +18,7 @@ import m3db  # noqa: E402
 from m3db.bindings.transformers import AdapterError, AdapterRequired, HFMemoryModel  # noqa: E402
 from m3db.model import train as train_mod  # noqa: E402
 from m3db.model.adapter import ReaderAdapter  # noqa: E402
-from m3db.model.memory import Memory  # noqa: E402
+from m3db.model.memory import EncodedMemory  # noqa: E402
 from m3db.model.memory_model import MemoryModel, trained_for  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
 from m3db.testing import HashEmbedder  # noqa: E402
@@ -74,7 +74,7 @@ class Picker:
 
 
 def memories_of(m):
-    return [Memory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, m.encode(REFS)))]
+    return [EncodedMemory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, m.encode(REFS)))]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

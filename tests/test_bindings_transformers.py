@@ -19,7 +19,7 @@ from m3db.bindings.transformers import (  # noqa: E402
     UnsupportedModel,
 )
 from m3db.model.cache import KVCache  # noqa: E402
-from m3db.model.memory import Memory, context_start, place  # noqa: E402
+from m3db.model.memory import EncodedMemory, context_start, place  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
 from m3db.testing import HashEmbedder  # noqa: E402
 
@@ -78,7 +78,7 @@ class Picker:
 
 
 def memories_of(m):
-    return [Memory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, m.encode(REFS)))]
+    return [EncodedMemory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, m.encode(REFS)))]
 
 
 # -- equivalence: a memory read is its text prefilled -------------------------------------------
@@ -99,7 +99,7 @@ def test_reading_all_tokens_equals_prefilling_the_reference(family, policy):
     # parallel puts the context right after a reference_length span: a full-length reference
     settings = FULL if policy == "sequential" else FULL.with_(position_policy="parallel", reference_length=n_ref)
     m = wrap(family, settings, seed=3)
-    item = Memory.from_encoded(7, REF, m.encode([REF])[0])
+    item = EncodedMemory.from_encoded(7, REF, m.encode([REF])[0])
     assert item.keys.shape[2] == n_ref  # every token kept
     ctx_ids = m.tokenizer.encode(CTX)
     got = read_logits(m, [item], ctx_ids)
@@ -122,7 +122,7 @@ def test_rope_scaling_rotates_with_the_models_own_rotary_embedding():
     }
     m = wrap("llama", FULL, seed=5, rope_parameters=rope)
     assert m.memory_spec_fields()["rope_scaling"]["rope_type"] == "llama3"
-    item = Memory.from_encoded(7, REF, m.encode([REF])[0])
+    item = EncodedMemory.from_encoded(7, REF, m.encode([REF])[0])
     ctx_ids = m.tokenizer.encode(CTX)
     want = hf_logits(m, m.prefix_ids + m.tokenizer.encode(REF) + ctx_ids, len(ctx_ids))
     torch.testing.assert_close(read_logits(m, [item], ctx_ids), want, atol=1e-4, rtol=1e-4)
@@ -380,7 +380,7 @@ def test_smollm2_through_transformers_writes_the_bundled_decoders_memories(smoll
 def test_smollm2_through_transformers_answers_like_the_bundled_decoder(smollm_pair):
     hf, ours = smollm_pair
     texts = [f for f, _ in FACTS]
-    memories = [Memory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip(texts, ours.encode(texts)))]
+    memories = [EncodedMemory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip(texts, ours.encode(texts)))]
     prompts = [[{"role": "user", "content": q}] for _, q in FACTS]
     retrieve = overlap_retriever(memories)
     mine = ours.generate_many(prompts, retriever=retrieve, max_tokens=24)

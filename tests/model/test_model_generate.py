@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from m3db.model.memory import Memory  # noqa: E402
+from m3db.model.memory import EncodedMemory  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
 
@@ -25,7 +25,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def memories(model):
-    return {i: Memory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, model.encode(REFS)))}
+    return {i: EncodedMemory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, model.encode(REFS)))}
 
 
 class Recorder:
@@ -114,7 +114,7 @@ def test_new_memories_change_only_what_comes_after_the_refresh():
     are identical, and what follows the switch differs. (Weights with std 0.5, so that a
     random model's attention is peaked enough for a memory to change the sampled tokens.)"""
     model = MemoryModel.tiny(settings=SETTINGS, seed=11, std=0.5)
-    memories = {i: Memory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, model.encode(REFS)))}
+    memories = {i: EncodedMemory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, model.encode(REFS)))}
     calls = []
 
     def switching(other):

@@ -1,4 +1,4 @@
-"""Memory attention is right: reading a memory equals prefilling its text, and rotating keys
+"""EncodedMemory attention is right: reading a memory equals prefilling its text, and rotating keys
 at read time equals rotating them at write time (tiny random config; the real weights are
 checked in test_model_smollm.py)."""
 
@@ -9,7 +9,7 @@ np = pytest.importorskip("numpy")
 
 from m3db.model.cache import KVCache  # noqa: E402
 from m3db.model.generate import Sampling, run  # noqa: E402
-from m3db.model.memory import Memory, context_start, place  # noqa: E402
+from m3db.model.memory import EncodedMemory, context_start, place  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
 
@@ -42,7 +42,7 @@ def prefill_logits(m, ids, n_last):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_reading_a_memory_equals_prefilling_its_text(seed):
     m = MemoryModel.tiny(settings=FULL, seed=seed)
-    item = Memory.from_encoded(7, REF, m.encode([REF])[0])
+    item = EncodedMemory.from_encoded(7, REF, m.encode([REF])[0])
     ref_ids, ctx_ids = m.tokenizer.encode(REF), m.tokenizer.encode(CTX)
     got = read_logits(m, [item], ctx_ids)
     want = prefill_logits(m, m.prefix_ids + ref_ids + ctx_ids, len(ctx_ids))
@@ -54,7 +54,7 @@ def test_reading_a_memory_equals_prefilling_its_text(seed):
 def test_two_memories_sequential_equal_prefilling_both():
     m = MemoryModel.tiny(settings=FULL.with_(memories_per_chunk=2), seed=2)
     other = "Quimby lies on the river Flent, two days north of the sea."
-    items = [Memory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip([REF, other], m.encode([REF, other])))]
+    items = [EncodedMemory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip([REF, other], m.encode([REF, other])))]
     ctx_ids = m.tokenizer.encode(CTX)
     got = read_logits(m, items, ctx_ids)
     # each reference was encoded on its own, so the prefill must restart attention per
@@ -75,7 +75,7 @@ def test_parallel_policy_with_a_full_length_reference_equals_prefill():
         memory_layers=None, tokens_per_head=256, position_policy="parallel", reference_length=ref_ids_len
     )
     m = MemoryModel.tiny(settings=s, seed=3)
-    item = Memory.from_encoded(1, REF, m.encode([REF])[0])
+    item = EncodedMemory.from_encoded(1, REF, m.encode([REF])[0])
     ctx_ids = m.tokenizer.encode(CTX)
     got = read_logits(m, [item], ctx_ids)
     want = prefill_logits(m, m.prefix_ids + m.tokenizer.encode(REF) + ctx_ids, len(ctx_ids))
@@ -84,7 +84,7 @@ def test_parallel_policy_with_a_full_length_reference_equals_prefill():
 
 def test_generation_with_a_memory_equals_generation_after_its_text():
     m = MemoryModel.tiny(settings=FULL, seed=4)
-    item = Memory.from_encoded(3, REF, m.encode([REF])[0])
+    item = EncodedMemory.from_encoded(3, REF, m.encode([REF])[0])
     ctx_ids = m.tokenizer.encode(CTX)
     s = Sampling(max_tokens=20, stop_tokens=())
     loop_a, steps = run(m, [ctx_ids], mode="memory", retriever=lambda q, k: [item], sampling=s)
@@ -103,7 +103,7 @@ def test_rotate_at_read_equals_rotate_at_write(policy):
     m = MemoryModel.tiny(settings=s, seed=5)
     cfg = m.decoder.cfg
     ref_ids = m.tokenizer.encode(REF)
-    item = Memory.from_encoded(0, REF, m.encode([REF])[0])
+    item = EncodedMemory.from_encoded(0, REF, m.encode([REF])[0])
     p = len(m.prefix_ids)
     # rotate at write: the reference's own forward, keys after RoPE at positions 0..p+n-1,
     # shifted so the reference ends where the sequential policy ends it (RoPE is relative,
@@ -129,7 +129,7 @@ def test_parallel_memories_share_one_span():
     s = MemorySettings(memory_layers=(0,), tokens_per_head=4, position_policy="parallel")
     m = MemoryModel.tiny(settings=s, seed=6)
     texts = [REF, "Another reference about Quimby."]
-    items = [Memory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip(texts, m.encode(texts)))]
+    items = [EncodedMemory.from_encoded(i, t, e) for i, (t, e) in enumerate(zip(texts, m.encode(texts)))]
     cfg = m.decoder.cfg
     both, _, _ = place([items], m.sink_keys, m.sink_values, s, cfg.head_dim, cfg.rope_base)
     alone, _, _ = place([[items[1]]], m.sink_keys, m.sink_values, s, cfg.head_dim, cfg.rope_base)
@@ -142,7 +142,7 @@ def test_parallel_memories_share_one_span():
 def test_place_pads_rows_and_marks_validity():
     s = MemorySettings(memory_layers=(0, 1), tokens_per_head=4)
     m = MemoryModel.tiny(settings=s, seed=7)
-    item = Memory.from_encoded(0, REF, m.encode([REF])[0])
+    item = EncodedMemory.from_encoded(0, REF, m.encode([REF])[0])
     cfg = m.decoder.cfg
     keys, values, valid = place([[item, item], []], m.sink_keys, m.sink_values, s, cfg.head_dim, cfg.rope_base)
     p = len(m.prefix_ids)
@@ -154,7 +154,7 @@ def test_place_pads_rows_and_marks_validity():
 def test_memory_from_another_spec_is_refused():
     m = MemoryModel.tiny(settings=MemorySettings(memory_layers=(0, 1), tokens_per_head=4))
     other = MemoryModel.tiny(settings=MemorySettings(memory_layers=(0,), tokens_per_head=4))
-    item = Memory.from_encoded(9, REF, other.encode([REF])[0])
+    item = EncodedMemory.from_encoded(9, REF, other.encode([REF])[0])
     cfg = m.decoder.cfg
     with pytest.raises(ValueError, match="memory 9: .* do not fit the spec"):
         place([[item]], m.sink_keys, m.sink_values, m.settings, cfg.head_dim, cfg.rope_base)
@@ -169,7 +169,7 @@ def test_read_only_arrays_are_accepted_without_warning():
     e = m.encode([REF])[0]
     for a in (e["keys"], e["values"], e["positions"]):
         a.setflags(write=False)
-    item = Memory.from_encoded(0, REF, e)
+    item = EncodedMemory.from_encoded(0, REF, e)
     cfg = m.decoder.cfg
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -144,7 +144,7 @@ def test_memory_read_equals_prefill_at_every_precision(bundled, precision):
     and the greedy continuation is the same."""
     from m3db.model.cache import KVCache
     from m3db.model.generate import Sampling, run
-    from m3db.model.memory import Memory, context_start, place
+    from m3db.model.memory import EncodedMemory, context_start, place
     from m3db.model.settings import MemorySettings
 
     s = MemorySettings(
@@ -158,7 +158,7 @@ def test_memory_read_equals_prefill_at_every_precision(bundled, precision):
     s = m.settings
     ref = "The Zorblax festival is held every March in the town of Quimby, on the river Flent."
     ctx_ids = m.tokenizer.encode("\nQuestion: In which month is the Zorblax festival held?\nAnswer:")
-    item = Memory.from_encoded(1, ref, m.encode([ref])[0])
+    item = EncodedMemory.from_encoded(1, ref, m.encode([ref])[0])
     cfg = m.decoder.cfg
     keys, values, valid = place([[item]], m.sink_keys, m.sink_values, s, cfg.head_dim, cfg.rope_base)
     cache = KVCache(1, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 64, s.memory_layers)

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from m3db.model.generate import Sampling, run  # noqa: E402
-from m3db.model.memory import Memory  # noqa: E402
+from m3db.model.memory import EncodedMemory  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.score import answer_logprob, answer_logprobs  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
@@ -32,7 +32,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def retriever(model):
-    memories = [Memory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, model.encode(REFS)))]
+    memories = [EncodedMemory.from_encoded(100 + i, t, e) for i, (t, e) in enumerate(zip(REFS, model.encode(REFS)))]
 
     def retrieve(query, k):  # a stable function of the query text: chunks get different memories
         first = sum(query.encode()) % len(memories)
