@@ -160,6 +160,8 @@ def test_metadata_that_would_not_read_back_is_refused(tmp_db, metadata, error):
 def test_text_that_would_not_read_back_is_refused(tmp_db):
     with pytest.raises(m3db.InvalidInputError, match="not valid Unicode"):
         tmp_db.add_memory(**make_memory(1, text="lone \ud800 surrogate"))
+    with pytest.raises(m3db.InvalidInputError, match="memory #0: document: the text holds"):
+        tmp_db.add_memory(**make_memory(1, document="lone \udfff source"))
     with pytest.raises(m3db.InvalidInputError, match="over the .* a reader accepts"):
         tmp_db.add_memory(**make_memory(2, text="x" * (64 << 20)))
     assert len(tmp_db) == 0 and tmp_db.check().ok

@@ -162,9 +162,20 @@ def test_text_that_is_not_valid_unicode_is_named_wherever_it_enters(db):
         (lambda: db.generate("a \udcff", max_tokens=2), "the prompt"),
         (lambda: db.generate([{"role": "user", "content": "\udcff"}], max_tokens=2), "message #0's content"),
         (lambda: db.sql("SELECT * FROM recall(?)", ["\udcff"]), "the recall query"),
+        # a source reached DuckDB as its raw InvalidInputException; a document string given to
+        # add_memory was looked up in the catalog and reported as an unreadable catalog
+        (lambda: db.add("fine text", source="bad \udcff"), "document #0: source"),
+        (lambda: db.add("fine text", title="bad \udcff"), "document #0: title"),
     ):
         with pytest.raises(m3db.InvalidInputError, match=f"{where}: the text holds"):
             verb()
+
+
+def test_a_path_that_is_not_utf8_is_named(tmp_path):
+    """A file name that is not UTF-8 (a lone surrogate after the OS's decode) made DuckDB fail with
+    a bare RuntimeError 'std::bad_cast'."""
+    with pytest.raises(m3db.InvalidInputError, match="is not UTF-8 text .* rename the file or folder"):
+        m3db.connect(tmp_path / "kb-\udcff")
 
 
 def test_a_folder_named_like_a_package_is_not_made_a_database(tmp_path):

@@ -124,6 +124,8 @@ def check_document(doc, position) -> dict:
         value = doc.get(name)
         if value is not None and not isinstance(value, str):
             raise InvalidInputError(f"document #{position}: {name} must be a string or None, got {value!r}")
+        if value is not None:
+            check_text(f"document #{position}: {name}", value)
     if doc.get("metadata") is not None and not isinstance(doc["metadata"], dict):
         raise InvalidInputError(
             f"document #{position}: metadata must be a dict {{name: value}}, got {type(doc['metadata']).__name__}"

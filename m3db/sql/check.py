@@ -20,11 +20,10 @@ import logging
 import re
 
 import duckdb
-import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 from sqlglot.errors import SqlglotError, TokenError
-from sqlglot.tokens import TokenType
+from sqlglot.tokens import Token, TokenType
 
 from ..errors import QueryError
 
@@ -110,12 +109,27 @@ class _Parser(type(_DUCKDB.parser())):
 # -- parsing and checking ---------------------------------------------------------------------------
 
 
+def _tokenize(text) -> list:
+    """DuckDB-dialect tokens of `text`. sqlglot reads `?::` as one token (another dialect's
+    operator), so `SELECT ?::BIGINT` failed as a syntax error: in DuckDB it is a parameter and a
+    cast, and is split back into the two tokens here."""
+    tokens = []
+    for t in _DUCKDB.tokenize(text):
+        if t.token_type == TokenType.QDCOLON:
+            # (col is the 1-based column of the token's last character, as sqlglot counts it)
+            tokens.append(Token(TokenType.PLACEHOLDER, "?", t.line, t.col - 2, t.start, t.start, t.comments))
+            tokens.append(Token(TokenType.DCOLON, "::", t.line, t.col, t.start + 1, t.end))
+        else:
+            tokens.append(t)
+    return tokens
+
+
 def _split_explain(text):
     """(text with a leading EXPLAIN [ANALYZE] blanked out, "EXPLAIN"/"EXPLAIN ANALYZE"/None,
     the tokens of that text). Blanking (not cutting) keeps every line and column of the rest
     where the user wrote it. sqlglot reads EXPLAIN as an opaque command, so it is taken off here."""
     try:
-        tokens = _DUCKDB.tokenize(text)
+        tokens = _tokenize(text)
         if not tokens or tokens[0].text.upper() != "EXPLAIN":
             return text, None, tokens
         end = tokens[0].end + 1
@@ -125,7 +139,7 @@ def _split_explain(text):
             end += rest[0].end + 1
             explain = "EXPLAIN ANALYZE"
         body = "".join(c if c == "\n" else " " for c in text[:end]) + text[end:]
-        return body, explain, _DUCKDB.tokenize(body)
+        return body, explain, _tokenize(body)
     except TokenError as e:
         raise _syntax_error(e, text) from e
 
@@ -397,7 +411,9 @@ def _checked_filter(text, *, what, parameters) -> tuple[str, bool]:
     is false. Returns (SQL text, volatile: whether it calls now(), random() and the like, whose
     result must not be cached). Raises QueryError."""
     try:
-        condition = sqlglot.parse_one(text, dialect="duckdb", into=exp.Condition)
+        condition = _Parser(dialect=_DUCKDB).parse_into(exp.Condition, _tokenize(text), text)[0]
+        if condition is None:  # only blanks or comments
+            raise QueryError(f"{what} {text!r} is not a SQL condition: it holds no expression")
         check_tree(exp.select("id").from_("memories").where(condition))
     except SqlglotError as e:
         raise QueryError(f"{what} {text!r} is not a SQL condition: {_readable(str(e).splitlines()[0])}") from e

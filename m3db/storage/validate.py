@@ -124,6 +124,8 @@ def check_memory(position: int, item: object, spec, codec) -> CheckedMemory:
         check_document(where, document)
     elif document is not None and (not isinstance(document, (str, int, np.integer)) or isinstance(document, bool)):
         raise InvalidInputError(f"{where}: document must be a source string, a dict or a document id, got {document!r}")
+    elif isinstance(document, str):
+        check_text(f"{where}: document", document)
     return CheckedMemory(
         keys=keys,
         values=values,
@@ -200,6 +202,15 @@ def check_path(path) -> str:
         raise InvalidInputError("path is empty; name a database directory, a .m3kb package, or ':memory:'")
     if "\x00" in text:
         raise InvalidInputError(f"path {text!r} holds a NUL byte, which no file name can; check where it came from")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # a file name that is not UTF-8 reaches Python as lone surrogates; DuckDB (the catalog)
+        # opens UTF-8 paths only, and fails on others with a bare std::bad_cast
+        raise InvalidInputError(
+            f"path {text!r} is not UTF-8 text (at character {e.start}), and the catalog opens only UTF-8 "
+            "paths; rename the file or folder"
+        ) from None
     if text != text.strip():
         raise InvalidInputError(
             f"path {text!r} starts or ends with a space, which would name another file than the one meant; "
