@@ -292,7 +292,10 @@ def test_named_and_numbered_parameters(db):
     # the query may be a list of numbers or a constant expression
     assert ids(db.sql("SELECT id FROM recall(?, k => 1 + 2) WHERE lang = 'fr' AND year < 2030", [q.tolist()])) == want
     # `?::TYPE` is a parameter and a cast (sqlglot reads `?::` as another dialect's operator)
-    assert ids(db.sql("SELECT id FROM recall(?, k => ?::BIGINT) WHERE lang = 'fr' AND year < ?::INT", [q, 3, 2030])) == want
+    assert (
+        ids(db.sql("SELECT id FROM recall(?, k => ?::BIGINT) WHERE lang = 'fr' AND year < ?::INT", [q, 3, 2030]))
+        == want
+    )
     assert db.recall(q, k=3, where="lang = ?::VARCHAR AND year < ?::INT", params=["fr", 2030]).ids == want
 
 
