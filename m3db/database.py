@@ -33,10 +33,11 @@ from .sql.rows import Rows
 from .sql.run import run as run_sql
 from .storage import maintenance
 from .storage.catalog import CATALOG_ERRORS, check_text, damaged
+from .storage.lock import DEFAULT_TIMEOUT
 from .storage.maintenance import CheckReport
 from .storage.record import Memory
 from .storage.spec import MemorySpec
-from .storage.validate import check_memory, check_path
+from .storage.validate import check_memory, check_path, check_timeout
 from .storage.writer import Writer
 
 # a model-bound database's codec: docs/quality.md measured int4 within noise of int8, f16 and
@@ -57,6 +58,7 @@ def connect(
     codec=DEFAULT_CODEC,
     memory_mode=None,
     precision=None,
+    timeout=DEFAULT_TIMEOUT,
 ) -> "Database | PackageSet":
     """Open (or create) the m3db database at `path` (a directory), or ":memory:".
 
@@ -78,22 +80,15 @@ def connect(
     precision: the decoder's reading precision, "fp32" (default), "int8" (~3x faster decode
     steps on CPU) or "int4" (the GGUF's own 4-bit weights); memories are written in fp32 at
     every precision, so a database records none (docs/decoder.md).
+    timeout: seconds to wait while another process holds the database (5, as sqlite3); a writer
+    that waits goes before readers that arrive after it. 0 fails at once with LockedError.
     A package file (`.m3kb`, from db.pack()) opens read-only in place; a list of package
     files (or a dict {name: path}) attaches them together, returning a PackageSet.
     """
     if isinstance(path, (list, tuple, dict)):
         return attach(path, spec=spec, config=config, model=model, embedder=embedder, precision=precision)
-    return Database(
-        path,
-        spec=spec,
-        read_only=read_only,
-        config=config,
-        model=model,
-        embedder=embedder,
-        codec=codec,
-        memory_mode=memory_mode,
-        precision=precision,
-    )
+    options = dict(spec=spec, read_only=read_only, config=config, model=model, embedder=embedder, codec=codec)
+    return Database(path, **options, memory_mode=memory_mode, precision=precision, timeout=timeout)
 
 
 def attach(paths, *, spec=None, config=None, model=None, embedder=None, precision=None) -> PackageSet:
@@ -144,6 +139,7 @@ class Database:
         codec=DEFAULT_CODEC,
         memory_mode=None,
         precision=None,
+        timeout=DEFAULT_TIMEOUT,
     ):
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidInputError(
@@ -160,6 +156,7 @@ class Database:
         check_precision(precision)
         if not isinstance(read_only, bool):
             raise InvalidInputError(f"read_only must be True or False, got {read_only!r}")
+        check_timeout(timeout)
         if isinstance(spec, dict):
             spec = MemorySpec.from_dict(spec)
         if spec is not None and not isinstance(spec, MemorySpec):
@@ -179,6 +176,7 @@ class Database:
             embedder=embedder,
             memory_mode=memory_mode,
             precision=precision,
+            timeout=timeout,
         )
         self.store, self.manifest, self._tempdir = opened.store, opened.manifest, opened.tempdir
         self._model, self._embedder = opened.model, opened.embedder  # None until the first text verb

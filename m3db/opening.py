@@ -36,7 +36,7 @@ class Opened:
 
 
 def open_path(
-    path, *, spec, read_only, config, codec, model=None, embedder=None, memory_mode=None, precision=None
+    path, *, spec, read_only, config, codec, model=None, embedder=None, memory_mode=None, precision=None, timeout=0
 ) -> Opened:
     """Open `path` (already checked by check_path); OS errors become StorageError naming it."""
     try:
@@ -50,7 +50,9 @@ def open_path(
                 f"{path!r} is a folder, and a package (.m3kb) is a file: check the path (`m3db pack DB "
                 "OUT.m3kb` makes one); a new database is made under a name without .m3kb"
             )
-        return _open_directory(path, spec, bool(read_only), config, codec, model, embedder, memory_mode, precision)
+        return _open_directory(
+            path, spec, bool(read_only), config, codec, model, embedder, memory_mode, precision, timeout
+        )
     except OSError as e:
         if isinstance(e, M3DBError):
             raise
@@ -73,7 +75,7 @@ def _open_package(path, spec, config, model, embedder, memory_mode, precision) -
     return opened
 
 
-def _open_directory(path, spec, read_only, config, codec, model, embedder, memory_mode, precision) -> Opened:
+def _open_directory(path, spec, read_only, config, codec, model, embedder, memory_mode, precision, timeout) -> Opened:
     config = check_config(config)
     opened = Opened(store=None)
     if path == ":memory:":
@@ -107,7 +109,7 @@ def _open_directory(path, spec, read_only, config, codec, model, embedder, memor
                 bound_model, bound_embedder = bound_model or default_model, bound_embedder or default_embedder
             spec = MemorySpec(**spec_fields(bound_model, bound_embedder, codec))
             opened.model, opened.embedder = bound_model, bound_embedder
-        opened.store = Store(directory, spec=spec, read_only=read_only, config=config)
+        opened.store = Store(directory, spec=spec, read_only=read_only, config=config, lock_timeout=timeout)
         if opened.model is None and (model is not None or embedder is not None or memory_mode is not None):
             # a mismatch fails at open, not later
             opened.model, opened.embedder = bind(

@@ -120,14 +120,23 @@ class Store:
     """
 
     def __init__(
-        self, directory, *, spec=None, read_only=False, config=None, segments=None, catalog_class=Catalog, lock=True
+        self,
+        directory,
+        *,
+        spec=None,
+        read_only=False,
+        config=None,
+        segments=None,
+        catalog_class=Catalog,
+        lock=True,
+        lock_timeout=0,
     ):
         self.directory = directory
         self.read_only = read_only
         self.config = dict(config or {})
         self.catalog = self.segments = self.index = None
         require_catalog_if_data(directory)
-        self.lock = DatabaseLock(directory, read_only=read_only) if lock else None
+        self.lock = DatabaseLock(directory, read_only=read_only, timeout=lock_timeout) if lock else None
         try:
             try:
                 self._open(spec, segments, catalog_class)

@@ -220,6 +220,14 @@ def check_path(path) -> str:
     return os.path.expanduser(text) if text.startswith("~") else text
 
 
+def check_timeout(timeout) -> None:
+    """connect()'s timeout: seconds (a finite number, 0 or more) to wait for another's lock."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
+        raise InvalidInputError(
+            f"timeout is the seconds to wait for a database another process holds (0 or more), got {timeout!r}"
+        )
+
+
 def names_package(path) -> bool:
     """Does the path name a package file (`.m3kb`)? Such a path is opened, never created."""
     return path.endswith(".m3kb")
