@@ -1,6 +1,7 @@
 """Faults as the libraries really raise them: each C++ call on a write path (USearch's save,
-load and view; DuckDB's connect, commit, the writes of a statement and its checkpoint) fails
-for real on real files, and m3db answers with its own errors (the table in docs/errors.md).
+load and view; DuckDB's connect, commit, the writes of a statement and its checkpoint; zstd's
+compress) fails for real on real files or a real memory limit, and m3db answers with its own
+errors (the table in docs/errors.md).
 
 How each is provoked (each test skips, saying why, where this machine cannot):
 - a directory that takes no new file: `chattr +i` (as a read-only remount or a full disk
@@ -8,7 +9,8 @@ How each is provoked (each test skips, saying why, where this machine cannot):
 - a file that cannot be written: `chattr +i` on the file;
 - permission bits: a subprocess without CAP_DAC_OVERRIDE (`setpriv`), which root bypasses;
 - a file-size limit: RLIMIT_FSIZE in a subprocess with SIGXFSZ ignored (write returns EFBIG);
-- a full disk and a read-only mount: a small tmpfs in a private mount namespace (`unshare -m`).
+- a full disk and a read-only mount: a small tmpfs in a private mount namespace (`unshare -m`);
+- memory running out: RLIMIT_AS just above a subprocess's size.
 
 The ghost commit: an index save that fails after the catalog commit (USearch raises
 RuntimeError, not OSError) was raised raw by add_memory although the memory was committed.
@@ -547,3 +549,36 @@ def test_catalog_maps_only_operating_system_failures(tmp_path):
     assert storage_failure(duckdb.BinderException("Binder Error: no column x"), "x") is None
     catalog = Catalog(str(tmp_path / "c.duckdb"))
     catalog.close()
+
+
+# encodes one compressible record with RLIMIT_AS `margin` bytes above the process's size
+ENCODE_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+import numpy as np
+from m3db.storage.codec import load_codec
+from m3db.storage.record import encode_record
+codec = load_codec("f32", None)
+keys = np.zeros((15, 3, 8, 64), np.float32)
+positions = np.zeros((15, 3, 8), np.uint8)
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[1]), resource.RLIM_INFINITY))
+try:
+    encode_record(1, codec, keys, keys.copy(), positions, "t", None, None, 0)
+    print("ok")
+except BaseException as e:
+    print(type(e).__module__, type(e).__name__, e)
+"""
+
+
+def test_zstd_out_of_memory_is_a_memory_error(tmp_path):
+    """zstd reports an allocation failure as its own ZstdError ('cannot compress: Allocation
+    error'), which an add raised raw; it is Python's MemoryError, named."""
+    outcomes = []
+    for margin in (0, 1 << 18, 1 << 20, 3 << 19, 2 << 20, 3 << 20, 8 << 20):
+        out = subprocess.run(
+            [sys.executable, "-c", ENCODE_UNDER_A_MEMORY_LIMIT, str(margin)], capture_output=True, text=True, timeout=60
+        )
+        outcomes.append(out.stdout.strip() or out.stderr.strip().splitlines()[-1])
+    assert not any("ZstdError" in o for o in outcomes), outcomes
+    assert any(o.startswith("builtins MemoryError memory 1: zstd could not compress") for o in outcomes), outcomes
+    assert outcomes[-1] == "ok", outcomes

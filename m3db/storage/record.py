@@ -142,10 +142,15 @@ def encode_record(
     flags = 0
     middle = len(payload) // 2
     probe = payload[middle : middle + ZSTD_PROBE]  # the middle: tensor bytes, the bulk of a payload
-    if len(payload) <= ZSTD_PROBE or len(_zstd().compressor.compress(probe)) < ZSTD_MIN_SAVING * len(probe):
-        squeezed = _zstd().compressor.compress(payload)
-        if len(squeezed) < ZSTD_MIN_SAVING * len(payload):
-            payload, flags = squeezed, FLAG_ZSTD
+    try:
+        if len(payload) <= ZSTD_PROBE or len(_zstd().compressor.compress(probe)) < ZSTD_MIN_SAVING * len(probe):
+            squeezed = _zstd().compressor.compress(payload)
+            if len(squeezed) < ZSTD_MIN_SAVING * len(payload):
+                payload, flags = squeezed, FLAG_ZSTD
+    except zstandard.ZstdError as e:
+        # zstd reports running out of memory as its own error (measured under RLIMIT_AS, see
+        # docs/errors.md): it is Python's MemoryError, raised before anything is written
+        raise MemoryError(f"memory {memory_id}: zstd could not compress its record ({e}); nothing was written") from e
     return frame(payload, flags)
 
 
