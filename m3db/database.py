@@ -12,6 +12,7 @@ import functools
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -71,8 +72,7 @@ def connect(
     "cache_bytes": RAM for decoded memories (256 MiB by default), "expansion_search": HNSW
     candidates per unfiltered search (more: higher recall, slower; docs/engine.md)}.
     codec: how a new database bound to a model stores keys and values ('f32', 'f16', 'int8',
-    'int4'; default int4: it reads as well as int8 at half the bytes, docs/quality.md). A
-    spec= names its own codec.
+    'int4'; default int4: as good as int8 at half the bytes, docs/quality.md); a spec has its own.
     memory_mode: the bundled model's memory mode for a new database: "dense" (the default: every
     layer, 32 tokens per head) or "sparse" (8 tokens per head on half the layers, 15% of
     dense's bytes at the same codec, read through the bundled reader adapter; docs/adapter.md). An
@@ -393,6 +393,7 @@ class Database:
             exact_limit=self._config.get("exact_limit", EXACT_LIMIT),
             expansion=self._config.get("expansion_search"),
         )
+        started = time.perf_counter()
         memories = self._read_many(ids.tolist(), arrays=decode)
         return Matches(
             [
@@ -400,6 +401,7 @@ class Database:
                 for mid, score, m in zip(ids.tolist(), scores.tolist(), memories)
             ],
             plan,
+            read_seconds=time.perf_counter() - started,
         )
 
     def embed_query(self, text) -> np.ndarray:

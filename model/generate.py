@@ -19,6 +19,7 @@ import the engine (`m3db`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -99,6 +100,7 @@ class Generation:
     prompt_tokens: int
     finish_reason: str
     chunks: list[ChunkMemories] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)  # the batch's GenerationLoop.timings_ms()
 
 
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> torch.Tensor:
@@ -159,6 +161,9 @@ class GenerationLoop:
         self.chunks: list[list[ChunkMemories]] = [[] for _ in prompts]
         self.current: list[tuple] = [() for _ in prompts]  # memory ids in use, per row
         self.items: list[list] = [[] for _ in prompts]  # the items in use (rag needs their text)
+        # seconds spent inside the loop (not while a caller holds a yielded step): retrieving,
+        # prefilling, up to the first token, and in all (decoding is the rest)
+        self.seconds = {"recall": 0.0, "prefill": 0.0, "first_token": 0.0, "busy": 0.0}
 
     # -- retrieval ---------------------------------------------------------------------------
 
@@ -166,7 +171,22 @@ class GenerationLoop:
         text = self.m.tokenizer.decode(ids, skip_special=True)
         if not text or self.k == 0:
             return []
-        return list(self.retriever(text, self.k))[: self.k]
+        started = time.perf_counter()
+        try:
+            return list(self.retriever(text, self.k))[: self.k]
+        finally:
+            self.seconds["recall"] += time.perf_counter() - started
+
+    def timings_ms(self) -> dict:
+        """Where the loop's time went, in milliseconds: recall (the retriever's calls), prefill
+        (less its recalls), decode (every step after, less its recalls), first_token (from the
+        start to the first token, all included) and total (recall + prefill + decode). Time a
+        caller spends between yielded steps (streaming them out, say) is not counted."""
+        sec = self.seconds
+        decode = sec["busy"] - sec["prefill"] - sec["recall"]
+        ms = {"recall": sec["recall"], "prefill": sec["prefill"], "decode": max(decode, 0.0)}
+        ms.update(first_token=sec["first_token"], total=sec["busy"])
+        return {name: round(value * 1000, 3) for name, value in ms.items()}
 
     def _new_cache(self, length: int, memory: bool) -> KVCache:
         layers = self.set.memory_layers if memory else ()
@@ -273,6 +293,8 @@ class GenerationLoop:
         # no `with torch.no_grad()` around this body: a grad-mode context held across a
         # `yield` leaks into the caller and into other interleaved generators (and is undone
         # under them when this one ends); each model call below disables grad itself.
+        sec, clock = self.seconds, time.perf_counter
+        resumed = clock()
         if self.mode == "memory":
             last = self.prefill_memory()
         else:
@@ -281,6 +303,7 @@ class GenerationLoop:
                     # the references precede the whole prompt; the query is its last chunk
                     self.record(b, "prompt", 0, len(self.prompts[b]), self.retrieve(b, self.prompts[b][-self.C :]))
             last = self.prefill_text()
+        sec["prefill"] = clock() - resumed - sec["recall"]
         for b in range(self.B):
             if self.mode != "none":
                 self.chunks[b].append(ChunkMemories("generated", 0, 0, self.current[b]))
@@ -299,7 +322,11 @@ class GenerationLoop:
                 else:
                     self.gen[b].append(t)
                     out.append(t)
+            sec["busy"] += clock() - resumed
+            if step == 0:
+                sec["first_token"] = sec["busy"]
             yield out
+            resumed = clock()
             n = step + 1
             if all(self.done) or n == s.max_tokens:
                 break
@@ -350,7 +377,9 @@ class GenerationLoop:
                     c = ChunkMemories(c.kind, c.start, nxt[0] if nxt else n_gen, c.memory_ids)
                 fixed.append(c)
             text = self.m.tokenizer.decode(self.gen[b])
-            out.append(Generation(text, list(self.gen[b]), len(self.prompts[b]), self.finish[b], fixed))
+            generation = Generation(text, list(self.gen[b]), len(self.prompts[b]), self.finish[b], fixed)
+            generation.timings = self.timings_ms()
+            out.append(generation)
         return out
 
 

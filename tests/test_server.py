@@ -109,6 +109,10 @@ def test_chat_answers_with_memories_and_counts_tokens(client, model):
     prompt = model.tokenizer.apply_chat_template(messages)
     assert r.usage.prompt_tokens == len(model.tokenizer.encode(prompt))
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # where the time went (Answer.timings), from the request's arrival: the parts fit in the whole
+    timings = r.usage.model_extra["timings"]
+    assert {"embed", "search", "read", "recall", "prefill", "first_token", "decode", "total"} <= set(timings)
+    assert timings["recall"] + timings["prefill"] + timings["decode"] <= timings["total"] * 1.001
     memories = r.model_extra["memories"]
     assert memories and {"id", "document", "text"} <= set(memories[0])
     assert {m["document"] for m in memories} <= {"zorblax.txt", "bread.txt", "berlin.txt"}
@@ -161,6 +165,7 @@ def test_stream_chunks_have_openai_shapes(http):
     assert all(c["choices"][0]["finish_reason"] is None for c in pieces)
     assert last["choices"][0]["finish_reason"] in ("stop", "length") and last["choices"][0]["delta"] == {}
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] <= 5
+    assert usage["usage"]["timings"]["first_token"] <= usage["usage"]["timings"]["total"]
     assert all(c["usage"] is None for c in chunks[:-1])
 
 
@@ -389,7 +394,9 @@ def test_32_concurrent_clients_get_the_answers_of_one_at_a_time(server, http):
     alone = [http.post("/v1/chat/completions", json=b) for b in bodies]
     for t, a in zip(together, alone):
         assert t.json()["choices"][0]["message"] == a.json()["choices"][0]["message"]
-        assert t.json()["memories"] == a.json()["memories"] and t.json()["usage"] == a.json()["usage"]
+        assert t.json()["memories"] == a.json()["memories"]
+        counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+        assert [t.json()["usage"][n] for n in counts] == [a.json()["usage"][n] for n in counts]
     assert len({r.json()["choices"][0]["message"]["content"] for r in together}) > 1
     assert http.get("/health").status_code == 200
 

@@ -67,6 +67,7 @@ class Job:
         self.text, self.sent, self.finish = "", 0, None
         self.reported = False
         self.answered = False
+        self.arrived = time.perf_counter()  # Answer.timings' total counts from here: the queue is felt too
         alone = temperature > 0 and seed is not None  # a seeded sample must not share a random stream
         # a batch shares one plan: the requests in it asked for the same mode, k and filter
         shared = (plan.mode, plan.k, json.dumps(plan.where), json.dumps(plan.params))
@@ -325,7 +326,7 @@ class Batcher:
                 for row, (job, token) in enumerate(zip(batch, out)):
                     job.step(token, tokenizer)
                     if job.finish in ("stop", "length") and not job.reported:
-                        self.report(job, loop.chunks[row], reading)
+                        self.report(job, loop, row, reading)
                 if all(job.finish for job in batch):
                     break
         finally:
@@ -337,15 +338,16 @@ class Batcher:
             if job.finish == "cancelled":
                 self.counts["cancelled"] += 1
             elif not job.reported:
-                self.report(job, loop.chunks[row], reading)
+                self.report(job, loop, row, reading)
 
-    def report(self, job: Job, chunks, reading) -> None:
+    def report(self, job: Job, loop, row: int, reading) -> None:
         """A finished job's result, sent as soon as its row ends (not when the batch does): its
-        text, finish reason, token counts and the memories it read (`chunks`: its row's
-        ChunkMemories in the loop; `reading`: the batch's retriever, None in mode "none")."""
+        text, finish reason, token counts, the memories it read (its row's ChunkMemories in
+        `loop`; `reading`: the batch's retriever, None in mode "none") and the timings so far
+        (the batch's loop, from the job's arrival)."""
         job.reported = True  # before the work below: a failure there must not report it twice
         ids = []
-        for c in chunks:
+        for c in loop.chunks[row]:
             # memories recalled after this row's last token (the batch ran on) were not read by it
             if c.kind == "generated" and c.start > 0 and c.start >= len(job.ids):
                 continue
@@ -365,5 +367,6 @@ class Batcher:
                 "prompt_tokens": len(job.prompt_ids),
                 "completion_tokens": len(job.ids),
                 "memories": memories,
+                "timings": job.plan.timings(loop.timings_ms(), reading, time.perf_counter() - job.arrived),
             },
         )

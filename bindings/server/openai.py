@@ -501,9 +501,13 @@ def cancel(jobs) -> None:
 
 
 def usage_of(results) -> dict:
+    """OpenAI's usage, plus `timings`: where the time went, in milliseconds (Answer.timings;
+    of several prompts, the slowest's)."""
     prompt = sum(r["prompt_tokens"] for r in results)
     completion = sum(r["completion_tokens"] for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    timings = max((r.get("timings") or {} for r in results), key=lambda t: t.get("total", 0), default={})
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {**usage, "timings": timings} if timings else usage
 
 
 def merged_memories(results) -> list[dict]:

@@ -68,7 +68,13 @@ def array(items: dict, **more) -> dict:
     return {"type": "array", "items": items, **more}
 
 
-USAGE = obj({"prompt_tokens": COUNT, "completion_tokens": COUNT, "total_tokens": COUNT})
+# timings: Answer.timings, milliseconds by part (embed, search, read, recall, prefill,
+# first_token, decode, total); m3db's addition to OpenAI's usage, which clients pass through
+TIMINGS = {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}}
+USAGE = obj(
+    {"prompt_tokens": COUNT, "completion_tokens": COUNT, "total_tokens": COUNT, "timings": TIMINGS},
+    required=["prompt_tokens", "completion_tokens", "total_tokens"],
+)
 
 SCHEMAS = {
     "Error": obj(

@@ -16,6 +16,7 @@ arrive as arguments.
 import dataclasses
 import math
 import numbers
+import time
 from typing import Protocol
 
 from ..errors import ContextLengthError, InvalidInputError, M3DBError
@@ -65,13 +66,20 @@ class Answer:
     """The result of generate(): the text, why it stopped ("stop", "length", or "empty": the
     model ended its turn before any text), which memories each chunk read
     (`chunks`: [(kind, start, end, memory ids)]; over several packages an id is
-    (package, id)), and `sources`, every memory used, in order of first use."""
+    (package, id)), and `sources`, every memory used, in order of first use.
+
+    `timings`: where the time went, in milliseconds (docs/decoder.md): recall (embed the
+    question's chunks, search, read and decode the memories: each of the three too), prefill,
+    decode, first_token (from the start of decoding) and total (the whole call, checks and
+    sources included); recall + prefill + decode is the decoding's whole. Empty from a model
+    that does not time its loop."""
 
     text: str
     finish_reason: str
     mode: str
     chunks: list
     sources: list
+    timings: dict = dataclasses.field(default_factory=dict)
 
     def __str__(self):
         return self.text
@@ -81,6 +89,7 @@ class Knowledge(Protocol):
     """What a plan reads: a Database or a PackageSet."""
 
     def recall(self, query, k=5, where=None, params=None, *, decode=False) -> list: ...
+    def embed_query(self, text) -> object: ...
     def documents_of(self, matches) -> list: ...
 
 
@@ -146,6 +155,13 @@ class AnswerPlan:
 
     # -- decoding ----------------------------------------------------------------------------
 
+    @staticmethod
+    def timings(loop_ms, reading, seconds) -> dict:
+        """Answer.timings from a decoding loop's `timings_ms()`, the `reading` that recalled for
+        it (None in mode "none") and the whole call's `seconds` (a server decoding its own loop
+        reports through this, as generate() does)."""
+        return answer_timings(loop_ms, reading, seconds)
+
     def reading(self) -> "Reading | None":
         """A retriever for one generation (None in mode "none"); it keeps what it handed out."""
         return None if self.mode == "none" else Reading(self)
@@ -169,6 +185,7 @@ class AnswerPlan:
             # a question typed as a string is a user message: an instruct model handed it as raw
             # completion text ends at once (an empty answer); raw=True keeps plain completion
             prompt = [{"role": "user", "content": prompt}]
+        started = time.perf_counter()
         sampling = check_options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         sampling.pop("k")
         stop_tokens = check_stop_tokens(stop_tokens, self.model)
@@ -188,7 +205,20 @@ class AnswerPlan:
             for c in g.chunks
         ]
         finish = EMPTY if g.finish_reason == "stop" and not g.text.strip() else g.finish_reason
-        return Answer(g.text, finish, self.mode, chunks, sources)
+        timings = answer_timings(getattr(g, "timings", None), reading, time.perf_counter() - started)
+        return Answer(g.text, finish, self.mode, chunks, sources, timings)
+
+
+def answer_timings(loop_ms, reading, seconds) -> dict:
+    """Answer.timings: the decoding loop's milliseconds (model.generate's timings_ms), recall
+    split into its parts by the `reading` that ran it, and `seconds`, the whole call."""
+    if not loop_ms:
+        return {}
+    parts = {} if reading is None else {part: round(value * 1000, 3) for part, value in reading.seconds.items()}
+    order = ("embed", "search", "read", "recall", "prefill", "first_token", "decode")
+    out = {name: {**loop_ms, **parts}[name] for name in order if name in {**loop_ms, **parts}}
+    out["total"] = round(seconds * 1000, 3)
+    return out
 
 
 class Reading:
@@ -201,13 +231,23 @@ class Reading:
         self.plan = plan
         self.used: dict = {}
         self.keys: dict = {}  # (package, id) -> the id handed to the decoder, for package sets
+        # the parts of recall, in seconds: embedding the query, searching, reading the memories
+        self.seconds = {"embed": 0.0, "search": 0.0, "read": 0.0}
 
     def __call__(self, query_text: str, count: int) -> list[Retrieved]:
         plan = self.plan
         n = count if plan.k is None else min(plan.k, count)
         if n <= 0 or not query_text.strip():
             return []
-        matches = plan.knowledge.recall(query_text, n, plan.where, plan.params, decode=(plan.mode == "memory"))
+        started = time.perf_counter()
+        vector = plan.knowledge.embed_query(query_text)
+        embedded = time.perf_counter()
+        matches = plan.knowledge.recall(vector, n, plan.where, plan.params, decode=(plan.mode == "memory"))
+        spent = time.perf_counter() - embedded
+        read = min(getattr(matches, "read_seconds", 0.0), spent)  # Matches says how much was reading
+        self.seconds["embed"] += embedded - started
+        self.seconds["search"] += spent - read
+        self.seconds["read"] += read
         items = []
         for match in matches:
             package = getattr(match, "package", None)

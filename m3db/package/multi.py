@@ -48,18 +48,20 @@ def merge_recalls(packages, vector, k, where, params, *, decode=False) -> Packag
     """
     found = []
     plans = {}
+    read_seconds = 0.0
     for rank, (name, db) in enumerate(packages.items()):
         try:
             matches = db.recall(vector, k, where, params, decode=decode)
         except M3DBError as e:
             raise type(e)(f"package {name!r}: {str(e).split('] ', 1)[-1]}") from e
         plans[name] = matches.plan
+        read_seconds += matches.read_seconds
         for m in matches:
             found.append(
                 (-m.score, rank, m.id, PackageMatch(m.id, m.score, m.text, m.metadata, m.document_id, m.memory, name))
             )
     found.sort(key=lambda t: t[:3])
-    return PackageMatches([t[3] for t in found[:k]], {"strategy": "merge", "packages": plans})
+    return PackageMatches([t[3] for t in found[:k]], {"strategy": "merge", "packages": plans}, read_seconds)
 
 
 def open_packages(paths, open_one) -> dict:

@@ -23,11 +23,13 @@ class Match:
 
 
 class Matches(list):
-    """The result of recall: Match objects, best first, plus `plan` (how it was searched)."""
+    """The result of recall: Match objects, best first, plus `plan` (how it was searched) and
+    `read_seconds` (of the recall's time, what reading the memories took)."""
 
-    def __init__(self, matches=(), plan=None):
+    def __init__(self, matches=(), plan=None, read_seconds=0.0):
         super().__init__(matches)
         self.plan = plan or {}
+        self.read_seconds = read_seconds
 
     @property
     def ids(self) -> list[int]:
