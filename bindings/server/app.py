@@ -31,6 +31,7 @@ from .errors import ApiError, from_m3db
 from .http import error_response
 from .kb import KnowledgeBase
 from .memory import ADD_FIELDS, SEARCH_FIELDS, SQL_FIELDS, MemoryEndpoints
+from .metrics import Metrics
 from .openai import EMBEDDING_FIELDS, OpenAIEndpoints
 from .schema import openapi
 from .sql import SqlRunner
@@ -86,12 +87,12 @@ class Limits:
 class BearerAuth:
     """ASGI middleware: every HTTP request needs `Authorization: Bearer <key>` (constant-time compare)."""
 
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+    def __init__(self, app, key: str, *, open_paths=()):
+        self.app, self.key, self.open_paths = app, key.encode(), frozenset(open_paths)
         self.state = app.state  # the wrapped app's (its batcher, knowledge base and SQL runner)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
             header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             scheme, _, token = header.partition(b" ")
             # compare even when the scheme is wrong, so the time taken says nothing about the key
@@ -117,11 +118,20 @@ class State:
         self.started = int(time.time())
 
 
-def app(db, *, name: str | None = None, api_key: str | None = None, write: bool = False, limits: Limits | None = None):
+def app(
+    db,
+    *,
+    name: str | None = None,
+    api_key: str | None = None,
+    write: bool = False,
+    limits: Limits | None = None,
+    public_metrics: bool = False,
+):
     """The ASGI app serving `db` (a Database, or a PackageSet from m3db.attach).
 
     name: the model id clients send (default: the database's file name without extension).
-    api_key: when given, every request needs `Authorization: Bearer <api_key>`.
+    api_key: when given, every request needs `Authorization: Bearer <api_key>`; public_metrics
+    lets GET /metrics (Prometheus, metrics.py) through without it.
     write: accept writes (add documents, forget, writing SQL); the database must be open for
     writing. limits: see Limits. The app does not close the database: its owner does, after
     the server stops (the app's shutdown stops generation first).
@@ -209,6 +219,10 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
     for p, m, _, _, h in table:
         handlers.setdefault(p, {})[m] = guarded(h or extra[p])
     routes = [Route(p, by_method(methods), methods=list(methods)) for p, methods in handlers.items()]
+    # /metrics is Prometheus's text, not JSON: served beside the API, outside its OpenAPI document
+    metrics = Metrics(kb, batcher, routes)
+    routes.append(Route("/metrics", metrics.endpoint, methods=["GET"]))
+    batcher.on_answer = metrics.observe_answer
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -230,7 +244,10 @@ def app(db, *, name: str | None = None, api_key: str | None = None, write: bool 
     application.state.batcher = batcher
     application.state.kb = kb
     application.state.sql = srv.sql
-    return BearerAuth(application, api_key) if api_key else application
+    application.state.metrics = metrics
+    if api_key:
+        application = BearerAuth(application, api_key, open_paths=("/metrics",) if public_metrics else ())
+    return metrics.asgi(application)  # outside the key check: its 401s are counted too
 
 
 def guarded(handler):

@@ -151,6 +151,7 @@ class Batcher:
 
     def __init__(self, kb, *, max_batch: int = 8, max_queue: int = 64, window: float = 0.01, max_wait: float = 0.1):
         self.kb, self.max_batch, self.max_queue = kb, max_batch, max_queue
+        self.on_answer = None  # called with each finished answer's result (the app's metrics)
         self.window, self.max_wait = window, max_wait
         self.cv = threading.Condition()
         self.pending: collections.deque[Job] = collections.deque()
@@ -359,14 +360,17 @@ class Batcher:
                 item["package"] = source.package
             memories.append(item)
         job.answered = True
-        job.emit(
-            "done",
-            {
-                "text": job.text,
-                "finish_reason": job.finish,
-                "prompt_tokens": len(job.prompt_ids),
-                "completion_tokens": len(job.ids),
-                "memories": memories,
-                "timings": job.plan.timings(loop.timings_ms(), reading, time.perf_counter() - job.arrived),
-            },
-        )
+        result = {
+            "text": job.text,
+            "finish_reason": job.finish,
+            "prompt_tokens": len(job.prompt_ids),
+            "completion_tokens": len(job.ids),
+            "memories": memories,
+            "timings": job.plan.timings(loop.timings_ms(), reading, time.perf_counter() - job.arrived),
+        }
+        job.emit("done", result)
+        if self.on_answer is not None:
+            try:
+                self.on_answer(result)
+            except Exception:  # a metric must never fail an answer
+                log.exception("recording an answer's metrics failed")

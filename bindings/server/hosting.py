@@ -36,6 +36,7 @@ def run(
     api_key: str | None = None,
     write: bool = False,
     limits: Limits | None = None,
+    public_metrics: bool = False,
     grace: float = 10.0,
     header_timeout: float = 10.0,
     max_connections: int = 1000,
@@ -47,8 +48,9 @@ def run(
 
     name: the model id clients send (default: the file name); api_key: require
     `Authorization: Bearer KEY`; write: accept writes (a database opened for writing); limits:
-    what one request may ask (app.Limits); grace: seconds running requests get on SIGTERM;
-    header_timeout: seconds a connection may take to send a request's headers;
+    what one request may ask (app.Limits); public_metrics: GET /metrics without the key;
+    grace: seconds running requests get on SIGTERM; header_timeout: seconds a connection may
+    take to send a request's headers;
     max_connections: past it a new connection is answered 503; sock: a socket already bound
     (see `listen`), else one is bound here; say: where the one-line notices go.
     """
@@ -65,7 +67,7 @@ def run(
         sock = listen(host, port)
     application = None
     try:
-        application = app(db, name=name, api_key=api_key, write=write, limits=limits)
+        application = app(db, name=name, api_key=api_key, write=write, limits=limits, public_metrics=public_metrics)
         shown = f"[{host}]" if ":" in host else host
         say(
             f"serving {application.state.kb.name!r} at http://{shown}:{sock.getsockname()[1]}/v1 "

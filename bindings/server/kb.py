@@ -50,6 +50,10 @@ class KnowledgeBase:
 
     # -- the model ---------------------------------------------------------------------------
 
+    def databases(self) -> list:
+        """The databases served: the one, or each attached package's."""
+        return [self.db.packages[name] for name in self.packages] if self.packages else [self.db]
+
     def model(self):
         """The bound decoder (loaded and checked against the spec on first use; a failure to
         bind is kept, so a server without a usable model does not retry the load per request)."""

@@ -27,6 +27,14 @@ ARGUMENTS = [
     ),
     (("--write",), dict(action="store_true", help="accept writes: add documents, forget memories, writing SQL")),
     (
+        ("--public-metrics",),
+        dict(
+            dest="public_metrics",
+            action="store_true",
+            help="serve GET /metrics (Prometheus) without the API key, for a scraper that has none",
+        ),
+    ),
+    (
         ("--model",),
         dict(
             default=None,
@@ -214,6 +222,7 @@ def serve_on(sock, args, *, paths, api_key, limits) -> None:
             api_key=api_key,
             write=args.write,
             limits=limits,
+            public_metrics=args.public_metrics,
             grace=args.grace,
             header_timeout=args.header_timeout,
             max_connections=args.max_connections,
