@@ -789,3 +789,21 @@ def test_refusals_name_the_statement_as_written(db):
     with pytest.raises(m3db.QueryError, match="generate\\(\\) has the columns text, .* not id: in this DELETE"):
         db.sql("EXPLAIN DELETE FROM memories WHERE id IN (SELECT id FROM generate('x', max_tokens => 2))")
     assert len(db) == n
+
+
+# text that DuckDB quotes in an error and cuts inside a UTF-8 character: the duckdb package
+# then raised Python's UnicodeDecodeError in place of its own error (a 500 from the server's
+# search, found by Schemathesis); 2-, 3- and 4-byte characters, long enough to be cut
+CUT_TEXT = ("éü€中😀" * 60)[:130]
+
+
+def test_an_error_message_duckdb_cuts_mid_character_is_a_query_error(tmp_path):
+    with m3db.connect(tmp_path / "kb", spec=small_spec()) as db:
+        db.add_memory(**make_memory(1, metadata={"tags": {"note": CUT_TEXT}}))
+        q = make_memory(1)["embedding"]
+        for where in ("tags", "tags > 0", "tags = 1"):  # a JSON column compared as a number or a boolean
+            with pytest.raises(m3db.QueryError, match="its message could not be read .* Cast explicitly"):
+                db.recall(q, where=where)
+        with pytest.raises(m3db.QueryError, match="its message could not be read"):
+            db.sql("SELECT ?::JSON", [CUT_TEXT])
+        assert db.recall(q, where="json_extract_string(tags, '$.note') = ?", params=[CUT_TEXT]).ids == [0]

@@ -26,6 +26,7 @@ from sqlglot.errors import SqlglotError, TokenError
 from sqlglot.tokens import Token, TokenType
 
 from ..errors import QueryError
+from ..storage.catalog import duckdb_unreadable
 
 CATALOG_TABLES = ("documents", "memories", "meta", "forgotten", "codecs")
 # table functions that compute rows from their arguments alone (no files, network or settings);
@@ -250,6 +251,8 @@ def _duckdb_parse(db, text):
         db.catalog.con.extract_statements(text)
     except duckdb.Error as e:
         raise QueryError(duckdb_words(str(e).strip())) from e
+    except UnicodeDecodeError as e:  # DuckDB's own error, its message unreadable
+        raise QueryError(duckdb_unreadable(e)) from e
 
 
 def duckdb_words(message) -> str:

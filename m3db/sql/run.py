@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, QueryError, ReadOnlyError, TooManyRowsError
 from ..search.plan import MAX_K
+from ..storage.catalog import duckdb_unreadable
 from .check import MEMORY_FUNCTIONS, check_document_columns, duckdb_words, excerpt, name_list
 from .plan import Planner
 from .rows import Rows
@@ -199,6 +200,8 @@ def _duckdb(db, sql, values, read=None, max_rows=None):
         if len(rows) > max_rows:
             raise _too_many(max_rows)
         return columns, rows
+    except UnicodeDecodeError as e:  # DuckDB's own error, its message unreadable (duckdb_unreadable)
+        raise QueryError(duckdb_unreadable(e)) from e
     except duckdb.Error as e:
         raise QueryError(_duckdb_message(e, read)) from e
 

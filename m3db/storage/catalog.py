@@ -528,7 +528,7 @@ class Catalog:
         self.require_read_only_statement(query, what="a recall filter")
         try:
             r = self.con.execute(query, params or []).fetchnumpy()
-        except duckdb.Error as e:
+        except (duckdb.Error, UnicodeDecodeError) as e:  # (see duckdb_unreadable)
             raise QueryError(
                 f"the filter {where!r} failed: {_first_line(e)}. Filters are SQL over the columns of `memories`: "
                 f"{', '.join(self.columns())}"
@@ -582,4 +582,19 @@ def _locked_down(con):
 
 
 def _first_line(e):
+    if isinstance(e, UnicodeDecodeError):
+        return duckdb_unreadable(e)
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def duckdb_unreadable(e: UnicodeDecodeError) -> str:
+    """What to say when DuckDB failed and its message could not be read: DuckDB cuts the text it
+    quotes at a byte count, sometimes inside a UTF-8 character, and the duckdb package then
+    raises Python's UnicodeDecodeError in place of its own error (measured: a JSON value that
+    does not parse, quoted in the message)."""
+    return (
+        "DuckDB refused the statement, and its message could not be read (it cut a UTF-8 character in two, "
+        f"{e.reason} at byte {e.start}); most often a value that does not convert, quoted in that message: text "
+        "that is not JSON cast to JSON, or a JSON metadata column (a list or dict) compared with a number or a "
+        "boolean. Cast explicitly, e.g. col::VARCHAR = '...' or json_extract(col, '$.key')"
+    )
