@@ -8,6 +8,10 @@
     # or pqK/V; pq's codebook trained on bench/codec_sample.py's texts, or with :own on the
     # bench's 42 entries as `m3db recompress` would), read through --memory-adapter (a, d or a file)
     python bench/heldout.py --memory l18=18-29:32:pq8/16 --ks 1 --only l18_1+m
+    # relevance gates (issue 28): each k=5 memory condition that runs gets NAME@GATE, its recall
+    # list cut to the memories scoring >= top score - M (marginM) and/or >= F (floorF)
+    python bench/heldout.py --only dense5,dense1 --gates margin0.1,margin0.2,floor0.5
+    python bench/heldout.py --recall-only --seed 15 --gates margin0.1   # recall's scores only, no model run
 
 What it measures, and why it cannot be learned by form:
 - Knowledge base: short encyclopedia entries about invented things (towns, ships, minerals,
@@ -23,6 +27,12 @@ What it measures, and why it cannot be learned by form:
   engine's own recall (`db.recall(question)`: all-MiniLM-L6-v2 + USearch) with the relevant
   entry put in the last place if recall missed it (the hit rate is printed), in recall order,
   as at inference; and (b) with k=1: the relevant entry alone.
+- A gated condition (`--gates`) reads the same k=5 list cut by a relevance gate on recall's
+  scores (cosine to the question): kept in recall order, the top one always; a relevant entry
+  forced in is scored as recall scores it (recall restricted to it). The run prints, per gate,
+  the memories kept and how often the relevant one stayed, and the score distribution of
+  relevant entries against distractors that gate values are chosen from (`--recall-only`
+  prints it alone, for another seed, without encoding or generating anything).
 - Memories are written and read through m3db's own code paths: one database per memory setting
   (`m3db.connect(model=..., codec=...)`, `db.add_documents`), memories read back decoded from
   the segments (`db.get_many`, codec applied), placed and read by the generation loop
@@ -269,6 +279,7 @@ class Condition:
     adapter: str = ""  # "" base weights; "a" the sparse reader adapter (--adapter); "d" the dense one
     # (--dense-adapter); "m" --memory-adapter's
     base: str = "none"  # the condition its memory's own gain is measured against
+    gate: str = ""  # a relevance gate (--gates) filtering the k=5 recall list; "" reads all k
 
 
 def settings_table(n_layer: int) -> dict[str, MemorySettings]:
@@ -486,20 +497,146 @@ class SharedEmbeddings:
         return np.stack([self.memo[t] for t in texts])
 
 
-def recall_lists(db, questions, k: int) -> tuple[dict, float]:
+def recall_lists(db, questions, k: int) -> tuple[dict, float, dict]:
     """Per question, the texts of its k memories: recall's top k, the relevant entry forced in
-    last if recall missed it. Returns ({question: [text]}, hit rate of plain recall)."""
-    out, hits = {}, 0
+    last if recall missed it. Returns ({question: [text]}, hit rate of plain recall,
+    {question: [score]}): each memory's recall score (cosine to the question); a relevant entry
+    forced in gets the score recall gives it (recall restricted to it), so a gate sees it as
+    recall would, never as a free pass."""
+    out, hits, scores = {}, 0, {}
     known = {q.entry for q in questions}
     for q in questions:
         # a database may hold other texts too (a pq codebook's sample): only the bench's entries count
-        texts = [m.text for m in db.recall(q.question, k=k + 60) if m.text in known][:k]
-        if q.entry in texts:
+        found = [(m.text, m.score) for m in db.recall(q.question, k=k + 60) if m.text in known][:k]
+        if q.entry in [t for t, _ in found]:
             hits += 1
         else:
-            texts = texts[: k - 1] + [q.entry]
-        out[q] = texts
-    return out, hits / len(questions)
+            (own,) = db.recall(q.question, k=1, where="text = ?", params=[q.entry])
+            found = found[: k - 1] + [(q.entry, own.score)]
+        out[q], scores[q] = [t for t, _ in found], [s for _, s in found]
+    return out, hits / len(questions), scores
+
+
+def parse_gate(spec: str) -> tuple[float, float]:
+    """A --gates spec: "marginM" (keep a memory scoring >= top score - M), "floorF" (>= F), or
+    both joined by "_" ("margin0.1_floor0.3"). Returns (margin, floor); inf / -inf when absent."""
+    margin, floor = float("inf"), float("-inf")
+    for part in spec.split("_"):
+        m = re.fullmatch(r"(margin|floor)(-?\d+(?:\.\d*)?|-?\.\d+)", part)
+        if not m:
+            raise SystemExit(f"--gates {spec!r}: expected marginM, floorF or marginM_floorF (M, F numbers)")
+        if m[1] == "margin":
+            margin = float(m[2])
+        else:
+            floor = float(m[2])
+    return margin, floor
+
+
+def gate(texts: list[str], scores: list[float], spec: str) -> list[str]:
+    """The memories of a recall list that pass the gate, in recall order; the top one always
+    stays (a gate never leaves a question with no memory)."""
+    margin, floor = parse_gate(spec)
+    top = scores[0]
+    return [t for i, (t, s) in enumerate(zip(texts, scores)) if i == 0 or (s >= top - margin and s >= floor)]
+
+
+def score_summary(questions, lists: dict, scores: dict) -> dict:
+    """The recall scores of relevant entries against distractors (the other entries of the k=5
+    lists), absolute and below the list's top score: what a gate's values are chosen from."""
+    rel, dis, rel_gap, dis_gap, best_dis, top = [], [], [], [], [], []
+    for q in questions:
+        s = scores[q]
+        top.append(s[0])
+        d = [x for t, x in zip(lists[q], s) if t != q.entry]
+        r = s[lists[q].index(q.entry)]
+        rel.append(r)
+        rel_gap.append(s[0] - r)
+        dis += d
+        dis_gap += [s[0] - x for x in d]
+        best_dis.append(max(d) if d else float("nan"))
+    pct = (0, 10, 25, 50, 75, 90, 100)
+
+    def dist(x):
+        x = np.asarray(x, dtype=float)
+        x = x[np.isfinite(x)]
+        return {f"p{p}": round(float(np.percentile(x, p)), 4) for p in pct} | {"n": len(x)}
+
+    return {
+        "relevant": dist(rel),
+        "distractor": dist(dis),
+        "best distractor": dist(best_dis),
+        "top": dist(top),
+        "relevant, top - score": dist(rel_gap),
+        "distractor, top - score": dist(dis_gap),
+        "relevant is top": float(np.mean([g == 0 for g in rel_gap])),
+        # each margin M keeps the relevant entry where its gap <= M and drops distractors past M
+        "margins": {
+            f"{m:.2f}": {
+                "relevant kept": float(np.mean(np.asarray(rel_gap) <= m)),
+                "distractors kept": float(np.mean(np.asarray(dis_gap) <= m)),
+            }
+            for m in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3)
+        },
+    }
+
+
+def score_lines(summary: dict) -> list[str]:
+    keys = [k for k, v in summary.items() if isinstance(v, dict) and "p50" in v]
+    pct = [k for k in summary[keys[0]] if k != "n"]
+    lines = [
+        "| recall score (cosine) | n | " + " | ".join(pct) + " |",
+        "|---|---|" + "---|" * len(pct),
+    ]
+    for k in keys:
+        v = summary[k]
+        lines.append(f"| {k} | {v['n']} | " + " | ".join(f"{v[p]:.3f}" for p in pct) + " |")
+    lines += [
+        "",
+        f"the relevant entry is recall's top for {100 * summary['relevant is top']:.1f}% of questions",
+        "",
+        "| margin | relevant kept % | distractors kept % |",
+        "|---|---|---|",
+    ]
+    for m, v in summary["margins"].items():
+        lines.append(f"| {m} | {100 * v['relevant kept']:.1f} | {100 * v['distractors kept']:.1f} |")
+    return lines
+
+
+def gate_stats(questions, gated: dict) -> dict:
+    """Per gate: memories kept per question (mean and counts) and how often the relevant one stayed."""
+    return {
+        g: {
+            "kept": float(np.mean([len(lst[q]) for q in questions])),
+            "kept_counts": {str(n): sum(len(lst[q]) == n for q in questions) for n in range(1, 6)},
+            "relevant_kept": float(np.mean([q.entry in lst[q] for q in questions])),
+        }
+        for g, lst in gated.items()
+    }
+
+
+def recall_only(args, say) -> dict:
+    """--recall-only: the score distribution of recall's k=5 lists, no memory encoded (a cold
+    database: text and embedding only) and nothing generated."""
+    base = MemoryModel.load(adapter=None)
+    entries, questions = build(args.entities, args.per_entity, args.seed)
+    say(f"{len(entries)} entries, {len(questions)} questions ({len(FAMILIES)} families)")
+    with tempfile.TemporaryDirectory(prefix="m3db-heldout-") as tmp:
+        db = m3db.connect(os.path.join(tmp, "recall.m3db"), model=base, embedder=Embedder())
+        db.add_documents(
+            [{"text": e, "source": f"entry/{i}"} for i, e in enumerate(entries)], progress=False, cold=True
+        )
+        lists, hit, scores = recall_lists(db, questions, 5)
+        db.close()
+    say(f"recall: the relevant entry is in the top 5 for {hit:.1%} of questions")
+    gated = {g: {q: gate(lists[q], scores[q], g) for q in questions} for g in args.gates}
+    return {
+        "questions": len(questions),
+        "entries": len(entries),
+        "recall_hit": hit,
+        "scores": score_summary(questions, lists, scores),
+        "gates": gate_stats(questions, gated),
+        "args": vars(args),
+    }
 
 
 def run(args, say) -> dict:
@@ -538,10 +675,24 @@ def run(args, say) -> dict:
                     base="none+a",
                 )
             )
+    for g in args.gates:
+        parse_gate(g)  # an error before anything runs
+    # --gates: each k=5 memory condition gets a gated twin NAME@GATE, right after it
+    conds = [
+        x
+        for c in conds
+        for x in [c]
+        + [
+            dataclasses.replace(c, name=f"{c.name}@{g}", label=f"{c.label}, gate {g}", gate=g)
+            for g in (args.gates if c.mode == "memory" and c.k > 1 else [])
+        ]
+    ]
     if args.only:
         keep = set(args.only.split(","))
-        bases = {c.base for c in conds if c.name in keep} | {"none"}
-        conds = [c for c in conds if c.name in keep or c.name in bases]
+        # a gated twin runs when its condition is named (or it is named itself)
+        run_ = {c.name for c in conds if c.name in keep or c.name.split("@")[0] in keep}
+        bases = {c.base for c in conds if c.name in run_} | {"none"}
+        conds = [c for c in conds if c.name in run_ or c.name in bases]
     adapters = {
         name: ReaderAdapter.load(path, base.decoder.cfg, base_fingerprint=base.fingerprint)
         for name, path in (
@@ -593,8 +744,14 @@ def run(args, say) -> dict:
         dbs[key] = (db, size)
         say(f"built {key[0]} {key[1]} in {time.perf_counter() - t:.0f} s: {size:,.0f} bytes per memory")
     first = dbs[("dense", "int4")][0] if ("dense", "int4") in dbs else next(iter(dbs.values()))[0]
-    lists, hit = recall_lists(first, questions, 5)
+    lists, hit, scores = recall_lists(first, questions, 5)
     say(f"recall: the relevant entry is in the top 5 for {hit:.1%} of questions")
+    summary = score_summary(questions, lists, scores)
+    gates = sorted({c.gate for c in conds if c.gate}, key=args.gates.index)
+    gated = {g: {q: gate(lists[q], scores[q], g) for q in questions} for g in gates}
+    stats = gate_stats(questions, gated)
+    for g, v in stats.items():
+        say(f"gate {g}: {v['kept']:.2f} memories kept per question, the relevant one in {v['relevant_kept']:.1%}")
     # per database: the decoded memories (codec applied) of every entry, read from its segments
     decoded = {}
     for key, (db, _) in dbs.items():
@@ -608,7 +765,8 @@ def run(args, say) -> dict:
     for c in conds:
         key = (c.settings, c.codec) if c.mode == "memory" else ("dense", "int4")
         model = models[c.settings if c.mode == "memory" else "text", c.adapter]
-        by_q = {q: [decoded[key][t] for t in (lists[q] if c.k > 1 else [q.entry])] for q in questions}
+        chosen = gated[c.gate] if c.gate else lists
+        by_q = {q: [decoded[key][t] for t in (chosen[q] if c.k > 1 else [q.entry])] for q in questions}
         results[c.name] = {
             "condition": dataclasses.asdict(c),
             "rows": evaluate(model, c, questions, by_q, args.batch_size, say),
@@ -618,6 +776,8 @@ def run(args, say) -> dict:
         "questions": len(questions),
         "entries": len(entries),
         "recall_hit": hit,
+        "scores": summary,
+        "gates": stats,
         "results": results,
         "args": vars(args),
     }
@@ -627,6 +787,20 @@ def _suffix(cond: dict) -> str:
     """The name suffix of a condition's adapter ("+a", "+d" or none; True in runs saved before "d")."""
     a = cond["adapter"]
     return "+a" if a is True else f"+{a}" if a else ""
+
+
+def gate_lines(data: dict) -> list[str]:
+    """--gates' cuts (memories kept, the relevant one kept) and recall's score distribution."""
+    lines = []
+    if data.get("gates"):
+        lines += ["", "| gate | memories kept per question (mean) | questions keeping 1/2/3/4/5 | relevant kept % |"]
+        lines.append("|---|---|---|---|")
+        for g, v in data["gates"].items():
+            counts = "/".join(str(v["kept_counts"][str(n)]) for n in range(1, 6))
+            lines.append(f"| {g} | {v['kept']:.2f} | {counts} | {100 * v['relevant_kept']:.1f} |")
+    if data.get("scores"):
+        lines += ["", *score_lines(data["scores"])]
+    return lines
 
 
 def report(data: dict) -> str:
@@ -660,6 +834,17 @@ def report(data: dict) -> str:
         c = v["condition"]
         if c["mode"] != "memory":
             continue
+        if c.get("gate"):  # against all k memories, and against the relevant one alone
+            parent = n.split("@")[0]
+            alone = [
+                m
+                for m, w in res.items()
+                if w["condition"] | {"name": "", "label": "", "k": 0}
+                == c | {"name": "", "label": "", "k": 0, "gate": ""}
+                and w["condition"]["k"] == 1
+            ]
+            pairs += [(f"{n} - {b}", n, b) for b in [parent] + alone if b in res]
+            continue
         rag = f"rag{c['k']}" + _suffix(c)
         if rag in res:
             pairs.append((f"{n} - {rag}", n, rag))
@@ -689,6 +874,7 @@ def report(data: dict) -> str:
             lines.append(
                 f"| {label} | {ci(em[a] - em[b], pct=True)} | {ci(d)} | {int((d > 0).sum())} / {int((d < 0).sum())} |"
             )
+    lines += gate_lines(data)
     fams = sorted({r["family"] for v in res.values() for r in v["rows"]})
     lines += ["", "| condition (EM %) | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
     for n, v in res.items():
@@ -723,17 +909,40 @@ def main():
     ap.add_argument("--memory-adapter", default="a", help="what --memory reads through: a, d or an adapter file")
     ap.add_argument("--ks", default="5,1", help="--memory's k values")
     ap.add_argument("--pq-sample", type=int, default=300, help="texts a pq codebook trains on (bench/codec_sample.py)")
+    ap.add_argument(
+        "--gates",
+        default="",
+        help="relevance gates, comma-separated (marginM, floorF, marginM_floorF): each adds NAME@GATE to every "
+        "k=5 memory condition that runs, its recall list cut to the memories scoring >= top - M and >= F",
+    )
+    ap.add_argument(
+        "--recall-only", action="store_true", help="print recall's score distribution (and --gates' cuts), no model run"
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "heldout.json"))
     ap.add_argument("--from-json", default=None)
     args = ap.parse_args()
     args.selection = [s for s in args.selection.split(",") if s]
     args.ks = [int(k) for k in args.ks.split(",") if k]
+    args.gates = list(dict.fromkeys(g for g in args.gates.split(",") if g))
+    for g in args.gates:
+        parse_gate(g)
     t0 = time.perf_counter()
 
     def say(msg):
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
+    if args.recall_only:
+        if args.quick:
+            args.entities, args.per_entity = 2, 1
+        torch.set_num_threads(args.threads)
+        data = recall_only(args, say)
+        print(
+            f"{data['questions']} questions about {data['entries']} entries (seed {args.seed}); "
+            f"recall put the relevant entry in the top 5 for {100 * data['recall_hit']:.1f}%\n"
+        )
+        print("\n".join(gate_lines(data)))
+        return
     if args.from_json:
         with open(args.from_json) as f:
             data = json.load(f)

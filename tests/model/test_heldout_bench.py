@@ -111,3 +111,35 @@ def test_quick_run_prints_the_tables(tmp_path):
     for label in ("| none |", "text RAG, k=5", "dense default (32/head, all layers, int4), k=1", "| dense5 - rag5 |"):
         assert label in out, out
     assert "none + adapter" not in out  # --quick runs only what its conditions need
+
+
+def test_gate_keeps_the_top_and_scores_a_forced_entry_as_recall_would(heldout):
+    assert heldout.parse_gate("margin0.1") == (0.1, float("-inf"))
+    assert heldout.parse_gate("floor0.35_margin.2") == (0.2, 0.35)
+    with pytest.raises(SystemExit):
+        heldout.parse_gate("top3")
+    texts, scores = ["a", "b", "c", "d"], [0.8, 0.75, 0.6, 0.3]
+    assert heldout.gate(texts, scores, "margin0.1") == ["a", "b"]
+    assert heldout.gate(texts, scores, "floor0.5") == ["a", "b", "c"]
+    assert heldout.gate(texts, scores, "margin0.3_floor0.62") == ["a", "b"]
+    assert heldout.gate(texts, scores, "floor0.9") == ["a"]  # never empty: the top stays
+
+    class Match:
+        def __init__(self, text, score):
+            self.text, self.score = text, score
+
+    class FakeDB:  # recall misses the relevant entry "r"; restricted to it, recall scores it 0.2
+        table = {"r": 0.2, "x": 0.9, "y": 0.7, "z": 0.5}
+
+        def recall(self, query, k, where=None, params=None):
+            pool = {params[0]: self.table[params[0]]} if where else {t: s for t, s in self.table.items() if t != "r"}
+            return [Match(t, s) for t, s in sorted(pool.items(), key=lambda p: -p[1])][:k]
+
+    q, *others = [heldout.Question("town", e, f"{e}?", "It is", "here") for e in "rxyz"]
+    lists, hit, scores = heldout.recall_lists(FakeDB(), [q], 3)  # only the questions' entries count
+    assert lists[q] == ["r"] and scores[q] == [0.2]
+    lists, hit, scores = heldout.recall_lists(FakeDB(), [q, *others], 3)
+    assert hit == 3 / 4 and lists[q] == ["x", "y", "r"] and scores[q] == [0.9, 0.7, 0.2]
+    assert heldout.gate(lists[q], scores[q], "margin0.5") == ["x", "y"]  # the forced entry gets no free pass
+    stats = heldout.gate_stats([q], {"margin0.5": {q: ["x", "y"]}})
+    assert stats["margin0.5"]["kept"] == 2 and stats["margin0.5"]["relevant_kept"] == 0
