@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ClosedError, InvalidInputError, M3DBError, storage_error
 from .knowledge import ingest, sync, warm
-from .knowledge.answer import Answer, AnswerPlan, check_generate_options
+from .knowledge.answer import DEFAULT_MARGIN, Answer, AnswerPlan, check_generate_options
 from .knowledge.bundled import bind, bind_embedder, check_memory_mode, check_precision
 from .knowledge.protocols import require_protocols
 from .opening import open_path
@@ -427,6 +427,7 @@ class Database:
         stop_tokens=None,
         seed=0,
         raw=False,
+        margin=DEFAULT_MARGIN,
     ) -> Answer:
         """Answer `prompt`: a question (a string, sent as the user's message under the model's
         chat template), or chat messages [{"role", "content"}]; raw=True sends a string as
@@ -435,6 +436,7 @@ class Database:
         memory=True reads explicit memories, recalled per 64-token chunk as the paper does;
         memory="rag" puts the same recalled references' text in front of the prompt;
         memory=False uses no knowledge base. k: memories per chunk (default and most: the model's, 5);
+        margin: of those, only the ones scoring within it of the best are read (0.1; None: all k);
         where/params: a recall filter. Sampling: max_tokens >= 1; temperature in [0, 100], 0
         greedy; top_p in (0, 1], nucleus sampling; seed in [0, 2**63 - 1]. stop_tokens: token
         ids, not strings, that end the answer: None (the default) is the model's end-of-turn and
@@ -443,16 +445,9 @@ class Database:
         through the same plan (m3db.knowledge.answer.AnswerPlan).
         """
         self._require_open()  # before the model loads: a closed database would fail only after decoding
-        plan = AnswerPlan(self, self.models()[0], memory=memory, k=k, where=where, params=params)
-        return plan.generate(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop_tokens=stop_tokens,
-            seed=seed,
-            raw=raw,
-        )
+        plan = AnswerPlan(self, self.models()[0], memory=memory, k=k, where=where, params=params, margin=margin)
+        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop_tokens=stop_tokens, seed=seed)
+        return plan.generate(prompt, **sampling, raw=raw)
 
     # generate()'s options checked without decoding (SQL's generate(), its EXPLAIN too)
     check_generate_options = staticmethod(check_generate_options)

@@ -66,7 +66,7 @@ class PackageSet:
         memory ids are (package, id) pairs."""
         if self.closed:
             raise ClosedError("these packages are closed; attach() them again to use them")
-        choice = {name: options.pop(name) for name in ("memory", "k", "where", "params") if name in options}
+        choice = {name: options.pop(name) for name in ("memory", "k", "where", "params", "margin") if name in options}
         return AnswerPlan(self, self.models()[0], **choice).generate(prompt, **options)
 
     def documents_of(self, matches) -> list[tuple[str | None, str | None]]:

@@ -70,7 +70,7 @@ class Job:
         self.arrived = time.perf_counter()  # Answer.timings' total counts from here: the queue is felt too
         alone = temperature > 0 and seed is not None  # a seeded sample must not share a random stream
         # a batch shares one plan: the requests in it asked for the same mode, k and filter
-        shared = (plan.mode, plan.k, json.dumps(plan.where), json.dumps(plan.params))
+        shared = (plan.mode, plan.k, plan.margin, json.dumps(plan.where), json.dumps(plan.params))
         self.key = (*shared, temperature, top_p, id(self) if alone else None)
 
     def cancel(self) -> None:

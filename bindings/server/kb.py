@@ -122,10 +122,10 @@ class KnowledgeBase:
     def sql(self, query: str, params=None, package=None):
         return self.database(package).sql(query, params)
 
-    def plan(self, *, memory, k, where, params):
-        """The engine's answer plan for requests asked alike (mode, k, filter): the checks, the
-        retriever and the sources every surface shares (m3db.extend.AnswerPlan)."""
-        return AnswerPlan(self.db, self.model(), memory=memory, k=k, where=where, params=params)
+    def plan(self, *, memory, k, where, params, **gate):
+        """The engine's answer plan for requests asked alike (mode, k, filter, `margin` in gate):
+        the checks, the retriever and the sources every surface shares (m3db.extend.AnswerPlan)."""
+        return AnswerPlan(self.db, self.model(), memory=memory, k=k, where=where, params=params, **gate)
 
     # -- writing (one writer) ----------------------------------------------------------------
 

@@ -38,6 +38,14 @@ MEMORY_FIELDS = [
     ),
     Field("k", ("integer",), "memories recalled per 64-token chunk (default: the model's, 5)", minimum=1, maximum=64),
     Field(
+        "margin",
+        ("number", "null"),
+        "the relevance gate: of the k recalled, only memories scoring within this of the best are read "
+        "(default 0.1; null reads all k)",
+        minimum=0,
+        maximum=2,
+    ),
+    Field(
         "where",
         ("string", "object"),
         "a SQL filter over the columns of `memories` (metadata keys are columns), e.g. \"lang = 'en'\", "
@@ -265,8 +273,15 @@ class OpenAIEndpoints:
         where, params = body.get("where"), body.get("params")
         if body.get("stream_options") is not None and not body.get("stream"):
             raise bad_request("stream_options applies to a streamed answer; send stream: true", param="stream_options")
+        gate = {"margin": body["margin"]} if "margin" in body else {}  # absent: the engine's default
         plan = await run_in_threadpool(
-            engine_checked, kb.plan, memory=body.get("memory", "memory"), k=body.get("k"), where=where, params=params
+            engine_checked,
+            kb.plan,
+            memory=body.get("memory", "memory"),
+            k=body.get("k"),
+            where=where,
+            params=params,
+            **gate,
         )
         if plan.mode != "none" and (where is not None or params is not None):
             # SQL from the client: run once here under the statement time limit (recalls during

@@ -70,7 +70,7 @@ FIXED_TABLE_COLUMNS = {
 }
 GENERATE_COLUMNS = ("text", "finish_reason", "mode", "sources")
 RECALL_ARGS = ("query", "k")
-GENERATE_ARGS = ("prompt", "max_tokens", "memory", "k", "filter", "temperature", "top_p", "seed")
+GENERATE_ARGS = ("prompt", "max_tokens", "memory", "k", "filter", "temperature", "top_p", "seed", "margin")
 SOURCE_TYPE = "STRUCT(id BIGINT, text VARCHAR, document VARCHAR, title VARCHAR)[]"
 
 

@@ -321,7 +321,7 @@ def _generate_options(options):
             if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
                 raise InvalidInputError(f"generate()'s {name} must be an integer in [{low}, {high}], got {v!r}")
             out[name] = v
-    for name in ("temperature", "top_p", "seed"):
+    for name in ("temperature", "top_p", "seed", "margin"):
         if name in options:
             v = options[name]
             out[name] = float(v) if isinstance(v, decimal.Decimal) else v  # DuckDB reads 0.5 as DECIMAL
