@@ -29,6 +29,11 @@ from .cache import KVCache
 from .memory import Retriever, context_start, place
 
 MODES = ("memory", "none", "rag")
+# a forward of this many tokens or more (a prefill) runs on the fp32 weights when the model reads
+# on quantized ones: many tokens at once are compute-bound, where fp32's matmuls beat
+# dequantizing int4/int8 blocks (measured: int4 1.7x slower than fp32 at 120 tokens, even at 40;
+# docs/decoder.md), while a step of one token is bandwidth-bound, where the quantized weights win
+FP32_PREFILL_FROM = 32
 
 
 class ContextTooLong(ValueError):
@@ -215,6 +220,14 @@ class GenerationLoop:
 
     # -- prefill -----------------------------------------------------------------------------
 
+    def forward_for(self, tokens: int) -> tuple:
+        """(decoder, adapter) for a forward of `tokens` tokens: the fp32 weights (and the adapter
+        on top) for a prefill of FP32_PREFILL_FROM or more where the model reads on quantized
+        ones, else the reader. Both write the same cache."""
+        if tokens >= FP32_PREFILL_FROM and self.reader is not self.m.decoder:
+            return self.m.decoder, self.m.adapter
+        return self.reader, self.adapter
+
     @torch.no_grad()
     def prefill_memory(self) -> torch.Tensor:
         """Prompt in chunks, each reading its own memories. Chunks are aligned on the right
@@ -236,13 +249,14 @@ class GenerationLoop:
                     self.record(b, "prompt", max(0, c0 - pads[b]), c1 - pads[b], items)
             self._set_memory(rows)
             v = valid[:, c0:c1]
-            logits = self.reader(
+            decoder, adapter = self.forward_for(c1 - c0)
+            logits = decoder(
                 idx[:, c0:c1],
                 positions=_positions(v, self.npos),
                 valid=v,
                 cache=self.cache,
                 last_only=True,
-                adapter=self.adapter,
+                adapter=adapter,
             )
             self.npos = self.npos + v.sum(dim=1)
         return logits[:, -1]
@@ -267,13 +281,14 @@ class GenerationLoop:
         idx, valid = left_pad(rows, self.pad)
         self.cache = self._new_cache(idx.shape[1], memory=False)
         start = torch.zeros(self.B, dtype=torch.long)
-        logits = self.reader(
+        decoder, adapter = self.forward_for(idx.shape[1])
+        logits = decoder(
             idx,
             positions=_positions(valid, start),
             valid=valid,
             cache=self.cache,
             last_only=True,
-            adapter=self.adapter,
+            adapter=adapter,
         )
         self.npos = valid.sum(dim=1)
         return logits[:, -1]

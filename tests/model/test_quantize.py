@@ -221,3 +221,21 @@ def test_the_bundled_decoder_reads_at_its_own_int4_by_default(bundled):
     assert load_bundled(precision="fp32")[0].precision == "fp32"
     assert load_bundled("sparse")[0].precision == "int4"
     assert model.decoder is load_bundled(precision="fp32")[0].decoder  # memories: encoded by the same fp32 weights
+
+
+def test_a_long_prefill_runs_on_the_fp32_weights_and_steps_on_the_quantized():
+    """Many tokens at once are compute-bound (fp32's matmuls win); one token is bandwidth-bound
+    (the quantized weights win): a prefill of FP32_PREFILL_FROM tokens or more runs on fp32."""
+    from m3db.model.generate import FP32_PREFILL_FROM, GenerationLoop, Sampling
+
+    fp32 = MemoryModel.tiny(std=0.1)
+    int4 = fp32.at_precision("int4")
+    loop = GenerationLoop(int4, [[1, 2, 3]], "none", None, Sampling(max_tokens=2))
+    assert loop.forward_for(FP32_PREFILL_FROM)[0] is fp32.decoder
+    assert loop.forward_for(1)[0] is int4.reader and int4.reader is not fp32.decoder
+    long_prompt = "The Zorblax festival is held every March in Quimby, on the river Flent. " * 3
+    assert len(fp32.tokenizer.encode(long_prompt)) >= FP32_PREFILL_FROM
+    # the first token comes from the prefill alone: the same as fp32's, exactly
+    a = fp32.generate(long_prompt, mode="none", max_tokens=1).tokens
+    b = int4.generate(long_prompt, mode="none", max_tokens=1).tokens
+    assert a == b
