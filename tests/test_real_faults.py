@@ -163,10 +163,12 @@ def test_a_failed_index_save_is_retried_and_then_saves(tmp_path):
                 warnings.simplefilter("error")
                 db.add_memory(**make_memory(4))  # the retry waits for 2 more changes
             assert db.store.unsaved == 3
+            report = db.check()  # nothing is lost: ok, with the unsaved index as a warning
+            assert report.ok and len(report.warnings) == 1 and "could not be saved" in report.warnings[0]
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             db.add_memory(**make_memory(5))  # the retry: it saves
-        assert db.store.unsaved == 0 and db.store.index_save_error is None
+        assert db.store.unsaved == 0 and db.store.index_save_error is None and db.check().warnings == []
     with m3db.connect(path) as again:
         assert len(again) == 6 and again.index.saved_seq == again.commit_seq
 

@@ -29,15 +29,18 @@ READ_VECTORS = 2 * MAX_TRAIN_VECTORS
 
 
 class CheckReport:
-    """What check() found: `ok`, the number of memories read, and a list of problems."""
+    """What check() found: `ok`, the number of memories read, a list of problems, and a list of
+    warnings: conditions that lose nothing but want attention (ok stays True)."""
 
-    def __init__(self, checked, problems):
+    def __init__(self, checked, problems, warnings=()):
         self.checked = checked
         self.problems = problems
+        self.warnings = list(warnings)
         self.ok = not problems
 
     def __repr__(self):
-        return f"<CheckReport ok={self.ok} checked={self.checked} problems={len(self.problems)}>"
+        shown = f" warnings={len(self.warnings)}" if self.warnings else ""
+        return f"<CheckReport ok={self.ok} checked={self.checked} problems={len(self.problems)}{shown}>"
 
 
 def check(store) -> CheckReport:
@@ -73,7 +76,15 @@ def check(store) -> CheckReport:
     if not np.array_equal(store.locations.ids, uniq):
         problems.append("the in-memory location table differs from the catalog")
     problems += _forgotten_log_problems(store)
-    return CheckReport(len(ids), problems)
+    warnings = []
+    if store.index_save_error is not None:
+        # every commit is in the catalog; only the index file on disk is behind it
+        warnings.append(
+            f"the vector index could not be saved ({store.index_save_error}); every commit is in the catalog and the "
+            "next open rebuilds the index from it, but until a save succeeds an open pays that rebuild: free space "
+            "or fix the directory's permissions (each commit retries the save)"
+        )
+    return CheckReport(len(ids), problems, warnings)
 
 
 def _forgotten_log_problems(store) -> list[str]:
