@@ -55,7 +55,7 @@ def answer_logprobs(
     else:
         if mode == "rag":
             for b, p in enumerate(prompt_ids):
-                loop.record(b, "prompt", 0, len(p), loop.retrieve(b, p[-C:]))
+                loop.record(b, "prompt", 0, len(p), loop.retrieve(b, p[-C:], max(0, len(p) - C)))
         last = loop.prefill_text()
     loop.done = [False] * loop.B
     out: list[list[float]] = [[] for _ in prompt_ids]

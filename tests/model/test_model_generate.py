@@ -213,3 +213,30 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert abs(frac - 0.5 / 0.75) < 0.05  # renormalized over the kept set
     assert set(sample(logits, Sampling(temperature=1.0, top_p=0.0), g).tolist()) == {1}
     assert set(sample(logits, Sampling(temperature=1.0, top_p=1.0), g).tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("mode", ["memory", "rag"])
+def test_a_chat_prompt_recalls_with_what_its_messages_say(model, mode):
+    """The chunk a chat prompt recalls with is its messages' text: not ChatML's markers and role
+    names, not the system prompt (with them, a question's cosine to its own article halved)."""
+    asked = []
+
+    def retriever(text, k):
+        asked.append(text)
+        return []
+
+    chat = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Where is Zorblax?"},
+    ]
+    model.generate(chat, retriever=retriever, mode=mode, max_tokens=1)
+    # (the tiny tokenizer's tokens are bytes: the prompt spans two 64-token chunks, each recalls)
+    assert asked and asked[-1].endswith("\nHello!\nWhere is Zorblax?")
+    if mode == "memory":
+        assert "".join(asked) == "Hi there\nHello!\nWhere is Zorblax?"
+    assert not any("system" in a or "one word" in a or "im_start" in a for a in asked)
+    asked.clear()
+    model.generate("plain text, no template", retriever=retriever, mode=mode, max_tokens=1)
+    assert asked == ["plain text, no template"]
