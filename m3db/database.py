@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ClosedError, InvalidInputError, M3DBError, storage_error
 from .knowledge import ingest, sync, warm
-from .knowledge.answer import DEFAULT_MARGIN, Answer, AnswerPlan, check_generate_options
+from .knowledge.answer import DEFAULT_MARGIN, Answer, AnswerPlan, check_generate_options, check_options
 from .knowledge.bundled import bind, bind_embedder, check_memory_mode, check_precision
 from .knowledge.protocols import require_protocols
 from .opening import open_path
@@ -360,14 +360,14 @@ class Database:
         return [m.detached() for m in out]
 
     @_guarded
-    def recall(self, vector, k=5, where=None, params=None, *, decode=False) -> Matches:
+    def recall(self, vector, k=5, where=None, params=None, *, decode=False, margin=None) -> Matches:
         """The k memories nearest `vector` (cosine), best first, as Matches. `vector` may be a
         query text, embedded by the database's embedder.
 
         where: a SQL boolean expression over the columns of `memories` (metadata keys are
         columns), e.g. "lang = 'en' AND year > ?", with `params` bound to its `?`s; or a dict
         {column: value} meaning column = value for each. decode=True also decodes each
-        memory's arrays into `match.memory`.
+        memory's arrays into `match.memory`. margin: keep only matches scoring within it of the best.
         """
         if isinstance(vector, str):
             vector = self.embed_query(vector)
@@ -393,6 +393,8 @@ class Database:
             exact_limit=self._config.get("exact_limit", EXACT_LIMIT),
             expansion=self._config.get("expansion_search"),
         )
+        if check_options(margin=margin)["margin"] is not None and len(scores):  # before any is read
+            ids, scores = ids[scores >= scores[0] - margin], scores[scores >= scores[0] - margin]
         started = time.perf_counter()
         memories = self._read_many(ids.tolist(), arrays=decode)
         return Matches(

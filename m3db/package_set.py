@@ -48,7 +48,7 @@ class PackageSet:
         """The retrieval vector of a query text (the embedder every package shares)."""
         return self.primary.embed_query(text)
 
-    def recall(self, query, k=5, where=None, params=None, *, decode=False) -> PackageMatches:
+    def recall(self, query, k=5, where=None, params=None, *, decode=False, margin=None) -> PackageMatches:
         """The k memories nearest `query` (a text, embedded once, or a vector) across every
         package, best first (PackageMatches).
 
@@ -57,7 +57,7 @@ class PackageSet:
         """
         if isinstance(query, str):
             query = self.embed_query(query)
-        return merge_recalls(self.packages, query, k, where, params, decode=decode)
+        return merge_recalls(self.packages, query, k, where, params, decode=decode, margin=margin)
 
     def generate(self, prompt, **options) -> Answer:
         """Answer `prompt` reading memories recalled from every package: the options of

@@ -55,3 +55,20 @@ def test_a_bad_margin_is_refused_by_name_everywhere(db, margin):
     if not isinstance(margin, (str, bool)) and margin == margin:
         with pytest.raises(m3db.InvalidInputError, match="generate\\(\\)'s margin must be None"):
             db.sql(f"SELECT text FROM generate(?, max_tokens => 2, margin => {margin})", [QUESTION])
+
+
+def test_recall_takes_the_gate_before_reading(db, tmp_path):
+    assert len(db.recall(QUESTION, k=5, margin=0.1)) == 1 and len(db.recall(QUESTION, k=5)) == 5
+    with pytest.raises(m3db.InvalidInputError, match="margin must be None"):
+        db.recall(QUESTION, k=5, margin=-1)
+    # over several packages, near the best of all (each package's own best may be far below it)
+    model, embedder = MemoryModel.tiny(seed=0, std=0.3), HashEmbedder()
+    paths = []
+    for name, docs in (("a", DOCS[:1]), ("b", DOCS[1:])):
+        with m3db.connect(tmp_path / name, model=model, embedder=embedder) as kb:
+            kb.add_documents(docs, progress=False)
+            paths.append(tmp_path / f"{name}.m3kb")
+            kb.pack(paths[-1])
+    with m3db.attach(paths, model=model, embedder=embedder) as kbs:
+        assert [m.package for m in kbs.recall(QUESTION, k=5, margin=0.1)] == ["a"]
+        assert len(kbs.recall(QUESTION, k=5)) == 5

@@ -94,7 +94,7 @@ class Answer:
 class Knowledge(Protocol):
     """What a plan reads: a Database or a PackageSet."""
 
-    def recall(self, query, k=5, where=None, params=None, *, decode=False) -> list: ...
+    def recall(self, query, k=5, where=None, params=None, *, decode=False, margin=None) -> list: ...
     def embed_query(self, text) -> object: ...
     def documents_of(self, matches) -> list: ...
 
@@ -252,17 +252,16 @@ class Reading:
         started = time.perf_counter()
         vector = plan.knowledge.embed_query(query_text)
         embedded = time.perf_counter()
-        matches = plan.knowledge.recall(vector, n, plan.where, plan.params, decode=(plan.mode == "memory"))
+        # the relevance gate (recall's margin) before the memories are read: a cold memory left
+        # out is never encoded
+        decode = plan.mode == "memory"
+        matches = plan.knowledge.recall(vector, n, plan.where, plan.params, decode=decode, margin=plan.margin)
         spent = time.perf_counter() - embedded
         read = min(getattr(matches, "read_seconds", 0.0), spent)  # Matches says how much was reading
         self.seconds["embed"] += embedded - started
         self.seconds["search"] += spent - read
         self.seconds["read"] += read
         items = []
-        if plan.margin is not None and matches:
-            # the relevance gate: recall order is best first, so the best is kept always
-            best = matches[0].score
-            matches = [m for m in matches if m.score >= best - plan.margin]
         for match in matches:
             package = getattr(match, "package", None)
             item_id = match.id if package is None else self.keys.setdefault((package, match.id), len(self.keys))

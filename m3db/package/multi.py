@@ -40,7 +40,7 @@ class PackageMatches(Matches):
         return f"<Matches {len(self)} keys={self.keys}>"
 
 
-def merge_recalls(packages, vector, k, where, params, *, decode=False) -> PackageMatches:
+def merge_recalls(packages, vector, k, where, params, *, decode=False, margin=None) -> PackageMatches:
     """The k memories nearest `vector` across `packages` ({name: read-only database}), best first.
 
     Each package is recalled with the same k and filter (see Database.recall), then the
@@ -51,7 +51,7 @@ def merge_recalls(packages, vector, k, where, params, *, decode=False) -> Packag
     read_seconds = 0.0
     for rank, (name, db) in enumerate(packages.items()):
         try:
-            matches = db.recall(vector, k, where, params, decode=decode)
+            matches = db.recall(vector, k, where, params, decode=decode, margin=margin)
         except M3DBError as e:
             raise type(e)(f"package {name!r}: {str(e).split('] ', 1)[-1]}") from e
         plans[name] = matches.plan
@@ -61,6 +61,8 @@ def merge_recalls(packages, vector, k, where, params, *, decode=False) -> Packag
                 (-m.score, rank, m.id, PackageMatch(m.id, m.score, m.text, m.metadata, m.document_id, m.memory, name))
             )
     found.sort(key=lambda t: t[:3])
+    if margin is not None and found:  # each package kept those near its own best; now near the best of all
+        found = [t for t in found if -t[0] >= -found[0][0] - margin]
     return PackageMatches([t[3] for t in found[:k]], {"strategy": "merge", "packages": plans}, read_seconds)
 
 
