@@ -81,6 +81,7 @@ from codec_sample import codec_sample  # noqa: E402
 import m3db  # noqa: E402
 from m3db.model.adapter import BUNDLED_FILE, ReaderAdapter  # noqa: E402
 from m3db.model.embedder import Embedder  # noqa: E402
+from m3db.model.generate import chunk_query  # noqa: E402
 from m3db.model.memory import EncodedMemory  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.score import answer_logprobs  # noqa: E402
@@ -430,7 +431,7 @@ class FixedRetriever:
         for ids, its in zip(prompt_ids, items):
             if len(ids) > self.C:
                 raise SystemExit(f"a prompt has {len(ids)} tokens, over one chunk ({self.C}): shorten the question")
-            text = self.tok.decode(ids, skip_special=True)
+            text = chunk_query(self.tok, ids)  # what the loop recalls with (the chat scaffolding left out)
             if text in self.by_text and [m.id for m in self.by_text[text]] != [m.id for m in its]:
                 raise SystemExit(f"two questions share the prompt {text[-60:]!r}")
             self.by_text[text] = its

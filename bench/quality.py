@@ -79,7 +79,7 @@ from m3db.knowledge.leakage import leaks  # noqa: E402
 from m3db.knowledge.sources import wikipedia  # noqa: E402
 from m3db.model.adapter import BUNDLED_FILE, ReaderAdapter  # noqa: E402
 from m3db.model.embedder import Embedder  # noqa: E402
-from m3db.model.generate import Sampling, run  # noqa: E402
+from m3db.model.generate import Sampling, chunk_query, content_mask, run  # noqa: E402
 from m3db.model.memory_model import MemoryModel  # noqa: E402
 from m3db.model.score import answer_logprobs  # noqa: E402
 from m3db.model.settings import MemorySettings  # noqa: E402
@@ -384,7 +384,9 @@ class FilteredRetriever:
             spans = [(max(0, len(ids) - C), len(ids))]
         else:  # chunks aligned on the prompt's end, as `GenerationLoop._prefill_memory` cuts them
             spans = [(max(0, e - C), e) for e in range(len(ids), 0, -C)][::-1]
-        return [self.model.tokenizer.decode(ids[a:b], skip_special=True) for a, b in spans]
+        # what the loop recalls with: each chunk's messages, the chat scaffolding left out
+        kept = content_mask(self.model.tokenizer, ids)
+        return [chunk_query(self.model.tokenizer, ids[a:b], kept[a:b]) for a, b in spans]
 
     def bind(self, questions, prompt_ids, mode):
         """A batch: each query text belongs to the questions whose prompt chunks produce it."""

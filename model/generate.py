@@ -151,6 +151,19 @@ def content_mask(tokenizer, ids: Sequence[int]) -> list[bool]:
     return mask
 
 
+def chunk_query(tokenizer, ids: Sequence[int], kept: Sequence[bool] | None = None) -> str:
+    """The text a chunk of tokens recalls with: the tokens `kept` (default: content_mask of the
+    chunk alone), each message's decoded apart and joined by a line break."""
+    kept = content_mask(tokenizer, ids) if kept is None else kept
+    runs, run = [], []
+    for t, k in zip(ids, kept):
+        if k:
+            run.append(t)
+        elif run:
+            runs, run = runs + [run], []
+    return "\n".join(tokenizer.decode(r, skip_special=True) for r in runs + [run] if r)
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """idx (B, T) and valid (B, T), rows aligned on the right so every row ends together."""
     T = max(len(r) for r in rows)
@@ -205,19 +218,12 @@ class GenerationLoop:
     def retrieve(self, b: int, ids: Sequence[int], start: int | None = None) -> list:
         """The memories for a chunk of tokens: row b's prompt from `start`, or generated ones
         (start None). A chunk recalls with what its messages say, not its chat scaffolding."""
-        if start is not None:
+        if start is None:  # generated tokens: the answer's own text
+            text = self.m.tokenizer.decode(ids, skip_special=True)
+        else:
             if self.masks[b] is None:
                 self.masks[b] = content_mask(self.m.tokenizer, self.prompts[b])
-            kept = self.masks[b][start : start + len(ids)]
-        else:
-            kept = content_mask(self.m.tokenizer, ids)
-        runs, run = [], []  # each message's kept tokens, decoded apart and joined by a line break
-        for t, k in zip(ids, kept):
-            if k:
-                run.append(t)
-            elif run:
-                runs, run = runs + [run], []
-        text = "\n".join(self.m.tokenizer.decode(r, skip_special=True) for r in runs + [run] if r)
+            text = chunk_query(self.m.tokenizer, ids, self.masks[b][start : start + len(ids)])
         if not text.strip() or self.k == 0:
             return []
         started = time.perf_counter()
