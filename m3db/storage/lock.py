@@ -83,7 +83,14 @@ class DatabaseLock:
     def _lock_as_waiting_writer(self, directory, deadline) -> None:
         """Hold WRITER_FILE while waiting for the lock itself (new readers queue behind it), then let
         it go: from then on the lock file alone keeps readers out."""
-        fd = os.open(os.path.join(directory, WRITER_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(os.path.join(directory, WRITER_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            # a directory that takes no new file: wait without the queue (a write fails there
+            # anyway, and the error should be the write's own, not this file's)
+            if not _flock(self.fd, fcntl.LOCK_EX, deadline):
+                raise self._refusal(directory, here=False) from None
+            return
         try:
             if not _flock(fd, fcntl.LOCK_EX, deadline):
                 raise self._refusal(directory, here=False)
