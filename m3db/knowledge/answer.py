@@ -74,7 +74,7 @@ class Answer:
     (`chunks`: [(kind, start, end, memory ids)]; over several packages an id is
     (package, id)), and `sources`, every memory used, in order of first use.
 
-    `timings`: where the time went, in milliseconds (docs/decoder.md): recall (embed the
+    `timings`: where the time went, in milliseconds (docs/knowledge.md): recall (embed the
     question's chunks, search, read and decode the memories: each of the three too), prefill,
     decode, first_token (from the start of decoding) and total (the whole call, checks and
     sources included); recall + prefill + decode is the decoding's whole. Empty from a model
@@ -225,8 +225,9 @@ def answer_timings(loop_ms, reading, seconds) -> dict:
     if not loop_ms:
         return {}
     parts = {} if reading is None else {part: round(value * 1000, 3) for part, value in reading.seconds.items()}
+    merged = {**loop_ms, **parts}
     order = ("embed", "search", "read", "recall", "prefill", "first_token", "decode")
-    out = {name: {**loop_ms, **parts}[name] for name in order if name in {**loop_ms, **parts}}
+    out = {name: merged[name] for name in order if name in merged}
     out["total"] = round(seconds * 1000, 3)
     return out
 
