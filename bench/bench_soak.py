@@ -249,8 +249,14 @@ def proc_status(pid):
         for line in f:
             key, _, value = line.partition(":")
             fields[key] = value.strip()
+
+    def mb(key):
+        return round(int(fields[key].split()[0]) / 1024, 1) if key in fields else None
+
     return {
-        "rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+        "rss_mb": mb("VmRSS"),
+        "rss_anon_mb": mb("RssAnon"),  # the heap: what a leak grows
+        "rss_file_mb": mb("RssFile"),  # mapped files read (the segments' mmaps): page cache, bounded by their size
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "threads": int(fields["Threads"]),
     }
@@ -312,14 +318,16 @@ def row(s):
 
     st = s["status"]
     return (
-        f"{s['t'] / 60:6.1f} {s['rss_mb']:8.1f} {s['fds']:4d} {s['threads']:4d} "
+        f"{s['t'] / 60:6.1f} {s['rss_mb']:8.1f} {s.get('rss_anon_mb') or '-':>6} {s.get('rss_file_mb') or '-':>6} "
+        f"{s['fds']:4d} {s['threads']:4d} "
         f"{st['2xx']:5d} {st['4xx']:4d} {st['5xx']:4d} {st['other']:4d} {s['closed_early']:4d} "
         + " ".join(f"{p(k, 'p50'):>5}/{p(k, 'p99'):>5}" for k in KINDS[:-1])
     )
 
 
 HEADER = (
-    f"{'min':>6} {'rss MB':>8} {'fds':>4} {'thr':>4} {'2xx':>5} {'4xx':>4} {'5xx':>4} {'oth':>4} {'gone':>4} "
+    f"{'min':>6} {'rss MB':>8} {'anon':>6} {'file':>6} {'fds':>4} {'thr':>4} "
+    f"{'2xx':>5} {'4xx':>4} {'5xx':>4} {'oth':>4} {'gone':>4} "
     + " ".join(f"{k[:11]:>11}" for k in KINDS[:-1])
     + "   (latency p50/p99 s)"
 )
@@ -335,6 +343,11 @@ def verdict(samples, events, span):
     ev_last = [e for e in events if e[0] >= end - span]
     rss0 = statistics.mean(s["rss_mb"] for s in first)
     rss1 = statistics.mean(s["rss_mb"] for s in last)
+    split = {}
+    for key in ("rss_anon_mb", "rss_file_mb"):
+        if all(s.get(key) is not None for s in first + last):
+            split[key + "_first"] = round(statistics.mean(s[key] for s in first), 1)
+            split[key + "_last"] = round(statistics.mean(s[key] for s in last), 1)
     lat0, lat1 = latency_summary(ev_first), latency_summary(ev_last)
     p99 = {}
     for kind in KINDS:
@@ -351,6 +364,7 @@ def verdict(samples, events, span):
         "rss_growth_mb": round(rss1 - rss0, 1),
         "rss_growth_pct": round(100 * (rss1 - rss0) / rss0, 1),
         "rss_mb_max": max(s["rss_mb"] for s in samples),
+        **split,
         "fds_first": first[-1]["fds"],
         "fds_last": last[-1]["fds"],
         "fds_max": max(s["fds"] for s in samples),
@@ -402,7 +416,7 @@ def plot(samples, path, span):
         ax.axvspan(0, span / 60, color="0.9")
         ax.axvspan(t[-1] - span / 60, t[-1], color="0.9")
     for ax, (name, v) in zip(axes, series.items()):
-        ax.plot(t, v, marker=".", lw=1)
+        ax.plot(t, v, marker=".", lw=1, label="total" if ax is axes[0] else None)
         ax.yaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -410,6 +424,11 @@ def plot(samples, path, span):
         pts = [(x, y) for x, y in zip(t, v) if y is not None]
         if pts:
             axes[3].plot(*zip(*pts), marker=".", lw=1, label=k)
+    for key, label in (("rss_anon_mb", "anon (heap)"), ("rss_file_mb", "file (mapped segments)")):
+        if all(s.get(key) is not None for s in samples):
+            axes[0].plot(t, [s[key] for s in samples], marker=".", lw=1, label=label)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8, ncol=3, loc="center left")
     axes[3].set_yscale("log")
     top = max(y for v in p99.values() for y in v if y is not None)
     axes[3].set_ylim(top=top * 30)  # room above the curves for the legend
@@ -597,6 +616,11 @@ def main():
         f"  RSS      {v['rss_mb_first']} MB -> {v['rss_mb_last']} MB: {v['rss_growth_mb']:+} MB "
         f"({v['rss_growth_pct']:+}%), max {v['rss_mb_max']} MB"
     )
+    if "rss_anon_mb_first" in v:
+        print(
+            f"    of it  anon (heap) {v['rss_anon_mb_first']} -> {v['rss_anon_mb_last']} MB, "
+            f"file (mapped segments) {v['rss_file_mb_first']} -> {v['rss_file_mb_last']} MB"
+        )
     print(f"  fds      {v['fds_first']} -> {v['fds_last']} (max {v['fds_max']})")
     print(f"  threads  {v['threads_first']} -> {v['threads_last']} (max {v['threads_max']})")
     for kind, p in v["p99_s"].items():
