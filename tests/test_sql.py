@@ -602,6 +602,15 @@ def test_filters_cannot_call_memory_functions(db):
         db.sql("SELECT * FROM generate('x', filter => 'lang = ?')")
 
 
+def test_a_filter_sqlglot_itself_fails_on_is_a_query_error(db):
+    # found by fuzzing (tests/fuzz/corpus/sql): sqlglot's parser raised a raw IndexError on a
+    # lambda with no parameter; a statement already turned it into a QueryError, a filter did not
+    with pytest.raises(m3db.QueryError, match=r"cannot be read \(m3db's SQL parser, sqlglot, failed"):
+        db.recall(vec(0), k=2, where="list_filter([1], () => 1) IS NOT NULL")
+    with pytest.raises(m3db.QueryError):
+        db.sql("SELECT id FROM memories WHERE list_filter([1], () => 1) IS NOT NULL")
+
+
 # -- errors name the place and the alternatives ------------------------------------------------------
 
 

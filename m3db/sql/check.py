@@ -420,6 +420,13 @@ def _checked_filter(text, *, what, parameters) -> tuple[str, bool]:
         check_tree(exp.select("id").from_("memories").where(condition))
     except SqlglotError as e:
         raise QueryError(f"{what} {text!r} is not a SQL condition: {_readable(str(e).splitlines()[0])}") from e
+    except (ValueError, TypeError, AttributeError, IndexError) as e:
+        # sqlglot itself failed on odd text (a lambda with no parameter, `() => x`, is an
+        # IndexError inside its parser), as parse_statement handles for a statement
+        raise QueryError(
+            f"{what} {excerpt(text)!r} cannot be read (m3db's SQL parser, sqlglot, failed: {e!r}); "
+            "write it as a plain SQL condition, e.g. lang = 'en' AND year > 2000"
+        ) from e
     for table in condition.find_all(exp.Table):
         if isinstance(table.this, exp.Func) and function_name(table.this) in MEMORY_FUNCTIONS:
             name = function_name(table.this)
