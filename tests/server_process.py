@@ -25,10 +25,12 @@ class ServerProcess:
     stop(); its log goes to a file (a pipe nobody reads would fill with access logs and block
     the server)."""
 
-    def __init__(self, paths, *args, api_key=None, timeout=60.0, script=None):
+    def __init__(self, paths, *args, api_key=None, timeout=60.0, script=None, sends_key=None):
+        """api_key: passed as --api-key and sent by client(); sends_key: sent, not passed (a key
+        of a --keys file)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
+        self.api_key = api_key or sends_key
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONPATH=str(ROOT), M3DB_API_KEY="")
         cmd = [sys.executable, "-m", "m3db.cli", "serve", *map(str, paths), "--port", str(self.port), *args]
@@ -38,7 +40,7 @@ class ServerProcess:
             cmd += ["--api-key", api_key]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"m3db serve exited with {self.proc.returncode}:\n{self.output()}")

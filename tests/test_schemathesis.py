@@ -9,7 +9,9 @@ no traceback, and the knowledge base the fuzzing wrote passes check().
 
 The model is the tiny random decoder (tests/server_models.py) and --max-tokens 8, so a generation
 takes milliseconds. The default run takes about a minute on two cores, deterministic
-(a fixed seed); M3DB_SLOW=1 adds the long one: random, many more examples, longer sequences.
+(a fixed seed); M3DB_SLOW=1 adds the long one: many more examples, longer sequences, seeded too,
+so a run that passed passes again on the same code (exploring with random seeds is a separate
+campaign, docs/fuzzing.md; what it finds becomes a test).
 """
 
 import pytest
@@ -148,7 +150,7 @@ RUNS = {
     "write-without-key": ("write", None, 8, ("fuzzing",)),
     "read-only": ("read-only", None, 30, ("examples", "fuzzing")),
 }
-LONG = 10  # the long run: this many times the examples, and random (not the fixed seed)
+LONG = 10  # the long run: this many times the examples, without derandomizing (still seed 32)
 
 
 @pytest.fixture(params=list(RUNS))
@@ -290,4 +292,4 @@ def test_stateful_sequences(servers):
 
 @pytest.mark.slow
 def test_stateful_sequences_long(servers):
-    run_sequences(workflow(servers["write"]), 300, 20, seed=None)
+    run_sequences(workflow(servers["write"]), 300, 20, seed=1032)

@@ -10,7 +10,9 @@ ASGI server), `openai` (models, chat completions, completions, embeddings), `mem
 get, forget, add documents, SQL), `batch` (concurrent requests decoded together), `kb` (one
 database or several packages behind one set of verbs), `sql` (statements under a time limit
 and caps), `fields` and `schema` (request checks and their OpenAPI document), `http` (bodies,
-events, disconnects), `errors` (OpenAI's error shape), and `hosting` (`run`: uvicorn, hardened).
+events, disconnects), `errors` (OpenAI's error shape), `tenants` and `keys` (several knowledge
+bases, each reached only by the API keys given it), and `hosting` (`run`, `run_tenants`: uvicorn,
+hardened).
 Generation itself goes through the engine's one answer plan (m3db.extend.AnswerPlan): this
 package only translates HTTP, batches and streams. docs/server.md describes the API. Needs the
 server extra: pip install 'm3db[server]'.
@@ -18,9 +20,11 @@ server extra: pip install 'm3db[server]'.
 
 from .app import BearerAuth, Limits, app
 from .errors import ApiError
-from .hosting import listen, run
+from .hosting import listen, run, run_tenants
 from .kb import DocumentFailed, KnowledgeBase
+from .keys import Keys
 from .sql import SqlRunner, Statement, jsonable
+from .tenants import tenants
 
 # the parts another binding reuses rather than copies (m3db.bindings.mcp: the knowledge base and
 # its single-writer rule, SQL under the time limit and caps, the API key, the port bound first)
@@ -28,6 +32,7 @@ __all__ = [
     "ApiError",
     "BearerAuth",
     "DocumentFailed",
+    "Keys",
     "KnowledgeBase",
     "Limits",
     "SqlRunner",
@@ -36,4 +41,6 @@ __all__ = [
     "jsonable",
     "listen",
     "run",
+    "run_tenants",
+    "tenants",
 ]

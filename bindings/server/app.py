@@ -1,8 +1,10 @@
 """The ASGI app: `app(db)` serves a database (a directory or a `.m3kb` package) or a PackageSet of
 several packages: the OpenAI endpoints (openai.py), the memory endpoints (memory.py), the
 batcher (batch.py), request checks (fields.py) and their OpenAPI document (schema.py). This
-module composes them: routes, the API key, errors in OpenAI's shape, and shutdown. `run`
-(hosting.py) serves it under uvicorn; docs/server.md describes the API.
+module composes them: routes, the API key, errors in OpenAI's shape, and shutdown. `served`
+builds one knowledge base's app, which `app` wraps and tenants.py routes to (several knowledge
+bases, a key each may reach). `run` (hosting.py) serves either under uvicorn; docs/server.md
+describes the API.
 
 Starlette (not FastAPI): a small, maintained ASGI toolkit with streaming responses and
 lifespan events and nothing else; request checking and the OpenAPI document come from our own
@@ -43,6 +45,9 @@ __all__ = ["Limits", "app"]
 # seconds shutdown waits for a stopped ingest to reach its next stop point (a fraction of a
 # second: a few chunks encoded), so nothing writes to the database once its owner closes it
 INGEST_STOP = 30.0
+# scope keys a router in front of the app sets (tenants.py): whether this request's API key may
+# write the knowledge base it names (absent: the server's --write decides alone), and its name
+MAY_WRITE = "m3db.may_write"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +122,35 @@ class State:
         self.sql = SqlRunner(kb, limits)
         self.started = int(time.time())
 
+    def check_model(self, name) -> None:
+        """A request's `model` names this knowledge base, or it is a 404."""
+        if name != self.kb.name:
+            raise ApiError(
+                404, f"no model {name!r} is served here; this server serves {self.kb.name!r}", "model_not_found"
+            )
+
+    def may_write(self, request: Request) -> bool:
+        return request.scope.get(MAY_WRITE, True)
+
+    def require_writable(self, request: Request) -> None:
+        """The server writes (--write) and the request's key may write this knowledge base."""
+        self.kb.require_writable()
+        if not self.may_write(request):
+            raise ApiError(403, f"this API key may not write {self.kb.name!r}; it may read it", "permission_denied")
+
+    def stop(self, ingest_stop: float | None = INGEST_STOP) -> None:
+        """Stop what runs: a SQL statement (it would hold the database's mutex), generation, and
+        an ingest at its next stop point, so nothing uses the database once its owner closes it."""
+        self.sql.stop()
+        self.batcher.stop()
+        self.kb.stop_ingests(ingest_stop)
+
+
+def checked_limits(limits: Limits | None) -> Limits:
+    limits = limits or Limits()
+    limits.check()
+    return limits
+
 
 def app(
     db,
@@ -136,11 +170,25 @@ def app(
     writing. limits: see Limits. The app does not close the database: its owner does, after
     the server stops (the app's shutdown stops generation first).
     """
-    limits = limits or Limits()
-    limits.check()
+    limits = checked_limits(limits)
     if api_key is not None and (not isinstance(api_key, str) or len(api_key) < 8):
         raise InvalidInputError("api_key must be a string of at least 8 characters")
-    kb = KnowledgeBase(db, name=name or default_name(db), writable=write)
+    application = served(db, name=name or default_name(db), write=write, limits=limits, auth=bool(api_key))
+    metrics = Metrics(application.routes)
+    metrics.serve(application.state.kb, application.state.batcher)
+    # /metrics is Prometheus's text, not JSON: served beside the API, outside its OpenAPI document
+    application.routes.append(Route("/metrics", metrics.endpoint, methods=["GET"]))
+    application.state.metrics = metrics
+    if api_key:
+        application = BearerAuth(application, api_key, open_paths=("/metrics",) if public_metrics else ())
+    return metrics.asgi(application)  # outside the key check: its 401s are counted too
+
+
+def served(db, *, name: str, write: bool, limits: Limits, auth: bool) -> Starlette:
+    """One knowledge base's app (no key check, no /metrics: `app` or a tenant router adds
+    them); its state holds the knowledge base, batcher, SQL runner and `served`, the States to
+    stop on shutdown."""
+    kb = KnowledgeBase(db, name=name, writable=write)
     batcher = Batcher(kb, max_batch=limits.max_batch, max_queue=limits.max_queue)
     srv = State(kb, batcher, limits)
     chat, memory = OpenAIEndpoints(srv), MemoryEndpoints(srv)
@@ -187,7 +235,7 @@ def app(
         [(p, m, s, f) for p, m, s, f, _ in table],
         title=f"m3db: {kb.name}",
         version=m3db.__version__,
-        auth=bool(api_key),
+        auth=auth,
         model=kb.name,
         packages=bool(kb.packages),
     )
@@ -219,17 +267,11 @@ def app(
     for p, m, _, _, h in table:
         handlers.setdefault(p, {})[m] = guarded(h or extra[p])
     routes = [Route(p, by_method(methods), methods=list(methods)) for p, methods in handlers.items()]
-    # /metrics is Prometheus's text, not JSON: served beside the API, outside its OpenAPI document
-    metrics = Metrics(kb, batcher, routes)
-    routes.append(Route("/metrics", metrics.endpoint, methods=["GET"]))
-    batcher.on_answer = metrics.observe_answer
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
-        srv.sql.stop()  # a running statement is interrupted: it would hold the database's mutex
-        await run_in_threadpool(batcher.stop)  # generation ends before the owner closes the database
-        await run_in_threadpool(kb.stop_ingests, INGEST_STOP)  # so does an ingest, at its next stop point
+        await run_in_threadpool(srv.stop)  # generation, SQL, ingests end before the owner closes the database
 
     application = Starlette(
         routes=routes,
@@ -244,10 +286,10 @@ def app(
     application.state.batcher = batcher
     application.state.kb = kb
     application.state.sql = srv.sql
-    application.state.metrics = metrics
-    if api_key:
-        application = BearerAuth(application, api_key, open_paths=("/metrics",) if public_metrics else ())
-    return metrics.asgi(application)  # outside the key check: its 401s are counted too
+    application.state.srv = srv
+    application.state.served = [srv]
+    application.state.operations = [(p, m, s, f) for p, m, s, f, _ in table]  # what the document describes
+    return application
 
 
 def guarded(handler):

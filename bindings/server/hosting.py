@@ -1,5 +1,6 @@
 """Hosting: `run(db, host=, port=, ...)` serves a knowledge base over HTTP from Python, hardened
-as `m3db serve` is (the CLI only turns its arguments into this call).
+as `m3db serve` is (the CLI only turns its arguments into this call); `run_tenants(dbs, keys)`
+serves several, each to the keys given it (tenants.py), the keys file reread on SIGHUP.
 
 uvicorn runs the app (app.py) on a socket bound first (a port in use fails at once), with: a
 header timeout (uvicorn waits for headers forever, so silent clients could hold every
@@ -22,7 +23,8 @@ import time
 
 from m3db.errors import InvalidInputError
 
-from .app import INGEST_STOP, Limits, app
+from .app import Limits, app
+from .tenants import tenants
 
 log = logging.getLogger("m3db.server")
 
@@ -54,6 +56,65 @@ def run(
     max_connections: past it a new connection is answered 503; sock: a socket already bound
     (see `listen`), else one is bound here; say: where the one-line notices go.
     """
+
+    def build():
+        return app(db, name=name, api_key=api_key, write=write, limits=limits, public_metrics=public_metrics)
+
+    access = f"{'writable' if write else 'read-only'}; {'API key required' if api_key else 'no API key'}"
+    serve_app(
+        build,
+        access,
+        keyed=bool(api_key),
+        host=host,
+        port=port,
+        grace=grace,
+        header_timeout=header_timeout,
+        max_connections=max_connections,
+        sock=sock,
+        say=say,
+    )
+
+
+def run_tenants(
+    dbs: dict,
+    keys: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    write: bool = False,
+    limits: Limits | None = None,
+    public_metrics: bool = False,
+    grace: float = 10.0,
+    header_timeout: float = 10.0,
+    max_connections: int = 1000,
+    sock: socket.socket | None = None,
+    say=print,
+) -> None:
+    """Serve several knowledge bases, `dbs` ({name: Database or PackageSet}), each to the keys
+    the keys file at path `keys` gives it (tenants.py, keys.py), as `run` serves one; SIGHUP
+    rereads the keys file. The caller closes the databases."""
+
+    def build():
+        return tenants(dbs, keys, write=write, limits=limits, public_metrics=public_metrics)
+
+    access = f"{'writes by the keys given them' if write else 'read-only'}; keys from {keys}"
+    serve_app(
+        build,
+        access,
+        keyed=True,
+        host=host,
+        port=port,
+        grace=grace,
+        header_timeout=header_timeout,
+        max_connections=max_connections,
+        sock=sock,
+        say=say,
+    )
+
+
+def serve_app(build, access: str, *, keyed: bool, host, port, grace, header_timeout, max_connections, sock, say):
+    """Bind (unless `sock` is given), build the app (`build()`), serve it under uvicorn until a
+    signal, then stop what its knowledge bases run."""
     import uvicorn
 
     if not (0 < header_timeout < float("inf")):
@@ -67,13 +128,11 @@ def run(
         sock = listen(host, port)
     application = None
     try:
-        application = app(db, name=name, api_key=api_key, write=write, limits=limits, public_metrics=public_metrics)
+        application = build()
         shown = f"[{host}]" if ":" in host else host
-        say(
-            f"serving {application.state.kb.name!r} at http://{shown}:{sock.getsockname()[1]}/v1 "
-            f"({'writable' if write else 'read-only'}; {'API key required' if api_key else 'no API key'})"
-        )
-        if not api_key and not loopback(host):
+        names = ", ".join(repr(srv.kb.name) for srv in application.state.served)
+        say(f"serving {names} at http://{shown}:{sock.getsockname()[1]}/v1 ({access})")
+        if not keyed and not loopback(host):
             say(f"warning: listening on {host} without an API key: anyone who can reach it may use it")
         files = raise_open_files_limit()
         # each connection holds a file descriptor: past the limit a connection is answered 503
@@ -96,6 +155,9 @@ def run(
         # handlers it found: ours turn it into Stopped, so the caller closes the database (the
         # default SIGTERM handler would end the process before it could)
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        reload = getattr(application.state, "reload", None)
+        if reload is not None:  # SIGHUP rereads the keys file; running requests go on
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: say(reload()))
         try:
             graceful(uvicorn, config, application.state, grace).run(sockets=[sock])
         except Stopped as e:
@@ -105,9 +167,8 @@ def run(
                 signal.signal(sig, handler)
     finally:
         if application is not None:
-            application.state.sql.stop()  # a statement still running would hold the database's mutex
-            application.state.batcher.stop()
-            application.state.kb.stop_ingests(INGEST_STOP)  # nothing writes once the caller closes `db`
+            for srv in application.state.served:
+                srv.stop()  # nothing runs on, or writes, once the caller closes the databases
         if own_socket:
             sock.close()
 
@@ -119,9 +180,10 @@ def graceful(uvicorn, config, state, grace: float):
     in its thread, which the process waits for on exit)."""
 
     def stop_beside():  # stop() waits for the worker: beside the loop, which must keep answering
-        state.sql.stop()
-        state.kb.stop_ingests()  # each ends at its next stop point, the documents before it stored
-        threading.Thread(target=state.batcher.stop, name="m3db-stop", daemon=True).start()
+        for srv in state.served:
+            srv.sql.stop()
+            srv.kb.stop_ingests()  # each ends at its next stop point, the documents before it stored
+            threading.Thread(target=srv.batcher.stop, name="m3db-stop", daemon=True).start()
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):

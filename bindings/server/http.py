@@ -13,9 +13,14 @@ from .errors import ApiError, bad_request
 
 
 async def read_json(request: Request, max_bytes: int, timeout: float | None = None):
-    """The request's JSON body, refusing one over max_bytes (413) before reading it all, and
-    one that has not all arrived `timeout` seconds after reading began (408: a client that
-    sends less than its Content-Length, or drips its body, would hold the connection forever)."""
+    """The request's JSON body (read_body's bytes, parsed by parse_json)."""
+    return parse_json(await read_body(request, max_bytes, timeout))
+
+
+async def read_body(request: Request, max_bytes: int, timeout: float | None = None) -> bytes:
+    """The request's body, refusing one over max_bytes (413) before reading it all, and one
+    that has not all arrived `timeout` seconds after reading began (408: a client that sends
+    less than its Content-Length, or drips its body, would hold the connection forever)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -41,6 +46,11 @@ async def read_json(request: Request, max_bytes: int, timeout: float | None = No
             "whole body promptly, with a Content-Length that matches it (m3db serve --body-timeout)",
             "request_timeout",
         ) from None
+    return bytes(body)
+
+
+def parse_json(body: bytes):
+    """A body's JSON value, or a 400 saying why it is not JSON (or not text)."""
     if not body:
         raise bad_request("the request body is empty; send a JSON object", "invalid_json")
     try:

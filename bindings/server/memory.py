@@ -24,7 +24,12 @@ from .sql import Statement, jsonable
 
 log = logging.getLogger("m3db.server")
 
+# a knowledge base named like the OpenAI endpoints name theirs: optional with one served, the
+# router's key to the knowledge base with several (tenants.py)
+MODEL_FIELD = Field("model", ("string",), "the knowledge base (GET /v1/models); needed when several are served")
+
 SEARCH_FIELDS = [
+    MODEL_FIELD,
     Field("query", ("string",), "a text to search for (embedded by the knowledge base's embedder)"),
     Field("vector", ("array",), "a query vector of the embedder's dimension, instead of query", items="number"),
     Field("k", ("integer",), "how many memories (default 5)", minimum=1, maximum=min(MAX_K, 1000)),
@@ -40,6 +45,7 @@ DOCUMENT_FIELDS = [
 ]
 
 ADD_FIELDS = [
+    MODEL_FIELD,
     Field(
         "documents",
         ("array",),
@@ -54,6 +60,7 @@ ADD_FIELDS = [
 ]
 
 SQL_FIELDS = [
+    MODEL_FIELD,
     Field("query", ("string",), "one SQL statement (docs/sql.md)", required=True),
     Field("params", ("array", "object"), "values for ? (an array) or $name (an object)", check=PARAMS_DEPTH),
     Field("package", ("string",), "the package whose catalog to query (a server of several packages)"),
@@ -98,7 +105,10 @@ class MemoryEndpoints:
 
     async def body(self, request, fields):
         limits = self.srv.limits
-        return parse(await read_json(request, limits.max_body_bytes, limits.body_timeout), fields)
+        body = parse(await read_json(request, limits.max_body_bytes, limits.body_timeout), fields)
+        if "model" in body:
+            self.srv.check_model(body["model"])
+        return body
 
     async def search(self, request: Request) -> JSONResponse:
         """POST /v1/memories/search: recall by text or vector, with a filter."""
@@ -148,10 +158,13 @@ class MemoryEndpoints:
         return int(text)
 
     def package(self, request):
+        """?package= (a server of several packages), after ?model= (optional) is checked."""
         package = request.query_params.get("package")
-        unknown = set(request.query_params) - {"package"}
+        unknown = set(request.query_params) - {"package", "model"}
         if unknown:
-            raise bad_request(f"unknown query parameter {sorted(unknown)[0]!r}; only package= is accepted")
+            raise bad_request(f"unknown query parameter {sorted(unknown)[0]!r}; only package= and model= are accepted")
+        if "model" in request.query_params:
+            self.srv.check_model(request.query_params["model"])
         return package
 
     async def get(self, request: Request) -> JSONResponse:
@@ -183,7 +196,7 @@ class MemoryEndpoints:
         """DELETE /v1/memories/{id}: forget one memory (a server started with --write)."""
         memory_id = self.memory_id(request)
         self.package(request)
-        self.srv.kb.require_writable()
+        self.srv.require_writable(request)
         await run_in_threadpool(self.srv.kb.forget, memory_id)
         return JSONResponse({"id": memory_id, "object": "memory", "deleted": True})
 
@@ -193,7 +206,7 @@ class MemoryEndpoints:
         disconnects (it would hold the only writer for the whole encoding): the document it was
         on is not stored, those before it stay, and the answer (to a shutdown) lists them."""
         kb = self.srv.kb
-        kb.require_writable()  # before reading a large body
+        self.srv.require_writable(request)  # before reading a large body
         body = await self.body(request, ADD_FIELDS)
         docs = []
         for i, doc in enumerate(body["documents"]):
@@ -232,5 +245,7 @@ class MemoryEndpoints:
         if not body["query"].strip():
             raise bad_request("query is empty; send one SQL statement", param="query")
         statement = Statement()
-        work = run_in_threadpool(self.srv.sql.run, statement, body["query"], body.get("params"), body.get("package"))
+        query, params, package = body["query"], body.get("params"), body.get("package")
+        may_write = self.srv.may_write(request)
+        work = run_in_threadpool(self.srv.sql.run, statement, query, params, package, may_write=may_write)
         return Response(await unless_gone(request, work, statement.stop, "statement"), media_type="application/json")

@@ -5,7 +5,9 @@ memory id would grow without bound) and status, 401s and 429s included; per answ
 time to first token and decode seconds, memories read and tokens generated (from
 Answer.timings, the one generation path's own measure); and, read when scraped, the queue, the
 refusals, the decoded-memory cache's hits and misses and the memories held. Every series is
-labelled with the knowledge base; none with an API key.
+labelled with the knowledge base; none with an API key. A server of several knowledge bases
+(tenants.py) keeps one Metrics for all of them: the router names each request's knowledge base
+in its scope ("m3db.kb"), and a request refused before it was routed (a 401) is labelled "".
 
 The registry is the app's own (not prometheus-client's global one), so two apps in one process
 never share or collide. /metrics needs the API key like every endpoint, unless the server
@@ -26,10 +28,12 @@ UNMATCHED = "unmatched"  # the endpoint label of a path no route serves (a 404)
 
 
 class Metrics:
-    """The app's metrics: `observe_answer` from the batcher, `asgi` around the app, `endpoint`."""
+    """The app's metrics: `serve` each knowledge base, `observe_answer` from its batcher, `asgi`
+    around the app, `endpoint`."""
 
-    def __init__(self, kb, batcher, routes):
-        self.kb, self.routes = kb, routes
+    def __init__(self, routes):
+        self.routes = routes
+        self.served: list = []  # (kb, batcher) of each knowledge base served
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ("kb",)
         r = self.registry
@@ -54,11 +58,17 @@ class Metrics:
         )
         self.read = Histogram("m3db_memories_read", "memories an answer read", labels, buckets=COUNTS, registry=r)
         self.tokens = Counter("m3db_generated_tokens", "tokens generated (rate(): tokens/s)", labels, registry=r)
-        r.register(_StateCollector(kb, batcher))
+        r.register(_StateCollector(self.served))
 
-    def observe_answer(self, result: dict) -> None:
-        """One finished answer (the batcher's result: timings, completion_tokens, memories)."""
-        kb, t = self.kb.name, result.get("timings") or {}
+    def serve(self, kb, batcher) -> None:
+        """Count `kb`'s answers (its batcher reports each) and read its state when scraped."""
+        self.served.append((kb, batcher))
+        batcher.on_answer = lambda result: self.observe_answer(kb.name, result)
+
+    def observe_answer(self, kb: str, result: dict) -> None:
+        """One finished answer of knowledge base `kb` (the batcher's result: timings,
+        completion_tokens, memories)."""
+        t = result.get("timings") or {}
         self.tokens.labels(kb).inc(result.get("completion_tokens", 0))
         self.read.labels(kb).observe(len(result.get("memories", ())))
         if t:
@@ -92,7 +102,7 @@ class Metrics:
                 await app(scope, receive, send_counted)
             finally:
                 endpoint = metrics.endpoint_of(scope["path"])
-                kb = metrics.kb.name
+                kb = scope.get("m3db.kb", metrics.served[0][0].name if len(metrics.served) == 1 else "")
                 metrics.requests.labels(kb, endpoint, scope["method"], str(status[0])).inc()
                 metrics.latency.labels(kb, endpoint).observe(time.perf_counter() - started)
 
@@ -104,35 +114,40 @@ class Metrics:
 
 
 class _StateCollector:
-    """Figures read when scraped: the batcher's queue and counts, the cache, the memories held."""
+    """Figures read when scraped: each knowledge base's queue and counts, its decoded-memory
+    cache, its memories held."""
 
-    def __init__(self, kb, batcher):
-        self.kb, self.batcher = kb, batcher
+    GAUGES = {"m3db_queue_depth": "generation requests queued", "m3db_running": "generation requests decoding"}
+    COUNTERS = {
+        "m3db_refused": "generation requests refused with 429 (queue full)",
+        "m3db_cancelled": "generation requests cancelled (client gone)",
+        "m3db_batches": "batches decoded",
+        "m3db_memory_cache_hits": "decoded memories read from the cache",
+        "m3db_memory_cache_misses": "decoded memories read from disk",
+    }
+
+    def __init__(self, served: list):
+        self.served = served  # Metrics.served, read live
 
     def describe(self):
-        return []  # nothing at registration: collect() reads the live batcher and database
+        return []  # nothing at registration: collect() reads the live batchers and databases
 
     def collect(self):
-        kb, stats = self.kb.name, self.batcher.stats()
-        gauges = {
-            "m3db_queue_depth": ("generation requests queued", stats["queued"]),
-            "m3db_running": ("generation requests decoding", stats["running"]),
-        }
-        for name, (doc, value) in gauges.items():
-            family = GaugeMetricFamily(name, doc, labels=["kb"])
-            family.add_metric([kb], value)
-            yield family
-        counters = {
-            "m3db_refused": ("generation requests refused with 429 (queue full)", stats["refused"]),
-            "m3db_cancelled": ("generation requests cancelled (client gone)", stats["cancelled"]),
-            "m3db_batches": ("batches decoded", stats["batches"]),
-        }
-        hits = misses = 0
-        for db in self.kb.databases():
-            hits, misses = hits + db.cache.hits, misses + db.cache.misses
-        counters["m3db_memory_cache_hits"] = ("decoded memories read from the cache", hits)
-        counters["m3db_memory_cache_misses"] = ("decoded memories read from disk", misses)
-        for name, (doc, value) in counters.items():
-            family = CounterMetricFamily(name, doc, labels=["kb"])
-            family.add_metric([kb], value)
-            yield family
+        families = {name: GaugeMetricFamily(name, doc, labels=["kb"]) for name, doc in self.GAUGES.items()}
+        families |= {name: CounterMetricFamily(name, doc, labels=["kb"]) for name, doc in self.COUNTERS.items()}
+        for kb, batcher in self.served:
+            stats = batcher.stats()
+            hits = sum(db.cache.hits for db in kb.databases())
+            misses = sum(db.cache.misses for db in kb.databases())
+            values = {
+                "m3db_queue_depth": stats["queued"],
+                "m3db_running": stats["running"],
+                "m3db_refused": stats["refused"],
+                "m3db_cancelled": stats["cancelled"],
+                "m3db_batches": stats["batches"],
+                "m3db_memory_cache_hits": hits,
+                "m3db_memory_cache_misses": misses,
+            }
+            for name, value in values.items():
+                families[name].add_metric([kb.name], value)
+        yield from families.values()

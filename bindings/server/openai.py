@@ -208,10 +208,7 @@ class OpenAIEndpoints:
         self.completion_fields = completion_fields(srv.limits.max_tokens, srv.batcher.max_queue)
 
     def check_model(self, name) -> None:
-        if name != self.srv.kb.name:
-            raise ApiError(
-                404, f"no model {name!r} is served here; this server serves {self.srv.kb.name!r}", "model_not_found"
-            )
+        self.srv.check_model(name)
 
     async def body(self, request: Request, fields) -> dict:
         limits = self.srv.limits

@@ -28,7 +28,7 @@ ERROR = {
 ERRORS = {
     "400": "bad input: malformed JSON, a wrong type, an unknown or unsupported field, a bad filter",
     "401": "a missing or wrong API key (when the server has one)",
-    "403": "a write on a read-only server",
+    "403": "a write on a read-only server, or by a key that may not write this knowledge base",
     "404": "no such model, memory, package or path",
     "408": "the request body did not all arrive within the server's --body-timeout (the connection is closed)",
     "413": "a body over the limit",

@@ -187,9 +187,10 @@ class SqlRunner:
         for statement in running:
             statement.stop("shutting_down")
 
-    def run(self, statement: Statement, query: str, params, package) -> bytes:
-        """The statement's answer as JSON bytes ({"columns", "rows"}), or an ApiError/M3DBError.
-        Runs in a worker thread."""
+    def run(self, statement: Statement, query: str, params, package, *, may_write: bool = True) -> bytes:
+        """The statement's answer as JSON bytes ({"columns", "rows"}), or an ApiError/M3DBError;
+        a writing statement is a 403 unless `may_write` (the request's key may write this
+        knowledge base). Runs in a worker thread."""
         kb = self.kb
         db = kb.database(package)
         writer = kb.write_lock if kb.writable else contextlib.nullcontext()
@@ -202,6 +203,8 @@ class SqlRunner:
                     self.count("refused")
                     raise
                 writes = explain is None and isinstance(tree, (exp.Insert, exp.Delete))
+                if writes and not may_write:
+                    raise ApiError(403, f"this API key may not write {kb.name!r}; it may read it", "permission_denied")
             else:
                 writes = False  # refused by guarded() below
             with self.guarded(statement, [db], "statement", writes):

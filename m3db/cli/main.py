@@ -512,9 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "path",
             metavar="PATH",
-            help={"verify": "the package file", "train": "the training directory (checkpoints, log, adapter)"}.get(
-                name, "the database directory (or package file)"
-            ),
+            nargs="?" if name == "serve" else None,  # several knowledge bases are named by --kb instead
+            help={
+                "verify": "the package file",
+                "train": "the training directory (checkpoints, log, adapter)",
+                "serve": "the database directory (or package file); or none, with --kb NAME=PATH",
+            }.get(name, "the database directory (or package file)"),
         )
         for flags, keywords in EXTRA_ARGUMENTS.get(name, ()):
             p.add_argument(*flags, **keywords)
@@ -545,7 +548,7 @@ def main(argv=None) -> int:
         return 1
     try:
         try:
-            if args.command not in CREATES + ("verify",):
+            if args.command not in CREATES + ("verify",) and args.path is not None:
                 require_database(args)
             require_text(args)
             out = args.fn(args)

@@ -27,6 +27,24 @@ ARGUMENTS = [
     ),
     (("--write",), dict(action="store_true", help="accept writes: add documents, forget memories, writing SQL")),
     (
+        ("--kb",),
+        dict(
+            action="append",
+            default=[],
+            metavar="NAME=PATH",
+            help="serve several knowledge bases, each a database or packages joined with + (repeat --kb; "
+            "needs --keys, and no PATH)",
+        ),
+    ),
+    (
+        ("--keys",),
+        dict(
+            default=None,
+            metavar="FILE",
+            help="API keys and what each may read and write, a TOML file (docs/server.md, Tenants); reread on SIGHUP",
+        ),
+    ),
+    (
         ("--public-metrics",),
         dict(
             dest="public_metrics",
@@ -182,16 +200,87 @@ def serve(args) -> None:
     if not 0 <= args.port <= 65535:
         raise InvalidInputError(f"--port {args.port}: expected 0-65535")
     api_key = args.api_key or os.environ.get("M3DB_API_KEY") or None
-    paths = [args.path, *args.more]
-    for path in args.more:  # PATH itself was checked by the command line
-        if not os.path.exists(path):
-            raise InvalidInputError(f"no package at {path!r}")
+    served = tenant_paths(args, api_key)
+    if served is None:
+        paths = [args.path, *args.more]
+        for path in args.more:  # PATH itself was checked by the command line
+            if not os.path.exists(path):
+                raise InvalidInputError(f"no package at {path!r}")
     # the port first: a port in use fails at once, not after the model has loaded
     sock = listen(args.host, args.port)
     try:
-        serve_on(sock, args, paths=paths, api_key=api_key, limits=limits)
+        if served is None:
+            serve_on(sock, args, paths=paths, api_key=api_key, limits=limits)
+        else:
+            serve_tenants_on(sock, args, served=served, limits=limits)
     finally:
         sock.close()
+
+
+def tenant_paths(args, api_key) -> dict | None:
+    """{name: [paths]} of the knowledge bases --kb names (or PATH's under --keys), or None for
+    one knowledge base served to one key (or none)."""
+    if args.path is None and not args.kb:
+        raise InvalidInputError("m3db serve needs PATH (a database or package) or --kb NAME=PATH (several)")
+    if args.kb and (args.path is not None or args.more):
+        raise InvalidInputError("give PATH (one knowledge base) or --kb NAME=PATH (several), not both")
+    if args.kb and not args.keys:
+        raise InvalidInputError("several knowledge bases are served to API keys: give --keys FILE (docs/server.md)")
+    if not args.keys:
+        return None
+    if api_key:
+        raise InvalidInputError("--keys replaces --api-key (and M3DB_API_KEY): give one of them")
+    if args.name is not None and args.kb:
+        raise InvalidInputError("--name names PATH's knowledge base; with --kb the name is before the =")
+    if not args.kb:  # one knowledge base, served to the keys of the file
+        return {
+            args.name or os.path.splitext(os.path.basename(os.path.normpath(args.path)))[0]: [args.path, *args.more]
+        }
+    served = {}
+    for item in args.kb:
+        name, eq, joined = item.partition("=")
+        if not eq or not name or not joined:
+            raise InvalidInputError(f"--kb {item!r}: expected NAME=PATH (e.g. --kb wiki=wiki.m3kb)")
+        if name in served:
+            raise InvalidInputError(f"--kb names {name!r} twice; give each knowledge base its own name")
+        paths = joined.split("+")
+        for path in paths:
+            if not os.path.exists(path):
+                raise InvalidInputError(f"--kb {item!r}: nothing at {path!r}; check the path")
+        served[name] = paths
+    return served
+
+
+def serve_tenants_on(sock, args, *, served, limits) -> None:
+    """Open each knowledge base (a package set read-only; a database for writing under
+    --write), serve them to the keys file's keys until a signal, close them."""
+    from ..bindings.server import run_tenants
+
+    model, embedder = load_model(args.model, getattr(args, "adapter", None))
+    dbs = {}
+    try:
+        for name, paths in served.items():
+            write = args.write and len(paths) == 1 and os.path.isdir(paths[0])
+            dbs[name] = open_kb(paths, write=write, model=model, embedder=embedder, precision=args.precision)
+            say(f"opened {name} = {'+'.join(paths)}")
+        run_tenants(
+            dbs,
+            args.keys,
+            host=args.host,
+            port=args.port,
+            write=args.write,
+            limits=limits,
+            public_metrics=args.public_metrics,
+            grace=args.grace,
+            header_timeout=args.header_timeout,
+            max_connections=args.max_connections,
+            sock=sock,
+            say=say,
+        )
+    finally:
+        for name, db in dbs.items():
+            db.close()
+            say(f"closed {name}")
 
 
 def open_served(args, paths):
