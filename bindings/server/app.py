@@ -248,6 +248,7 @@ def served(db, *, name: str, write: bool, limits: Limits, auth: bool) -> Starlet
                 "memories": size,
                 "packages": kb.packages,
                 "writable": kb.writable,
+                "pid": os.getpid(),  # which process answered (a replica among several: bindings/ray/replicas.py)
                 "limits": dataclasses.asdict(limits),
                 "generation": batcher.stats(),
                 "sql": srv.sql.stats(),

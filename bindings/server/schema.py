@@ -284,6 +284,7 @@ SCHEMAS = {
             "memories": COUNT,
             "packages": {"anyOf": [array(TEXT), {"type": "null"}]},
             "writable": {"type": "boolean"},
+            "pid": COUNT,
             "limits": {"type": "object", "additionalProperties": {"type": "number"}},
             "generation": {"type": "object", "additionalProperties": COUNT},
             "sql": {"type": "object", "additionalProperties": COUNT},

@@ -27,6 +27,22 @@ ARGUMENTS = [
     ),
     (("--write",), dict(action="store_true", help="accept writes: add documents, forget memories, writing SQL")),
     (
+        ("--ray",),
+        dict(
+            action="store_true",
+            help="serve replicas on Ray Serve (read-only; --replicas, --ray-address; docs/server.md, Replicas)",
+        ),
+    ),
+    (("--replicas",), dict(type=int, default=2, help="with --ray: copies of the server, each with its own decoder")),
+    (
+        ("--ray-address",),
+        dict(
+            dest="ray_address",
+            default=None,
+            help="with --ray: the Ray cluster to join (default: RAY_ADDRESS, else a local one started here)",
+        ),
+    ),
+    (
         ("--kb",),
         dict(
             action="append",
@@ -200,6 +216,10 @@ def serve(args) -> None:
     if not 0 <= args.port <= 65535:
         raise InvalidInputError(f"--port {args.port}: expected 0-65535")
     api_key = args.api_key or os.environ.get("M3DB_API_KEY") or None
+    if args.ray:
+        from .replicas import serve_replicas  # Ray loads only for --ray
+
+        return serve_replicas(args, api_key=api_key, limits=limits)
     served = tenant_paths(args, api_key)
     if served is None:
         paths = [args.path, *args.more]
