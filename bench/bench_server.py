@@ -8,10 +8,14 @@ mode, `--max-tokens` new tokens) are sent
 and, with the server idle, decoded in this process by `db.generate` (no HTTP). Printed:
 aggregate generated tokens/s concurrent vs one at a time (the batcher's gain), p50/p95
 latency of each, and HTTP's overhead over in-process generation (same requests, same tokens).
+With `--replicas 1,2`, then, for each N, `m3db serve --ray --replicas N` (a local Ray instance,
+each replica loading the model itself) gets the same concurrent requests: aggregate tokens/s,
+its ratio to the plain server's concurrent tokens/s, and whether the answers are the same.
 The machine is shared and noisy: every figure is a ratio measured in the same run.
 
     python bench/bench_server.py                          # 8 clients, 64 tokens (a few minutes)
     python bench/bench_server.py --clients 4 --rounds 1   # quicker
+    python bench/bench_server.py --replicas 1,2           # and Ray Serve replicas (needs m3db[ray])
 """
 
 import argparse
@@ -71,6 +75,64 @@ def timed_post(c, question, max_tokens):
     return elapsed, out["usage"]["completion_tokens"], out["choices"][0]["message"]["content"]
 
 
+def concurrent_phase(clients, questions, max_tokens):
+    """Every client at once, each sending its share of the questions back to back: the results
+    (client by client, in order) and the wall time."""
+    shares = [questions[i :: len(clients)] for i in range(len(clients))]
+    start = threading.Barrier(len(clients))
+
+    def client(c, share):
+        start.wait()
+        return [timed_post(c, q, max_tokens) for q in share]
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        together = [r for rs in pool.map(client, clients, shares) for r in rs]
+    return together, time.perf_counter() - t0
+
+
+def warm_replicas(clients, replicas, seconds=600):
+    """Warm-up requests from every client at once until `replicas` processes have generated
+    (each replica loads the model on its first request, and Serve's router picks the replica,
+    so one round may miss one). /v1/server names the answering process ("pid") and how many
+    batches it has generated."""
+    deadline = time.monotonic() + seconds
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        while True:
+            list(pool.map(lambda c: timed_post(c, "Warm up.", 2), clients))
+            states = [c.get("/v1/server").json() for c in clients for _ in range(4)]
+            warm = {s["pid"] for s in states if s["generation"]["batches"] > 0}
+            if len(warm) >= replicas:
+                return warm
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(warm)} of {replicas} replicas warm within {seconds} s")
+
+
+def run_replicas(path, replicas, questions, args):
+    """`m3db serve PATH --ray --replicas N` on a local Ray instance of its own (no --ray-address:
+    the command starts one, and stops it on SIGTERM), warmed up, then the concurrent phase:
+    (results, wall time)."""
+    server = ServerProcess(
+        [path], "--ray", "--replicas", str(replicas), "--name", "kb", "--max-batch", str(args.clients), timeout=300
+    )
+    try:
+        # /health answers once one replica is up; the command prints this once all of them are
+        deadline = time.monotonic() + 300
+        while "replicas on Ray Serve; read-only" not in server.output():
+            if server.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{replicas} replicas did not start:\n{server.output()}")
+            time.sleep(1)
+        clients = [server.client(timeout=600) for _ in range(args.clients)]
+        warm_replicas(clients, replicas)
+        together, wall = concurrent_phase(clients, questions, args.max_tokens)
+        for c in clients:
+            c.close()
+    finally:
+        server.stop(timeout=120)  # Ray takes the deployment down and stops its local instance
+        server.close()
+    return together, wall
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
@@ -78,6 +140,12 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per answer (default 64)")
     ap.add_argument("--docs", type=int, default=40, help="Wikipedia summaries in the knowledge base")
     ap.add_argument("--kb", help="an existing knowledge base built with the bundled model (else one is built)")
+    ap.add_argument(
+        "--replicas",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[],
+        help="then Ray Serve replicas: a comma list of replica counts, e.g. 1,2 (default: none)",
+    )
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="m3db-bench-server-")
@@ -101,18 +169,8 @@ def main():
         serial = [timed_post(clients[0], q, args.max_tokens) for q in questions]
         serial_wall = time.perf_counter() - t0
         # `clients` clients at once, each sending its share back to back
-        shares = [questions[i :: args.clients] for i in range(args.clients)]
-        start = threading.Barrier(args.clients)
-
-        def client(c, share):
-            start.wait()
-            return [timed_post(c, q, args.max_tokens) for q in share]
-
         middle = clients[0].get("/v1/server").json()["generation"]
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
-            together = [r for rs in pool.map(client, clients, shares) for r in rs]
-        together_wall = time.perf_counter() - t0
+        together, together_wall = concurrent_phase(clients, questions, args.max_tokens)
         stats = clients[0].get("/v1/server").json()["generation"]
         for c in clients:
             c.close()
@@ -155,6 +213,16 @@ def main():
         "batches_concurrent": stats["batches"] - middle["batches"],
         "largest_batch": stats["largest_batch"],
     }
+    # each N against the plain server's concurrent phase in this run (same requests, clients,
+    # tokens): on a machine of few cores the replicas share its cores, so the ratio measures
+    # Ray Serve's overhead there, and the scaling only where each replica has cores of its own
+    for replicas in args.replicas:
+        results, wall = run_replicas(path, replicas, questions, args)
+        tokens_per_s = sum(t for _, t, _ in results) / wall
+        same = sum(a == b for (_, _, a), (_, _, b) in zip(results, together))
+        figures[f"tokens_per_s_replicas_{replicas}"] = round(tokens_per_s, 2)
+        figures[f"replicas_{replicas}_vs_plain"] = round(tokens_per_s / (together_tokens / together_wall), 2)
+        figures[f"replicas_{replicas}_answers_equal_to_plain"] = f"{same}/{n}"
     print(json.dumps(figures, indent=2))
 
 

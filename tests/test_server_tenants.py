@@ -167,6 +167,15 @@ def test_a_key_reaches_only_its_knowledge_bases_in_process(kbs):
             assert run_both(clients.__getitem__) == []
             assert writes(clients.__getitem__) == []
             assert client.get("/v1/models").status_code == 401
+            a = clients["a"]
+            r = a.post("/v1/models")
+            assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+            r = a.post("/v1/memories/search", json={"query": "capital"})  # which knowledge base?
+            assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+            assert a.get("/v1/memories/0").json()["error"]["param"] == "model"
+            r = a.post("/v1/sql", content=b"{not json")
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+            assert a.get("/no/such/path").status_code == 404
             assert client.get("/v1/models", headers={"Authorization": "Bearer " + sha(SECRET["a"])}).status_code == 401
     finally:
         for db in dbs.values():

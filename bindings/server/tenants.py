@@ -14,7 +14,6 @@ requests already routed finish as they were; a file that does not check out keep
 """
 
 import logging
-import urllib.parse
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
@@ -36,6 +35,7 @@ log = logging.getLogger("m3db.server")
 __all__ = ["tenants"]
 
 NAMED_IN_QUERY = ("GET", "HEAD", "DELETE")  # a request without a body names its knowledge base in ?model=
+SERVER_PATHS = ("/metrics", "/health", "/openapi.json", "/v1/models")  # the router's own, GET only
 
 
 def tenants(
@@ -99,9 +99,18 @@ class Router:
         if scope["type"] != "http":
             return
         try:
-            await self.route(scope, receive, send)
+            target = await self.route(scope, receive, send)
         except ApiError as e:
             await error_response(e)(scope, receive, send)
+            return
+        except Exception as e:  # a bug of the router's: a 500 in OpenAI's shape, the traceback in the log
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            error = ApiError(500, f"the server failed ({type(e).__name__}); see its log", "server_error")
+            await error_response(error)(scope, receive, send)
+            return
+        if target is not None:  # the knowledge base's app answers (its own errors included)
+            app, receive_body = target
+            await app(scope, receive_body, send)
 
     async def lifespan(self, receive, send):
         while True:
@@ -115,28 +124,35 @@ class Router:
                 return
 
     async def route(self, scope, receive, send):
+        """Answer the router's own paths (returns None), or return the app that answers this
+        request and the receive it reads the request through."""
         path, method = scope["path"], scope["method"]
-        if path == "/metrics" and method in ("GET", "HEAD"):
+        if path in SERVER_PATHS and method not in ("GET", "HEAD"):
+            response = error_response(
+                ApiError(405, f"{method} is not allowed on {path}; see /openapi.json", "method_not_allowed")
+            )
+            response.headers["Allow"] = "GET, HEAD"
+            await response(scope, receive, send)
+            return None
+        if path == "/metrics":
             if not self.public_metrics:
                 self.authenticate(scope)
             await (await self.metrics.endpoint(Request(scope)))(scope, receive, send)
-            return
+            return None
         key = self.authenticate(scope)
-        if path in ("/health", "/openapi.json", "/v1/models"):
-            if method not in ("GET", "HEAD"):
-                raise ApiError(405, f"{method} is not allowed on {path}; see /openapi.json", "method_not_allowed")
+        if path in SERVER_PATHS:
             body = {"/health": {"status": "ok"}, "/openapi.json": self.document}.get(path)
             if path == "/v1/models":
                 cards = [self.card(n) for n in self.apps if n in key.read]
                 body = {"object": "list", "data": cards}
             await JSONResponse(body)(scope, receive, send)
-            return
+            return None
         if self.metrics.endpoint_of(path) == UNMATCHED:
             raise ApiError(404, f"no endpoint {path}; see /openapi.json for the endpoints", "not_found")
         request = Request(scope, receive)
         body = None
         if path.startswith("/v1/models/"):
-            name = urllib.parse.unquote(path[len("/v1/models/") :])
+            name = path[len("/v1/models/") :]  # the ASGI path is decoded already
         elif method in NAMED_IN_QUERY:
             name = request.query_params.get("model")
             if name is None:
@@ -162,7 +178,7 @@ class Router:
             )
         scope["m3db.kb"] = name  # the metrics' label (the wrapper reads this same scope)
         scope[MAY_WRITE] = name in key.write
-        await self.apps[name](scope, replayed(body, receive) if body is not None else receive, send)
+        return self.apps[name], replayed(body, receive) if body is not None else receive
 
     def authenticate(self, scope):
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
