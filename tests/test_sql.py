@@ -611,6 +611,35 @@ def test_a_filter_sqlglot_itself_fails_on_is_a_query_error(db):
         db.sql("SELECT id FROM memories WHERE list_filter([1], () => 1) IS NOT NULL")
 
 
+def test_text_that_is_not_sql_is_refused_at_once_however_deeply_it_nests(db):
+    # found by fuzzing (tests/fuzz/corpus/sql): sqlglot's parser backtracks at every level of
+    # parentheses of text that is not SQL, twice the time per level: these ran for hours
+    import threading
+
+    results = []
+
+    def run():
+        for call in (
+            lambda: db.sql("DELETE FROM r," + "(FROM r," * 40),
+            lambda: db.recall(vec(0), k=2, where="id IN (FROM r," + "(FROM r," * 40),
+        ):
+            try:
+                call()
+            except m3db.QueryError as e:
+                results.append(str(e))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the parser is still running"
+    assert len(results) == 2 and all("syntax error" in r for r in results), results
+    # valid text nests as deep as it likes, sqlglot's messages stay for shallow text
+    deep = "(" * 20 + "lang = 'en'" + ")" * 20
+    assert db.recall(vec(0), k=2, where=deep).ids == db.recall(vec(0), k=2, where="lang = 'en'").ids
+    with pytest.raises(m3db.QueryError, match=r"syntax error at line 1, column \d+"):
+        db.sql("SELECT ((1)")
+
+
 # -- errors name the place and the alternatives ------------------------------------------------------
 
 

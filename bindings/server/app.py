@@ -45,8 +45,8 @@ __all__ = ["Limits", "app"]
 # seconds shutdown waits for a stopped ingest to reach its next stop point (a fraction of a
 # second: a few chunks encoded), so nothing writes to the database once its owner closes it
 INGEST_STOP = 30.0
-# scope keys a router in front of the app sets (tenants.py): whether this request's API key may
-# write the knowledge base it names (absent: the server's --write decides alone), and its name
+# the scope key a router in front of the app sets (tenants.py): whether this request's API key
+# may write the knowledge base it names (absent: the server's --write decides alone)
 MAY_WRITE = "m3db.may_write"
 
 

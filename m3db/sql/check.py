@@ -18,6 +18,7 @@ only through the catalog's connection (`db.catalog.con`), and never imports torc
 import difflib
 import logging
 import re
+import threading
 
 import duckdb
 from sqlglot import exp
@@ -216,11 +217,32 @@ def require_utf8(text, what) -> None:
         raise QueryError(f"{what} is not valid UTF-8 text: {problem}")
 
 
+# parenthesis depth past which DuckDB's parser reads the text before sqlglot's: on text that is
+# not SQL, sqlglot's parser backtracks at each level of parentheses, twice the time per level
+# (fuzzing found it: 250 bytes of "(FROM r," ran for hours; valid text of any depth stays fast).
+# DuckDB's parser is linear: what it refuses is refused at once with its message, and shallower
+# text keeps sqlglot's messages, which point at the place.
+DEEP = 8
+
+
+def _depth(tokens) -> int:
+    depth = deepest = 0
+    for t in tokens:
+        if t.token_type == TokenType.L_PAREN:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif t.token_type == TokenType.R_PAREN:
+            depth -= 1
+    return deepest
+
+
 def parse_statement(db, text) -> tuple[exp.Expression, str | None]:
     """(the one statement in `text` as a sqlglot tree, "EXPLAIN"/"EXPLAIN ANALYZE"/None), or a
     QueryError that says where the text is wrong. Nothing is checked yet (check_tree)."""
     require_utf8(text, "the query")
     body, explain, tokens = _split_explain(text)
+    if _depth(tokens) > DEEP:
+        _duckdb_parse(db, body)
     try:
         trees = _Parser(dialect=_DUCKDB).parse(tokens, body)
     except SqlglotError as e:
@@ -252,6 +274,22 @@ def _duckdb_parse(db, text):
     except duckdb.Error as e:
         raise QueryError(duckdb_words(str(e).strip())) from e
     except UnicodeDecodeError as e:  # DuckDB's own error, its message unreadable
+        raise QueryError(duckdb_unreadable(e)) from e
+
+
+_CONDITIONS = threading.local()  # an in-memory DuckDB per thread, to parse conditions with
+
+
+def _duckdb_parse_condition(text, what):
+    """DuckDB's parser on a filter (as the WHERE of a statement): a QueryError if it refuses it."""
+    con = getattr(_CONDITIONS, "con", None)
+    if con is None:
+        con = _CONDITIONS.con = duckdb.connect()
+    try:
+        con.extract_statements(f"SELECT 1 WHERE {text}\n")  # the newline ends a trailing -- comment
+    except duckdb.Error as e:
+        raise QueryError(f"{what} {excerpt(text)!r} is not a SQL condition: {duckdb_words(str(e).strip())}") from e
+    except UnicodeDecodeError as e:
         raise QueryError(duckdb_unreadable(e)) from e
 
 
@@ -414,12 +452,20 @@ def _checked_filter(text, *, what, parameters) -> tuple[str, bool]:
     is false. Returns (SQL text, volatile: whether it calls now(), random() and the like, whose
     result must not be cached). Raises QueryError."""
     try:
-        condition = _Parser(dialect=_DUCKDB).parse_into(exp.Condition, _tokenize(text), text)[0]
+        tokens = _tokenize(text)
+    except TokenError as e:
+        raise QueryError(f"{what} {text!r} is not a SQL condition: {_readable(str(e).splitlines()[0])}") from e
+    if _depth(tokens) > DEEP:
+        _duckdb_parse_condition(text, what)
+    try:
+        condition = _Parser(dialect=_DUCKDB).parse_into(exp.Condition, tokens, text)[0]
         if condition is None:  # only blanks or comments
             raise QueryError(f"{what} {text!r} is not a SQL condition: it holds no expression")
         check_tree(exp.select("id").from_("memories").where(condition))
     except SqlglotError as e:
         raise QueryError(f"{what} {text!r} is not a SQL condition: {_readable(str(e).splitlines()[0])}") from e
+    except QueryError:
+        raise  # check_tree's own (a QueryError is a ValueError too)
     except (ValueError, TypeError, AttributeError, IndexError) as e:
         # sqlglot itself failed on odd text (a lambda with no parameter, `() => x`, is an
         # IndexError inside its parser), as parse_statement handles for a statement
