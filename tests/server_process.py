@@ -37,7 +37,7 @@ class ServerProcess:
         if script is not None:  # a Python program of the caller's, taking PATHS... PORT
             cmd = [sys.executable, str(script), *map(str, paths), str(self.port), *args]
         if api_key:
-            cmd += ["--api-key", api_key]
+            cmd.append(f"--api-key={api_key}")  # one argument: a key may start with "-" (token_urlsafe)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
