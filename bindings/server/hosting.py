@@ -32,18 +32,12 @@ log = logging.getLogger("m3db.server")
 def run(
     db,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
     name: str | None = None,
     api_key: str | None = None,
     write: bool = False,
     limits: Limits | None = None,
     public_metrics: bool = False,
-    grace: float = 10.0,
-    header_timeout: float = 10.0,
-    max_connections: int = 1000,
-    sock: socket.socket | None = None,
-    say=print,
+    **hosting,
 ) -> None:
     """Serve `db` (a Database, or a PackageSet from m3db.attach) at http://host:port/v1 until
     SIGINT or SIGTERM, then stop generation, SQL and document ingests; the caller closes `db`.
@@ -51,70 +45,57 @@ def run(
     name: the model id clients send (default: the file name); api_key: require
     `Authorization: Bearer KEY`; write: accept writes (a database opened for writing); limits:
     what one request may ask (app.Limits); public_metrics: GET /metrics without the key;
-    grace: seconds running requests get on SIGTERM; header_timeout: seconds a connection may
-    take to send a request's headers;
-    max_connections: past it a new connection is answered 503; sock: a socket already bound
-    (see `listen`), else one is bound here; say: where the one-line notices go.
+    hosting: how it is served (`serve_app`: host, port, grace, header_timeout,
+    max_connections, sock, say).
     """
 
     def build():
         return app(db, name=name, api_key=api_key, write=write, limits=limits, public_metrics=public_metrics)
 
     access = f"{'writable' if write else 'read-only'}; {'API key required' if api_key else 'no API key'}"
-    serve_app(
-        build,
-        access,
-        keyed=bool(api_key),
-        host=host,
-        port=port,
-        grace=grace,
-        header_timeout=header_timeout,
-        max_connections=max_connections,
-        sock=sock,
-        say=say,
-    )
+    serve_app(build, access, keyed=bool(api_key), **hosting)
 
 
 def run_tenants(
     dbs: dict,
     keys: str,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
     write: bool = False,
     limits: Limits | None = None,
     public_metrics: bool = False,
+    **hosting,
+) -> None:
+    """Serve several knowledge bases, `dbs` ({name: Database or PackageSet}), each to the keys
+    the keys file at path `keys` gives it (tenants.py, keys.py), as `run` serves one (hosting:
+    the same); SIGHUP rereads the keys file. The caller closes the databases."""
+
+    def build():
+        return tenants(dbs, keys, write=write, limits=limits, public_metrics=public_metrics)
+
+    access = f"{'writes by the keys given them' if write else 'read-only'}; keys from {keys}"
+    serve_app(build, access, keyed=True, **hosting)
+
+
+def serve_app(
+    build,
+    access: str,
+    *,
+    keyed: bool,
+    host: str = "127.0.0.1",
+    port: int = 8000,
     grace: float = 10.0,
     header_timeout: float = 10.0,
     max_connections: int = 1000,
     sock: socket.socket | None = None,
     say=print,
 ) -> None:
-    """Serve several knowledge bases, `dbs` ({name: Database or PackageSet}), each to the keys
-    the keys file at path `keys` gives it (tenants.py, keys.py), as `run` serves one; SIGHUP
-    rereads the keys file. The caller closes the databases."""
-
-    def build():
-        return tenants(dbs, keys, write=write, limits=limits, public_metrics=public_metrics)
-
-    access = f"{'writes by the keys given them' if write else 'read-only'}; keys from {keys}"
-    serve_app(
-        build,
-        access,
-        keyed=True,
-        host=host,
-        port=port,
-        grace=grace,
-        header_timeout=header_timeout,
-        max_connections=max_connections,
-        sock=sock,
-        say=say,
-    )
-
-
-def serve_app(build, access: str, *, keyed: bool, host, port, grace, header_timeout, max_connections, sock, say):
     """Bind (unless `sock` is given), build the app (`build()`), serve it under uvicorn until a
-    signal, then stop what its knowledge bases run."""
+    signal, then stop what its knowledge bases run. grace: seconds running requests get on
+    SIGTERM; header_timeout: seconds a connection may take to send a request's headers;
+    max_connections: past it a new connection is answered 503; sock: a socket already bound (see
+    `listen`), else one is bound at host:port; say: where the one-line notices go; access: what
+    the notice says of writes and keys; keyed: whether a key is required (else a warning off
+    loopback)."""
     import uvicorn
 
     if not (0 < header_timeout < float("inf")):

@@ -284,18 +284,7 @@ def serve_tenants_on(sock, args, *, served, limits) -> None:
             dbs[name] = open_kb(paths, write=write, model=model, embedder=embedder, precision=args.precision)
             say(f"opened {name} = {'+'.join(paths)}")
         run_tenants(
-            dbs,
-            args.keys,
-            host=args.host,
-            port=args.port,
-            write=args.write,
-            limits=limits,
-            public_metrics=args.public_metrics,
-            grace=args.grace,
-            header_timeout=args.header_timeout,
-            max_connections=args.max_connections,
-            sock=sock,
-            say=say,
+            dbs, args.keys, write=args.write, limits=limits, public_metrics=args.public_metrics, **hosting(args, sock)
         )
     finally:
         for name, db in dbs.items():
@@ -316,6 +305,19 @@ def open_served(args, paths):
         raise explain_mismatch(e, paths[0], model, adapter) from e
 
 
+def hosting(args, sock) -> dict:
+    """How the server is hosted (bindings/server hosting.serve_app), from the command line."""
+    return dict(
+        host=args.host,
+        port=args.port,
+        grace=args.grace,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+        sock=sock,
+        say=say,
+    )
+
+
 def serve_on(sock, args, *, paths, api_key, limits) -> None:
     """Open the knowledge base, serve it on the bound socket until a signal, close it."""
     from ..bindings.server import run
@@ -325,18 +327,12 @@ def serve_on(sock, args, *, paths, api_key, limits) -> None:
         say(f"opened {', '.join(paths)}")
         run(
             db,
-            host=args.host,
-            port=args.port,
             name=args.name,
             api_key=api_key,
             write=args.write,
             limits=limits,
             public_metrics=args.public_metrics,
-            grace=args.grace,
-            header_timeout=args.header_timeout,
-            max_connections=args.max_connections,
-            sock=sock,
-            say=say,
+            **hosting(args, sock),
         )
     finally:
         db.close()
