@@ -52,14 +52,14 @@ class ServedKnowledgeBase:
         return _open(paths, model=model, embedder=embedder, precision=self.precision)
 
     def app(self, db):
-        from m3db.bindings.server import Limits, app
+        import m3db.bindings.server as server  # the server binding, through its package
 
-        return app(
+        return server.app(
             db,
             name=self.name,
             api_key=self.api_key,
             write=False,
-            limits=Limits(**self.limits),
+            limits=server.Limits(**self.limits),
             public_metrics=self.public_metrics,
         )
 

@@ -288,6 +288,8 @@ def _duckdb_parse_condition(text, what):
     try:
         con.extract_statements(f"SELECT 1 WHERE {text}\n")  # the newline ends a trailing -- comment
     except duckdb.Error as e:
+        if "expression depth" in str(e):  # as deep nesting reads from sqlglot (checked_filter)
+            raise QueryError(f"{what} {excerpt(text)!r} nests too deeply to check; simplify its parentheses") from e
         raise QueryError(f"{what} {excerpt(text)!r} is not a SQL condition: {duckdb_words(str(e).strip())}") from e
     except UnicodeDecodeError as e:
         raise QueryError(duckdb_unreadable(e)) from e
