@@ -254,6 +254,7 @@ def test_the_keys_file_is_checked_when_read():
         (("--kb", "a", "--keys", "k.toml"), "expected NAME=PATH"),
         (("--kb", "a=nowhere.m3db", "--keys", "k.toml"), "nothing at 'nowhere.m3db'"),
         (("--keys", "k.toml", "--api-key", "0123456789"), "--keys replaces --api-key"),
+        (("--kb", "a=.", "--keys", "missing.toml"), "no such file"),
     ],
 )
 def test_serve_refuses_what_it_cannot_serve(args, message, kbs, capsys, tmp_path, monkeypatch):

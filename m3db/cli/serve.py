@@ -253,6 +253,7 @@ def tenant_paths(args, api_key) -> dict | None:
     if args.name is not None and args.kb:
         raise InvalidInputError("--name names PATH's knowledge base; with --kb the name is before the =")
     if not args.kb:  # one knowledge base, served to the keys of the file
+        require_keys_file(args.keys)
         return {
             args.name or os.path.splitext(os.path.basename(os.path.normpath(args.path)))[0]: [args.path, *args.more]
         }
@@ -268,7 +269,15 @@ def tenant_paths(args, api_key) -> dict | None:
             if not os.path.exists(path):
                 raise InvalidInputError(f"--kb {item!r}: nothing at {path!r}; check the path")
         served[name] = paths
+    require_keys_file(args.keys)
     return served
+
+
+def require_keys_file(path) -> None:
+    """The keys file is there: checked before any knowledge base opens or model loads (its
+    contents are checked against the knowledge bases once they are open)."""
+    if not os.path.isfile(path):
+        raise InvalidInputError(f"--keys {path!r}: no such file; write the keys file first (docs/server.md, Tenants)")
 
 
 def serve_tenants_on(sock, args, *, served, limits) -> None:
