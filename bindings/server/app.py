@@ -94,7 +94,7 @@ class BearerAuth:
 
     def __init__(self, app, key: str, *, open_paths=()):
         self.app, self.key, self.open_paths = app, key.encode(), frozenset(open_paths)
-        self.state = app.state  # the wrapped app's (its batcher, knowledge base and SQL runner)
+        self.state = app.state  # the wrapped app's (what hosting stops on shutdown)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
@@ -175,7 +175,7 @@ def app(
         raise InvalidInputError("api_key must be a string of at least 8 characters")
     application = served(db, name=name or default_name(db), write=write, limits=limits, auth=bool(api_key))
     metrics = Metrics(application.routes)
-    metrics.serve(application.state.kb, application.state.batcher)
+    metrics.serve(application.state.srv.kb, application.state.srv.batcher)
     # /metrics is Prometheus's text, not JSON: served beside the API, outside its OpenAPI document
     application.routes.append(Route("/metrics", metrics.endpoint, methods=["GET"]))
     application.state.metrics = metrics
@@ -186,8 +186,8 @@ def app(
 
 def served(db, *, name: str, write: bool, limits: Limits, auth: bool) -> Starlette:
     """One knowledge base's app (no key check, no /metrics: `app` or a tenant router adds
-    them); its state holds the knowledge base, batcher, SQL runner and `served`, the States to
-    stop on shutdown."""
+    them); its state holds `srv` (the knowledge base, its batcher and SQL runner), `served`
+    (the States to stop on shutdown) and `operations` (what its OpenAPI document describes)."""
     kb = KnowledgeBase(db, name=name, writable=write)
     batcher = Batcher(kb, max_batch=limits.max_batch, max_queue=limits.max_queue)
     srv = State(kb, batcher, limits)
@@ -284,10 +284,7 @@ def served(db, *, name: str, write: bool, limits: Limits, auth: bool) -> Starlet
             Exception: on_crash,
         },
     )
-    application.state.batcher = batcher
-    application.state.kb = kb
-    application.state.sql = srv.sql
-    application.state.srv = srv
+    application.state.srv = srv  # the knowledge base, its batcher and SQL runner
     application.state.served = [srv]
     application.state.operations = [(p, m, s, f) for p, m, s, f, _ in table]  # what the document describes
     return application

@@ -136,9 +136,8 @@ class _StateCollector:
         families = {name: GaugeMetricFamily(name, doc, labels=["kb"]) for name, doc in self.GAUGES.items()}
         families |= {name: CounterMetricFamily(name, doc, labels=["kb"]) for name, doc in self.COUNTERS.items()}
         for kb, batcher in self.served:
-            stats = batcher.stats()
-            hits = sum(db.cache.hits for db in kb.databases())
-            misses = sum(db.cache.misses for db in kb.databases())
+            stats, dbs = batcher.stats(), kb.databases()
+            hits, misses = sum(db.cache.hits for db in dbs), sum(db.cache.misses for db in dbs)
             values = {
                 "m3db_queue_depth": stats["queued"],
                 "m3db_running": stats["running"],

@@ -69,17 +69,16 @@ class Router:
 
     def __init__(self, apps: dict, keys_path: str, *, limits: Limits, public_metrics: bool):
         self.apps, self.keys_path, self.limits, self.public_metrics = apps, keys_path, limits, public_metrics
-        self.writable = {name: a.state.kb.writable for name, a in apps.items()}
+        self.writable = {name: a.state.srv.kb.writable for name, a in apps.items()}
         self.keys = Keys.load(keys_path, self.writable)
         first = next(iter(apps.values()))
         self.metrics = Metrics(first.routes)  # every app has the same routes
         for a in apps.values():
-            self.metrics.serve(a.state.kb, a.state.batcher)
+            self.metrics.serve(a.state.srv.kb, a.state.srv.batcher)
         self.document = openapi(first.state.operations, title="m3db", version=m3db.__version__, auth=True)
         self.state = State()  # what hosting reads
         self.state.served = [a.state.srv for a in apps.values()]
         self.state.reload = self.reload
-        self.state.names = list(apps)
 
     def reload(self) -> str:
         """Reread the keys file; the keys it had stay if the new file does not check out."""

@@ -241,7 +241,8 @@ def parse_statement(db, text) -> tuple[exp.Expression, str | None]:
     QueryError that says where the text is wrong. Nothing is checked yet (check_tree)."""
     require_utf8(text, "the query")
     body, explain, tokens = _split_explain(text)
-    if _depth(tokens) > DEEP:
+    parsed_by_duckdb = _depth(tokens) > DEEP
+    if parsed_by_duckdb:
         _duckdb_parse(db, body)
     try:
         trees = _Parser(dialect=_DUCKDB).parse(tokens, body)
@@ -264,7 +265,8 @@ def parse_statement(db, text) -> tuple[exp.Expression, str | None]:
         )
     # sqlglot accepts some text that DuckDB does not: DuckDB's own parser (it only parses here)
     # has the last word on syntax, with its position in the user's text
-    _duckdb_parse(db, body)
+    if not parsed_by_duckdb:
+        _duckdb_parse(db, body)
     return trees[0], explain
 
 
@@ -277,16 +279,19 @@ def _duckdb_parse(db, text):
         raise QueryError(duckdb_unreadable(e)) from e
 
 
-_CONDITIONS = threading.local()  # an in-memory DuckDB per thread, to parse conditions with
+# an empty in-memory DuckDB, opened on first use, to parse filters with (a filter is checked
+# without a database: the parse reads no table); one parse at a time, each microseconds
+_PARSER_LOCK = threading.Lock()
+_PARSER = []
 
 
 def _duckdb_parse_condition(text, what):
     """DuckDB's parser on a filter (as the WHERE of a statement): a QueryError if it refuses it."""
-    con = getattr(_CONDITIONS, "con", None)
-    if con is None:
-        con = _CONDITIONS.con = duckdb.connect()
     try:
-        con.extract_statements(f"SELECT 1 WHERE {text}\n")  # the newline ends a trailing -- comment
+        with _PARSER_LOCK:
+            if not _PARSER:
+                _PARSER.append(duckdb.connect())
+            _PARSER[0].extract_statements(f"SELECT 1 WHERE {text}\n")  # the newline ends a trailing -- comment
     except duckdb.Error as e:
         if "expression depth" in str(e):  # as deep nesting reads from sqlglot (checked_filter)
             raise QueryError(f"{what} {excerpt(text)!r} nests too deeply to check; simplify its parentheses") from e
